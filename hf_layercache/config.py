@@ -1,0 +1,197 @@
+"""``LayerCacheConfig``: everything a user chooses about a layer cache, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .registry import BACKENDS, FINGERPRINTS, POLICIES, STRATEGIES
+
+CONFIG_NAME = "layer_cache_config.json"
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+BANK_DEVICES = ("auto", "cpu")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int | None:
+    """``512`` -> 512, ``"2GB"`` -> 2_000_000_000, ``"1.5GiB"`` -> 1_610_612_736; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{field_name} must be a byte count or a string like '512MB', got {value!r}.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{field_name} must be positive, got {value}.")
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).upper() in _UNITS:
+            number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+            if number > 0:
+                return number
+    raise ValueError(
+        f"{field_name}={value!r} is not a size; use a positive int of bytes or a string like '512MB', '2GB', '1GiB'."
+    )
+
+
+@dataclass
+class LayerCacheConfig:
+    """How a model's layers reuse work across requests.
+
+    Build one and pass it as ``from_pretrained(..., layer_cache=cfg)`` or ``hf_layercache.enable(model, cfg)``.
+    Every field is checked when the config is created; a bad value raises ``ValueError`` naming the field, the
+    value and what is allowed.
+    """
+
+    strategy: str = "exact"
+    """What is reused: ``"exact"`` (lossless, identical inputs skip every layer), ``"prefix"`` (lossless, causal
+    decoders reuse a shared prompt prefix), ``"semantic"`` (approximate layer reuse for similar inputs) or
+    ``"attention"`` (approximate attention-map reuse), or any name given to ``register_strategy``."""
+
+    backend: str = "exact"
+    """Similarity index for approximate strategies: ``"exact"``, ``"faiss"``, ``"annoy"`` or a registered name."""
+
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backend class, e.g. ``{"index": "HNSW32"}`` for FAISS."""
+
+    policy: str = "lru"
+    """Eviction policy of every bank: ``"lru"`` or another registered name (see ``available_policies()``)."""
+
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the policy class, e.g. ``{"half_life": 1000}`` for staleness."""
+
+    fingerprint: str | None = None
+    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose."""
+
+    threshold: float | list[float] = 0.85
+    """Minimum cosine similarity for an approximate hit, one float or one per cached layer. Higher is stricter;
+    exact strategies ignore it."""
+
+    layers: list[int] | list[str] | str | None = None
+    """Which layers are cached. ``None``: every layer found automatically. A list of ints: indices into the found
+    layers (in forward order, encoder before decoder). A string or list of strings: module paths of layer stacks
+    (``"encoder.layer"``) or single layers, for models the automatic discovery does not know."""
+
+    max_entries: int | None = 10_000
+    """Most entries one bank holds; ``None`` for no count limit."""
+
+    max_memory: int | str | None = None
+    """Byte budget for all banks together (values, keys and index), an int or a string like ``"2GB"``. Split
+    evenly between the banks. ``None``: no byte limit."""
+
+    storage_dtype: str | None = None
+    """dtype of stored values: ``"float32"``, ``"float16"``, ``"bfloat16"``, or ``None`` to keep the model's. The
+    exact strategy stays lossless only when this is ``None`` or the model's own dtype."""
+
+    namespace: str = "default"
+    """Tenant of the entries this model stores and may be served; entries never cross namespaces."""
+
+    bank_device: str = "auto"
+    """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
+
+    def __post_init__(self) -> None:
+        self._check_registered("strategy", self.strategy, STRATEGIES)
+        self._check_registered("backend", self.backend, BACKENDS)
+        self._check_registered("policy", self.policy, POLICIES)
+        if self.fingerprint is not None:
+            self._check_registered("fingerprint", self.fingerprint, FINGERPRINTS)
+        for name in ("backend_kwargs", "policy_kwargs"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{name} must be a dict with string keys, got {value!r}.")
+        self._check_threshold()
+        self._check_layers()
+        if self.max_entries is not None and (
+            isinstance(self.max_entries, bool) or not isinstance(self.max_entries, int) or self.max_entries < 1
+        ):
+            raise ValueError(f"max_entries must be a positive int or None, got {self.max_entries!r}.")
+        parse_bytes(self.max_memory)
+        if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype={self.storage_dtype!r} is not allowed; use one of {STORAGE_DTYPES} or None."
+            )
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
+        if self.bank_device not in BANK_DEVICES:
+            raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
+
+    @staticmethod
+    def _check_registered(field_name: str, value: Any, registry) -> None:
+        if not isinstance(value, str) or value not in registry:
+            raise ValueError(f"{field_name}={value!r} is not available; allowed: {', '.join(registry.names())}.")
+
+    def _check_threshold(self) -> None:
+        values = self.threshold if isinstance(self.threshold, list | tuple) else [self.threshold]
+        if isinstance(self.threshold, tuple):
+            self.threshold = list(self.threshold)
+        if not values or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and -1.0 <= v <= 1.0 for v in values
+        ):
+            raise ValueError(
+                f"threshold must be a cosine similarity in [-1, 1] or a non-empty list of them, got {self.threshold!r}."
+            )
+
+    def _check_layers(self) -> None:
+        layers = self.layers
+        if layers is None or (isinstance(layers, str) and layers):
+            return
+        if isinstance(layers, tuple):
+            layers = self.layers = list(layers)
+        if isinstance(layers, list) and layers:
+            if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+                if len(set(layers)) == len(layers):
+                    return
+            elif all(isinstance(x, str) and x for x in layers):
+                return
+        raise ValueError(
+            f"layers={self.layers!r} is not allowed; use None (all layers), a list of distinct non-negative layer "
+            "indices, or module paths such as 'encoder.layer' (a string or a list of strings)."
+        )
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return parse_bytes(self.max_memory)
+
+    def threshold_for(self, position: int) -> float:
+        """The threshold of the ``position``-th cached layer."""
+        if isinstance(self.threshold, list):
+            if position >= len(self.threshold):
+                raise ValueError(
+                    f"threshold has {len(self.threshold)} values but layer position {position} is cached; "
+                    "give one threshold per cached layer."
+                )
+            return float(self.threshold[position])
+        return float(self.threshold)
+
+    # --- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerCacheConfig:
+        """Build from a dict; unknown keys (e.g. from a newer version) are dropped with a warning."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A layer cache config must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"Ignoring unknown layer cache config keys: {', '.join(unknown)}.", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> LayerCacheConfig:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
+            data = data["config"]  # a warm cache's layer_cache_config.json wraps the config with its metadata
+        return cls.from_dict(data)
