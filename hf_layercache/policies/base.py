@@ -138,7 +138,9 @@ class Policy(ABC):
 
     def _scalar(self, state: dict[str, torch.Tensor], name: str) -> float:
         """``state[name]`` as a Python number, checked to be a finite 0-d tensor."""
-        value = state.get(name)
+        if name not in state:
+            raise ValueError(f"{type(self).__name__} state lacks {name!r}; it has {sorted(state)}.")
+        value = state[name]
         if not isinstance(value, torch.Tensor) or value.dim() != 0 or not torch.isfinite(value):
             raise ValueError(f"{type(self).__name__} state: {name!r} must be a finite 0-d tensor, got {value!r}.")
         return value.item()
@@ -183,11 +185,12 @@ class ScoredPolicy(Policy):
         self._items.pop(entry_id, None)
 
     def victims(self, nbytes_needed: int) -> list[int]:
-        out, freed, live = [], 0, []
+        out, freed, live, chosen = [], 0, [], set()
         while self._heap and (freed < nbytes_needed or not out):
             item = heapq.heappop(self._heap)
-            if self._items.get(item[2]) != item:
-                continue  # stale: the entry was rescored or removed since this item was pushed
+            if self._items.get(item[2]) != item or item[2] in chosen:
+                continue  # stale (rescored or removed since pushed), or a copy left by a rescore and back
+            chosen.add(item[2])
             live.append(item)
             out.append(item[2])
             freed += self._nbytes[item[2]]
