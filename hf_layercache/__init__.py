@@ -4,8 +4,13 @@
 ``from_pretrained`` / ``pipeline`` the ``layer_cache=`` argument (undo with :func:`uninstall`).
 """
 
-from . import backends, policies  # noqa: F401  (registers the built-in classes)
+from . import backends, policies, strategies  # noqa: F401  (registers the built-in classes)
+from .bank import CacheBank
 from .config import LayerCacheConfig
+from .controller import LayerCacheController
+from .integration import disable, enable, install, uninstall
+from .layers import LayerSpec, register_layer_spec
+from .persistence import LayerCacheFileError
 from .registry import (
     available_backends,
     available_fingerprints,
@@ -23,18 +28,29 @@ from .registry import (
 
 __version__ = "0.1.0"
 
+install()
+
 __all__ = [
+    "CacheBank",
     "LayerCacheConfig",
+    "LayerCacheController",
+    "LayerCacheFileError",
+    "LayerSpec",
     "available_backends",
     "available_fingerprints",
     "available_policies",
     "available_strategies",
+    "disable",
+    "enable",
     "get_backend",
     "get_fingerprint",
     "get_policy",
     "get_strategy",
+    "install",
     "register_backend",
     "register_fingerprint",
+    "register_layer_spec",
     "register_policy",
     "register_strategy",
+    "uninstall",
 ]

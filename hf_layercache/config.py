@@ -15,8 +15,18 @@ from .registry import BACKENDS, FINGERPRINTS, POLICIES, STRATEGIES
 CONFIG_NAME = "layer_cache_config.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BANK_DEVICES = ("auto", "cpu")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int | None:

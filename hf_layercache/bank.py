@@ -1,0 +1,253 @@
+"""One cache store: entries of tensors, found by exact digest or by key vector, bounded by a policy and a budget.
+
+An entry is a small dict of tensors (a layer output, recorded key/value states, ...). It is found either by an
+exact ``digest`` (bytes, for lossless strategies) or by similarity of its key vector through a
+:class:`~hf_layercache.backends.base.Backend`. The bank evicts through its
+:class:`~hf_layercache.policies.base.Policy` *before* an insert would break ``max_entries`` or ``max_bytes``, so
+the budget is never exceeded, not even transiently.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .backends.base import Backend
+from .policies.base import Policy
+
+DIGEST_BYTES = 32
+ENTRY_OVERHEAD_BYTES = 64
+"""Bookkeeping bytes counted per entry on top of its tensors (digest, id, dict slots)."""
+
+
+@dataclass
+class Entry:
+    values: dict[str, torch.Tensor]
+    nbytes: int
+    digest: bytes | None = None
+
+
+def tensor_bytes(values: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in values.values())
+
+
+class CacheBank:
+    """Entries of one layer (or one layer stack), with their lookup structures and eviction bookkeeping.
+
+    Thread-safe: every public method holds the bank's lock, so one model can serve many threads.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: Policy,
+        backend: Backend | None = None,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        device: torch.device | str | None = None,
+        storage_dtype: torch.dtype | None = None,
+    ):
+        self.name = name
+        self.policy = policy
+        self.backend = backend
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.device = torch.device(device) if device is not None else None
+        self.storage_dtype = storage_dtype
+        self._entries: dict[int, Entry] = {}
+        self._by_digest: dict[bytes, int] = {}
+        self._next_id = 0
+        self._value_bytes = 0
+        self._lock = threading.RLock()
+
+    # --- lookup ---------------------------------------------------------------------------------------------------
+    def find(self, digest: bytes) -> int | None:
+        with self._lock:
+            return self._by_digest.get(digest)
+
+    def search(self, keys: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend is None:
+            raise RuntimeError(f"Bank {self.name!r} has no similarity backend.")
+        with self._lock:
+            return self.backend.search(keys, k)
+
+    def get(self, entry_id: int) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            entry = self._entries.get(entry_id)
+            return entry.values if entry is not None else None
+
+    def record_hit(self, entry_id: int, similarity: float = 1.0) -> None:
+        with self._lock:
+            if entry_id in self._entries:
+                self.policy.on_hit(entry_id, similarity)
+
+    def record_miss(self) -> None:
+        with self._lock:
+            self.policy.on_miss()
+
+    def record_error(self, entry_id: int, error: float) -> None:
+        with self._lock:
+            if entry_id in self._entries:
+                self.policy.on_error(entry_id, error)
+
+    # --- insert / remove ------------------------------------------------------------------------------------------
+    def put(
+        self,
+        values: dict[str, torch.Tensor],
+        digest: bytes | None = None,
+        key: torch.Tensor | None = None,
+        cost: float = 0.0,
+    ) -> int | None:
+        """Store an entry and return its id, or ``None`` when it alone is larger than the byte budget."""
+        values = {name: self._stored(t) for name, t in values.items()}
+        nbytes = tensor_bytes(values) + ENTRY_OVERHEAD_BYTES + self._key_bytes(key)
+        with self._lock:
+            if digest is not None and digest in self._by_digest:
+                self._remove(self._by_digest[digest])
+            if self.max_bytes is not None and nbytes > self.max_bytes:
+                return None
+            self._make_room(nbytes)
+            entry_id = self._next_id
+            self._next_id += 1
+            self._entries[entry_id] = Entry(values, nbytes, digest)
+            self._value_bytes += nbytes
+            if digest is not None:
+                self._by_digest[digest] = entry_id
+            if key is not None and self.backend is not None:
+                self.backend.add(torch.tensor([entry_id]), key.reshape(1, -1))
+            self.policy.on_insert(entry_id, nbytes, cost)
+            return entry_id
+
+    def remove(self, entry_id: int) -> None:
+        with self._lock:
+            self._remove(entry_id)
+
+    def clear(self) -> None:
+        with self._lock:
+            for entry_id in list(self._entries):
+                self._remove(entry_id)
+
+    def _remove(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return
+        self._value_bytes -= entry.nbytes
+        if entry.digest is not None:
+            self._by_digest.pop(entry.digest, None)
+        if self.backend is not None:
+            self.backend.remove(torch.tensor([entry_id]))
+        self.policy.on_remove(entry_id)
+
+    def _make_room(self, nbytes: int) -> None:
+        while self._entries and (
+            (self.max_entries is not None and len(self._entries) + 1 > self.max_entries)
+            or (self.max_bytes is not None and self.nbytes + nbytes > self.max_bytes)
+        ):
+            needed = 0 if self.max_bytes is None else self.nbytes + nbytes - self.max_bytes
+            victims = [v for v in self.policy.victims(needed) if v in self._entries]
+            if not victims:
+                raise RuntimeError(f"Policy {type(self.policy).__name__} named no existing entry to evict.")
+            for victim in victims:
+                self._remove(victim)
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.storage_dtype is not None and t.is_floating_point():
+            t = t.to(self.storage_dtype)
+        if self.device is not None:
+            t = t.to(self.device)
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone(memory_format=torch.contiguous_format)  # a row view would keep its whole batch alive
+        return t
+
+    def _key_bytes(self, key: torch.Tensor | None) -> int:
+        # The raw float32 key is charged to its entry; index structures beyond it (graphs, trees) are added in
+        # ``nbytes`` from the backend's own count.
+        return 0 if key is None else key.numel() * 4
+
+    # --- size -----------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, entry_id: int) -> bool:
+        return entry_id in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: stored tensors, per-entry bookkeeping, and the backend's index beyond the raw keys."""
+        index_bytes = self.backend.nbytes if self.backend is not None else 0
+        return self._value_bytes + max(0, index_bytes - 4 * self._key_dim() * len(self._entries))
+
+    def _key_dim(self) -> int:
+        return self.backend.dim if self.backend is not None else 0
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All entries, digests, policy and backend state as named tensors (no pickle)."""
+        with self._lock:
+            ids = sorted(self._entries)
+            state: dict[str, torch.Tensor] = {"ids": torch.tensor(ids, dtype=torch.long)}
+            digests = torch.zeros(len(ids), DIGEST_BYTES, dtype=torch.uint8)
+            has_digest = torch.zeros(len(ids), dtype=torch.bool)
+            for row, entry_id in enumerate(ids):
+                entry = self._entries[entry_id]
+                if entry.digest is not None:
+                    digests[row] = torch.frombuffer(bytearray(entry.digest), dtype=torch.uint8)
+                    has_digest[row] = True
+                for name, tensor in entry.values.items():
+                    state[f"entry.{entry_id}.{name}"] = tensor
+            state["digests"], state["has_digest"] = digests, has_digest
+            state.update({f"policy.{k}": v for k, v in self.policy.state_dict().items()})
+            if self.backend is not None:
+                state.update({f"backend.{k}": v for k, v in self.backend.state_dict().items()})
+            return state
+
+    @staticmethod
+    def check_state(state: dict[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``state`` has the structure :meth:`state_dict` writes."""
+        ids = state.get("ids")
+        if ids is None or ids.dtype != torch.long or ids.dim() != 1:
+            raise ValueError("'ids' must be a 1-D int64 tensor.")
+        n = ids.numel()
+        if n and (int(ids.min()) < 0 or ids.unique().numel() != n):
+            raise ValueError("'ids' must be distinct non-negative integers.")
+        digests, has_digest = state.get("digests"), state.get("has_digest")
+        if digests is None or digests.dtype != torch.uint8 or tuple(digests.shape) != (n, DIGEST_BYTES):
+            raise ValueError(f"'digests' must be a uint8 tensor of shape ({n}, {DIGEST_BYTES}).")
+        if has_digest is None or has_digest.dtype != torch.bool or tuple(has_digest.shape) != (n,):
+            raise ValueError(f"'has_digest' must be a bool tensor of shape ({n},).")
+        known = set(ids.tolist())
+        for name in state:
+            if name in ("ids", "digests", "has_digest") or name.startswith(("policy.", "backend.")):
+                continue
+            parts = name.split(".", 2)
+            if len(parts) != 3 or parts[0] != "entry" or not parts[1].isdigit() or int(parts[1]) not in known:
+                raise ValueError(f"unexpected tensor {name!r} (not an entry of a listed id).")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the content with ``state``; the entries land on this bank's device."""
+        ids = state["ids"].tolist()
+        values: dict[int, dict[str, torch.Tensor]] = {i: {} for i in ids}
+        for name, tensor in state.items():
+            if name.startswith("entry."):
+                _, entry_id, field = name.split(".", 2)
+                values[int(entry_id)][field] = tensor
+        with self._lock:
+            self.clear()
+            for row, entry_id in enumerate(ids):
+                digest = bytes(state["digests"][row].tolist()) if bool(state["has_digest"][row]) else None
+                entry_values = {k: self._stored(v) for k, v in values[entry_id].items()}
+                nbytes = tensor_bytes(entry_values) + ENTRY_OVERHEAD_BYTES + 4 * self._key_dim()
+                self._entries[entry_id] = Entry(entry_values, nbytes, digest)
+                self._value_bytes += nbytes
+                if digest is not None:
+                    self._by_digest[digest] = entry_id
+            self._next_id = max(ids, default=-1) + 1
+            policy_state = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}
+            self.policy.load_state_dict(policy_state)
+            if self.backend is not None:
+                self.backend.load_state_dict(
+                    {k[len("backend.") :]: v for k, v in state.items() if k.startswith("backend.")}
+                )

@@ -1,0 +1,95 @@
+"""Recording and replaying the key/value-cache writes of a layer.
+
+A decoder layer that is skipped must still leave in ``past_key_values`` what generation reads later. Rather than
+knowing each cache class, we record the ``update(key, value, layer_idx)`` calls the layer makes while it computes,
+and replay the same calls when it is skipped: the cache then ends in the state the real computation gave it, for
+dynamic, sliding-window and encoder-decoder caches alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+_TAGS = ("self", "cross")
+
+
+@dataclass
+class KVWrite:
+    """One ``cache.update`` call: which (sub)cache, which layer index, and the key/value states written."""
+
+    tag: str
+    layer_idx: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def rows(self, rows: torch.Tensor) -> KVWrite:
+        return KVWrite(self.tag, self.layer_idx, self.key.index_select(0, rows), self.value.index_select(0, rows))
+
+
+def _subcaches(past_key_values) -> dict[str, object]:
+    if hasattr(past_key_values, "self_attention_cache") and hasattr(past_key_values, "cross_attention_cache"):
+        return {"self": past_key_values.self_attention_cache, "cross": past_key_values.cross_attention_cache}
+    return {"self": past_key_values}
+
+
+def past_length(past_key_values, layer_idx: int | None = None) -> int:
+    """Tokens already in the cache (0 at prefill); ``None`` caches count as empty."""
+    if past_key_values is None:
+        return 0
+    try:
+        return int(past_key_values.get_seq_length(layer_idx or 0))
+    except (AttributeError, IndexError, TypeError):
+        return int(past_key_values.get_seq_length())
+
+
+@contextlib.contextmanager
+def record_kv_writes(past_key_values) -> Iterator[list[KVWrite]]:
+    """Record every ``update`` the enclosed code makes on ``past_key_values`` (which still receives them)."""
+    writes: list[KVWrite] = []
+    if past_key_values is None:
+        yield writes
+        return
+    patched = []
+    for tag, cache in _subcaches(past_key_values).items():
+        original = cache.update
+
+        def update(key_states, value_states, layer_idx, *args, _tag=tag, _original=original, **kwargs):
+            writes.append(KVWrite(_tag, int(layer_idx), key_states.detach(), value_states.detach()))
+            return _original(key_states, value_states, layer_idx, *args, **kwargs)
+
+        cache.update = update
+        patched.append(cache)
+    try:
+        yield writes
+    finally:
+        for cache in patched:
+            del cache.update
+
+
+def replay_kv_writes(past_key_values, writes: list[KVWrite]) -> None:
+    """Apply recorded writes to ``past_key_values`` as the layer itself would have."""
+    if past_key_values is None:
+        return
+    caches = _subcaches(past_key_values)
+    for write in writes:
+        caches[write.tag].update(write.key, write.value, write.layer_idx)
+        if write.tag == "cross" and hasattr(past_key_values, "is_updated"):
+            past_key_values.is_updated[write.layer_idx] = True
+
+
+def stack_writes(per_row: list[list[KVWrite]]) -> list[KVWrite]:
+    """Join the recorded writes of single rows into batch writes (rows must share structure and shapes)."""
+    first = per_row[0]
+    return [
+        KVWrite(
+            w.tag,
+            w.layer_idx,
+            torch.cat([row[i].key for row in per_row]),
+            torch.cat([row[i].value for row in per_row]),
+        )
+        for i, w in enumerate(first)
+    ]

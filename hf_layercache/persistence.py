@@ -1,0 +1,218 @@
+"""Warm caches on disk: ``layer_cache_config.json`` plus safetensors shards, written atomically, read defensively.
+
+Files (fixed format, version 1), beside the model's own files:
+
+* ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks"}``; ``model`` is the identity of
+  the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of the weights).
+* ``layer_cache.safetensors``, or ``layer_cache-00001-of-0000N.safetensors`` with
+  ``layer_cache.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {tensor: file}}``) as
+  transformers shards its checkpoints. Tensor names are ``<bank>/<tensor>``.
+
+Names never start with ``model`` (transformers' ``save_pretrained`` deletes stale ``model*`` shards). Files from
+disk are untrusted: JSON and safetensors only, every problem is a :class:`LayerCacheFileError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import CONFIG_NAME, parse_bytes
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "layer_cache.safetensors"
+INDEX_NAME = "layer_cache.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"layer_cache-(\d{5})-of-(\d{5})\.safetensors")
+_MAX_JSON_BYTES = 64 * 2**20
+_SAMPLES_PER_TENSOR = 4096
+
+
+class LayerCacheFileError(ValueError):
+    """A warm-cache file is missing, malformed, or belongs to another model."""
+
+
+# --- model identity -------------------------------------------------------------------------------------------------
+def _named_weights(model: torch.nn.Module):
+    """Parameters and buffers with their real values, also those accelerate offloaded to CPU or disk (meta)."""
+    for module_name, module in model.named_modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, tensor in tensors:
+            if tensor.device.type == "meta" and weights_map is not None and name in weights_map:
+                tensor = weights_map[name]
+            yield f"{module_name}.{name}" if module_name else name, tensor
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A blake2b over every weight's name, shape, dtype and an evenly strided sample of its values.
+
+    Sampling keeps this to milliseconds for large models while any fine-tune, merge or re-quantisation (which
+    changes most elements of the tensors it touches) changes the hash. Offloaded weights are read where they live.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(_named_weights(model), key=lambda item: item[0]):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR].float().cpu()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    dtype = getattr(model, "dtype", None)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": num_layers,
+        "hidden_size": getattr(text_config, "hidden_size", None),
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "weights_hash": weights_hash(model),
+    }
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences that make a saved cache unusable for the current model."""
+    keys = ("model_type", "num_layers", "hidden_size", "dtype", "weights_hash")
+    return [
+        f"{k}: cache has {saved.get(k)!r}, model has {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+    ]
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path`` (atomic on POSIX)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_cache(
+    directory: str | os.PathLike,
+    header: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
+    """Write the shards, then the index, then ``layer_cache_config.json`` last; return the files written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    shards = _shards(tensors, parse_bytes(max_shard_size, "max_shard_size"))
+    written: list[Path] = []
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"layer_cache-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        path = directory / name
+        _atomic_write(path, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        written.append(path)
+    stale = [p for p in directory.glob("layer_cache*.safetensors*") if p not in written]
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard},
+        }
+        index_path = directory / INDEX_NAME
+        _atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True)))
+        written.append(index_path)
+    config_path = directory / CONFIG_NAME
+    payload = {"format_version": FORMAT_VERSION, **header}
+    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
+    written.append(config_path)
+    for path in stale:
+        if path not in written:
+            path.unlink(missing_ok=True)
+    return written
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise LayerCacheFileError(f"{path} is larger than {_MAX_JSON_BYTES} bytes; refusing to read it.")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LayerCacheFileError(f"Cannot read {path}: {err}") from None
+
+
+def has_cache(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / CONFIG_NAME).is_file()
+
+
+def read_header(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LayerCacheFileError(f"No warm layer cache in {directory}: {CONFIG_NAME} is missing.")
+    header = _read_json(path)
+    if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
+        raise LayerCacheFileError(f"{path} is not a layer cache config (expected an object with a 'config' object).")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LayerCacheFileError(f"{path} has format_version {version!r}; this hf_layercache reads {FORMAT_VERSION}.")
+    if not isinstance(header.get("model"), dict):
+        raise LayerCacheFileError(f"{path} has no 'model' identity object.")
+    return header
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    single, index_path = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LayerCacheFileError(f"{index_path} has no valid 'weight_map' of tensor name -> shard file.")
+        files = sorted(set(weight_map.values()))
+        bad = [f for f in files if not SHARD_PATTERN.fullmatch(f)]
+        if bad:
+            raise LayerCacheFileError(
+                f"{index_path} names shard files {bad[:3]} that are not 'layer_cache-NNNNN-of-NNNNN.safetensors' "
+                "in the same directory; refusing to read them."
+            )
+        return [directory / f for f in files]
+    if single.is_file():
+        return [single]
+    raise LayerCacheFileError(f"No layer cache tensors in {directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} exists.")
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the warm cache in ``directory``, loaded on CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _shard_files(Path(directory)):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise LayerCacheFileError(f"Cannot read layer cache shard {path}: {err}") from None
+    return tensors

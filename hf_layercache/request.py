@@ -1,0 +1,39 @@
+"""Per-request state: one :class:`RequestScope` per top-level forward call, kept thread-local.
+
+Layer hooks need to know things only the model-level call knows (``output_attentions``, training mode, which
+namespace, whether the user asked to bypass the cache) and to share state across the layers of one forward pass
+(which rows hit). The scope is opened by the outermost wrapped forward and closed, and so reset, when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+_local = threading.local()
+
+
+@dataclass
+class RequestScope:
+    namespace: str
+    bypass_reason: str | None = None
+    """Why this request runs uncached (``None``: it may use the cache)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """The strategy's state for this forward pass (e.g. which rows hit in each layer stack)."""
+
+
+def current_scope() -> RequestScope | None:
+    return getattr(_local, "scope", None)
+
+
+@contextlib.contextmanager
+def open_scope(scope: RequestScope) -> Iterator[RequestScope]:
+    previous = current_scope()
+    _local.scope = scope
+    try:
+        yield scope
+    finally:
+        _local.scope = previous

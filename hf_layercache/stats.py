@@ -1,0 +1,90 @@
+"""Counters per cached layer and the report behind ``model.layer_cache.stats()``."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LayerCounters:
+    lookups: int = 0
+    """Rows that asked this layer's cache for an entry."""
+    hits: int = 0
+    """Rows served from the cache (the layer did not compute them)."""
+    misses: int = 0
+    """Rows the layer computed."""
+    bypassed: int = 0
+    """Rows that ran uncached because of the request (training, ``output_attentions``, ``bypass()``, decode step)."""
+    compute_seconds: float = 0.0
+    """Wall-clock seconds spent computing missed rows (the estimate of what a hit saves is built from it)."""
+    seconds_saved: float = 0.0
+    """Estimated compute seconds hits avoided: hits times the measured seconds per computed row."""
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def seconds_per_row(self) -> float:
+        return self.compute_seconds / self.misses if self.misses else 0.0
+
+
+class CacheStats:
+    """Thread-safe counters, one :class:`LayerCounters` per cached layer name."""
+
+    def __init__(self, layer_names: list[str]):
+        self._lock = threading.Lock()
+        self.layers = {name: LayerCounters() for name in layer_names}
+
+    def record(self, layer: str, hits: int = 0, misses: int = 0, compute_seconds: float = 0.0) -> None:
+        with self._lock:
+            counters = self.layers[layer]
+            counters.lookups += hits + misses
+            counters.hits += hits
+            counters.misses += misses
+            counters.compute_seconds += compute_seconds
+            counters.seconds_saved += hits * counters.seconds_per_row
+
+    def record_bypass(self, layer: str, rows: int) -> None:
+        with self._lock:
+            self.layers[layer].bypassed += rows
+
+    def seconds_per_row(self, layer: str) -> float:
+        return self.layers[layer].seconds_per_row
+
+    def reset(self) -> None:
+        with self._lock:
+            self.layers = {name: LayerCounters() for name in self.layers}
+
+    def report(self, bank_sizes: dict[str, tuple[int, int]]) -> dict:
+        """Per-layer counters, per-bank entries and bytes, and totals, as plain Python data."""
+        with self._lock:
+            layers = {name: {**asdict(c), "hit_rate": c.hit_rate} for name, c in self.layers.items()}
+        banks = {name: {"entries": n, "bytes": b} for name, (n, b) in bank_sizes.items()}
+        lookups = sum(c["lookups"] for c in layers.values())
+        hits = sum(c["hits"] for c in layers.values())
+        total = {
+            "lookups": lookups,
+            "hits": hits,
+            "misses": sum(c["misses"] for c in layers.values()),
+            "bypassed": sum(c["bypassed"] for c in layers.values()),
+            "hit_rate": hits / lookups if lookups else 0.0,
+            "seconds_saved": sum(c["seconds_saved"] for c in layers.values()),
+            "entries": sum(b["entries"] for b in banks.values()),
+            "bytes": sum(b["bytes"] for b in banks.values()),
+        }
+        return {"layers": layers, "banks": banks, "total": total}
+
+
+def format_report(report: dict) -> str:
+    """The report as a fixed-width table, for logs and the command line."""
+    lines = [f"{'layer':<28} {'lookups':>8} {'hits':>8} {'misses':>8} {'hit rate':>9} {'saved s':>9}"]
+    for name, c in report["layers"].items():
+        lines.append(
+            f"{name:<28} {c['lookups']:>8} {c['hits']:>8} {c['misses']:>8} {c['hit_rate']:>9.1%} "
+            f"{c['seconds_saved']:>9.3f}"
+        )
+    t = report["total"]
+    lines.append(f"banks: {t['entries']} entries, {t['bytes'] / 2**20:.2f} MiB; overall hit rate {t['hit_rate']:.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Strategies: what is cached and how it is reused. Importing this package registers the built-in ones."""
+
+from .base import Strategy
+from .exact import ExactStrategy
+
+__all__ = ["ExactStrategy", "Strategy"]
