@@ -28,7 +28,7 @@ class StalenessPolicy(ScoredPolicy):
     ``log2`` of each entry's undecayed sum ``sum(2 ** (t_match / half_life))``, which never needs rescoring.
     """
 
-    def __init__(self, half_life: float = 1000.0) -> None:
+    def __init__(self, half_life: float = 4000.0) -> None:
         super().__init__()
         self.half_life = check_number(type(self).__name__, "half_life", half_life, 0.0, closed=False)
         self._clock = 0
