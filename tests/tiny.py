@@ -38,7 +38,8 @@ DECODERS = ["gpt2", "llama", "qwen2", "gemma3"]
 def tiny_model(arch: str, head: type | None = None, seed: int = 0) -> tf.PreTrainedModel:
     torch.manual_seed(seed)
     cls = head or tf.AutoModel
-    return cls.from_config(CONFIGS[arch]).eval()
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    return build(CONFIGS[arch]).eval()
 
 
 def tiny_batch(arch: str, batch: int = 3, length: int = 7, seed: int = 1, padding: str = "right") -> dict:

