@@ -22,7 +22,9 @@ class StalenessPolicy(ScoredPolicy):
     storing an entry counts as its first match, so a new entry ranks like one just served.
 
     ``half_life`` spans the two classic policies: a small one forgets at once and behaves like LRU, a huge one
-    never forgets and behaves like LFU. Set it to roughly how long popularity lasts, in lookups of one bank.
+    never forgets and behaves like LFU. It pays when popularity lasts longer than a few half-lives; about twice the
+    bank's entry count is a good start (the default, 4000 lookups, suits banks of about 2000 entries). See
+    docs/policies.md for measurements.
 
     All rates decay by the same factor per tick, so their order only changes on hits. The heap therefore keeps
     ``log2`` of each entry's undecayed sum ``sum(2 ** (t_match / half_life))``, which never needs rescoring.
