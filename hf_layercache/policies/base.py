@@ -31,8 +31,9 @@ class Policy(ABC):
     """
 
     promotes_on_hit: bool | None = True
-    """What a hit does to the hit entry's place in the eviction order: ``True`` moves it later (it is kept
-    longer), ``False`` leaves the order unchanged, ``None`` makes no claim. The conformance suite checks it."""
+    """What a hit does to the hit entry's place in the eviction order: ``True`` moves it later, all else equal (it
+    is kept longer), ``False`` leaves the order unchanged, ``None`` makes no claim. The conformance suite checks it
+    on entries that differ only by their hits."""
 
     def __init__(self) -> None:
         self._nbytes: dict[int, int] = {}
@@ -199,6 +200,7 @@ class ScoredPolicy(Policy):
         return out
 
     def eviction_order(self) -> Iterator[int]:
+        """Every tracked id, first victim first. Sorts all entries: for saving and inspection, not per eviction."""
         return (entry_id for _, _, entry_id in sorted(self._items.values()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
