@@ -1,0 +1,93 @@
+"""The bank: budgets that are never exceeded, eviction through the policy, state round trips."""
+
+import random
+
+import pytest
+import torch
+
+import hf_layercache
+from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, CacheBank
+
+
+def held_bytes(bank: CacheBank) -> int:
+    """Bytes of the tensors the bank really holds, measured from their storages."""
+    seen, total = set(), 0
+    for entry_id in list(bank._entries):
+        for t in bank.get(entry_id).values():
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def make_bank(**kwargs) -> CacheBank:
+    policy = hf_layercache.get_policy(kwargs.pop("policy", "lru"))()
+    return CacheBank("test", policy=policy, **kwargs)
+
+
+def test_max_entries_evicts_least_recently_used_first():
+    bank = make_bank(max_entries=3)
+    ids = [bank.put({"v": torch.full((4,), float(i))}, digest=bytes([i]) * 32) for i in range(3)]
+    bank.record_hit(ids[0])
+    bank.put({"v": torch.zeros(4)}, digest=bytes([9]) * 32)
+    assert len(bank) == 3
+    assert bank.find(bytes([1]) * 32) is None  # the least recently used
+    assert bank.find(bytes([0]) * 32) == ids[0]
+
+
+def test_an_entry_larger_than_the_budget_is_not_stored():
+    bank = make_bank(max_bytes=100)
+    assert bank.put({"v": torch.zeros(100)}) is None
+    assert len(bank) == 0 and bank.nbytes == 0
+
+
+def test_row_views_are_copied_so_a_batch_is_not_kept_alive():
+    bank = make_bank()
+    batch = torch.randn(64, 100)
+    entry_id = bank.put({"v": batch[3]})
+    assert bank.get(entry_id)["v"].untyped_storage().nbytes() == 400
+    assert held_bytes(bank) == 400
+
+
+@pytest.mark.parametrize("policy", hf_layercache.available_policies())
+def test_soak_100k_inserts_never_exceed_max_memory(policy):
+    budget = 64 * 1024
+    bank = make_bank(policy=policy, max_bytes=budget)
+    rng = random.Random(0)
+    peak = 0
+    for i in range(100_000 if policy == "lru" else 10_000):
+        size = rng.choice([8, 64, 256, 1024])
+        bank.put({"v": torch.empty(size, dtype=torch.uint8)}, digest=i.to_bytes(32, "little"), cost=rng.random())
+        if rng.random() < 0.3 and len(bank):
+            bank.record_hit(rng.choice(list(bank._entries)), 1.0)
+        if i % 997 == 0:
+            peak = max(peak, held_bytes(bank) + ENTRY_OVERHEAD_BYTES * len(bank))
+        assert bank.nbytes <= budget
+    assert peak <= budget
+    assert len(bank) > 0
+
+
+def test_state_round_trip_keeps_entries_digests_and_eviction_order():
+    bank = make_bank(max_entries=3)
+    for i in range(3):
+        bank.put({"v": torch.full((2,), float(i)), "w": torch.arange(i + 1)}, digest=bytes([i]) * 32)
+    bank.record_hit(bank.find(bytes([0]) * 32))
+    state = bank.state_dict()
+    CacheBank.check_state(state)
+    restored = make_bank(max_entries=3)
+    restored.load_state_dict(state)
+    assert len(restored) == 3 and restored.nbytes == bank.nbytes
+    assert torch.equal(restored.get(restored.find(bytes([2]) * 32))["w"], torch.arange(3))
+    restored.put({"v": torch.zeros(2)}, digest=bytes([7]) * 32)
+    assert restored.find(bytes([1]) * 32) is None  # LRU order survived: 1 was the least recently used
+
+
+def test_similarity_keys_go_through_the_backend():
+    bank = CacheBank("keys", policy=hf_layercache.get_policy("lru")(), backend=hf_layercache.get_backend("exact")(8))
+    keys = torch.eye(8)
+    ids = [bank.put({"v": torch.zeros(1)}, key=keys[i]) for i in range(4)]
+    scores, found = bank.search(keys[:4] + 0.01, k=1)
+    assert found[:, 0].tolist() == ids
+    bank.remove(ids[0])
+    assert bank.search(keys[:1], k=1)[1][0, 0].item() != ids[0]
