@@ -1,0 +1,74 @@
+"""LayerCacheConfig validation and serialisation; the public registries."""
+
+import pytest
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig
+from hf_layercache.config import parse_bytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "magic"}, r"strategy='magic' is not available; allowed: .*exact"),
+        ({"backend": "nope"}, r"backend='nope' is not available"),
+        ({"policy": "random"}, r"policy='random' is not available; allowed: .*lru"),
+        ({"fingerprint": "x"}, r"fingerprint='x' is not available"),
+        ({"threshold": 1.5}, r"threshold must be a cosine similarity in \[-1, 1\]"),
+        ({"threshold": []}, r"threshold must be"),
+        ({"threshold": True}, r"threshold must be"),
+        ({"layers": [1, 1]}, r"layers=\[1, 1\] is not allowed"),
+        ({"layers": [-1]}, r"layers=\[-1\] is not allowed"),
+        ({"layers": ""}, r"layers='' is not allowed"),
+        ({"max_entries": 0}, r"max_entries must be a positive int or None, got 0"),
+        ({"max_entries": True}, r"max_entries must be"),
+        ({"max_memory": "lots"}, r"max_memory='lots' is not a size"),
+        ({"max_memory": -5}, r"max_memory must be positive"),
+        ({"storage_dtype": "int8"}, r"storage_dtype='int8' is not allowed"),
+        ({"namespace": ""}, r"namespace must be a non-empty string"),
+        ({"bank_device": "cuda:7"}, r"bank_device='cuda:7' is not allowed"),
+        ({"backend_kwargs": []}, r"backend_kwargs must be a dict"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerCacheConfig(**kwargs)
+
+
+def test_sizes_parse_in_decimal_and_binary_units():
+    assert parse_bytes("512MB") == 512_000_000
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("1.5kb") == 1500
+    assert parse_bytes(123) == 123
+    assert parse_bytes(None) is None
+    assert LayerCacheConfig(max_memory="1MB").max_memory_bytes == 1_000_000
+
+
+def test_json_round_trip_and_unknown_keys_warn(tmp_path):
+    config = LayerCacheConfig(threshold=[0.8, 0.9], layers=[0, 1], max_memory="2GB", namespace="team")
+    path = tmp_path / "c.json"
+    config.to_json_file(path)
+    assert LayerCacheConfig.from_json_file(path) == config
+    with pytest.warns(UserWarning, match="newer_field"):
+        restored = LayerCacheConfig.from_dict({**config.to_dict(), "newer_field": 3})
+    assert restored == config
+    assert config.threshold_for(1) == 0.9
+    with pytest.raises(ValueError, match="one threshold per cached layer"):
+        config.threshold_for(2)
+
+
+def test_registries_list_get_and_accept_new_names():
+    assert "exact" in hf_layercache.available_strategies()
+    assert {"exact"} <= set(hf_layercache.available_backends())
+    assert {"lru"} <= set(hf_layercache.available_policies())
+    assert hf_layercache.get_strategy("exact") is hf_layercache.strategies.ExactStrategy
+    with pytest.raises(ValueError, match="Unknown backend 'nope'; available: "):
+        hf_layercache.get_backend("nope")
+
+    class MyPolicy(hf_layercache.get_policy("lru")):
+        pass
+
+    hf_layercache.register_policy("my-lru", MyPolicy)
+    assert LayerCacheConfig(policy="my-lru").policy == "my-lru"
+    with pytest.raises(ValueError, match="already registered"):
+        hf_layercache.register_policy("my-lru", type("Other", (MyPolicy,), {}))
