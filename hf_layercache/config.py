@@ -115,6 +115,7 @@ class LayerCacheConfig:
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"{name} must be a dict with string keys, got {value!r}.")
+        self._check_policy_kwargs()
         self._check_threshold()
         self._check_layers()
         if self.max_entries is not None and (
@@ -135,6 +136,13 @@ class LayerCacheConfig:
     def _check_registered(field_name: str, value: Any, registry) -> None:
         if not isinstance(value, str) or value not in registry:
             raise ValueError(f"{field_name}={value!r} is not available; allowed: {', '.join(registry.names())}.")
+
+    def _check_policy_kwargs(self) -> None:
+        # Policies are cheap to build: building one now turns a misspelt kwarg into an error at config time.
+        try:
+            POLICIES.get(self.policy)(**self.policy_kwargs)
+        except TypeError as err:
+            raise ValueError(f"policy_kwargs={self.policy_kwargs!r} do not fit policy {self.policy!r}: {err}") from None
 
     def _check_threshold(self) -> None:
         values = self.threshold if isinstance(self.threshold, list | tuple) else [self.threshold]

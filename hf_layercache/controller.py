@@ -45,9 +45,10 @@ class RequestHook(ForwardHook):
         arguments = self.binder.bind(args, kwargs)
         scope = RequestScope(self.controller.current_namespace, self.controller.bypass_reason(module, arguments))
         with open_scope(scope):
-            if scope.bypass_reason is None:
-                self.controller.strategy.begin_request(scope, arguments)
-            return self.original(*args, **kwargs)
+            if scope.bypass_reason is not None:
+                return self.original(*args, **kwargs)
+            self.controller.strategy.begin_request(scope, arguments)
+            return self.controller.strategy.forward_request(scope, self.original, arguments)
 
 
 class LayerCacheController:

@@ -28,6 +28,7 @@ from hf_layercache.config import parse_bytes
         ({"namespace": ""}, r"namespace must be a non-empty string"),
         ({"bank_device": "cuda:7"}, r"bank_device='cuda:7' is not allowed"),
         ({"backend_kwargs": []}, r"backend_kwargs must be a dict"),
+        ({"policy_kwargs": {"halflife": 3}}, r"policy_kwargs=\{'halflife': 3\} do not fit policy 'lru'"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(kwargs, message):

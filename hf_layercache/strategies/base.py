@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -47,6 +48,11 @@ class Strategy(ABC):
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Called once per top-level forward with its named arguments, before any layer runs."""
+
+    def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+        """Run one top-level forward. Strategies that work on whole requests (prefix reuse) override this to
+        change the call, e.g. compute only a suffix; the default runs it unchanged."""
+        return original(**arguments)
 
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
         """Refuse a bank state read from disk that does not fit; strategies add checks of their entries."""
