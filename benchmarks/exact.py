@@ -48,8 +48,13 @@ def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
         assert torch.equal(cached(**repeated).last_hidden_state, reference), "exact hit differs from uncached"
         for r in range(repeats):
             fresh = _batch(1 + r, batch, seq, vocab)  # never seen: every row misses
-            plain_times.append(_time(lambda f=fresh: plain(**f)))
-            miss_times.append(_time(lambda f=fresh: cached(**f)))
+            # alternate which model runs first so drift in machine load hits both alike
+            if r % 2:
+                miss_times.append(_time(lambda f=fresh: cached(**f)))
+                plain_times.append(_time(lambda f=fresh: plain(**f)))
+            else:
+                plain_times.append(_time(lambda f=fresh: plain(**f)))
+                miss_times.append(_time(lambda f=fresh: cached(**f)))
             hit_times.append(_time(lambda: cached(**repeated)))
     plain_s, miss_s, hit_s = (statistics.median(t) for t in (plain_times, miss_times, hit_times))
     return {
