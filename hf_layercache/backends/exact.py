@@ -3,67 +3,55 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import register_backend
-from .base import Backend, empty_result
+from ._store import KeyStore, check_k, checked_state, id_tensor, normalised
+from .base import Backend
 
 
 @register_backend("exact")
 class ExactBackend(Backend):
-    """Exact nearest neighbours by one matrix product over all stored keys.
+    """Exact nearest neighbours by matrix products over all stored keys, batched over queries.
 
     The right choice while a bank is small: no build step, exact answers, and on a GPU a few thousand keys cost
-    less than a kernel launch of the layer they stand in for. Keys are stored L2-normalised in float32.
+    less than a kernel launch of the layer they stand in for. Its cost grows linearly with the number of keys (see
+    docs/benchmarks.md), which is why ``"auto"`` moves to an approximate index past a measured size.
+    Keys are stored L2-normalised in float32 in slots that grow geometrically, so an insert does not copy the bank;
+    removed slots are masked until they outnumber a quarter of the live keys, then compacted away.
     """
 
     def __init__(self, dim: int, metric: str = "cosine", device: torch.device | str = "cpu"):
         super().__init__(dim, metric, device)
-        self._keys = torch.empty(0, dim, device=self.device)
-        self._ids = torch.empty(0, dtype=torch.long, device=self.device)
+        self._store = KeyStore(dim, self.device)
 
     def add(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
-        keys = self._check_keys(keys)
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
-        if ids.numel() != keys.shape[0]:
-            raise ValueError(f"ExactBackend.add: {ids.numel()} ids for {keys.shape[0]} keys.")
-        self.remove(ids)
-        keys = F.normalize(keys.detach().to(self.device, torch.float32), dim=-1)
-        self._keys = torch.cat([self._keys, keys])
-        self._ids = torch.cat([self._ids, ids])
+        keys = normalised(self, keys, "keys", self.device)
+        self._store.add(id_tensor(self, ids, keys.shape[0]), keys)
+        self._compact_if_sparse()
 
     def remove(self, ids: torch.Tensor) -> None:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
-        if ids.numel() == 0 or self._ids.numel() == 0:
-            return
-        keep = ~torch.isin(self._ids, ids)
-        self._keys, self._ids = self._keys[keep], self._ids[keep]
+        self._store.remove(torch.as_tensor(ids).reshape(-1))
+        self._compact_if_sparse()
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = self._check_keys(queries, "queries")
-        if k < 1:
-            raise ValueError(f"search k must be >= 1, got {k}.")
-        scores, ids = empty_result(queries.shape[0], k, self.device)
-        if len(self) == 0 or queries.shape[0] == 0:
-            return scores, ids
-        q = F.normalize(queries.detach().to(self.device, torch.float32), dim=-1)
-        sims = (q @ self._keys.T).clamp_(-1.0, 1.0)
-        top = min(k, len(self))
-        best, idx = sims.topk(top, dim=1)
-        scores[:, :top], ids[:, :top] = best, self._ids[idx]
-        return scores, ids
+        check_k(k)
+        return self._store.search(normalised(self, queries, "queries", self.device), k)
 
     def __len__(self) -> int:
-        return int(self._ids.numel())
+        return len(self._store)
 
     @property
     def nbytes(self) -> int:
-        return self._keys.numel() * self._keys.element_size() + self._ids.numel() * 8
+        return self._store.nbytes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"ids": self._ids.cpu(), "keys": self._keys.cpu()}
+        return self._store.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._keys = torch.empty(0, self.dim, device=self.device)
-        self._ids = torch.empty(0, dtype=torch.long, device=self.device)
-        self.add(state["ids"], state["keys"])
+        ids, keys = checked_state(self, state)
+        self._store = KeyStore(self.dim, self.device)
+        self.add(ids, keys)
+
+    def _compact_if_sparse(self) -> None:
+        if 4 * self._store.n_dead > len(self._store):
+            self._store.keep(self._store.live_slots())
