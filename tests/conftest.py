@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hf_layercache  # noqa: E402,F401  (installs the transformers integration for every test)
+import hf_layercache  # noqa: F401  (installs the transformers integration for every test)
 
 
 @pytest.fixture(autouse=True)

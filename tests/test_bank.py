@@ -87,7 +87,7 @@ def test_similarity_keys_go_through_the_backend():
     bank = CacheBank("keys", policy=hf_layercache.get_policy("lru")(), backend=hf_layercache.get_backend("exact")(8))
     keys = torch.eye(8)
     ids = [bank.put({"v": torch.zeros(1)}, key=keys[i]) for i in range(4)]
-    scores, found = bank.search(keys[:4] + 0.01, k=1)
+    _scores, found = bank.search(keys[:4] + 0.01, k=1)
     assert found[:, 0].tolist() == ids
     bank.remove(ids[0])
     assert bank.search(keys[:1], k=1)[1][0, 0].item() != ids[0]

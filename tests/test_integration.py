@@ -44,8 +44,11 @@ def test_from_pretrained_takes_layer_cache_for_auto_and_concrete_classes(tmp_pat
 def test_device_map_with_disk_offload_never_loads_weights_on_a_hit(tmp_path):
     path = saved_model(tmp_path / "m", "bert", tf.BertModel, hidden_size=128, intermediate_size=512)
     model = tf.AutoModel.from_pretrained(
-        path, layer_cache=LayerCacheConfig(), device_map="auto",
-        max_memory={"cpu": 600_000}, offload_folder=str(tmp_path / "offload"),
+        path,
+        layer_cache=LayerCacheConfig(),
+        device_map="auto",
+        max_memory={"cpu": 600_000},
+        offload_folder=str(tmp_path / "offload"),
     ).eval()
     assert "disk" in set(model.hf_device_map.values())
     loads = []
@@ -126,7 +129,7 @@ def test_layers_by_module_path():
     with torch.no_grad():
         first, second = model(**batch).last_hidden_state, model(**batch).last_hidden_state
     assert torch.equal(first, second) and model.layer_cache.stats()["total"]["hits"] == 2 * 3
-    with pytest.raises(ValueError, match="has no module 'encoder.nope'"):
+    with pytest.raises(ValueError, match=r"has no module 'encoder\.nope'"):
         hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(layers="encoder.nope"))
 
 

@@ -79,7 +79,7 @@ def test_a_truncated_shard_is_a_clear_error(warm_dir):
     shard = directory / "layer_cache.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     model = hf_layercache.enable(tiny_model("bert"))
-    with pytest.raises(LayerCacheFileError, match="Cannot read layer cache shard .*layer_cache.safetensors"):
+    with pytest.raises(LayerCacheFileError, match=r"Cannot read layer cache shard .*layer_cache\.safetensors"):
         model.layer_cache.load(directory)
 
 
@@ -124,8 +124,11 @@ def test_an_index_pointing_outside_the_directory_is_refused(tmp_path):
 def test_wrong_shapes_and_unknown_tensors_are_refused(warm_dir):
     directory, _, _ = warm_dir
     model = hf_layercache.enable(tiny_model("bert"))
-    good = {"ids": torch.tensor([0]), "digests": torch.zeros(1, 32, dtype=torch.uint8),
-            "has_digest": torch.ones(1, dtype=torch.bool)}
+    good = {
+        "ids": torch.tensor([0]),
+        "digests": torch.zeros(1, 32, dtype=torch.uint8),
+        "has_digest": torch.ones(1, dtype=torch.bool),
+    }
     cases = {
         "hidden": {**good, "entry.0.hidden": torch.zeros(7, 31)},
         "unexpected tensor": {**good, "entry.9.hidden": torch.zeros(7, 32)},

@@ -10,23 +10,48 @@ VOCAB = 99
 
 def _configs() -> dict[str, tf.PreTrainedConfig]:
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    decoder = dict(common, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=37, max_position_embeddings=64)
+    decoder = dict(
+        common,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     return {
-        "bert": tf.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-                              max_position_embeddings=64, **common),
-        "distilbert": tf.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=37, max_position_embeddings=64,
-                                          **common),
-        "roberta": tf.RobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-                                    max_position_embeddings=70, **common),
-        "mpnet": tf.MPNetConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-                                max_position_embeddings=70, **common),
+        "bert": tf.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            **common,
+        ),
+        "distilbert": tf.DistilBertConfig(
+            dim=32, n_layers=3, n_heads=4, hidden_dim=37, max_position_embeddings=64, **common
+        ),
+        "roberta": tf.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=70,
+            **common,
+        ),
+        "mpnet": tf.MPNetConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=70,
+            **common,
+        ),
         "gpt2": tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common),
         "llama": tf.LlamaConfig(**decoder),
         "qwen2": tf.Qwen2Config(**decoder),
         "gemma3": tf.Gemma3TextConfig(**decoder, head_dim=8, sliding_window=4),
-        "t5": tf.T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0,
-                          **common),
+        "t5": tf.T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0, **common),
     }
 
 
