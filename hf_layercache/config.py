@@ -105,6 +105,12 @@ class LayerCacheConfig:
     bank_device: str = "auto"
     """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
 
+    # --- prefix strategy ---
+    block_size: int = 16
+    """Tokens per block of the ``prefix`` strategy. A prompt is cut into blocks, each keyed by everything before
+    it, and reuse ends at the last complete cached block: small blocks reuse more of a shared prefix that ends
+    mid-block, large blocks mean fewer entries and lookups. 16 is vLLM's default."""
+
     def __post_init__(self) -> None:
         self._check_registered("strategy", self.strategy, STRATEGIES)
         self._check_registered("backend", self.backend, BACKENDS)
@@ -131,6 +137,7 @@ class LayerCacheConfig:
             raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
         if self.bank_device not in BANK_DEVICES:
             raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
+        self._check_prefix_fields()
 
     @staticmethod
     def _check_registered(field_name: str, value: Any, registry) -> None:
@@ -171,6 +178,10 @@ class LayerCacheConfig:
             f"layers={self.layers!r} is not allowed; use None (all layers), a list of distinct non-negative layer "
             "indices, or module paths such as 'encoder.layer' (a string or a list of strings)."
         )
+
+    def _check_prefix_fields(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int (tokens per prefix block), got {self.block_size!r}.")
 
     @property
     def max_memory_bytes(self) -> int | None:
