@@ -1,0 +1,234 @@
+"""The ``hf-layercache`` command end to end: demo, bench, warm and inspect on a tiny BERT with the real MiniLM
+tokenizer, data files of every format, and one-line errors for what users get wrong."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+import transformers as tf
+from tiny import CONFIGS
+
+import hf_layercache
+from hf_layercache.cli import CLIError, main, read_texts
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the cat sat on the mat",
+    "rain is expected tomorrow",
+    "she reads a book every night",
+    "a dog ran in the park",
+]
+
+
+def _tiny_bert(path: Path, tokenizer, seed: int = 0) -> Path:
+    config = tf.BertConfig(**{**CONFIGS["bert"].to_dict(), "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(seed)
+    tf.BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return tf.AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """The same texts as .txt, .jsonl (field "text") and .csv (column "sentence")."""
+    root = tmp_path_factory.mktemp("data")
+    files = {"txt": root / "texts.txt", "jsonl": root / "texts.jsonl", "csv": root / "texts.csv"}
+    files["txt"].write_text("\n".join(TEXTS) + "\n\n", encoding="utf-8")
+    files["jsonl"].write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    with files["csv"].open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "sentence"])
+        writer.writerows(enumerate(TEXTS))
+    return files
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory, model_dir, data) -> Path:
+    out = tmp_path_factory.mktemp("warm") / "model"
+    argv = ["warm", "--model", str(model_dir), "--data", str(data["txt"]), "--out", str(out), "--batch-size", "1"]
+    assert main(argv) == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    """The error, which must be one line and the last on stderr (progress bars of model loading may come before)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "hf-layercache: error" in line]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    assert errors[0].startswith("hf-layercache: error: ")
+    return errors[0]
+
+
+# --- data files -----------------------------------------------------------------------------------------------------
+def test_every_data_format_gives_the_same_texts(data):
+    assert read_texts(data["txt"]) == TEXTS
+    assert read_texts(data["jsonl"]) == TEXTS
+    assert read_texts(data["csv"], column="sentence") == TEXTS
+    assert read_texts(data["csv"], column="sentence", limit=2) == TEXTS[:2]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "column", "message"),
+    [
+        ("a.csv", "id,sentence\n1,x\n", "text", r"no column 'text'; columns are \['id', 'sentence'\]"),
+        ("a.jsonl", '{"text": "x"}\nnot json\n', "text", r"line 2: not JSON"),
+        ("a.jsonl", '{"body": "x"}\n', "text", r"line 1: no text field 'text'"),
+        ("a.parquet", "x", "text", r"unknown format '.parquet'"),
+        ("a.txt", "\n  \n", "text", r"no texts in it"),
+    ],
+)
+def test_unreadable_data_is_refused_with_the_reason(tmp_path, name, content, column, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(CLIError, match=message):
+        read_texts(path, column)
+
+
+def test_non_utf8_data_is_refused(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CLIError, match="not UTF-8"):
+        read_texts(path)
+
+
+# --- demo -----------------------------------------------------------------------------------------------------------
+def test_demo_shows_a_cold_a_repeated_and_a_similar_pass(model_dir, capsys):
+    assert main(["demo", "--model", str(model_dir), "--repeats", "2"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[1] == "pass":
+            rows[(fields[0], fields[2])] = fields
+    assert rows[("first", "exact")][3] == "0%"
+    assert rows[("repeated", "exact")][3] == "100%"
+    assert rows[("similar", "exact")][3] == "0%"
+    assert "misses" in " ".join(rows[("similar", "exact")])
+    assert float(rows[("repeated", "exact")][6].rstrip("x")) > 1.0
+    assert float(rows[("repeated", "exact")][7]) > 0.9999
+    assert (("similar", "semantic") in rows) == ("semantic" in hf_layercache.available_strategies())
+
+
+# --- bench ----------------------------------------------------------------------------------------------------------
+def test_bench_measures_passes_and_writes_results_and_plots(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(model_dir), "--data", str(data["csv"]), "--column", "sentence"]
+    argv += ["--passes", "2", "--batch-size", "1", "--max-length", "32", "--out", str(out)]
+    assert main(argv) == 0
+    assert "results.json" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["texts"] == len(TEXTS)
+    assert results["layers"] == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    first, second = results["runs"]
+    # Batch size 1: the two repeated texts hit within the first pass, everything hits in the second.
+    assert first["hit_rate"] == pytest.approx(2 / 6)
+    assert second["hit_rate"] == 1.0
+    assert set(second["layer_hit_rates"].values()) == {1.0}
+    assert first["fidelity"]["min"] > 1 - 1e-6 and second["fidelity"]["min"] > 1 - 1e-6
+    assert second["speed_ratio"] > 1.0
+    for name in results["plots"]:
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_bench_refuses_a_threshold_sweep_of_a_lossless_strategy(model_dir, data, tmp_path, capsys):
+    argv = ["bench", "--model", str(model_dir), "--data", str(data["txt"]), "--threshold-sweep", "0.8", "0.9", "0.05"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert "ignores thresholds" in _error_line(capsys)
+
+
+@pytest.mark.skipif("semantic" not in hf_layercache.available_strategies(), reason="no semantic strategy")
+def test_bench_threshold_sweep_gives_one_run_per_threshold(model_dir, data, tmp_path):
+    argv = ["bench", "--model", str(model_dir), "--data", str(data["jsonl"]), "--strategy", "semantic"]
+    argv += ["--threshold-sweep", "0.8", "0.9", "0.05", "--max-length", "32", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [run["threshold"] for run in runs] == [0.8, 0.85, 0.9]
+    assert all(0.0 <= run["hit_rate"] <= 1.0 and run["fidelity"]["min"] <= 1 + 1e-6 for run in runs)
+
+
+# --- warm and inspect -----------------------------------------------------------------------------------------------
+def test_warm_saves_a_model_whose_first_requests_hit(warm_dir, tokenizer):
+    model = tf.AutoModel.from_pretrained(warm_dir).eval()
+    assert model.layer_cache.stats()["total"]["entries"] == len(set(TEXTS))
+    with torch.no_grad():
+        model(**tokenizer(TEXTS[1], return_tensors="pt"))
+    assert model.layer_cache.stats()["total"]["hits"] == 3
+    assert tf.AutoTokenizer.from_pretrained(warm_dir)(TEXTS[1])["input_ids"] == tokenizer(TEXTS[1])["input_ids"]
+
+
+def test_inspect_reads_headers_only(warm_dir, tmp_path, capsys):
+    copy = tmp_path / "cache-only"
+    shutil.copytree(warm_dir, copy)
+    (copy / "model.safetensors").unlink()  # no weights: inspect must not need the model
+    assert main(["inspect", str(copy), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["strategy"] == "exact" and info["format_version"] == 1
+    assert info["model"]["model_type"] == "bert" and info["model"]["num_layers"] == 3
+    bank = info["banks"]["encoder.layer"]
+    assert bank["entries"] == len(set(TEXTS))
+    assert bank["tensors"] > bank["entries"] and "F32" in bank["dtypes"]
+    assert bank["tensor_bytes"] <= info["files"]["layer_cache.safetensors"]
+
+    assert main(["inspect", str(copy)]) == 0
+    table = capsys.readouterr().out
+    assert "format version 1" in table and "strategy   exact" in table
+    assert any(line.split()[:2] == ["encoder.layer", str(len(set(TEXTS)))] for line in table.splitlines())
+
+
+def test_the_installed_command_runs_inspect(warm_dir):
+    command = Path(sys.executable).parent / "hf-layercache"
+    result = subprocess.run([str(command), "inspect", str(warm_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "encoder.layer" in result.stdout
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+def test_wrong_paths_are_one_line_errors(model_dir, data, tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "nope"), "--data", str(data["txt"])]) == 2
+    assert "no such directory" in _error_line(capsys)
+    assert main(["warm", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--out", "x"]) == 2
+    assert "no such file" in _error_line(capsys)
+    assert main(["bench", "--model", str(tmp_path), "--data", str(data["txt"])]) == 2
+    assert "not a model directory" in _error_line(capsys)
+    assert main(["inspect", str(model_dir)]) == 2
+    assert "layer_cache_config.json is missing" in _error_line(capsys)
+
+
+def test_bad_options_are_one_line_errors(model_dir, data, capsys):
+    argv = ["bench", "--model", str(model_dir), "--data", str(data["txt"])]
+    assert main([*argv, "--strategy", "nonsense"]) == 2
+    assert "strategy='nonsense' is not available" in _error_line(capsys)
+    assert main([*argv, "--max-memory", "lots"]) == 2
+    assert "max_memory='lots' is not a size" in _error_line(capsys)
+    assert main([*argv, "--model-class", "NotAClass"]) == 2
+    assert "not a transformers model class" in _error_line(capsys)
+
+
+def test_incompatible_caches_are_one_line_errors(warm_dir, tokenizer, data, tmp_path, capsys):
+    other = _tiny_bert(tmp_path / "other", tokenizer, seed=1)
+    for name in ("layer_cache_config.json", "layer_cache.safetensors"):
+        shutil.copy(warm_dir / name, other / name)  # a cache filled by different weights
+    assert main(["bench", "--model", str(other), "--data", str(data["txt"]), "--out", str(tmp_path / "b")]) == 2
+    assert "saved for another model" in _error_line(capsys)
+
+    header = json.loads((other / "layer_cache_config.json").read_text())
+    (other / "layer_cache_config.json").write_text(json.dumps({**header, "format_version": 99}))
+    assert main(["inspect", str(other)]) == 2
+    assert "format_version 99" in _error_line(capsys)
