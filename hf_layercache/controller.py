@@ -21,6 +21,7 @@ from .persistence import (
     model_identity,
     read_header,
     read_tensors,
+    resolve_cache_dir,
     write_cache,
 )
 from .registry import get_backend, get_policy, get_strategy
@@ -123,7 +124,8 @@ class LayerCacheController:
             return "bypass()"
         if module.training:
             return "training mode"
-        if arguments.get("output_attentions", getattr(config, "output_attentions", False)):
+        wants_maps = arguments.get("output_attentions", getattr(config, "output_attentions", False))
+        if wants_maps and not self.strategy.serves_attention_maps:
             return "output_attentions"
         wants_states = arguments.get("output_hidden_states", getattr(config, "output_hidden_states", False))
         if wants_states and not self.strategy.intermediate_states_exact:
@@ -188,6 +190,7 @@ class LayerCacheController:
 
     def load(self, directory: str | os.PathLike) -> None:
         """Replace every bank's content with the warm cache in ``directory``, after checking it fits this model."""
+        directory = resolve_cache_dir(directory)
         header = read_header(directory)
         differences = identity_differences(header["model"], self.identity)
         if differences:

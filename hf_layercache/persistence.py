@@ -10,6 +10,12 @@ Files (fixed format, version 1), beside the model's own files:
 
 Names never start with ``model`` (transformers' ``save_pretrained`` deletes stale ``model*`` shards). Files from
 disk are untrusted: JSON and safetensors only, every problem is a :class:`LayerCacheFileError` naming the file.
+
+Integrity and crash safety: the config records a blake2b digest of every shard (``"files"``), checked on load, so
+a damaged shard or a set of shards from different saves is refused rather than served. A save writes every new
+file under a temporary name first, then hard-links the current files into ``.layer_cache_previous/``, renames the
+new files into place (the config last) and only then drops the snapshot; a reader that finds the main set
+inconsistent falls back to the snapshot. An interrupted save at any point leaves the previous warm cache loadable.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,7 @@ from .config import CONFIG_NAME, parse_bytes
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "layer_cache.safetensors"
 INDEX_NAME = "layer_cache.safetensors.index.json"
+PREVIOUS_DIR = ".layer_cache_previous"
 SHARD_PATTERN = re.compile(r"layer_cache-(\d{5})-of-(\d{5})\.safetensors")
 _MAX_JSON_BYTES = 64 * 2**20
 _SAMPLES_PER_TENSOR = 4096
@@ -92,16 +101,16 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path`` (atomic on POSIX)."""
+def _temporary(path: Path, write) -> Path:
+    """Write ``path``'s new content to a temporary file beside it (same file system, so renaming is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -117,42 +126,73 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
     return shards
 
 
+def _cache_files(directory: Path) -> list[Path]:
+    """The config, index and shards of the cache in ``directory``."""
+    return sorted(p for p in directory.glob("layer_cache*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def _snapshot_previous(directory: Path) -> None:
+    """Hard-link the current cache files into ``.layer_cache_previous`` (no copy), replacing an older snapshot."""
+    if not (directory / CONFIG_NAME).is_file():
+        return
+    staging = Path(tempfile.mkdtemp(prefix=".layer_cache_previous.", dir=directory))
+    for path in _cache_files(directory):
+        os.link(path, staging / path.name)
+    shutil.rmtree(directory / PREVIOUS_DIR, ignore_errors=True)
+    os.replace(staging, directory / PREVIOUS_DIR)
+
+
 def write_cache(
     directory: str | os.PathLike,
     header: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     max_shard_size: int | str = "5GB",
 ) -> list[Path]:
-    """Write the shards, then the index, then ``layer_cache_config.json`` last; return the files written."""
+    """Write a warm cache crash-safely (see the module docstring); return the files written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     shards = _shards(tensors, parse_bytes(max_shard_size, "max_shard_size"))
-    written: list[Path] = []
     if len(shards) == 1:
         names = [WEIGHTS_NAME]
     else:
         names = [f"layer_cache-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards, strict=True):
-        path = directory / name
-        _atomic_write(path, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
-        written.append(path)
-    stale = [p for p in directory.glob("layer_cache*.safetensors*") if p not in written]
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard},
-        }
-        index_path = directory / INDEX_NAME
-        _atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True)))
-        written.append(index_path)
-    config_path = directory / CONFIG_NAME
-    payload = {"format_version": FORMAT_VERSION, **header}
-    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
-    written.append(config_path)
-    for path in stale:
+    pending: list[tuple[Path, Path]] = []
+    digests: dict[str, str] = {}
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            tmp = _temporary(directory / name, lambda t, s=shard: save_file(s, t, metadata={"format": "pt"}))
+            pending.append((tmp, directory / name))
+            digests[name] = file_digest(tmp)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard},
+            }
+            text = json.dumps(index, indent=2, sort_keys=True)
+            pending.append(
+                (_temporary(directory / INDEX_NAME, lambda t: Path(t).write_text(text)), directory / INDEX_NAME)
+            )
+        payload = json.dumps({"format_version": FORMAT_VERSION, "files": digests, **header}, indent=2)
+        pending.append(
+            (_temporary(directory / CONFIG_NAME, lambda t: Path(t).write_text(payload)), directory / CONFIG_NAME)
+        )
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    _snapshot_previous(directory)
+    for tmp, final in pending:
+        os.replace(tmp, final)
+    written = [final for _, final in pending]
+    for path in _cache_files(directory):
         if path not in written:
-            path.unlink(missing_ok=True)
+            path.unlink()
+    for leftover in directory.glob(".layer_cache*"):  # the snapshot, and debris of earlier interrupted saves
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     return written
 
 
@@ -205,8 +245,48 @@ def _shard_files(directory: Path) -> list[Path]:
     raise LayerCacheFileError(f"No layer cache tensors in {directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} exists.")
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_files(directory: Path) -> None:
+    """Check that the shards are exactly those the config lists, each with the recorded digest."""
+    expected = read_header(directory).get("files")
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        raise LayerCacheFileError(f"{directory / CONFIG_NAME} has no 'files' object of shard name -> digest.")
+    found = {path.name for path in _shard_files(directory)}
+    if found != set(expected):
+        raise LayerCacheFileError(f"{directory} holds shards {sorted(found)} but its config lists {sorted(expected)}.")
+    for name in sorted(found):
+        if file_digest(directory / name) != expected[name]:
+            raise LayerCacheFileError(
+                f"{directory / name} does not match the digest in {CONFIG_NAME}: it is damaged or from another save."
+            )
+
+
+def resolve_cache_dir(directory: str | os.PathLike) -> Path:
+    """``directory`` if its files are one intact save, else the snapshot an interrupted save left behind."""
+    directory = Path(directory)
+    try:
+        _verify_files(directory)
+        return directory
+    except LayerCacheFileError:
+        previous = directory / PREVIOUS_DIR
+        if not (previous / CONFIG_NAME).is_file():
+            raise
+        _verify_files(previous)
+        warnings.warn(
+            f"The layer cache in {directory} is damaged or half-saved; loading the previous save.", stacklevel=3
+        )
+        return previous
+
+
 def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the warm cache in ``directory``, loaded on CPU."""
+    """Every tensor of the warm cache in ``directory`` (already resolved), loaded on CPU."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _shard_files(Path(directory)):
         try:

@@ -1,6 +1,7 @@
 """Warm caches on disk: round trips, refusal of foreign or damaged caches, sharding, atomic writes."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tiny import tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig, LayerCacheFileError
+from hf_layercache.persistence import file_digest
 
 
 def run(model, batch):
@@ -74,13 +76,16 @@ def test_a_cache_of_another_architecture_is_refused(warm_dir):
         other.layer_cache.load(directory)
 
 
-def test_a_truncated_shard_is_a_clear_error(warm_dir):
+def test_a_truncated_or_flipped_shard_is_a_clear_error(warm_dir):
     directory, _, _ = warm_dir
     shard = directory / "layer_cache.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    original = shard.read_bytes()
     model = hf_layercache.enable(tiny_model("bert"))
-    with pytest.raises(LayerCacheFileError, match=r"Cannot read layer cache shard .*layer_cache\.safetensors"):
-        model.layer_cache.load(directory)
+    for damaged in (original[: len(original) // 2], original[:-1] + bytes([original[-1] ^ 1])):
+        shard.write_bytes(damaged)
+        with pytest.raises(LayerCacheFileError, match=r"layer_cache\.safetensors does not match the digest"):
+            model.layer_cache.load(directory)
+    assert len(model.layer_cache.banks["encoder.layer"]) == 0
 
 
 def test_garbage_config_json_is_a_clear_error(warm_dir):
@@ -134,10 +139,46 @@ def test_wrong_shapes_and_unknown_tensors_are_refused(warm_dir):
         "unexpected tensor": {**good, "entry.9.hidden": torch.zeros(7, 32)},
         "'ids' must be": {**good, "ids": torch.tensor([0.5])},
     }
+    config_path = directory / "layer_cache_config.json"
     for message, state in cases.items():
-        save_file({f"encoder.layer/{k}": v for k, v in state.items()}, directory / "layer_cache.safetensors")
+        shard = directory / "layer_cache.safetensors"
+        save_file({f"encoder.layer/{k}": v for k, v in state.items()}, shard)
+        header = json.loads(config_path.read_text())
+        header["files"]["layer_cache.safetensors"] = file_digest(shard)  # a well-formed file with bad content
+        config_path.write_text(json.dumps(header))
         with pytest.raises(LayerCacheFileError, match=message):
             model.layer_cache.load(directory)
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3])
+def test_an_interrupted_save_leaves_the_previous_cache_loadable(tmp_path, monkeypatch, fail_at):
+    model = hf_layercache.enable(tiny_model("bert"))
+    old_batch, new_batch = tiny_batch("bert", seed=1), tiny_batch("bert", batch=6, seed=2)
+    reference = run(model, old_batch)
+    model.layer_cache.save(tmp_path, max_shard_size=1000)
+    run(model, new_batch)
+    real_replace, calls = hf_layercache.persistence.os.replace, []
+
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) > fail_at and not str(dst).endswith(".layer_cache_previous"):
+            raise KeyboardInterrupt("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hf_layercache.persistence.os, "replace", crashing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        model.layer_cache.save(tmp_path, max_shard_size=1000)
+    monkeypatch.setattr(hf_layercache.persistence.os, "replace", real_replace)
+
+    warm = hf_layercache.enable(tiny_model("bert"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warm.layer_cache.load(tmp_path)
+    assert torch.equal(run(warm, old_batch), reference)
+    assert warm.layer_cache.stats()["total"]["misses"] == 0
+    # the next complete save cleans up: one consistent set, no snapshot, no temporary files
+    model.layer_cache.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_cache.safetensors", "layer_cache_config.json"]
 
 
 def test_unknown_config_keys_warn_but_load(warm_dir):

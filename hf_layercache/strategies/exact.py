@@ -237,8 +237,8 @@ class ExactStrategy(Strategy):
         """Look every row up in the stack's bank; ``None`` when this call cannot use the cache."""
         request_digests = scope.state.get(_ROWS)
         cache = arguments.get("past_key_values")
-        if request_digests is None or len(request_digests) != hidden.shape[0] or past_length(cache) > 0:
-            return None
+        if not request_digests or len(request_digests) != hidden.shape[0] or past_length(cache) > 0:
+            return None  # nothing to key on (or an empty batch), or a decode step
         bank = self.banks[layer.stack]
         with_kv = cache is not None and arguments.get("use_cache", True) is not False
         digests = [hashlib.blake2b(d + layer.stack.encode(), digest_size=32).digest() for d in request_digests]
