@@ -1,12 +1,14 @@
 """The bank: budgets that are never exceeded, eviction through the policy, state round trips."""
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import hf_layercache
-from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, CacheBank
+from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES, CacheBank
 
 
 def held_bytes(bank: CacheBank) -> int:
@@ -62,7 +64,7 @@ def test_soak_100k_inserts_never_exceed_max_memory(policy):
         if rng.random() < 0.3 and len(bank):
             bank.record_hit(rng.choice(list(bank._entries)), 1.0)
         if i % 997 == 0:
-            peak = max(peak, held_bytes(bank) + ENTRY_OVERHEAD_BYTES * len(bank))
+            peak = max(peak, held_bytes(bank) + (ENTRY_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES) * len(bank))
         assert bank.nbytes <= budget
     assert peak <= budget
     assert len(bank) > 0
@@ -91,3 +93,38 @@ def test_similarity_keys_go_through_the_backend():
     assert found[:, 0].tolist() == ids
     bank.remove(ids[0])
     assert bank.search(keys[:1], k=1)[1][0, 0].item() != ids[0]
+
+
+SOAK = """
+import sys, torch
+import hf_layercache
+from hf_layercache.bank import CacheBank
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+budget = 32 * 2**20
+bank = CacheBank("soak", policy=hf_layercache.get_policy("lru")(), max_bytes=budget)
+before = resident()
+for i in range(100_000):
+    bank.put({"v": torch.empty(1024, dtype=torch.float32)}, digest=i.to_bytes(32, "little"))
+    if i == 30_000:
+        settled = resident()
+    assert bank.nbytes <= budget
+print(resident() - before, resident() - settled)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_soak_resident_memory_stays_within_the_budget_plus_overhead():
+    """100,000 inserts of 4 KiB entries (400 MB unbounded) under a 32 MiB budget, in a fresh process.
+
+    Measured here: resident memory grows to about 1.5x the budget (allocator fragmentation of many small blocks)
+    within the first 20,000 inserts and then stays flat. We assert that bound and that it stops growing.
+    """
+    out = subprocess.run([sys.executable, "-c", SOAK], capture_output=True, text=True, check=True, timeout=300)
+    growth, late_growth = map(int, out.stdout.split())
+    budget = 32 * 2**20
+    assert growth <= 1.6 * budget, f"resident memory grew by {growth / 2**20:.1f} MiB for a 32 MiB budget"
+    assert late_growth <= 4 * 2**20, f"resident memory kept growing after the bank was full: {late_growth} bytes"
