@@ -224,3 +224,36 @@ def test_enabling_twice_is_refused_and_disable_is_idempotent():
     hf_layercache.disable(model)
     hf_layercache.disable(model)
     assert "layer_cache" not in model.__dict__
+
+
+def test_unusual_inputs_are_exact_or_fail_as_uncached():
+    model = tiny_model("bert")
+    max_len = model.config.max_position_embeddings
+    at_max = tiny_batch("bert", length=max_len)
+    over_max = tiny_batch("bert", length=max_len + 1)
+    all_padding = tiny_batch("bert")
+    all_padding["attention_mask"][0] = 0
+    large = tiny_batch("bert", batch=64)
+    cases = [at_max, all_padding, large]
+    expected = [run(model, b).last_hidden_state for b in cases]
+    with pytest.raises(Exception) as uncached_error:
+        run(model, over_max)
+    hf_layercache.enable(model)
+    for batch, reference in zip(cases, expected, strict=True):
+        for _ in range(2):
+            assert torch.equal(run(model, batch).last_hidden_state, reference)
+    with pytest.raises(type(uncached_error.value)):
+        run(model, over_max)
+    with pytest.raises(type(uncached_error.value)):
+        run(model, over_max)
+
+
+def test_bfloat16_model_is_exact():
+    model = tiny_model("llama").to(torch.bfloat16)
+    batch = tiny_batch("llama")
+    reference = run(model, batch).last_hidden_state
+    hf_layercache.enable(model)
+    run(model, batch)
+    out = run(model, batch).last_hidden_state
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+    assert totals(model)["hits"] == 3 * 3
