@@ -140,24 +140,34 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="exact")
-    parser.add_argument("--backend", default="exact")
-    parser.add_argument("--policy", default="lru")
-    parser.add_argument("--threshold", type=float, default=0.85)
-    parser.add_argument("--max-entries", type=int, default=10_000)
-    parser.add_argument("--max-memory", help="byte budget of all banks, e.g. 512MB")
+    group = parser.add_argument_group("cache", "flags override --config; unset fields keep LayerCacheConfig's defaults")
+    group.add_argument("--config", help="a LayerCacheConfig as JSON (any field, e.g. strategy-specific ones)")
+    group.add_argument("--strategy")
+    group.add_argument("--backend")
+    group.add_argument("--policy")
+    group.add_argument("--threshold", type=float)
+    group.add_argument("--max-entries", type=int)
+    group.add_argument("--max-memory", help="byte budget of all banks, e.g. 512MB")
 
 
 def cache_config(args: argparse.Namespace, threshold: float | None = None) -> LayerCacheConfig:
-    """The config the flags describe (validated by ``LayerCacheConfig``: a bad value is a one-line error)."""
-    return LayerCacheConfig(
-        strategy=args.strategy,
-        backend=args.backend,
-        policy=args.policy,
-        threshold=args.threshold if threshold is None else threshold,
-        max_entries=args.max_entries,
-        max_memory=args.max_memory,
-    )
+    """The config of ``--config`` with the flags given on top (validated: a bad value is a one-line error)."""
+    fields: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            fields = LayerCacheConfig.from_json_file(args.config).to_dict()
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--config {args.config}: {err}") from None
+    flags = {
+        "strategy": args.strategy,
+        "backend": args.backend,
+        "policy": args.policy,
+        "threshold": args.threshold if threshold is None else threshold,
+        "max_entries": args.max_entries,
+        "max_memory": args.max_memory,
+    }
+    fields.update({name: value for name, value in flags.items() if value is not None})
+    return LayerCacheConfig.from_dict(fields)
 
 
 # --- data and models ------------------------------------------------------------------------------------------------
@@ -388,8 +398,9 @@ def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
 def _thresholds(args: argparse.Namespace) -> list[float | None]:
     if args.threshold_sweep is None:
         return [None]
-    if args.strategy in LOSSLESS:
-        raise CLIError(f"--threshold-sweep: strategy {args.strategy!r} ignores thresholds; sweep an approximate one")
+    strategy = cache_config(args).strategy
+    if strategy in LOSSLESS:
+        raise CLIError(f"--threshold-sweep: strategy {strategy!r} ignores thresholds; sweep an approximate one")
     start, stop, step = args.threshold_sweep
     if step <= 0 or stop < start:
         raise CLIError("--threshold-sweep START STOP STEP needs START <= STOP and STEP > 0")
@@ -506,7 +517,7 @@ def _pyplot():
 
 
 def _run_label(run: dict, strategy: str) -> str:
-    setting = strategy if run["threshold"] is None else f"threshold {run['threshold']:.2f}"
+    setting = strategy if run["threshold"] is None else f"{strategy}, τ={run['threshold']:.2f}"
     return f"{setting}, pass {run['pass']}"
 
 
@@ -515,12 +526,28 @@ def write_plots(results: dict, out: Path) -> list[str]:
     plt = _pyplot()
     names = ["hit_rate_per_layer.png", "speed_vs_fidelity.png"]
     for name, draw in zip(names, (_plot_hit_rates, _plot_tradeoff), strict=True):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
         draw(ax, results)
-        fig.tight_layout()
-        fig.savefig(out / name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
+        fig.savefig(out / name, bbox_inches="tight")
         plt.close(fig)
     return names
+
+
+def _run_style(results: dict, run: dict) -> dict[str, Any]:
+    """Colour by threshold (a sweep reads as a gradient), line style by pass."""
+    import matplotlib
+
+    thresholds = sorted({r["threshold"] for r in results["runs"] if r["threshold"] is not None})
+    styles = ("-", "--", ":", "-.")
+    style: dict[str, Any] = {"linestyle": styles[(run["pass"] - 1) % len(styles)]}
+    if len(thresholds) > 1:
+        position = thresholds.index(run["threshold"]) / (len(thresholds) - 1)
+        style["color"] = matplotlib.colormaps["viridis"](0.9 * position)
+    else:
+        style["color"] = f"C{run['pass'] - 1}"
+    return style
 
 
 def _plot_hit_rates(ax, results: dict) -> None:
@@ -528,16 +555,14 @@ def _plot_hit_rates(ax, results: dict) -> None:
     strategy = results["config"]["strategy"]
     for run in results["runs"]:
         rates = [100 * run["layer_hit_rates"][name] for name in layers]
-        ax.plot(range(len(layers)), rates, marker="o", label=_run_label(run, strategy))
+        ax.plot(range(len(layers)), rates, marker="o", label=_run_label(run, strategy), **_run_style(results, run))
     ax.set_xticks(range(len(layers)))
     if len(layers) <= 16:
         ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(-5, 105)
     ax.set_xlabel("cached layer (forward order)")
     ax.set_ylabel("hit rate (% of lookups)")
-    ax.set_title(f"Hit rate per layer: {strategy} on {results['texts']} texts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(f"Hit rate per layer: {strategy}, {results['texts']} texts, batch size {results['batch_size']}")
 
 
 def _plot_tradeoff(ax, results: dict) -> None:
@@ -547,19 +572,22 @@ def _plot_tradeoff(ax, results: dict) -> None:
         runs = [run for run in results["runs"] if run["pass"] == number]
         x = [run["fidelity"]["mean"] for run in runs]
         y = [run["speed_ratio"] for run in runs]
-        ax.plot(x, y, marker="o", label=f"{strategy}, pass {number}")
+        ax.plot(x, y, marker="o", label=f"{strategy}, pass {number}", color=f"C{number - 1}")
         for run, xi, yi in zip(runs, x, y, strict=True):
             if run["threshold"] is not None:
-                ax.annotate(f"{run['threshold']:.2f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="no speed-up")
-    ax.set_xlabel("fidelity: mean cosine similarity to uncached output (1 = identical)")
-    ax.set_ylabel("speed-up (uncached time / cached time, x)")
-    ax.set_title(
-        "Speed against fidelity"
-        + (" across thresholds (points labelled)" if len(results["runs"]) > len(passes) else "")
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+                ax.annotate(
+                    f"τ={run['threshold']:.2f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+    lowest = min(run["fidelity"]["mean"] for run in results["runs"])
+    margin = max(1e-3, (1.0 - lowest) * 0.1)
+    ax.set_xlim(lowest - margin, 1.0 + margin * 0.15)  # a cosine never exceeds 1: no room beyond the marker
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(0, 1.1 * max(1.0, *(run["speed_ratio"] for run in results["runs"])))  # the 1x line always shows
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="no speed-up (1\N{MULTIPLICATION SIGN})")
+    ax.set_xlabel("fidelity: mean cosine similarity to the uncached output (1 = identical)")
+    ax.set_ylabel("speed-up (uncached time / cached time, \N{MULTIPLICATION SIGN})")
+    swept = len(results["runs"]) > len(passes)
+    ax.set_title("Speed against fidelity" + (" across thresholds τ" if swept else ""))
 
 
 # --- warm -----------------------------------------------------------------------------------------------------------
