@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, available_strategies, disable, enable
 from .config import LayerCacheConfig
-from .persistence import FORMAT_VERSION, LayerCacheFileError, _shard_files, read_header
+from .persistence import FORMAT_VERSION, LayerCacheFileError, _shard_files, _verify_files, read_header
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="what a warm cache holds, without loading the model")
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--verify", action="store_true", help="also check every shard's digest (reads every byte)")
     inspect.set_defaults(func=run_inspect)
     return parser
 
@@ -699,7 +700,9 @@ def format_cache(info: dict[str, Any]) -> str:
         f"storage_dtype {config.get('storage_dtype')}",
         f"model      {model.get('class')} ({model.get('model_type')}), {model.get('num_layers')} cached layers, "
         f"hidden size {model.get('hidden_size')}, {model.get('dtype')}, weights hash {model.get('weights_hash')}",
-        "files      " + ", ".join(f"{name} ({size / 2**20:.2f} MiB)" for name, size in info["files"].items()),
+        "files      "
+        + ("(digests verified) " if info.get("verified") else "")
+        + ", ".join(f"{name} ({size / 2**20:.2f} MiB)" for name, size in info["files"].items()),
         "",
         f"{'bank':<32} {'entries':>8} {'MiB':>9} {'tensors':>8}  dtypes",
     ]
@@ -711,6 +714,9 @@ def format_cache(info: dict[str, Any]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     info = describe_cache(args.directory)
+    if args.verify:
+        _verify_files(Path(args.directory))  # a damaged or mixed set of shards raises LayerCacheFileError
+        info["verified"] = True
     print(json.dumps(info, indent=2) if args.json else format_cache(info))
     return 0
 

@@ -15,7 +15,7 @@ import transformers as tf
 from tiny import CONFIGS
 
 import hf_layercache
-from hf_layercache.cli import CLIError, main, read_texts
+from hf_layercache.cli import CLIError, describe_cache, main, read_texts
 
 TEXTS = [
     "the cat sat on the mat",
@@ -197,6 +197,21 @@ def test_inspect_reads_headers_only(warm_dir, tmp_path, capsys):
     assert any(line.split()[:2] == ["encoder.layer", str(len(set(TEXTS)))] for line in table.splitlines())
 
 
+def test_inspect_verify_finds_a_damaged_shard(warm_dir, tmp_path, capsys):
+    copy = tmp_path / "damaged"
+    shutil.copytree(warm_dir, copy)
+    assert main(["inspect", str(copy), "--verify"]) == 0
+    assert "(digests verified)" in capsys.readouterr().out
+    shard = copy / "layer_cache.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte in the tensor data: headers still read fine
+    shard.write_bytes(bytes(raw))
+    assert main(["inspect", str(copy)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(copy), "--verify"]) == 2
+    assert "does not match the digest" in _error_line(capsys)
+
+
 def test_the_installed_command_runs_inspect(warm_dir):
     command = Path(sys.executable).parent / "hf-layercache"
     result = subprocess.run([str(command), "inspect", str(warm_dir)], capture_output=True, text=True, timeout=120)
@@ -237,3 +252,15 @@ def test_incompatible_caches_are_one_line_errors(warm_dir, tokenizer, data, tmp_
     (other / "layer_cache_config.json").write_text(json.dumps({**header, "format_version": 99}))
     assert main(["inspect", str(other)]) == 2
     assert "format_version 99" in _error_line(capsys)
+
+
+def test_config_file_sets_any_field_and_flags_override_it(model_dir, data, tmp_path):
+    config = tmp_path / "cache.json"
+    config.write_text(json.dumps({"max_entries": 2, "namespace": "tenant-a"}))
+    base = ["warm", "--model", str(model_dir), "--data", str(data["txt"]), "--batch-size", "1", "--config", str(config)]
+    assert main([*base, "--out", str(tmp_path / "two")]) == 0
+    assert main([*base, "--max-entries", "3", "--out", str(tmp_path / "three")]) == 0
+    for name, entries in (("two", 2), ("three", 3)):
+        info = json.loads(json.dumps(describe_cache(tmp_path / name)))
+        assert info["config"]["namespace"] == "tenant-a" and info["config"]["max_entries"] == entries
+        assert info["banks"]["encoder.layer"]["entries"] == entries
