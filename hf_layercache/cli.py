@@ -265,6 +265,15 @@ def pooled(output: Any, attention_mask: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def human_bytes(nbytes: float) -> str:
+    """``512`` -> ``"512 B"``, ``3_500_000`` -> ``"3.3 MiB"``."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while nbytes >= 1024 and len(units) > 1:
+        nbytes /= 1024
+        units.pop(0)
+    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
@@ -609,7 +618,7 @@ def run_warm(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(out)
     total = model.layer_cache.stats()["total"]
     print(
-        f"warmed {len(texts)} texts in {seconds:.1f}s: {total['entries']} entries, {total['bytes'] / 2**20:.2f} MiB "
+        f"warmed {len(texts)} texts in {seconds:.1f}s: {total['entries']} entries, {human_bytes(total['bytes'])} "
         f"in {len(model.layer_cache.banks)} bank(s), hit rate while warming {total['hit_rate']:.1%}; saved to {out}"
     )
     return 0
@@ -702,13 +711,16 @@ def format_cache(info: dict[str, Any]) -> str:
         f"hidden size {model.get('hidden_size')}, {model.get('dtype')}, weights hash {model.get('weights_hash')}",
         "files      "
         + ("(digests verified) " if info.get("verified") else "")
-        + ", ".join(f"{name} ({size / 2**20:.2f} MiB)" for name, size in info["files"].items()),
+        + ", ".join(f"{name} ({human_bytes(size)})" for name, size in info["files"].items()),
         "",
-        f"{'bank':<32} {'entries':>8} {'MiB':>9} {'tensors':>8}  dtypes",
+        f"{'bank':<32} {'entries':>8} {'in memory':>10} {'on disk':>10} {'tensors':>8}  dtypes",
     ]
     for name, bank in info["banks"].items():
-        mib = (bank["bytes"] if bank["bytes"] is not None else bank["tensor_bytes"]) / 2**20
-        lines.append(f"{name:<32} {bank['entries']!s:>8} {mib:>9.2f} {bank['tensors']:>8}  {', '.join(bank['dtypes'])}")
+        memory = human_bytes(bank["bytes"]) if bank["bytes"] is not None else "?"
+        lines.append(
+            f"{name:<32} {bank['entries']!s:>8} {memory:>10} {human_bytes(bank['tensor_bytes']):>10} "
+            f"{bank['tensors']:>8}  {', '.join(bank['dtypes'])}"
+        )
     return "\n".join(lines)
 
 
