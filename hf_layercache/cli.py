@@ -26,7 +26,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import __version__, available_strategies, disable, enable
+from . import __version__, available_backends, available_policies, available_strategies, disable, enable
 from .config import LayerCacheConfig
 from .persistence import FORMAT_VERSION, LayerCacheFileError, _shard_files, _verify_files, read_header
 
@@ -105,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="uncached vs cached on a data file: speed, hit rates, fidelity")
     _add_model_and_data(bench)
     _add_cache_options(bench)
-    bench.add_argument("--threshold-sweep", nargs=3, type=float, metavar=("START", "STOP", "STEP"))
+    bench.add_argument(
+        "--threshold-sweep",
+        nargs=3,
+        type=float,
+        metavar=("START", "STOP", "STEP"),
+        help="one cold cache per threshold from START to STOP (inclusive); approximate strategies only",
+    )
     bench.add_argument("--passes", type=int, default=1, help="times the data is sent through one cache (default 1)")
     bench.add_argument("--out", default="hf-layercache-bench", help="directory for results.json and the plots")
     bench.set_defaults(func=run_bench)
@@ -129,8 +135,8 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help=".txt (a text per line), .jsonl or .csv")
     parser.add_argument("--column", default="text", help="field of .jsonl / column of .csv (default: text)")
     parser.add_argument("--limit", type=int, help="use only the first N texts")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are truncated")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward call (default 16)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per text, longer are cut (default 128)")
     parser.add_argument(
         "--padding",
         choices=("longest", "max_length"),
@@ -143,11 +149,11 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cache", "flags override --config; unset fields keep LayerCacheConfig's defaults")
     group.add_argument("--config", help="a LayerCacheConfig as JSON (any field, e.g. strategy-specific ones)")
-    group.add_argument("--strategy")
-    group.add_argument("--backend")
-    group.add_argument("--policy")
-    group.add_argument("--threshold", type=float)
-    group.add_argument("--max-entries", type=int)
+    group.add_argument("--strategy", help=f"one of {', '.join(available_strategies())} (default exact)")
+    group.add_argument("--backend", help=f"similarity index: {', '.join(available_backends())}")
+    group.add_argument("--policy", help=f"eviction: {', '.join(available_policies())} (default lru)")
+    group.add_argument("--threshold", type=float, help="cosine similarity a hit needs (approximate strategies)")
+    group.add_argument("--max-entries", type=int, help="most entries per bank")
     group.add_argument("--max-memory", help="byte budget of all banks, e.g. 512MB")
 
 
