@@ -141,6 +141,21 @@ def test_faiss_rejects_bad_kwargs(kwargs, message):
 
 
 @needs_faiss
+def test_faiss_search_parameters_apply_to_the_live_index():
+    from hf_layercache.backends.faiss import DEFAULT_EF_SEARCH
+
+    backend = hf_layercache.get_backend("faiss")(32, background=False)
+    backend.add(torch.arange(50), _keys(50))
+    assert backend._index.hnsw.efSearch == DEFAULT_EF_SEARCH
+    backend.set_search_parameters(ef_search=200)
+    assert backend._index.hnsw.efSearch == 200
+    with pytest.raises(ValueError, match="nprobe does not apply"):
+        backend.set_search_parameters(nprobe=4)
+    backend.remove(torch.arange(20))  # rebuilds: the new index keeps the setting
+    assert backend.tombstones == 0 and backend._index.hnsw.efSearch == 200
+
+
+@needs_faiss
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_faiss_on_cuda_answers_on_cuda():
     import faiss

@@ -14,7 +14,7 @@ from .exact import ExactBackend
 # costs more than the HNSW graph beyond this many keys of dimension 384.
 SWITCH_AT = 4096
 # The approximate backends auto moves to, first importable one first, with the settings the benchmark chose.
-APPROXIMATE = (("faiss", {"index": "HNSW32", "ef_search": 64}), ("annoy", {}))
+APPROXIMATE = (("faiss", {"index": "HNSW32"}), ("annoy", {}))
 
 
 @register_backend("auto")

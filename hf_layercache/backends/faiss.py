@@ -16,6 +16,9 @@ from ._store import IndexedBackend
 # 2048, so such indexes are rebuilt before tombstones pass this.
 _MAX_OVERSAMPLE = 1024
 _PARAMETERS = {"ef_search": "efSearch", "ef_construction": "efConstruction", "nprobe": "nprobe"}
+# HNSW's beam width when none is given: FAISS's own default of 16 finds the true best key for only ~90% of
+# near-duplicate queries at 100k keys; this is the smallest width that reached 0.95 in benchmarks/lookup.py.
+DEFAULT_EF_SEARCH = 64
 
 
 @register_backend("faiss")
@@ -38,7 +41,8 @@ class FaissBackend(IndexedBackend):
     Args:
         index: a FAISS index factory string: "Flat" (exact), "HNSW32" (graph, no training), "IVF1024,Flat",
             "IVF1024,SQ8", "OPQ32,IVF1024,PQ32", ...
-        ef_search: HNSW's beam width at search time (FAISS default 16); higher is slower and more accurate.
+        ef_search: HNSW's beam width at search time; higher is slower and more accurate. Default
+            ``DEFAULT_EF_SEARCH`` (64), chosen by benchmarks/lookup.py, instead of FAISS's 16.
         ef_construction: HNSW's beam width while inserting (FAISS default 40).
         nprobe: how many IVF lists a search visits (FAISS default 1).
         train_size: keys gathered, then sampled, to train an index that needs it. Default 39 * nlist for IVF
@@ -67,6 +71,8 @@ class FaissBackend(IndexedBackend):
         self.rebuild_ratio = rebuild_ratio
         self._settings = _given(ef_search, ef_construction, nprobe)
         template = self._new_index()
+        if ef_search is None and _hnsw(template) is not None:
+            self._settings["ef_search"] = DEFAULT_EF_SEARCH
         self.train_size = 0 if template.is_trained else _train_size(template, train_size)
         self._filtering = True
         self._gpu_resources: Any = None
@@ -76,7 +82,16 @@ class FaissBackend(IndexedBackend):
     def nbytes(self) -> int:
         return self._store.nbytes + self._index_nbytes()
 
-    def _new_index(self) -> Any:
+    def set_search_parameters(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change ``ef_search`` or ``nprobe`` on the live index and for later rebuilds, without rebuilding: the knob
+        that trades recall for latency on a warm cache."""
+        changes = _given(ef_search, None, nprobe)
+        self._new_index({**self._settings, **changes})  # raises ValueError where a setting does not apply
+        self._settings.update(changes)
+        if self._index is not None:
+            _apply(self._index, changes, self.index_string)
+
+    def _new_index(self, settings: dict[str, int] | None = None) -> Any:
         try:
             index = faiss.index_factory(self.dim, self.index_string, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as err:
@@ -91,12 +106,7 @@ class FaissBackend(IndexedBackend):
                 f"FaissBackend: index {self.index_string!r} builds its graph in one pass and takes no keys later; "
                 "a cache adds keys all the time, use 'HNSW32' instead."
             )
-        space = faiss.ParameterSpace()
-        for name, value in self._settings.items():
-            try:
-                space.set_index_parameter(index, _PARAMETERS[name], value)
-            except RuntimeError:
-                raise ValueError(f"FaissBackend: {name} does not apply to index {self.index_string!r}.") from None
+        _apply(index, self._settings if settings is None else settings, self.index_string)
         return index
 
     def _build(self, keys: np.ndarray) -> Any:
@@ -128,6 +138,7 @@ class FaissBackend(IndexedBackend):
 
     def _swap(self, index: Any, snapshot: torch.Tensor, n_then: int) -> None:
         if index is not None:
+            _apply(index, self._settings, self.index_string)  # set_search_parameters may have run during the build
             index = self._to_gpu(index) if self.device.type == "cuda" else index
             self._filtering = _accepts_selector(index)
         self._measured = None
@@ -171,6 +182,15 @@ def _given(ef_search: int | None, ef_construction: int | None, nprobe: int | Non
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"FaissBackend: {name} must be a positive int, got {value!r}.")
     return {name: value for name, value in given.items() if value is not None}
+
+
+def _apply(index: Any, settings: dict[str, int], index_string: str) -> None:
+    space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
+    for name, value in settings.items():
+        try:
+            space.set_index_parameter(index, _PARAMETERS[name], value)
+        except RuntimeError:
+            raise ValueError(f"FaissBackend: {name} does not apply to index {index_string!r}.") from None
 
 
 def _train_size(template: Any, train_size: int | None) -> int:
