@@ -246,6 +246,8 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
         raise CLIError(f"--model-class {model_class}: not a transformers model class")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders often ship without one; the mask hides padding anyway
     model = cls.from_pretrained(path, local_files_only=True).eval()
     disable(model)
     return enable(model, config), tokenizer
@@ -572,9 +574,11 @@ def _plot_hit_rates(ax, results: dict) -> None:
     for run in results["runs"]:
         rates = [100 * run["layer_hit_rates"][name] for name in layers]
         ax.plot(range(len(layers)), rates, marker="o", label=_run_label(run, strategy), **_run_style(results, run))
-    ax.set_xticks(range(len(layers)))
-    if len(layers) <= 16:
+    if len(layers) <= 16:  # names fit; beyond that, integer positions chosen by matplotlib
+        ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(-5, 105)
     ax.set_xlabel("cached layer (forward order)")
     ax.set_ylabel("hit rate (% of lookups)")
