@@ -6,6 +6,7 @@
 
 from . import backends, policies, strategies  # noqa: F401  (registers the built-in classes)
 from .bank import CacheBank
+from .calibration import calibrate
 from .config import LayerCacheConfig
 from .controller import LayerCacheController
 from .integration import disable, enable, install, uninstall
@@ -40,6 +41,7 @@ __all__ = [
     "available_fingerprints",
     "available_policies",
     "available_strategies",
+    "calibrate",
     "disable",
     "enable",
     "get_backend",

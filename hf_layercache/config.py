@@ -111,6 +111,25 @@ class LayerCacheConfig:
     it, and reuse ends at the last complete cached block: small blocks reuse more of a shared prefix that ends
     mid-block, large blocks mean fewer entries and lookups. 16 is vLLM's default."""
 
+    # --- semantic strategy ---
+    reuse: str = "residual"
+    """How the ``semantic`` strategy reuses a similar earlier input's layer: ``"residual"`` adds that input's layer
+    update (output minus input) to the new input's own state, so the new input's information is kept; ``"state"``
+    (the LLMCache paper) replaces the state with the earlier input's and jumps to the deepest layer that hits, so the
+    answer is the earlier input's. docs/semantic.md compares them."""
+
+    fingerprint_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the fingerprint class, e.g. ``{"dim": 128}`` or ``{"layers": 2}`` for ``probe``."""
+
+    verify_fraction: float = 0.02
+    """Fraction (0 to 1) of approximate hits checked by computing the layer anyway; the measured error goes to the
+    policy's ``on_error`` and to ``stats()``, and the computed result is served. 0 trusts similarity alone."""
+
+    max_unaligned: float = 0.2
+    """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
+    length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
+    with a KV cache always need equal lengths."""
+
     def __post_init__(self) -> None:
         self._check_registered("strategy", self.strategy, STRATEGIES)
         self._check_registered("backend", self.backend, BACKENDS)
@@ -124,6 +143,7 @@ class LayerCacheConfig:
         self._check_policy_kwargs()
         self._check_threshold()
         self._check_layers()
+        self._check_semantic_fields()
         if self.max_entries is not None and (
             isinstance(self.max_entries, bool) or not isinstance(self.max_entries, int) or self.max_entries < 1
         ):
@@ -182,6 +202,23 @@ class LayerCacheConfig:
     def _check_prefix_fields(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int (tokens per prefix block), got {self.block_size!r}.")
+
+    def _check_semantic_fields(self) -> None:
+        if self.reuse not in ("residual", "state"):
+            raise ValueError(f"reuse={self.reuse!r} is not allowed; use 'residual' or 'state'.")
+        for name in ("verify_fraction", "max_unaligned"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
+        kwargs = self.fingerprint_kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
+        if kwargs or self.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
+            name = self.fingerprint or "mean_embedding"
+            try:
+                FINGERPRINTS.get(name)(**kwargs)
+            except TypeError as err:
+                raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
 
     @property
     def max_memory_bytes(self) -> int | None:

@@ -20,6 +20,12 @@ class LayerCounters:
     """Wall-clock seconds spent computing missed rows (the estimate of what a hit saves is built from it)."""
     seconds_saved: float = 0.0
     """Estimated compute seconds hits avoided: hits times the measured seconds per computed row."""
+    verified: int = 0
+    """Approximate hits that were checked by computing the layer anyway (divergence monitoring)."""
+    error_sum: float = 0.0
+    """Sum of the relative errors those checks measured (see ``mean_error``)."""
+    max_error: float = 0.0
+    """Largest relative error a check measured."""
 
     @property
     def hit_rate(self) -> float:
@@ -28,6 +34,10 @@ class LayerCounters:
     @property
     def seconds_per_row(self) -> float:
         return self.compute_seconds / self.misses if self.misses else 0.0
+
+    @property
+    def mean_error(self) -> float:
+        return self.error_sum / self.verified if self.verified else 0.0
 
 
 class CacheStats:
@@ -46,6 +56,14 @@ class CacheStats:
             counters.compute_seconds += compute_seconds
             counters.seconds_saved += hits * counters.seconds_per_row
 
+    def record_error(self, layer: str, error: float) -> None:
+        """A verified approximate hit: ``error`` is the relative error of what would have been served."""
+        with self._lock:
+            counters = self.layers[layer]
+            counters.verified += 1
+            counters.error_sum += error
+            counters.max_error = max(counters.max_error, error)
+
     def record_bypass(self, layer: str, rows: int) -> None:
         with self._lock:
             self.layers[layer].bypassed += rows
@@ -60,7 +78,10 @@ class CacheStats:
     def report(self, bank_sizes: dict[str, tuple[int, int]]) -> dict:
         """Per-layer counters, per-bank entries and bytes, and totals, as plain Python data."""
         with self._lock:
-            layers = {name: {**asdict(c), "hit_rate": c.hit_rate} for name, c in self.layers.items()}
+            layers = {
+                name: {**asdict(c), "hit_rate": c.hit_rate, "mean_error": c.mean_error}
+                for name, c in self.layers.items()
+            }
         banks = {name: {"entries": n, "bytes": b} for name, (n, b) in bank_sizes.items()}
         lookups = sum(c["lookups"] for c in layers.values())
         hits = sum(c["hits"] for c in layers.values())
@@ -70,6 +91,8 @@ class CacheStats:
             "misses": sum(c["misses"] for c in layers.values()),
             "bypassed": sum(c["bypassed"] for c in layers.values()),
             "hit_rate": hits / lookups if lookups else 0.0,
+            "verified": sum(c["verified"] for c in layers.values()),
+            "max_error": max((c["max_error"] for c in layers.values()), default=0.0),
             "seconds_saved": sum(c["seconds_saved"] for c in layers.values()),
             "entries": sum(b["entries"] for b in banks.values()),
             "bytes": sum(b["bytes"] for b in banks.values()),

@@ -3,5 +3,6 @@
 from .base import Strategy
 from .exact import ExactStrategy
 from .prefix import PrefixStrategy
+from .semantic import SemanticStrategy
 
-__all__ = ["ExactStrategy", "PrefixStrategy", "Strategy"]
+__all__ = ["ExactStrategy", "PrefixStrategy", "SemanticStrategy", "Strategy"]
