@@ -380,7 +380,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if "semantic" in available_strategies():
         semantic = LayerCacheConfig(strategy="semantic")  # its defaults: what a user who only names it gets
         row = _semantic_row(model, semantic, original, similar, args.repeats)
-        note = f"same similar texts, cache filled with the originals; threshold {semantic.threshold}"
+        note = f"originals cached, similar texts sent; threshold {semantic.threshold}"
         rows.append(("similar pass", "semantic", row, note))
     print(
         f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {args.repeats} repeats, "
