@@ -233,6 +233,16 @@ def model_directory(path: str | os.PathLike) -> Path:
     return path
 
 
+def output_directory(path: str | os.PathLike) -> Path:
+    """``--out``, created now: a directory that cannot be written should fail before minutes of work, not after."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {path}: {err.strerror or err}") from None
+    return path
+
+
 def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoModel"):
     """Model and tokenizer from one directory, the model with a cold cache of ``config``.
 
@@ -456,6 +466,8 @@ def run_bench(args: argparse.Namespace) -> int:
     thresholds = _thresholds(args)
     path = model_directory(args.model)
     texts = read_texts(args.data, args.column, args.limit)
+    out = output_directory(args.out)
+    _pyplot()  # no matplotlib: say so now, not after the measurements
     model, tokenizer = load_model(path, cache_config(args, thresholds[0]), args.model_class)
     batches = tokenize(tokenizer, texts, args.batch_size, args.max_length, args.padding)
     with torch.inference_mode(), model.layer_cache.bypass():
@@ -469,8 +481,6 @@ def run_bench(args: argparse.Namespace) -> int:
             label = f"{config.strategy} pass {number}" + (f", threshold {threshold}" if threshold is not None else "")
             runs.append({"threshold": threshold, "pass": number, **_stream(model, batches, label)})
     results = _bench_results(args, path, texts, model, runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(_bench_table(runs))
@@ -610,9 +620,7 @@ def _plot_tradeoff(ax, results: dict) -> None:
 def run_warm(args: argparse.Namespace) -> int:
     path = model_directory(args.model)
     texts = read_texts(args.data, args.column, args.limit)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a directory")
+    out = output_directory(args.out)
     model, tokenizer = load_model(path, cache_config(args), args.model_class)
     batches = tokenize(tokenizer, texts, args.batch_size, args.max_length, args.padding)
     start = time.perf_counter()

@@ -229,6 +229,9 @@ def test_wrong_paths_are_one_line_errors(model_dir, data, tmp_path, capsys):
     assert "not a model directory" in _error_line(capsys)
     assert main(["inspect", str(model_dir)]) == 2
     assert "layer_cache_config.json is missing" in _error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main(["warm", "--model", str(model_dir), "--data", str(data["txt"]), "--out", str(tmp_path / "file")]) == 2
+    assert _error_line(capsys).startswith(f"hf-layercache: error: --out {tmp_path / 'file'}: ")
 
 
 def test_bad_options_are_one_line_errors(model_dir, data, capsys):
