@@ -44,6 +44,14 @@ def gaussian_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=generator)
 
 
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A non-linear 31-bit integer hash (Mueller's), so that near token ids (10, 11, 12) do not hash to near values,
+    which a linear hash alone would turn into correlated minima."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+
+
 class Fingerprint:
     """Base class: subclasses implement ``__call__`` and ``key_dim``."""
 
@@ -168,7 +176,7 @@ class MinHash(Fingerprint):
         shingles = torch.zeros(windows.shape[0], dtype=torch.long)
         for i in range(n):  # polynomial hash of each window, kept below the prime
             shingles = (shingles * 1_000_003 + windows[:, i]) % _PRIME
-        hashed = (shingles.unsqueeze(1) * self._a + self._b) % _PRIME  # (shingles, num_perm)
+        hashed = (_mix(shingles).unsqueeze(1) * self._a + self._b) % _PRIME  # (shingles, num_perm)
         minimum = hashed.min(dim=0).values
         bit = ((minimum * _MIX) >> 13) & 1
         return bit.float() * 2.0 - 1.0

@@ -97,7 +97,7 @@ def align_tokens(new: list[int], old: list[int], max_unaligned: float) -> Index 
         elif tag == "replace":
             index[i1:i2] = [j1 + (i - i1) * (j2 - j1) // (i2 - i1) for i in range(i1, i2)]
             unaligned += max(0, (i2 - i1) - (j2 - j1))
-        elif tag == "insert":
+        elif tag == "delete":  # tokens of ``new`` that ``old`` lacks
             index[i1:i2] = [max(j1 - 1, 0)] * (i2 - i1)
             unaligned += i2 - i1
     if unaligned > max_unaligned * len(new):
@@ -451,13 +451,14 @@ class SemanticStrategy(Strategy):
 
     @staticmethod
     def _entry_fields(run: SemanticRun, row: int) -> dict[str, torch.Tensor]:
+        """Fresh copies: entries sharing storage could not be saved (safetensors refuses shared tensors)."""
         if row not in run.entry_fields:
             tokens = run.tokens[row]
             run.entry_fields[row] = {
                 "tokens": torch.tensor(tokens if tokens is not None else [], dtype=torch.long),
                 "meta": entry_meta(run.namespace, run.with_kv, run.digests[row]),
             }
-        return run.entry_fields[row]
+        return {name: t.clone() for name, t in run.entry_fields[row].items()}
 
     def _batch_writes(self, run: SemanticRun, entries: list[dict[str, torch.Tensor]]) -> list[KVWrite]:
         """Per-row recorded K/V (real tokens only) placed back at each row's real positions in the padded batch."""

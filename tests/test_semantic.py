@@ -1,0 +1,270 @@
+"""The semantic strategy on tiny models (and one real one): what hits, what it serves, and what it must never do."""
+
+import pytest
+import torch
+import transformers as tf
+from tiny import VOCAB, tiny_batch, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig, register_policy
+from hf_layercache.policies.lru import LRUPolicy
+from hf_layercache.strategies.semantic import align_tokens
+
+REUSES = ["residual", "state"]
+
+
+def run(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs)
+
+
+def totals(model):
+    return model.layer_cache.stats()["total"]
+
+
+def semantic(**kwargs) -> LayerCacheConfig:
+    return LayerCacheConfig(strategy="semantic", **{"verify_fraction": 0.0, **kwargs})
+
+
+def one_token_changed(batch: dict) -> dict:
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, 2] = (changed["input_ids"][:, 2] + 1) % (VOCAB - 3) + 3
+    return changed
+
+
+def assert_close_on_real_tokens(out, reference, mask, atol=1e-5):
+    real = mask.bool()
+    torch.testing.assert_close(out[real], reference[real], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "mpnet", "roberta"])
+@pytest.mark.parametrize("reuse", REUSES)
+def test_identical_input_reproduces_the_uncached_output(arch, reuse):
+    model = tiny_model(arch)
+    batch = tiny_batch(arch)
+    reference = run(model, batch).last_hidden_state
+    hf_layercache.enable(model, semantic(reuse=reuse))
+    first = run(model, batch).last_hidden_state
+    assert totals(model)["hits"] == 0
+    second = run(model, batch).last_hidden_state
+    layers, rows = len(model.layer_cache.layers), batch["input_ids"].shape[0]
+    assert totals(model)["hits"] == layers * rows
+    assert_close_on_real_tokens(first, reference, batch["attention_mask"], atol=0)
+    assert_close_on_real_tokens(second, reference, batch["attention_mask"])
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_dissimilar_input_misses(reuse):
+    model = tiny_model("bert")
+    hf_layercache.enable(model, semantic(reuse=reuse, fingerprint="minhash", threshold=0.5))
+    g = torch.Generator().manual_seed(0)
+    low, high = torch.randint(3, 50, (2, 8), generator=g), torch.randint(50, VOCAB, (2, 8), generator=g)
+    run(model, {"input_ids": low})
+    reference = tiny_model("bert")(input_ids=high).last_hidden_state
+    out = run(model, {"input_ids": high}).last_hidden_state
+    assert totals(model)["hits"] == 0
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_threshold_one_serves_identical_inputs_only(reuse):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=1.0))
+    run(model, batch)
+    run(model, one_token_changed(batch))
+    assert totals(model)["hits"] == 0
+    run(model, batch)
+    assert totals(model)["hits"] > 0
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_similar_input_hits_and_residual_keeps_its_own_information(reuse):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=1)
+    changed = one_token_changed(batch)
+    reference = run(model, changed).last_hidden_state
+    original = run(model, batch).last_hidden_state
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=0.0))
+    run(model, batch)
+    out = run(model, changed).last_hidden_state
+    assert totals(model)["hits"] == len(model.layer_cache.layers)
+    assert not torch.equal(out, reference)  # approximate: served from the other input's entries
+    if reuse == "state":  # the jump to the last layer returns the other input's answer
+        torch.testing.assert_close(out, original, rtol=0, atol=1e-6)
+    else:  # residual reuse adds updates to the changed input's own state, so the change shows in the output
+        assert not torch.allclose(out, original, atol=1e-4)
+
+
+def test_state_reuse_jumps_to_the_deepest_layer_that_hits():
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=1)
+    hf_layercache.enable(model, semantic(reuse="state", threshold=[0.0, 0.0, 1.0]))
+    original = run(model, batch).last_hidden_state
+    out = run(model, one_token_changed(batch)).last_hidden_state
+    hits = [c["hits"] for c in model.layer_cache.stats()["layers"].values()]
+    assert hits == [1, 1, 0]  # layer 2 needs an identical input: the row jumps to layer 1 and computes layer 2
+    assert totals(model)["entries"] == 3  # the approximate row is not stored
+    torch.testing.assert_close(out, original, rtol=0, atol=1e-6)  # from layer 1 on, the other input's trajectory
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_mixed_batch_computes_new_rows_exactly(reuse):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=4)
+    reference = run(model, batch).last_hidden_state
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=1.0))
+    run(model, {k: v[:2] for k, v in batch.items()})
+    out = run(model, batch).last_hidden_state
+    layers = len(model.layer_cache.layers)
+    assert totals(model)["hits"] == 2 * layers
+    assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+
+
+def test_length_mismatch_misses_unless_tokens_align():
+    batch = tiny_batch("bert", batch=1, length=10)
+    longer = {"input_ids": torch.cat([batch["input_ids"][:, :5], torch.tensor([[7]]), batch["input_ids"][:, 5:]], 1)}
+    for max_unaligned, expected in ((0.0, 0), (0.2, 3)):
+        fresh = tiny_model("bert")
+        hf_layercache.enable(fresh, semantic(fingerprint="minhash", threshold=0.3, max_unaligned=max_unaligned))
+        run(fresh, {"input_ids": batch["input_ids"]})
+        run(fresh, longer)
+        assert totals(fresh)["hits"] == expected
+
+
+def test_alignment_maps_equal_runs_and_refuses_too_many_insertions():
+    assert align_tokens([1, 2, 3], [4, 5, 6], 0.0) == slice(None)  # equal lengths: position to position
+    index = align_tokens([1, 2, 9, 3, 4], [1, 2, 3, 4], 0.25)
+    assert index.tolist() == [0, 1, 1, 2, 3]  # the inserted token takes its left neighbour's value
+    assert align_tokens([1, 2, 9, 8, 3, 4], [1, 2, 3, 4], 0.25) is None
+    assert align_tokens([1, 3], [1, 2, 3], 0.2).tolist() == [0, 2]  # a dropped token costs nothing
+
+
+def test_verification_feeds_the_policy_and_stats_and_serves_the_computed_result():
+    seen = []
+
+    class Recording(LRUPolicy):
+        def on_error(self, entry_id, error):
+            seen.append(error)
+
+    register_policy("recording-lru", Recording, overwrite=True)
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=1)
+    changed = one_token_changed(batch)
+    reference = run(model, changed).last_hidden_state
+    hf_layercache.enable(model, semantic(threshold=0.0, verify_fraction=1.0, policy="recording-lru"))
+    run(model, batch)
+    out = run(model, changed).last_hidden_state
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)  # every hit verified: the real result is served
+    stats = model.layer_cache.stats()
+    assert len(seen) == stats["total"]["verified"] == len(model.layer_cache.layers)
+    assert all(e > 0 for e in seen)
+    assert stats["total"]["max_error"] == pytest.approx(max(seen))
+    assert stats["total"]["hits"] == 0  # computed rows are not counted as served
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_namespaces_never_share_entries(reuse):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=0.0, namespace="tenant-a"))
+    run(model, batch)
+    with model.layer_cache.namespace("tenant-b"):
+        run(model, batch)
+        assert totals(model)["hits"] == 0
+        run(model, batch)
+        assert totals(model)["hits"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("reuse", REUSES)
+def test_generate_after_a_semantic_hit(arch, reuse):
+    model = tiny_model(arch, tf.AutoModelForCausalLM)
+    batch = tiny_batch(arch, padding="left")
+    reference = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=0.0))
+    model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hits = totals(model)["hits"]
+    assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False), reference)
+    assert totals(model)["hits"] > hits  # the prefill was served
+    assert totals(model)["bypassed"] > 0  # decode steps never look up
+
+    changed = one_token_changed(batch)
+    hits = totals(model)["hits"]
+    out = model.generate(**changed, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert totals(model)["hits"] > hits  # served from the similar prompt's entries
+    assert out.sequences.shape == reference.shape
+    assert out.past_key_values.get_seq_length() == reference.shape[1] - 1
+
+
+def test_decoder_with_kv_cache_serves_batches_whole():
+    model = tiny_model("llama")
+    batch = tiny_batch("llama", batch=4)
+    hf_layercache.enable(model, semantic(threshold=1.0))
+    run(model, {k: v[:2] for k, v in batch.items()})
+    run(model, batch)
+    assert totals(model)["hits"] == 0  # two rows are cached, but a KV cache needs all rows served or none
+
+
+def test_t5_is_refused_and_bad_thresholds_too():
+    with pytest.raises(ValueError, match="position biases"):
+        hf_layercache.enable(tiny_model("t5"), semantic())
+    with pytest.raises(ValueError, match="one per layer"):
+        hf_layercache.enable(tiny_model("bert"), semantic(threshold=[0.9, 0.9]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("reuse", "both"), ("verify_fraction", 1.5), ("max_unaligned", -0.1), ("verify_fraction", True)],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        LayerCacheConfig(strategy="semantic", **{field: value})
+
+
+def test_hidden_states_residual_cached_state_bypassed():
+    batch = tiny_batch("bert")
+    for reuse, bypassed in (("residual", False), ("state", True)):
+        model = tiny_model("bert")
+        hf_layercache.enable(model, semantic(reuse=reuse, threshold=1.0))
+        run(model, batch)
+        out = run(model, batch, output_hidden_states=True)
+        assert len(out.hidden_states) == 4
+        assert (totals(model)["bypassed"] > 0) == bypassed
+
+
+def test_warm_cache_round_trip(tmp_path):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    hf_layercache.enable(model, semantic(threshold=0.99))
+    run(model, batch)
+    model.layer_cache.save(tmp_path)
+    warm = tiny_model("bert")
+    hf_layercache.enable(warm, semantic(threshold=0.99))
+    warm.layer_cache.load(tmp_path)
+    reference = run(tiny_model("bert"), batch).last_hidden_state
+    out = run(warm, batch).last_hidden_state
+    assert totals(warm)["hits"] == 3 * 3
+    assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+
+
+@pytest.mark.slow
+def test_real_model_light_variant_hits_and_unrelated_sentence_misses(minilm_path):
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
+    model = tf.AutoModel.from_pretrained(minilm_path, layer_cache=semantic(threshold=0.9)).eval()
+    plain = tf.AutoModel.from_pretrained(minilm_path).eval()
+
+    def embed(m, text):
+        batch = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            return m(**batch).last_hidden_state[0].mean(0)
+
+    embed(model, "The committee approved the new budget for the city's public schools.")
+    variant = "The committee approved the new budget for the citys public schools"
+    served = embed(model, variant)
+    assert totals(model)["hits"] >= 3
+    assert float(torch.cosine_similarity(served, embed(plain, variant), dim=0)) > 0.95
+    hits = totals(model)["hits"]
+    unrelated = "A small dog slept under the kitchen table all afternoon."
+    torch.testing.assert_close(embed(model, unrelated), embed(plain, unrelated), rtol=0, atol=1e-5)
+    assert totals(model)["hits"] == hits
