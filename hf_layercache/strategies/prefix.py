@@ -284,18 +284,20 @@ class PrefixStrategy(Strategy):
     def _gather(self, rows: list[Row], split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values (layer, batch, head, column, dim) and final hidden states of columns ``[0, split)``.
 
-        Pad columns stay zero: the attention mask hides them, as it hides the pads of an uncached run.
+        Pad columns are zeros: the attention mask hides them, as it hides the pads of an uncached run.
         """
         n_layers, heads, _, head_dim = self.key_shape
         options = {"dtype": self.controller.model.dtype, "device": self.bank.device}
-        keys = torch.zeros((n_layers, len(rows), heads, split, head_dim), **options)
-        values = torch.zeros_like(keys)
-        hidden = torch.zeros((len(rows), split, self.hidden_shape[1]), **options)
+        keys = torch.empty((n_layers, len(rows), heads, split, head_dim), **options)
+        values = torch.empty_like(keys)
+        hidden = torch.empty((len(rows), split, self.hidden_shape[1]), **options)
         for r, row in enumerate(rows):
+            pads = split - row.reused  # a row's reused tokens end at the split column
+            keys[:, r, :, :pads], values[:, r, :, :pads], hidden[r, :pads] = 0, 0, 0
             for b in range(math.ceil(row.reused / self.block_size)):
                 entry = row.entries[b]
-                start = row.first + b * self.block_size  # real token j of a row sits in column first + j
-                width = min(self.block_size, row.first + row.reused - start)
+                start = pads + b * self.block_size
+                width = min(self.block_size, split - start)
                 keys[:, r, :, start : start + width] = entry["key"][:, :, :width]
                 values[:, r, :, start : start + width] = entry["value"][:, :, :width]
                 hidden[r, start : start + width] = entry["hidden"][:width]
