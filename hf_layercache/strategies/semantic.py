@@ -3,14 +3,15 @@
 Every cached layer has a bank of entries from earlier inputs, found by cosine similarity of a fingerprint key; an
 entry is served when the similarity reaches the layer's threshold (``config.threshold_for``). Two forms of reuse:
 
-* ``reuse="residual"`` (default): each layer is keyed on its *own input* (the fingerprint of the hidden state that
+* ``reuse="residual"``: each layer is keyed on its *own input* (the fingerprint of the hidden state that
   enters it) and an entry holds the layer's update ``out - in`` of an earlier input. A hit adds that update to the
   new input's own state, ``h_l(x) ~= h_{l-1}(x) + [h_l(x') - h_{l-1}(x')]``, as diffusers' First Block Cache does, so
   the new input's information flows on and hit rates genuinely differ by depth.
-* ``reuse="state"`` (the paper): one fingerprint per request, from the state entering the first looked-up layer;
-  entries hold an earlier input's layer *output*. Serving it throws the new input away, so a row jumps to the
-  deepest layer that hits: the layers before it pass the row through, that layer returns the stored state, and the
-  layers after it compute from there (on the earlier input's trajectory).
+* ``reuse="state"`` (the paper; the default, as it measured faster at equal or better fidelity): one fingerprint
+  per request, from the state entering the first looked-up layer; entries hold an earlier input's layer *output*.
+  Serving it throws the new input away, so a row jumps to the deepest layer that hits: the layers before it pass
+  the row through, that layer returns the stored state, and the layers after it compute from there (on the earlier
+  input's trajectory).
 
 Rules that keep it honest (docs/semantic.md has the measurements):
 
