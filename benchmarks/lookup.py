@@ -17,12 +17,14 @@ one topic have cosine ~0.8 to each other and ~0 to other topics. Queries are of 
 - fresh: new keys of existing topics, best match ~0.83 and only ~0.003 ahead of the runner-up, far below any useful
   threshold, so a miss there changes no cache decision; shown for completeness.
 
-Timings are medians: build over 3 builds up to 10k keys (1 above), queries over up to 3 passes of the query set,
-each batch timed alone (batch 1 and batch 32, reported per query), within a time cap per measurement that still
-leaves at least 5 timings. `add` is one insert into the built index (median of 50). The layer is timed once before
-each batch-1 lookup and the ratio uses the two medians, so both see the same load. Searches and the layer run on one
-thread (``--threads``): on a small machine shared with other work, two-thread timings of the layer varied from 4 to
-300 ms with contention, while one thread is stable; builds use every core.
+Timings are medians: build over 3 builds up to 10k keys (1 above); lookups over up to 3 passes of the query set
+(batch 1 and batch 32, reported per query) within a time cap that still leaves at least 5 timings. Each lookup call
+is timed right after a layer call, as lookups run between layers in a forward pass: the layer leaves the CPU caches
+cold, which makes a small lookup ~3x slower than when timed back to back. The ratio to the layer uses the medians
+of these interleaved timings, so both see the same machine load. `add` is one insert into the built index (median
+of 50). Searches and the layer run on one thread (``--threads``): on a small machine shared with other work,
+two-thread timings of the layer varied from 4 to 300 ms with contention, while one thread is stable; builds use
+every core.
 """
 
 from __future__ import annotations
@@ -79,14 +81,23 @@ def load_layer() -> Callable[[], object]:
     return call
 
 
-def make_data(n: int, n_queries: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Keys, near-duplicate and fresh queries, and the brute-force best key of each query."""
+def make_data(n: int, n_queries: int, seed: int = 0, spectrum: str = "flat") -> dict[str, torch.Tensor]:
+    """Keys, near-duplicate and fresh queries, and the brute-force best key of each query.
+
+    ``spectrum="power"`` draws the topic noise with variances falling as 1/i along random directions (same total),
+    the anisotropy real embeddings show, instead of the same variance in every direction."""
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(max(1, n // 100), DIM, generator=g), dim=-1)
+    scales = torch.ones(DIM)
+    if spectrum == "power":
+        variances = 1.0 / torch.arange(1, DIM + 1)
+        scales = (variances / variances.mean()).sqrt()
+    basis = torch.linalg.qr(torch.randn(DIM, DIM, generator=g))[0]
 
     def members(count: int) -> torch.Tensor:
         topics = torch.randint(len(centres), (count,), generator=g)
-        return F.normalize(centres[topics] + SPREAD * torch.randn(count, DIM, generator=g), dim=-1)
+        noise = (torch.randn(count, DIM, generator=g) * scales) @ basis
+        return F.normalize(centres[topics] + SPREAD * noise, dim=-1)
 
     keys = members(n)
     sources = torch.randint(n, (n_queries,), generator=g)
@@ -115,17 +126,17 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _per_query(backend, queries: torch.Tensor, batch: int, cap_s: float, layer=None) -> tuple[float, float]:
-    """Median seconds per query of ``search`` on batches of ``batch`` (up to 3 passes or ``cap_s`` seconds, at least
-    5 batches) and, if ``layer`` is given, the median of a layer call timed right before each batch."""
+def _per_query(backend, queries: torch.Tensor, batch: int, layer: Callable[[], object], cap_s: float):
+    """Median seconds per query of ``search`` on batches of ``batch`` and median seconds of the layer call timed
+    right before each batch, as lookups run between layers in a forward pass (up to 3 passes over the queries, or
+    ``cap_s`` seconds once there are 5 timings)."""
     lookups, layers, start = [], [], time.perf_counter()
     for chunk in [chunk for chunk in queries.split(batch) if len(chunk) == batch] * 3:
-        if layer is not None:
-            layers.append(_timed(layer))
+        layers.append(_timed(layer))
         lookups.append(_timed(lambda chunk=chunk: backend.search(chunk, 1)) / batch)
         if time.perf_counter() - start > cap_s and len(lookups) >= 5:
             break
-    return statistics.median(lookups), statistics.median(layers) if layers else math.nan
+    return statistics.median(lookups), statistics.median(layers)
 
 
 def build(name: str, kwargs: dict, keys: torch.Tensor):
@@ -136,9 +147,8 @@ def build(name: str, kwargs: dict, keys: torch.Tensor):
     start = time.perf_counter()
     backend = hf_layercache.get_backend(name)(DIM, **kwargs)
     backend.add(torch.arange(len(keys)), keys)
-    inner = backend.current if isinstance(backend, auto.AutoBackend) else backend
-    if hasattr(inner, "wait"):
-        inner.wait()
+    if hasattr(_inner(backend), "wait"):
+        _inner(backend).wait()
     seconds = time.perf_counter() - start
     _faiss_threads(THREADS)
     return backend, seconds
@@ -151,62 +161,74 @@ def _faiss_threads(n: int) -> None:
         faiss.omp_set_num_threads(n)
 
 
-def measure_row(label: str, name: str, kwargs: dict, data: dict, layer: Callable[[], object], cap_s: float) -> Row:
+def measure_row(label: str, name: str, kwargs: dict, data: dict, layer: Callable[[], object], cap_s: float):
+    """The figures of one backend on ``data``, and the backend (for the sweeps)."""
     keys, n = data["keys"], len(data["keys"])
     builds = []
     for _ in range(3 if n <= 10_000 else 1):
         backend, seconds = build(name, kwargs, keys)
         builds.append(seconds)
-    batch1, layer_s = _per_query(backend, data["dup"], 1, cap_s, layer)
-    batch32, _ = _per_query(backend, data["dup"], 32, cap_s)
-    recall = {
-        kind: (torch.cat([backend.search(c, 1)[1][:, 0] for c in data[kind].split(32)]) == data[f"{kind}_best"])
-        .float()
-        .mean()
-        .item()
-        for kind in ("dup", "fresh")
-    }
+    batch1, layer_s = _per_query(backend, data["dup"], 1, layer, cap_s)
+    batch32, _ = _per_query(backend, data["dup"], 32, layer, cap_s)
+    recall = {kind: _recall(backend, data, kind) for kind in ("dup", "fresh")}
     bytes_per_entry = backend.nbytes / len(backend)
+    if isinstance(backend, auto.AutoBackend):
+        label = f"auto: {_describe_backend(backend.current)}"
     extra = F.normalize(torch.randn(50, DIM, generator=torch.Generator().manual_seed(1)), dim=-1)
     add = statistics.median(_timed(lambda i=i: backend.add(torch.tensor([n + i]), extra[i : i + 1])) for i in range(50))
-    return Row(
+    row = Row(
         label, n, statistics.median(builds), add * 1e6, batch1 * 1e6, batch32 * 1e6, layer_s * 1e6,
         recall["dup"], recall["fresh"], bytes_per_entry,
     )  # fmt: skip
+    return row, backend
 
 
-def row_configs(n: int) -> dict[str, tuple[str, dict]]:
-    """label -> (registered backend name, backend_kwargs) for the rows at ``n`` keys."""
-    nlist = 2 ** round(math.log2(math.sqrt(n)))  # IVF lists ~ sqrt(n), halved until FAISS's 39 points per list fit
-    while 39 * nlist > n:
-        nlist //= 2
+def _recall(backend, data: dict, kind: str) -> float:
+    found = torch.cat([backend.search(chunk, 1)[1][:, 0] for chunk in data[kind].split(32)])
+    return (found == data[f"{kind}_best"]).float().mean().item()
+
+
+def _describe_backend(backend) -> str:
+    if hasattr(backend, "index_string"):
+        return f"{backend.index_string} nprobe {auto.NPROBE}" if backend.index_string.startswith("IVF") else "faiss"
+    return type(backend).__name__.removesuffix("Backend").lower()
+
+
+def row_configs() -> dict[str, tuple[str, dict]]:
+    """label -> (registered backend name, backend_kwargs)."""
     configs = {"exact": ("exact", {}), "auto": ("auto", {})}
     if "faiss" in hf_layercache.available_backends():
         configs["faiss Flat"] = ("faiss", {"index": "Flat"})
         configs["faiss HNSW32"] = ("faiss", {})  # the faiss backend's defaults
-        configs[f"faiss IVF{nlist} nprobe4"] = ("faiss", {"index": f"IVF{nlist},Flat", "nprobe": 4})
     if "annoy" in hf_layercache.available_backends():
         configs["annoy"] = ("annoy", {})
     return configs
 
 
-def sweep(n: int, data: dict, cap_s: float) -> None:
-    """Recall and batch-1 latency of HNSW's ef_search and IVF's nprobe at ``n`` keys: where the defaults come from."""
-    print(f"\nSearch-time settings at {n:,} keys (near-duplicate queries):")
-    nlist = 2 ** round(math.log2(math.sqrt(n)))
-    for label, kwargs, parameter, values in (
-        ("faiss HNSW32", {"index": "HNSW32"}, "ef_search", (16, 32, 64, 128)),
-        (f"faiss IVF{nlist}", {"index": f"IVF{nlist},Flat"}, "nprobe", (1, 2, 4, 8)),
-    ):
-        backend, _ = build("faiss", kwargs, data["keys"])
+def sweep(n: int, data: dict, backends: dict, layer: Callable[[], object], cap_s: float) -> None:
+    """Recall and batch-1 latency of IVF's nprobe and HNSW's ef_search at ``n`` keys: where the defaults come from.
+
+    At 100k keys auto's IVF index is also swept on keys with a power-law spectrum, so that nprobe is not tuned to one
+    data set (at 1M only the topic keys, already built for the table, are swept)."""
+    print(f"\nSearch-time settings at {n:,} keys (near-duplicate queries, batch 1):")
+    candidates = [("topic keys", _inner(backends.get("auto")), data, "nprobe", (1, 2, 4, 8, 16))]
+    if n == GOAL_SIZE:
+        power = make_data(n, len(data["dup"]), seed=1, spectrum="power")
+        ivf, _ = build("faiss", {"index": auto.ivf_index(n)}, power["keys"])
+        candidates.append(("power-law keys", ivf, power, "nprobe", (1, 2, 4, 8, 16)))
+    candidates.append(("topic keys", backends.get("faiss HNSW32"), data, "ef_search", (16, 32, 64, 128, 256)))
+    for what, backend, keys, parameter, values in candidates:
+        if not hasattr(backend, "set_search_parameters"):
+            continue
         for value in values:
             backend.set_search_parameters(**{parameter: value})
-            us = _per_query(backend, data["dup"], 1, cap_s)[0] * 1e6
-            found = torch.cat([backend.search(c, 1)[1][:, 0] for c in data["dup"].split(32)])
-            recall = (found == data["dup_best"]).float().mean().item()
-            print(f"  {label:<16} {parameter}={value:<4} batch 1 {us:8.1f} µs   recall@1 {recall:.3f}")
-        del backend
-        gc.collect()
+            us = _per_query(backend, keys["dup"], 1, layer, cap_s)[0] * 1e6
+            index, recall = backend.index_string.split(",")[0], _recall(backend, keys, "dup")
+            print(f"  {index:<8} {what:<15} {parameter}={value:<4} {us:8.1f} µs   recall@1 {recall:.3f}")
+
+
+def _inner(backend):
+    return backend.current if isinstance(backend, auto.AutoBackend) else backend
 
 
 def key_dimension(layer: Callable[[], object], cap_s: float, n: int = 1_000) -> None:
@@ -221,23 +243,22 @@ def key_dimension(layer: Callable[[], object], cap_s: float, n: int = 1_000) -> 
             backend.add(torch.arange(n), keys)
             if hasattr(backend, "wait"):
                 backend.wait()
-            seconds, layer_s = _per_query(backend, queries, 1, cap_s, layer)
+            seconds, layer_s = _per_query(backend, queries, 1, layer, cap_s)
             label = "exact" if name == "exact" else "faiss HNSW32"
             print(f"  dim {dim:>6}  {label:<13} {seconds * 1e6:9.0f} µs = {seconds / layer_s:7.1%} of a layer")
 
 
-def crossover(cap_s: float) -> int | None:
-    """Smallest power-of-two size at which exact search costs at least HNSW's at batch 1: auto's switch_at."""
-    print("\nExact vs HNSW32 at batch 1 (auto's switch point):")
-    for exponent in range(9, 17):
+def crossover(layer: Callable[[], object], cap_s: float) -> int | None:
+    """Smallest power-of-two size at which exact search costs at least auto's IVF index at batch 1: its switch_at."""
+    print("\nExact vs auto's IVF index, batch 1 (auto's switch point):")
+    for exponent in range(9, 16):
         n = 2**exponent
         data = make_data(n, 256, seed=exponent)
-        costs = {}
-        for name in ("exact", "faiss"):
-            backend, _ = build(name, {}, data["keys"])
-            costs[name] = _per_query(backend, data["dup"], 1, cap_s)[0] * 1e6
-        print(f"  {n:>6} keys   exact {costs['exact']:7.1f} µs   HNSW32 {costs['faiss']:7.1f} µs")
-        if costs["exact"] >= costs["faiss"]:
+        exact, _ = build("exact", {}, data["keys"])
+        ivf, _ = build("faiss", {"index": auto.ivf_index(n), "nprobe": auto.NPROBE}, data["keys"])
+        costs = [_per_query(backend, data["dup"], 1, layer, cap_s)[0] * 1e6 for backend in (exact, ivf)]
+        print(f"  {n:>6} keys   exact {costs[0]:7.1f} µs   {auto.ivf_index(n):<11} {costs[1]:7.1f} µs")
+        if costs[0] >= costs[1]:
             return n
     return None
 
@@ -260,7 +281,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_goal(rows: list[Row]) -> None:
-    goal = [r for r in rows if r.name == "auto" and r.n == GOAL_SIZE]
+    goal = [r for r in rows if r.name.startswith("auto") and r.n == GOAL_SIZE]
     if not goal:
         return
     r = goal[0]
@@ -278,8 +299,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=512, help="queries of each kind (256 at 1M)")
     parser.add_argument("--cap", type=float, default=3.0, help="seconds per latency measurement, at most")
     parser.add_argument("--threads", type=int, default=1, help="threads for searches and the layer (builds use all)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the ef_search / nprobe sweep")
-    parser.add_argument("--no-crossover", action="store_true", help="skip the exact-vs-HNSW switch point")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the nprobe / ef_search sweeps at 100k and 1M")
+    parser.add_argument("--no-crossover", action="store_true", help="skip the exact-vs-IVF switch point")
     parser.add_argument("--no-key-dimension", action="store_true", help="skip the flattened-hidden-state keys")
     args = parser.parse_args()
     sizes = [SIZES[s] for s in args.sizes.split(",")]
@@ -294,26 +315,30 @@ def main() -> None:
     for n in sizes:
         data = make_data(n, args.queries if n < 1_000_000 else min(args.queries, 256))
         print(describe(data))
-        for label, (name, kwargs) in row_configs(n).items():
+        backends = {}
+        for label, (name, kwargs) in row_configs().items():
             if args.rows and not any(label.startswith(wanted) for wanted in args.rows.split(",")):
                 continue
-            if n >= 1_000_000 and label == "faiss HNSW32" and "auto" in row_configs(n):
-                print("  faiss HNSW32 at 1M: not built twice, it is the index auto uses at this size (see auto)")
+            if n >= 1_000_000 and label == "faiss HNSW32" and not args.rows:
+                print("  faiss HNSW32 at 1M: skipped unless asked for (--rows 'faiss HNSW32'); its build takes minutes")
                 continue
-            rows.append(measure_row(label, name, kwargs, data, layer, args.cap))
-            r = rows[-1]
-            print(f"  {label:<22} {n:>9,} keys: build {r.build_s:7.2f} s, batch 1 {r.batch1_us:9.1f} µs, "
-                  f"recall@1 {r.recall_dup:.3f}  [{time.perf_counter() - started:5.0f} s]", flush=True)  # fmt: skip
+            row, backend = measure_row(label, name, kwargs, data, layer, args.cap)
+            rows.append(row)
+            print(f"  {row.name:<30} {n:>9,} keys: build {row.build_s:7.2f} s, batch 1 {row.batch1_us:9.1f} µs, "
+                  f"recall@1 {row.recall_dup:.3f}  [{time.perf_counter() - started:5.0f} s]", flush=True)  # fmt: skip
+            if label in ("auto", "faiss HNSW32") and n in (GOAL_SIZE, SIZES["1M"]) and not args.no_sweep:
+                backends[label] = backend  # swept below
+            del backend
             gc.collect()
-        if n == GOAL_SIZE and not args.no_sweep and "faiss" in hf_layercache.available_backends():
-            sweep(n, data, args.cap)
-        del data
+        if backends:
+            sweep(n, data, backends, layer, args.cap)
+        del data, backends
         gc.collect()
     if not args.no_key_dimension:
         key_dimension(layer, args.cap)
     if not args.no_crossover and "faiss" in hf_layercache.available_backends():
-        switch = crossover(args.cap)
-        print(f"  -> exact costs as much as HNSW32 from {switch:,} keys" if switch else "  -> no crossover up to 65k")
+        switch = crossover(layer, args.cap)
+        print(f"  -> exact costs as much as the IVF index from {switch:,} keys" if switch else "  -> no crossover")
     print_table(rows)
     print_goal(rows)
     print(f"\nTotal {time.perf_counter() - started:.0f} s")

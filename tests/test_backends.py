@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import hf_layercache
 from hf_layercache.backends import AutoBackend, ExactBackend
+from hf_layercache.backends.auto import ivf_index
 from hf_layercache.backends._store import _rebuild_executor
 from hf_layercache.testing.backends import CHECKS, check_backend
 
@@ -225,6 +226,27 @@ def test_auto_switches_at_the_threshold_and_back():
     backend.remove(torch.arange(101))
     assert isinstance(backend.current, ExactBackend), "below switch_at // 2 the search goes back to exact"
     assert backend.search(keys[101:], 1)[1][:, 0].tolist() == list(range(101, 150))
+
+
+@needs_faiss
+def test_auto_replans_the_ivf_index_as_the_bank_grows():
+    assert [ivf_index(n) for n in (100, 4096, 100_000, 1_000_000)] == [
+        "IVF2,Flat",
+        "IVF64,Flat",
+        "IVF256,Flat",
+        "IVF1024,Flat",
+    ]
+    backend = AutoBackend(32, switch_at=100)
+    keys = _keys(500)
+    backend.add(torch.arange(100), keys[:100])
+    backend.current.wait()
+    assert backend.current.index_string == "IVF2,Flat"
+    for i in range(100, 500, 50):
+        backend.add(torch.arange(i, i + 50), keys[i : i + 50])
+        backend.current.wait()
+    assert backend.current.index_string == "IVF8,Flat", "grown 4x: re-planned to about sqrt(n) lists"
+    assert backend.current._index.ntotal == 500 and backend.current.buffered == 0
+    assert backend.search(keys, 1)[1][:, 0].tolist() == list(range(500))
 
 
 @needs_faiss

@@ -300,11 +300,20 @@ class IndexedBackend(Backend):
         self._index, self._indexed = None, 0
         self.add(ids, keys)
 
-    def _maybe_rebuild(self) -> None:
+    def rebuild(self) -> bool:
+        """Start building a fresh index from the live keys (in the background if ``background``) unless a build is
+        running; returns whether one started. The current index answers until the new one is swapped in."""
+        self._collect()
         if self._pending is not None:
-            return
-        if self._store.n_dead + self._store.n - self._indexed <= self._rebuild_after():
-            return
+            return False
+        self._start_rebuild()
+        return True
+
+    def _maybe_rebuild(self) -> None:
+        if self._pending is None and self._store.n_dead + self._store.n - self._indexed > self._rebuild_after():
+            self._start_rebuild()
+
+    def _start_rebuild(self) -> None:
         snapshot = self._store.live_slots()
         keys = self._store.keys[snapshot].numpy()  # a copy: the build never sees later changes
         if self.background:

@@ -67,13 +67,10 @@ class FaissBackend(IndexedBackend):
         super().__init__(dim, metric, device, background)
         if not rebuild_ratio > 0:
             raise ValueError(f"FaissBackend: rebuild_ratio must be > 0, got {rebuild_ratio!r}.")
-        self.index_string = index
         self.rebuild_ratio = rebuild_ratio
-        self._settings = _given(ef_search, ef_construction, nprobe)
-        template = self._new_index()
-        if ef_search is None and _hnsw(template) is not None:
-            self._settings["ef_search"] = DEFAULT_EF_SEARCH
-        self.train_size = 0 if template.is_trained else _train_size(template, train_size)
+        self._given = _given(ef_search, ef_construction, nprobe)
+        self._train_size_given = train_size
+        self._configure(index)
         self._filtering = True
         self._gpu_resources: Any = None
         self._measured: tuple[int, int] | None = None
@@ -86,31 +83,34 @@ class FaissBackend(IndexedBackend):
         """Change ``ef_search`` or ``nprobe`` on the live index and for later rebuilds, without rebuilding: the knob
         that trades recall for latency on a warm cache."""
         changes = _given(ef_search, None, nprobe)
-        self._new_index({**self._settings, **changes})  # raises ValueError where a setting does not apply
-        self._settings.update(changes)
+        settings = {**self._settings, **changes}
+        _new_index(self.dim, self.index_string, settings)  # raises ValueError where a setting does not apply
+        # Replaced, not updated: a background build may be reading the old dict.
+        self._settings, self._given = settings, {**self._given, **changes}
         if self._index is not None:
             _apply(self._index, changes, self.index_string)
 
-    def _new_index(self, settings: dict[str, int] | None = None) -> Any:
-        try:
-            index = faiss.index_factory(self.dim, self.index_string, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as err:
-            raise ValueError(
-                f"FaissBackend: index {self.index_string!r} is not a FAISS index factory string for inner-product "
-                f"search ({str(err).splitlines()[-1]}); examples: 'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,SQ8'."
-            ) from None
-        if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
-            raise ValueError(f"FaissBackend: index {self.index_string!r}: drop 'IDMap', the backend maps ids itself.")
-        if isinstance(faiss.downcast_index(index), (faiss.IndexNSG, faiss.IndexNNDescent)):
-            raise ValueError(
-                f"FaissBackend: index {self.index_string!r} builds its graph in one pass and takes no keys later; "
-                "a cache adds keys all the time, use 'HNSW32' instead."
-            )
-        _apply(index, self._settings if settings is None else settings, self.index_string)
-        return index
+    def rebuild(self, index: str | None = None) -> bool:
+        """Start a rebuild from the live keys, optionally as another index type (a factory string), unless one is
+        running; returns whether it started. ``auto`` uses it to keep an IVF's list count near sqrt(keys)."""
+        self._collect()
+        if self._pending is not None:
+            return False
+        if index is not None:
+            self._configure(index)
+        return super().rebuild()
+
+    def _configure(self, index: str) -> None:
+        """Validate factory string ``index`` with the kwargs given at construction, and adopt it for the next build."""
+        settings = dict(self._given)
+        if "ef_search" not in settings and _hnsw(_new_index(self.dim, index, {})) is not None:
+            settings["ef_search"] = DEFAULT_EF_SEARCH
+        template = _new_index(self.dim, index, settings)
+        self.train_size = 0 if template.is_trained else _train_size(template, self._train_size_given)
+        self.index_string, self._settings = index, settings
 
     def _build(self, keys: np.ndarray) -> Any:
-        index = self._new_index()
+        index = _new_index(self.dim, self.index_string, self._settings)
         if not index.is_trained:
             if len(keys) < self.train_size:
                 return None
@@ -182,6 +182,26 @@ def _given(ef_search: int | None, ef_construction: int | None, nprobe: int | Non
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"FaissBackend: {name} must be a positive int, got {value!r}.")
     return {name: value for name, value in given.items() if value is not None}
+
+
+def _new_index(dim: int, index_string: str, settings: dict[str, int]) -> Any:
+    """A fresh CPU index for ``index_string`` with ``settings`` applied; ValueError if either does not fit."""
+    try:
+        index = faiss.index_factory(dim, index_string, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(
+            f"FaissBackend: index {index_string!r} is not a FAISS index factory string for inner-product search "
+            f"({str(err).splitlines()[-1]}); examples: 'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,SQ8'."
+        ) from None
+    if isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
+        raise ValueError(f"FaissBackend: index {index_string!r}: drop 'IDMap', the backend maps ids itself.")
+    if isinstance(faiss.downcast_index(index), (faiss.IndexNSG, faiss.IndexNNDescent)):
+        raise ValueError(
+            f"FaissBackend: index {index_string!r} builds its graph in one pass and takes no keys later; "
+            "a cache adds keys all the time, use 'HNSW32' instead."
+        )
+    _apply(index, settings, index_string)
+    return index
 
 
 def _apply(index: Any, settings: dict[str, int], index_string: str) -> None:
