@@ -140,7 +140,9 @@ def test_alignment_maps_equal_runs_and_refuses_too_many_insertions():
     assert align_tokens([1, 3], [1, 2, 3], 0.2).tolist() == [0, 2]  # a dropped token costs nothing
 
 
-def test_verification_feeds_the_policy_and_stats_and_serves_the_computed_result():
+@pytest.mark.parametrize(("reuse", "checks"), [("residual", 3), ("state", 1)])
+def test_verification_feeds_the_policy_and_stats_and_serves_the_computed_result(reuse, checks):
+    """Residual checks each hit layer; a state jump is checked once, at the layer it would have jumped to."""
     seen = []
 
     class Recording(LRUPolicy):
@@ -152,12 +154,12 @@ def test_verification_feeds_the_policy_and_stats_and_serves_the_computed_result(
     batch = tiny_batch("bert", batch=1)
     changed = one_token_changed(batch)
     reference = run(model, changed).last_hidden_state
-    hf_layercache.enable(model, semantic(threshold=0.0, verify_fraction=1.0, policy="recording-lru"))
+    hf_layercache.enable(model, semantic(reuse=reuse, threshold=0.0, verify_fraction=1.0, policy="recording-lru"))
     run(model, batch)
     out = run(model, changed).last_hidden_state
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)  # every hit verified: the real result is served
     stats = model.layer_cache.stats()
-    assert len(seen) == stats["total"]["verified"] == len(model.layer_cache.layers)
+    assert len(seen) == stats["total"]["verified"] == checks
     assert all(e > 0 for e in seen)
     assert stats["total"]["max_error"] == pytest.approx(max(seen))
     assert stats["total"]["hits"] == 0  # computed rows are not counted as served
