@@ -29,6 +29,10 @@ class Strategy(ABC):
     """False when hits leave intermediate hidden states that differ from real ones, so requests asking for
     ``output_hidden_states`` must run uncached."""
 
+    serves_attention_maps: ClassVar[bool] = False
+    """True when every layer still returns the attention maps it actually used on a hit, so requests with
+    ``output_attentions`` need not run uncached (the attention strategy)."""
+
     def __init__(self, controller: LayerCacheController):
         self.controller = controller
         self.config = controller.config
