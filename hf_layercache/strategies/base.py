@@ -10,6 +10,8 @@ import torch
 
 from ..bank import CacheBank
 from ..hooks import ForwardHook, attach_forward_hook, remove_forward_hook
+from ..layers import ArgumentBinder, CachedLayer
+from ..request import current_scope
 
 if TYPE_CHECKING:
     from ..controller import LayerCacheController
@@ -70,3 +72,52 @@ class Strategy(ABC):
         bank = self.controller.build_bank(name, device, n_banks, key_dim)
         self.banks[name] = bank
         return bank
+
+
+class LayerHook(ForwardHook):
+    """The hook on one cached layer of a stack-wise strategy (``exact``, ``semantic``).
+
+    It names the call's arguments, lets the stack's first cached layer open the request's run for the stack
+    (``strategy.start_run(scope, layer, arguments, hidden)``, stored in ``scope.state[layer.stack]``), runs the layer
+    uncached when the request bypasses the cache or the run is ``None`` (counted as bypassed), and hands every
+    other call to :meth:`forward_run`.
+    """
+
+    def __init__(self, strategy: Strategy, layer: CachedLayer, position: int):
+        self.strategy = strategy
+        self.layer = layer
+        self.position = position
+        """Index of the layer among the cached layers of its stack."""
+        self.outputs = layer.spec.outputs
+        """Length of the tuple the layer returns (0: a tensor); learned from real calls, seeded by its LayerSpec."""
+        self.binder: ArgumentBinder | None = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        scope = current_scope()
+        if scope is None:
+            return self.original(*args, **kwargs)
+        if self.binder is None:
+            self.binder = ArgumentBinder(self.original)
+        arguments = self.binder.bind(args, kwargs)
+        hidden = arguments[self.binder.first]
+        run = None
+        if scope.bypass_reason is None:
+            if self.position == 0:
+                scope.state[self.layer.stack] = self.strategy.start_run(scope, self.layer, arguments, hidden)
+            run = scope.state.get(self.layer.stack)
+        if run is None:
+            self.strategy.controller.stats_.record_bypass(self.layer.name, hidden.shape[0])
+            return self.original(**arguments)
+        return self.forward_run(run, arguments, hidden)
+
+    @abstractmethod
+    def forward_run(self, run: Any, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        """Serve or compute this layer for a request that may use the cache."""
+
+    def observe(self, out: Any) -> None:
+        """Remember the structure of a real output, so a served one can match it."""
+        self.outputs = len(out) if isinstance(out, tuple) else 0
+
+    def pack(self, hidden: torch.Tensor) -> Any:
+        """A served hidden state in the layer's output structure (extra tuple elements are ``None``)."""
+        return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))

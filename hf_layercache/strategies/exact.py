@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes, stack_writes
-from ..layers import ArgumentBinder, CachedLayer, rows_splittable, select_rows
+from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import register_strategy
-from ..request import RequestScope, current_scope
-from .base import ForwardHook, Strategy
+from ..request import RequestScope
+from .base import LayerHook, Strategy
 
 _ROWS = "exact.rows"
 # Model-level arguments that never carry the batch in dimension 0, even when their length happens to equal it.
@@ -113,30 +113,12 @@ def _entry_writes(values: dict[str, torch.Tensor], position: int) -> list[KVWrit
     return [found[i] for i in sorted(found)]
 
 
-class ExactLayerHook(ForwardHook):
+class ExactLayerHook(LayerHook):
     def __init__(self, strategy: ExactStrategy, layer: CachedLayer, position: int, last: bool):
-        self.strategy = strategy
-        self.layer = layer
-        self.position = position
+        super().__init__(strategy, layer, position)
         self.last = last
-        self.outputs = layer.spec.outputs
-        self.binder: ArgumentBinder | None = None
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        scope = current_scope()
-        if scope is None:
-            return self.original(*args, **kwargs)
-        if self.binder is None:
-            self.binder = ArgumentBinder(self.original)
-        arguments = self.binder.bind(args, kwargs)
-        hidden = arguments[self.binder.first]
-        stats = self.strategy.controller.stats_
-        if scope.bypass_reason is None and self.position == 0:
-            scope.state[self.layer.stack] = self.strategy.start_run(scope, self.layer, arguments, hidden)
-        run = scope.state.get(self.layer.stack) if scope.bypass_reason is None else None
-        if run is None:
-            stats.record_bypass(self.layer.name, hidden.shape[0])
-            return self.original(**arguments)
+    def forward_run(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if not run.misses:
             return self._serve(run, arguments, hidden)
         if run.hits:
@@ -150,14 +132,14 @@ class ExactLayerHook(ForwardHook):
             replay_kv_writes(arguments.get("past_key_values"), stack_writes(rows) if rows[0] else [])
         self.strategy.controller.stats_.record(self.layer.name, hits=run.batch)
         out = self._cached_hidden(run, range(run.batch), hidden) if self.last else hidden
-        return self._pack(out)
+        return self.pack(out)
 
     def _compute_all(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         start = time.perf_counter()
         with record_kv_writes(arguments.get("past_key_values") if run.with_kv else None) as writes:
             out = self.original(**arguments)
         seconds = time.perf_counter() - start
-        self._observe(out)
+        self.observe(out)
         run.writes[self.position] = writes
         run.seconds_per_row += seconds / run.batch
         self.strategy.controller.stats_.record(self.layer.name, misses=run.batch, compute_seconds=seconds)
@@ -170,7 +152,7 @@ class ExactLayerHook(ForwardHook):
         start = time.perf_counter()
         out = self.original(**select_rows(arguments, self.layer.spec, missed, run.batch))
         seconds = time.perf_counter() - start
-        self._observe(out)
+        self.observe(out)
         run.seconds_per_row += seconds / len(run.misses)
         self.strategy.controller.stats_.record(
             self.layer.name, hits=len(run.hits), misses=len(run.misses), compute_seconds=seconds
@@ -189,12 +171,6 @@ class ExactLayerHook(ForwardHook):
     # --- helpers --------------------------------------------------------------------------------------------------
     def _cached_hidden(self, run: StackRun, rows, like: torch.Tensor) -> torch.Tensor:
         return torch.stack([run.hits[r]["hidden"] for r in rows]).to(device=like.device, dtype=like.dtype)
-
-    def _observe(self, out: Any) -> None:
-        self.outputs = len(out) if isinstance(out, tuple) else 0
-
-    def _pack(self, hidden: torch.Tensor) -> Any:
-        return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))
 
     @staticmethod
     def _scatter(x: Any, missed: torch.Tensor, batch: int) -> Any:

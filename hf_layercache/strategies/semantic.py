@@ -41,10 +41,10 @@ import torch
 
 from ..fingerprints import Fingerprint
 from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes
-from ..layers import ArgumentBinder, CachedLayer, rows_splittable, select_rows
+from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import get_fingerprint, register_strategy
-from ..request import RequestScope, current_scope
-from .base import ForwardHook, Strategy
+from ..request import RequestScope
+from .base import LayerHook, Strategy
 
 _REQUEST = "semantic.request"
 _CANDIDATES = 4
@@ -163,31 +163,13 @@ def _positions(real: torch.Tensor) -> Index:
     return where
 
 
-class SemanticLayerHook(ForwardHook):
+class SemanticLayerHook(LayerHook):
     def __init__(self, strategy: SemanticStrategy, layer: CachedLayer, position: int, rank: int):
-        self.strategy = strategy
-        self.layer = layer
-        self.position = position
-        """Index of the layer among the cached layers of its stack."""
+        super().__init__(strategy, layer, position)
         self.rank = rank
         """Index among all cached layers (for ``threshold_for``)."""
-        self.outputs = layer.spec.outputs
-        self.binder: ArgumentBinder | None = None
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        scope = current_scope()
-        if scope is None:
-            return self.original(*args, **kwargs)
-        if self.binder is None:
-            self.binder = ArgumentBinder(self.original)
-        arguments = self.binder.bind(args, kwargs)
-        hidden = arguments[self.binder.first]
-        if scope.bypass_reason is None and self.position == 0:
-            scope.state[self.layer.stack] = self.strategy.start_run(scope, arguments, hidden)
-        run = scope.state.get(self.layer.stack) if scope.bypass_reason is None else None
-        if run is None:
-            self.strategy.controller.stats_.record_bypass(self.layer.name, hidden.shape[0])
-            return self.original(**arguments)
+    def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if self.position < self.strategy.fingerprint.after_layers:  # the probe's layers always compute
             return self.pack(self.compute(run, arguments, hidden, list(range(run.batch)))[0])
         if self.strategy.reuse == "residual":
@@ -209,7 +191,7 @@ class SemanticLayerHook(ForwardHook):
             selected = torch.tensor(rows, device=hidden.device)
             out, writes = self.original(**select_rows(arguments, self.layer.spec, selected, run.batch)), []
         seconds = time.perf_counter() - start
-        self.outputs = len(out) if isinstance(out, tuple) else 0
+        self.observe(out)
         computed = out[0] if isinstance(out, tuple) else out
         self.strategy.controller.stats_.record(self.layer.name, misses=len(rows), compute_seconds=seconds)
         if len(rows) == run.batch:
@@ -217,10 +199,6 @@ class SemanticLayerHook(ForwardHook):
         full = hidden.clone()
         full[torch.tensor(rows, device=hidden.device)] = computed.to(full.dtype)
         return full, writes
-
-    def pack(self, hidden: torch.Tensor) -> Any:
-        """The layer's return structure (a tensor, or MPNet's 1-tuple)."""
-        return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))
 
 
 @register_strategy("semantic")
@@ -284,7 +262,9 @@ class SemanticStrategy(Strategy):
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         scope.state[_REQUEST] = (arguments.get("input_ids"), arguments.get("attention_mask"))
 
-    def start_run(self, scope: RequestScope, arguments: dict[str, Any], hidden: torch.Tensor) -> SemanticRun | None:
+    def start_run(
+        self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
+    ) -> SemanticRun | None:
         """What this call knows about its rows; ``None`` when it cannot use the cache (a decode step, shapes that
         do not fit, a token fingerprint without token ids)."""
         input_ids, mask = scope.state.get(_REQUEST, (None, None))
