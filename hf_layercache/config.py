@@ -105,6 +105,24 @@ class LayerCacheConfig:
     bank_device: str = "auto"
     """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
 
+    # --- attention strategy ---
+    attention_key_dim: int = 64
+    """Dimensions of the attention strategy's per-layer lookup key (1 to 128). The key is a random projection of
+    the layer's query and key states pooled over position segments; more dimensions separate inputs better but cost
+    more per lookup."""
+
+    attention_key_segments: int = 16
+    """Position segments the attention strategy's key pools over (1 to 256): with 1 the key is a bag of states and
+    ignores order; more segments tell apart inputs whose content sits at other positions."""
+
+    attention_verify_rows: int = 8
+    """Query rows (evenly spaced, the last included) the attention strategy recomputes exactly for every candidate
+    hit to check it, at ``rows / sequence length`` of the cost of a miss. ``0`` trusts the key similarity alone."""
+
+    attention_max_error: float = 0.1
+    """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones;
+    a candidate above it is a miss. Lower is stricter."""
+
     # --- prefix strategy ---
     block_size: int = 16
     """Tokens per block of the ``prefix`` strategy. A prompt is cut into blocks, each keyed by everything before
@@ -144,6 +162,7 @@ class LayerCacheConfig:
         self._check_policy_kwargs()
         self._check_threshold()
         self._check_layers()
+        self._check_attention_fields()
         self._check_semantic_fields()
         if self.max_entries is not None and (
             isinstance(self.max_entries, bool) or not isinstance(self.max_entries, int) or self.max_entries < 1
@@ -220,6 +239,18 @@ class LayerCacheConfig:
                 FINGERPRINTS.get(name)(**kwargs)
             except TypeError as err:
                 raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
+
+    def _check_attention_fields(self) -> None:
+        for name, low, high in (("attention_key_dim", 1, 128), ("attention_key_segments", 1, 256)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}.")
+        rows = self.attention_verify_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")
+        error = self.attention_max_error
+        if isinstance(error, bool) or not isinstance(error, int | float) or not 0.0 <= error <= 1.0:
+            raise ValueError(f"attention_max_error must be a total variation distance in [0, 1], got {error!r}.")
 
     @property
     def max_memory_bytes(self) -> int | None:

