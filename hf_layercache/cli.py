@@ -25,6 +25,7 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from . import __version__, available_backends, available_policies, available_strategies, disable, enable
 from .config import LayerCacheConfig
@@ -243,7 +244,7 @@ def output_directory(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoModel"):
+def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoModel") -> tuple[PreTrainedModel, Any]:
     """Model and tokenizer from one directory, the model with a cold cache of ``config``.
 
     A warm directory brings its cache along on ``from_pretrained``; it is replaced by a cold one here, so what is
@@ -263,7 +264,8 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     return enable(model, config), tokenizer
 
 
-def tokenize(tokenizer, texts: list[str], batch_size: int, max_length: int, padding: str) -> list[dict]:
+def tokenize(tokenizer: Any, texts: list[str], batch_size: int, max_length: int, padding: str) -> list[dict]:
+    """Batches of ``batch_size`` texts, padded as ``--padding`` says and cut at ``max_length`` tokens."""
     if batch_size < 1 or max_length < 1:
         raise CLIError("--batch-size and --max-length must be positive")
     return [
