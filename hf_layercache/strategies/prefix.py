@@ -11,7 +11,10 @@ How it works:
   and the block size, so one key stands for the whole prefix up to its block and tenants never share entries (the
   vLLM and LMCache scheme). An entry holds the block's keys and values of every layer and its final hidden states
   (the base model's ``last_hidden_state``), in one bank for the layer stack.
-* **Lookup.** Each row follows its chain until the first missing block: its longest cached prefix.
+* **Lookup.** Each row follows its chain until the first missing block, then looks among the cached blocks that
+  hang on the last block it found (complete ones, and the partial last blocks of earlier prompts) for the one that
+  shares the most leading tokens with its next block: reuse is token-exact, as in a radix tree, while keys stay
+  per block. A shared preamble that ends mid-block is reused to its last token.
 * **One split column for the batch.** The batch is computed as one rectangle: columns ``[0, split)`` come from the
   cache, columns ``[split, L)`` are computed for every row. Row ``r`` with ``first_r`` leading pad columns and
   ``cached_r`` cached tokens allows ``split <= first_r + cached_r``, so ``split`` is the minimum over rows (and at
@@ -25,9 +28,9 @@ How it works:
   ones, and ``logits_to_keep`` / ``generate`` work unchanged. Storing the final hidden states (``hidden_size`` per
   token) rather than logits (``vocab_size`` per token, 85x more for SmolLM2) costs re-running the head over reused
   positions when full logits are asked for; ``generate`` asks for the last position only.
-* **Storing.** The new complete blocks of every row are read from the filled cache and the spliced output after
-  the call. Chain tails are inserted first and reused blocks are touched tail first, so recency-based policies
-  evict a chain from its tail, never its shared head.
+* **Storing.** Every row's new blocks (its last one even when incomplete) are read from the filled cache and the
+  spliced output after the call. Chain tails are inserted first and reused blocks are touched tail first, so
+  recency-based policies evict a chain from its tail, never its shared head.
 
 Exactness: a block's states are reused only at the positions they were computed at, so a row is eligible only
 when its real tokens sit at positions ``0..n-1`` (``position_ids`` from the attention mask, as ``generate``
@@ -43,7 +46,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,24 +73,97 @@ Other heads read ``input_ids`` themselves (sequence classification finds the las
 refused rather than risked."""
 _HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "past_key_values", "logits_to_keep"})
 """Tensor arguments the strategy understands; a call with any other tensor argument is computed whole."""
+_FIELDS = ("key", "value", "hidden", "tokens", "parent")
 
 
+# --- keys -----------------------------------------------------------------------------------------------------------
 def chain_root(namespace: str, block_size: int) -> bytes:
     """The digest block 0 chains from: tenants and block sizes never share a chain."""
     label = json.dumps(["hf_layercache.prefix", 1, namespace, block_size]).encode()
     return hashlib.blake2b(label, digest_size=DIGEST_BYTES).digest()
 
 
+def chain_step(parent: bytes, tokens: torch.Tensor) -> bytes:
+    """The digest of a block of ``tokens`` (1-D) following the block whose digest is ``parent``."""
+    h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
+    h.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.digest()
+
+
 def chain_digests(tokens: torch.Tensor, block_size: int, root: bytes) -> list[bytes]:
     """One digest per complete block of ``tokens`` (1-D); block ``i``'s digest covers blocks ``0..i``."""
-    data = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
     digests, previous = [], root
-    for start in range(0, len(data) - block_size + 1, block_size):
-        h = hashlib.blake2b(previous, digest_size=DIGEST_BYTES)
-        h.update(data[start : start + block_size].tobytes())
-        previous = h.digest()
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        previous = chain_step(previous, tokens[start : start + block_size])
         digests.append(previous)
     return digests
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens two 1-D token tensors share."""
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+class SiblingIndex:
+    """Which entries hang on each parent digest, with their tokens: where token-granular matching looks.
+
+    The index only proposes: an entry is served after its own stored parent and tokens are checked, so a stale
+    index (after an eviction, ``clear()`` or a load) can cost a hit, never serve a wrong one. A parent keeps its
+    ``limit`` most recently stored or used children; evicted entries are swept out as the index grows.
+    """
+
+    def __init__(self, limit: int = 32):
+        self.limit = limit
+        self._children: dict[bytes, dict[int, torch.Tensor]] = {}
+        self._added = 0
+        self._lock = threading.Lock()
+
+    def add(self, parent: bytes, entry_id: int, tokens: torch.Tensor) -> None:
+        """Record (or refresh) a child, most recent last."""
+        with self._lock:
+            children = self._children.setdefault(parent, {})
+            children.pop(entry_id, None)
+            children[entry_id] = tokens
+            if len(children) > self.limit:
+                children.pop(next(iter(children)))
+            self._added += 1
+
+    def candidates(self, parent: bytes) -> list[tuple[int, torch.Tensor]]:
+        """The children of ``parent``, most recent first."""
+        with self._lock:
+            return list(reversed(self._children.get(parent, {}).items()))
+
+    def sweep_if_large(self, alive: Callable[[int], bool], entries: int) -> None:
+        """Drop evicted children once more were added since the last sweep than the bank holds (amortised O(1))."""
+        with self._lock:
+            if self._added <= max(256, entries):
+                return
+            for parent in list(self._children):
+                kept = {i: t for i, t in self._children[parent].items() if alive(i)}
+                if kept:
+                    self._children[parent] = kept
+                else:
+                    del self._children[parent]
+            self._added = 0
+
+    def replace(self, children: list[tuple[bytes, int, torch.Tensor]]) -> None:
+        with self._lock:
+            self._children.clear()
+        for parent, entry_id, tokens in children:
+            self.add(parent, entry_id, tokens)
+
+
+# --- per request ----------------------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """A block of a row to store after the call: its key, its parent's key, where it starts and its length."""
+
+    digest: bytes
+    parent: bytes
+    start: int
+    size: int
 
 
 @dataclass
@@ -96,13 +174,23 @@ class Row:
     """Column of the first real token (the number of left pad columns)."""
     length: int
     """Real tokens."""
+    tokens: torch.Tensor | None = None
+    """The real tokens (CPU), or ``None`` when the row may neither reuse nor store (its positions do not fit)."""
     digests: list[bytes] = field(default_factory=list)
-    """Chain digests of its complete blocks; empty when the row may neither reuse nor store."""
+    """Chain digests of its complete blocks."""
     found: list[int] = field(default_factory=list)
-    """Entry ids of its leading cached blocks."""
+    """Entry ids of its leading cached complete blocks."""
+    tail: tuple[int, int] | None = None
+    """``(entry id, tokens)``: a cached sibling of its next block sharing that many leading tokens."""
     entries: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """The stored tensors of ``found`` and ``tail``, held for this call even if the bank evicts them meanwhile."""
+    pending: list[Block] = field(default_factory=list)
+    """Its blocks the bank lacks, stored after the call."""
     reused: int = 0
     """Real tokens taken from the cache in this call."""
+
+    def cached(self, block_size: int) -> int:
+        return len(self.found) * block_size + (self.tail[1] if self.tail else 0)
 
 
 @dataclass
@@ -114,12 +202,13 @@ class PrefixRun:
     cache: DynamicCache
     prefix_hidden: torch.Tensor | None
     keep_cache: bool
-    suffix_hidden: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    """The base model's full-length final hidden states, once its call has returned."""
 
 
 @register_strategy("prefix")
 class PrefixStrategy(Strategy):
-    """Lossless: the longest cached block-chain prefix of each row is reused, only the suffix is computed."""
+    """Lossless: the longest cached prefix of each row is reused, only the suffix is computed."""
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
 
@@ -130,11 +219,11 @@ class PrefixStrategy(Strategy):
         self.n_layers = len(self.layers)
         text = self.owner.config
         heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        self.key_shape = (self.n_layers, kv_heads, self.block_size, head_dim)
-        self.hidden_shape = (self.block_size, text.hidden_size)
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.hidden_size = text.hidden_size
         self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
+        self.siblings = SiblingIndex()
         self._splice_handle = None
         if self.owner is not model:
             self._splice_handle = self.owner.register_forward_hook(self._splice_hook)
@@ -178,14 +267,13 @@ class PrefixStrategy(Strategy):
         return owner
 
     # --- one request ----------------------------------------------------------------------------------------------
-    def forward_request(self, scope: RequestScope, original, arguments: dict[str, Any]) -> Any:
+    def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
         rows = self._rows(scope, arguments)
         if rows is None:
             self._record(bypassed=_token_count(arguments))
             return original(**arguments)
-        length = arguments["input_ids"].shape[1]
-        split = self._split(rows, length)
-        if split == 0 and not any(len(row.found) < len(row.digests) for row in rows):
+        split = self._split(rows, arguments["input_ids"].shape[1])
+        if split == 0 and not any(row.pending for row in rows):
             start = time.perf_counter()  # nothing to reuse, nothing to store: the plain call, counted
             output = original(**arguments)
             self._record(misses=sum(row.length for row in rows), seconds=time.perf_counter() - start)
@@ -197,7 +285,7 @@ class PrefixStrategy(Strategy):
         seconds = time.perf_counter() - start
         if self.owner is self.controller.model:
             output = self._splice(output, run)
-        if run.suffix_hidden is None:
+        if run.hidden is None:
             raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
         computed = sum(row.length - row.reused for row in rows)
         self._store(run, seconds / max(computed, 1))
@@ -206,7 +294,7 @@ class PrefixStrategy(Strategy):
         return output
 
     def _rows(self, scope: RequestScope, arguments: dict[str, Any]) -> list[Row] | None:
-        """Per row: real tokens, chain digests and cached blocks; ``None`` when the call must pass through."""
+        """Per row: real tokens, what the cache holds of them, what to store; ``None``: the call passes through."""
         input_ids = arguments.get("input_ids")
         mask = arguments.get("attention_mask")
         positions = arguments.get("position_ids")
@@ -225,14 +313,13 @@ class PrefixStrategy(Strategy):
         mask = mask.detach().cpu() if mask is not None else torch.ones(batch, length, dtype=torch.long)
         positions = positions.detach().cpu().expand(batch, length) if positions is not None else None
         root = chain_root(scope.namespace, self.block_size)
-        rows = []
-        for r in range(batch):
-            row = self._row(ids[r], mask[r], positions[r] if positions is not None else None, root)
-            self._lookup(row)
-            rows.append(row)
+        rows = [self._row(ids[r], mask[r], positions[r] if positions is not None else None) for r in range(batch)]
+        for row in rows:
+            if row.tokens is not None:
+                self._lookup(row, root)
         return rows
 
-    def _row(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, root: bytes) -> Row:
+    def _row(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None) -> Row:
         real = mask.nonzero().flatten()
         if real.numel() == 0:
             return Row(first=len(ids), length=0)
@@ -241,27 +328,69 @@ class PrefixStrategy(Strategy):
         own = positions[first : first + length] if positions is not None else torch.arange(first, first + length)
         if not contiguous or not torch.equal(own, torch.arange(length, dtype=own.dtype)):
             return Row(first=first, length=length)  # states would sit at other positions: computed whole
-        return Row(first=first, length=length, digests=chain_digests(ids[first:], self.block_size, root))
+        return Row(first=first, length=length, tokens=ids[first : first + length])
 
-    def _lookup(self, row: Row) -> None:
+    def _lookup(self, row: Row, root: bytes) -> None:
+        """Follow the row's chain, then match its next block against the siblings; list the blocks to store."""
+        size = self.block_size
+        row.digests = chain_digests(row.tokens, size, root)
+        parent = root
         for digest in row.digests:
             entry_id = self.bank.find(digest)
             values = self.bank.get(entry_id) if entry_id is not None else None
-            if values is None or not self._fits(values):
+            if values is None or not self._fits(values, size):
                 break
             row.found.append(entry_id)
             row.entries.append(values)
+            parent = digest
+        start = len(row.found) * size
+        if start < row.length:
+            self._match_sibling(row, parent, row.tokens[start : start + size])
+        parents = [root, *row.digests]
+        row.pending = [Block(d, parents[b], b * size, size) for b, d in enumerate(row.digests) if b >= len(row.found)]
+        rest = row.length % size
+        if rest:
+            digest = chain_step(parents[-1], row.tokens[-rest:])
+            if self.bank.find(digest) is None:
+                row.pending.append(Block(digest, parents[-1], row.length - rest, rest))
 
-    def _fits(self, values: dict[str, torch.Tensor]) -> bool:
+    def _match_sibling(self, row: Row, parent: bytes, upcoming: torch.Tensor) -> None:
+        """The cached child of ``parent`` sharing the most leading tokens with ``upcoming``, checked on the entry."""
+        best, best_id = 0, None
+        for entry_id, tokens in self.siblings.candidates(parent):
+            shared = common_prefix(tokens, upcoming)
+            if shared > best:
+                best, best_id = shared, entry_id
+                if best == len(upcoming):
+                    break
+        values = self.bank.get(best_id) if best_id is not None else None
+        if (
+            values is None
+            or not self._fits(values)
+            or bytes(values["parent"].cpu().tolist()) != parent
+            or common_prefix(values["tokens"].cpu(), upcoming) < best
+        ):
+            return  # nothing shared, or the index is stale: a miss rather than a guess
+        row.tail = (best_id, best)
+        row.entries.append(values)
+
+    def _fits(self, values: dict[str, torch.Tensor], size: int | None = None) -> bool:
+        """An entry of this model's shapes; of exactly ``size`` tokens when given."""
+        if any(name not in values for name in _FIELDS):
+            return False
+        n = values["tokens"].numel()
+        kv = (self.n_layers, self.kv_heads, n, self.head_dim)
         return (
-            tuple(values["key"].shape) == self.key_shape
-            and tuple(values["value"].shape) == self.key_shape
-            and tuple(values["hidden"].shape) == self.hidden_shape
+            1 <= n <= self.block_size
+            and (size is None or n == size)
+            and tuple(values["key"].shape) == kv
+            and tuple(values["value"].shape) == kv
+            and tuple(values["hidden"].shape) == (n, self.hidden_size)
         )
 
     def _split(self, rows: list[Row], length: int) -> int:
         """The first computed column: every row must have cached all its real tokens before it."""
-        limits = [row.first + len(row.found) * self.block_size for row in rows if row.length]
+        limits = [row.first + row.cached(self.block_size) for row in rows if row.length]
         split = max(0, min([length - 1, *limits]))
         for row in rows:
             row.reused = min(max(0, split - row.first), row.length)
@@ -286,11 +415,10 @@ class PrefixStrategy(Strategy):
 
         Pad columns are zeros: the attention mask hides them, as it hides the pads of an uncached run.
         """
-        n_layers, heads, _, head_dim = self.key_shape
         options = {"dtype": self.controller.model.dtype, "device": self.bank.device}
-        keys = torch.empty((n_layers, len(rows), heads, split, head_dim), **options)
+        keys = torch.empty((self.n_layers, len(rows), self.kv_heads, split, self.head_dim), **options)
         values = torch.empty_like(keys)
-        hidden = torch.empty((len(rows), split, self.hidden_shape[1]), **options)
+        hidden = torch.empty((len(rows), split, self.hidden_size), **options)
         for r, row in enumerate(rows):
             pads = split - row.reused  # a row's reused tokens end at the split column
             keys[:, r, :, :pads], values[:, r, :, :pads], hidden[r, :pads] = 0, 0, 0
@@ -316,17 +444,17 @@ class PrefixStrategy(Strategy):
         """Forward hook on the base model inside a head model: widen its output before the head reads it."""
         scope = current_scope()
         run = scope.state.get(_RUN) if scope is not None else None
-        if run is None or run.suffix_hidden is not None:
+        if run is None or run.hidden is not None:
             return None
         return self._splice(output, run)
 
     def _splice(self, output: Any, run: PrefixRun) -> Any:
         """The base model's output with the cached prefix states in front of the computed suffix states."""
         suffix = output[0]
-        run.suffix_hidden = suffix
         full = suffix
         if run.prefix_hidden is not None:
             full = torch.cat([run.prefix_hidden.to(device=suffix.device, dtype=suffix.dtype), suffix], dim=1)
+        run.hidden = full
         if isinstance(output, ModelOutput):
             values = dict(output.items())
             values[next(iter(values))] = full
@@ -337,36 +465,38 @@ class PrefixStrategy(Strategy):
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     def _store(self, run: PrefixRun, seconds_per_token: float) -> None:
-        """Put every row's new complete blocks in the bank, chain tails first."""
-        length = run.split + run.suffix_hidden.shape[1]
-        if run.cache.get_seq_length() != length:
+        """Put every row's pending blocks in the bank, chain tails first, and index them under their parents."""
+        if run.cache.get_seq_length() != run.hidden.shape[1]:
             return  # the model did not leave the states we expect: store nothing rather than guess
-        new = [
-            (digest, r, row.first + b * self.block_size)
-            for r, row in enumerate(run.rows)
-            for b, digest in enumerate(row.digests)
-            if b >= len(row.found)
-        ]
         layers = run.cache.layers[: self.n_layers]
         stored: set[bytes] = set()
-        for digest, r, column in reversed(new):
-            if digest in stored or self.bank.find(digest) is not None:
+        pending = [(r, row, block) for r, row in enumerate(run.rows) for block in row.pending]
+        for r, row, block in reversed(pending):
+            if block.digest in stored or self.bank.find(block.digest) is not None:
                 continue
-            stored.add(digest)
-            end = column + self.block_size
+            stored.add(block.digest)
+            column, tokens = row.first + block.start, row.tokens[block.start : block.start + block.size].clone()
+            end = column + block.size
             values = {
                 "key": torch.stack([layer.keys[r, :, column:end].to(self.bank.device) for layer in layers]),
                 "value": torch.stack([layer.values[r, :, column:end].to(self.bank.device) for layer in layers]),
-                "hidden": run.suffix_hidden[r, column - run.split : end - run.split],
+                "hidden": run.hidden[r, column:end],
+                "tokens": tokens,
+                "parent": torch.frombuffer(bytearray(block.parent), dtype=torch.uint8),
             }
-            self.bank.put(values, digest=digest, cost=seconds_per_token * self.block_size)
+            entry_id = self.bank.put(values, digest=block.digest, cost=seconds_per_token * block.size)
+            if entry_id is not None:
+                self.siblings.add(block.parent, entry_id, tokens)
+        self.siblings.sweep_if_large(self.bank.__contains__, len(self.bank))
 
     def _touch(self, rows: list[Row]) -> None:
         """Tell the policy what was found, tail first, so a chain's shared head is its most recent entry."""
         for row in rows:
+            if row.tail is not None:
+                self.bank.record_hit(row.tail[0])
             for entry_id in reversed(row.found):
                 self.bank.record_hit(entry_id)
-            if len(row.found) < len(row.digests):
+            if row.pending:
                 self.bank.record_miss()
 
     def _record(self, hits: int = 0, misses: int = 0, seconds: float = 0.0, bypassed: int = 0) -> None:
@@ -380,25 +510,37 @@ class PrefixStrategy(Strategy):
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Refuse entries of other shapes; then index the siblings of the entries about to be loaded.
+
+        ``controller.load`` checks a state right before the bank loads it (keeping entry ids), so this is where a
+        warm cache's children become findable; were the load to fail, the index would only hold dead hints.
+        """
         super().check_state(bank_name, state)
         if not bool(state["has_digest"].all()):
             raise ValueError("every prefix entry needs its chain digest.")
-        expected = {"key": self.key_shape, "value": self.key_shape, "hidden": self.hidden_shape}
-        fields: dict[int, set[str]] = {int(i): set() for i in state["ids"].tolist()}
+        entries: dict[int, dict[str, torch.Tensor]] = {int(i): {} for i in state["ids"].tolist()}
         for name, tensor in state.items():
-            if not name.startswith("entry."):
-                continue
-            _, entry_id, kind = name.split(".", 2)
-            if kind not in expected or tuple(tensor.shape) != expected[kind] or not tensor.is_floating_point():
-                raise ValueError(
-                    f"{name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; prefix entries hold floating "
-                    f"'key'/'value' {self.key_shape} and 'hidden' {self.hidden_shape} (block_size "
-                    f"{self.block_size})."
-                )
-            fields[int(entry_id)].add(kind)
-        incomplete = [i for i, kinds in fields.items() if kinds != set(expected)]
-        if incomplete:
-            raise ValueError(f"entries {incomplete[:5]} lack some of {sorted(expected)}.")
+            if name.startswith("entry."):
+                _, entry_id, kind = name.split(".", 2)
+                entries[int(entry_id)][kind] = tensor
+        for entry_id, values in entries.items():
+            self._check_entry(entry_id, values)
+        self.siblings.replace([(bytes(v["parent"].tolist()), i, v["tokens"]) for i, v in sorted(entries.items())])
+
+    def _check_entry(self, entry_id: int, values: dict[str, torch.Tensor]) -> None:
+        tokens, parent = values.get("tokens"), values.get("parent")
+        if set(values) != set(_FIELDS):
+            raise ValueError(f"entry {entry_id} has {sorted(values)}; prefix entries hold {sorted(_FIELDS)}.")
+        if tokens.dtype != torch.int64 or tokens.dim() != 1 or parent.dtype != torch.uint8 or parent.shape != (32,):
+            raise ValueError(f"entry {entry_id}: 'tokens' must be 1-D int64 and 'parent' 32 uint8 bytes.")
+        if not all(values[k].is_floating_point() for k in ("key", "value", "hidden")) or not self._fits(values):
+            n = tokens.numel()
+            raise ValueError(
+                f"entry {entry_id} has key {tuple(values['key'].shape)}, hidden {tuple(values['hidden'].shape)}; "
+                f"this model's blocks of {n} tokens need floating key/value "
+                f"{(self.n_layers, self.kv_heads, n, self.head_dim)} and hidden {(n, self.hidden_size)}, with "
+                f"1 <= {n} <= block_size {self.block_size}."
+            )
 
 
 def _is_data(value: Any) -> bool:
@@ -424,4 +566,4 @@ def _token_count(arguments: dict[str, Any]) -> int:
     return 0
 
 
-__all__ = ["SUPPORTED_MODELS", "PrefixStrategy", "chain_digests", "chain_root"]
+__all__ = ["SUPPORTED_MODELS", "PrefixStrategy", "SiblingIndex", "chain_digests", "chain_root", "chain_step"]
