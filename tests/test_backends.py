@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import hf_layercache
 from hf_layercache.backends import AutoBackend, ExactBackend
-from hf_layercache.backends.auto import ivf_index
 from hf_layercache.backends._store import _rebuild_executor
+from hf_layercache.backends.auto import ivf_index
 from hf_layercache.testing.backends import CHECKS, check_backend
 
 HAS_FAISS = "faiss" in hf_layercache.available_backends()
