@@ -418,10 +418,9 @@ def run_demo(args: argparse.Namespace) -> int:
         row = _semantic_row(model, semantic, original, similar, args.repeats)
         note = f"originals cached, similar texts sent; threshold {semantic.threshold}"
         rows.append(("similar pass", "semantic", row, note))
-    repeats = f"{args.repeats} repeats" if args.repeats != 1 else "1 repeat"
     print(
-        f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {repeats}, "
-        f"{torch.get_num_threads()} CPU threads"
+        f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {_count(args.repeats, 'repeat')}, "
+        f"{_count(torch.get_num_threads(), 'CPU thread')}"
     )
     print(_demo_table(rows))
     print(
@@ -431,6 +430,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if "semantic" not in available_strategies():
         print("(the 'semantic' strategy is not available in this installation, so no similar-input reuse is shown)")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
