@@ -64,8 +64,9 @@ class LayerCacheConfig:
     decoders reuse a shared prompt prefix), ``"semantic"`` (approximate layer reuse for similar inputs) or
     ``"attention"`` (approximate attention-map reuse), or any name given to ``register_strategy``."""
 
-    backend: str = "exact"
-    """Similarity index for approximate strategies: ``"exact"``, ``"faiss"``, ``"annoy"`` or a registered name."""
+    backend: str = "auto"
+    """Similarity index for approximate strategies: ``"auto"`` (exact search while a bank is small, then a FAISS IVF
+    index, chosen from measurements in docs/backends.md), ``"exact"``, ``"faiss"``, ``"annoy"`` or a registered name."""
 
     backend_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the backend class, e.g. ``{"index": "HNSW32"}`` for FAISS."""
