@@ -202,6 +202,20 @@ def test_a_stale_sibling_index_costs_a_hit_never_a_wrong_one():
     torch.testing.assert_close(out, logits(plain, {"input_ids": third[None]}), rtol=0, atol=1e-4)
 
 
+def test_token_exact_reuse_survives_clear():
+    """clear() empties the bank but not the sibling index: its dead hints must not hide the live siblings."""
+    model = cached("qwen2")
+    preamble = tokens(BLOCK + 2, seed=29)
+    queries = [torch.cat([torch.tensor([3 + q]), tokens(3, seed=30 + q)]) for q in range(3)]
+    for _ in range(2):
+        for query in queries:
+            hits = totals(model)["hits"]
+            model(input_ids=torch.cat([preamble, query])[None])
+            if query is not queries[0]:
+                assert totals(model)["hits"] - hits == (BLOCK + 2) * 3
+        model.layer_cache.clear()
+
+
 def test_namespaces_never_share_entries():
     model = cached("llama", namespace="tenant-a")
     ids = tokens(3 * BLOCK, seed=20)[None]

@@ -130,6 +130,10 @@ class SiblingIndex:
                 children.pop(next(iter(children)))
             self._added += 1
 
+    def discard(self, parent: bytes, entry_id: int) -> None:
+        with self._lock:
+            self._children.get(parent, {}).pop(entry_id, None)
+
     def candidates(self, parent: bytes) -> list[tuple[int, torch.Tensor]]:
         """The children of ``parent``, most recent first."""
         with self._lock:
@@ -356,23 +360,24 @@ class PrefixStrategy(Strategy):
 
     def _match_sibling(self, row: Row, parent: bytes, upcoming: torch.Tensor) -> None:
         """The cached child of ``parent`` sharing the most leading tokens with ``upcoming``, checked on the entry."""
-        best, best_id = 0, None
-        for entry_id, tokens in self.siblings.candidates(parent):
-            shared = common_prefix(tokens, upcoming)
-            if shared > best:
-                best, best_id = shared, entry_id
-                if best == len(upcoming):
-                    break
-        values = self.bank.get(best_id) if best_id is not None else None
-        if (
-            values is None
-            or not self._fits(values)
-            or bytes(values["parent"].cpu().tolist()) != parent
-            or common_prefix(values["tokens"].cpu(), upcoming) < best
-        ):
-            return  # nothing shared, or the index is stale: a miss rather than a guess
-        row.tail = (best_id, best)
-        row.entries.append(values)
+        ranked = sorted(
+            ((common_prefix(tokens, upcoming), entry_id) for entry_id, tokens in self.siblings.candidates(parent)),
+            key=lambda candidate: -candidate[0],  # stable: among equals, the most recent first
+        )
+        for shared, entry_id in ranked:
+            if shared == 0:
+                return
+            values = self.bank.get(entry_id)
+            if (
+                values is not None
+                and self._fits(values)
+                and bytes(values["parent"].cpu().tolist()) == parent
+                and common_prefix(values["tokens"].cpu(), upcoming) >= shared
+            ):
+                row.tail = (entry_id, shared)
+                row.entries.append(values)
+                return
+            self.siblings.discard(parent, entry_id)  # evicted, or a stale hint: never served
 
     def _fits(self, values: dict[str, torch.Tensor], size: int | None = None) -> bool:
         """An entry of this model's shapes; of exactly ``size`` tokens when given."""
