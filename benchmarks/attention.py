@@ -240,7 +240,11 @@ def measure(name: str, length: int, args: argparse.Namespace) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = LayerCacheConfig(
-        strategy="attention", threshold=args.threshold, attention_max_error=args.max_error, max_memory=args.max_memory
+        strategy="attention",
+        threshold=args.threshold,
+        attention_position_tolerance=args.position_tolerance,
+        attention_max_error=args.max_error,
+        max_memory=args.max_memory,
     )
     eager, eager_timer = eager_model(path)
     cached, cached_timer = cached_model(path, config)
@@ -322,13 +326,15 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=12, help="of those, requests that warm the cache")
     parser.add_argument("--requests", type=int, default=32, help="measured requests (held-out phrasings)")
     parser.add_argument("--threshold", type=float, default=0.85)
-    parser.add_argument("--max-error", type=float, default=0.1)
+    parser.add_argument("--position-tolerance", type=float, default=0.05)
+    parser.add_argument("--max-error", type=float, default=0.2)
     parser.add_argument("--max-memory", default="4GB")
     parser.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="skip the sdpa comparison")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
-        f"attention strategy, threshold {args.threshold}, max_error {args.max_error}; {args.train} probe / "
+        f"attention strategy, threshold {args.threshold}, position tolerance {args.position_tolerance}, max_error "
+        f"{args.max_error}; {args.train} probe / "
         f"{args.warm} warm / {args.requests} measured requests; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )

@@ -116,13 +116,19 @@ class LayerCacheConfig:
     """Position segments the attention strategy's key pools over (1 to 256): with 1 the key is a bag of states and
     ignores order; more segments tell apart inputs whose content sits at other positions."""
 
+    attention_position_tolerance: float = 0.05
+    """Largest relative change ``|x - x_stored| / |x_stored|`` of a position's query (key) states for the attention
+    strategy to reuse that row (column) of a stored map; rows and columns that changed more are computed fresh.
+    ``0`` reuses only positions whose states are bit-identical (lossless). ``threshold`` preselects entries by the
+    cosine of their pooled keys."""
+
     attention_verify_rows: int = 8
     """Query rows (evenly spaced, the last included) the attention strategy recomputes exactly for every candidate
     hit to check it, at ``rows / sequence length`` of the cost of a miss. ``0`` trusts the key similarity alone."""
 
-    attention_max_error: float = 0.1
-    """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones;
-    a candidate above it is a miss. Lower is stricter."""
+    attention_max_error: float = 0.2
+    """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones,
+    in any head; a candidate above it is a miss. Lower is stricter."""
 
     # --- prefix strategy ---
     block_size: int = 16
@@ -246,6 +252,9 @@ class LayerCacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}.")
+        tolerance = self.attention_position_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0.0 <= tolerance < float("inf"):
+            raise ValueError(f"attention_position_tolerance must be a relative change >= 0, got {tolerance!r}.")
         rows = self.attention_verify_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")

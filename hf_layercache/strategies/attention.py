@@ -6,18 +6,18 @@ How it works, per cached layer:
   name, a mask function with ``AttentionMaskInterface`` (without it, models built on ``masking_utils`` pass no mask
   at all to a custom attention function). It selects them with ``model.set_attn_implementation`` and puts the
   previous implementation back on ``detach``.
-* Each layer's self-attention looks up a key: its query and key states, mean-pooled over a few position segments
-  and randomly projected (fixed seed) to ``attention_key_dim`` dimensions. The lookup costs a few percent of the
-  ``QK^T`` it can save; see docs/attention.md.
-* Hit: the stored map ``A`` (all heads) replaces ``softmax(QK^T)``, only ``A @ V`` is computed. ``Q``/``K``/``V``
-  are still projected, so a decoder's KV cache stays exact. The new request's mask is applied to ``A`` and rows
-  renormalised; a stored map never serves a request that attends to positions the stored one could not see. Before
-  serving, ``attention_verify_rows`` query rows are recomputed exactly and compared with the stored ones (total
-  variation distance); above ``attention_max_error`` the candidate is refused and the row computed.
-* Miss: eager attention (the model's own math) for the missed rows only, and their maps are stored.
+* Lookup: the layer's query and key states, mean-pooled over a few position segments and randomly projected (fixed
+  seed) to ``attention_key_dim`` dimensions, find the nearest stored maps through the configured backend.
+* Hit: the stored map ``A`` (all heads) stands in for ``softmax(QK^T)``; only ``A @ V`` is computed, ``Q``/``K``/``V``
+  are still projected (a decoder's KV cache stays exact). Per position, the new request's query and key states are
+  compared with the stored ones: rows whose query moved are computed exactly, columns whose key moved (or whose mask
+  differs) are rescored and their rows renormalised with the stored log-normaliser, so positions that did not move
+  are served exactly. A few reused rows are recomputed to verify the result (``attention_verify_rows``,
+  ``attention_max_error``); a candidate that fails is a miss.
+* Miss: eager attention (the models' own math) for the missed rows only; their maps are stored.
 
-Decode steps (queries shorter than keys) and requests that cannot be cached compute eagerly, which is also what
-this function does for attention modules it does not cache (cross-attention, unselected layers).
+Decode steps (queries shorter than keys) and calls the cached path cannot take compute eagerly, as does every
+attention module the strategy does not cache (cross-attention, unselected layers). See docs/attention.md.
 """
 
 from __future__ import annotations
@@ -50,12 +50,30 @@ _PREFILL = "attention.prefill"
 _WEIGHTS = "attention.weights"
 _NAMESPACE = "attention.namespace"
 _NAMESPACE_BYTES = 8
-_CANDIDATES = 4
+_CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
 """A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
-_MIN_RATIO = 1e-6
+_MAX_MOVED_WEIGHT = 0.5
+"""A reused row whose stored weight on changed columns exceeds this is computed exactly instead."""
 _PROJECTION_SEED = 0x5EED
-_UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+_KNOWN_KWARGS = frozenset(
+    {
+        "softcap",  # applied
+        "sliding_window",  # already in the mask the registered mask function builds
+        "is_causal",
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "token_type_ids",
+    }
+)
+"""Keyword arguments of attention functions that do not change the math beyond the mask. Any other one with a value
+(T5's ``position_bias``, gpt-oss's ``s_aux`` sinks) is refused rather than silently ignored."""
 
 # attention module -> its cached layer; weak, so a model that is dropped without ``disable`` is still collected
 _CACHED: weakref.WeakKeyDictionary[nn.Module, CachedAttention] = weakref.WeakKeyDictionary()
@@ -82,11 +100,12 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The registered attention function: the cached path for modules the strategy caches, eager math otherwise."""
-    unsupported = [name for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    unsupported = sorted(name for name, value in kwargs.items() if value is not None and name not in _KNOWN_KWARGS)
     if unsupported:
         raise ValueError(
-            f"strategy='attention' computes plain softmax attention; {type(module).__name__} passes "
-            f"{unsupported} (attention sinks), which it does not implement. Use another strategy for this model."
+            f"strategy='attention' computes softmax(QK^T * scaling + mask) @ V, but {type(module).__name__} passes "
+            f"{unsupported} to its attention function (position biases, attention sinks, ...), which that does not "
+            f"model. Allowed extra arguments: {sorted(_KNOWN_KWARGS)}. Use another strategy for this model."
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
@@ -183,13 +202,19 @@ class _Row:
         return self.query.shape[-2]
 
     @functools.cached_property
-    def query_directions(self) -> torch.Tensor:
-        """(L, heads * d) unit vectors, one per position: what a stored entry's queries are compared with."""
-        return _directions(self.query)
+    def query_positions(self) -> torch.Tensor:
+        """(L, heads * d) float32: one vector per position, compared with a stored entry's to tell what changed."""
+        return _positions(self.query)
 
     @functools.cached_property
-    def key_directions(self) -> torch.Tensor:
-        return _directions(self.key)
+    def key_positions(self) -> torch.Tensor:
+        return _positions(self.key)
+
+    @functools.cached_property
+    def live_positions(self) -> torch.Tensor:
+        """Positions some query attends to. The others (padding) influence no other position, so their own rows
+        are not worth verifying."""
+        return self.keep.any(0)
 
     @functools.cached_property
     def empty_rows(self) -> torch.Tensor:
@@ -251,6 +276,9 @@ class CachedAttention:
         self.layer = layer
         self.bank = bank
         self.threshold = threshold
+        """Least cosine of the pooled lookup keys for an entry to be considered."""
+        self.tolerance = strategy.config.attention_position_tolerance
+        """Largest relative change of a position's states for its row (query) or column (key) to be reused."""
 
     def __call__(
         self,
@@ -291,7 +319,9 @@ class CachedAttention:
         for b, row in enumerate(rows):
             plans = []
             for similarity, entry_id in zip(scores[b].tolist(), ids[b].tolist(), strict=True):
-                values = self.bank.get(entry_id) if entry_id >= 0 else None
+                if entry_id < 0 or similarity < self.threshold:
+                    break
+                values = self.bank.get(entry_id)
                 if values is not None and torch.equal(values["namespace"], scope.state[_NAMESPACE]):
                     plans.append(self._plan(entry_id, similarity, values, row))
             plans = [plan for plan in plans if plan is not None]
@@ -300,7 +330,9 @@ class CachedAttention:
             reuse = min(plans, key=lambda plan: plan.recomputed)
             self._rescore(reuse, row)
             error = self._verify(reuse, row)
-            if error > self.strategy.max_error:
+            if error is not None:
+                self.strategy.controller.stats_.record_error(self.layer.name, error)
+            if error is not None and error > self.strategy.max_error:
                 self.bank.record_error(reuse.entry_id, error)
                 continue
             self.bank.record_hit(reuse.entry_id, reuse.similarity)
@@ -313,9 +345,11 @@ class CachedAttention:
         does not fit (other heads or length) or more than half of the map would be."""
         if tuple(values["map"].shape) != (row.query.shape[0], row.length, row.length):
             return None
-        changed_rows = _cosine(row.query_directions, values["query"]) < self.threshold
-        changed_rows |= row.empty_rows
-        changed_columns = _cosine(row.key_directions, values["key"]) < self.threshold
+        # positions no query attends to (padding) influence nothing: their rows are served as stored, and their
+        # columns carry no weight unless the masks differ there
+        changed_rows = _moved(row.query_positions, values["query"], self.tolerance) & row.live_positions
+        changed_rows |= row.empty_rows & row.live_positions
+        changed_columns = _moved(row.key_positions, values["key"], self.tolerance) & row.live_positions
         stored_keep = values["mask"].to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
@@ -327,14 +361,16 @@ class CachedAttention:
     @staticmethod
     def _rescore(reuse: _Reuse, row: _Row) -> None:
         """New scores of the changed columns against the stored normaliser, and each row's normaliser ratio. Rows
-        whose ratio is not a positive finite number (all weight was on changed columns) join the computed rows."""
+        that had most of their weight on changed columns, or whose ratio overflows, join the computed rows."""
         if reuse.columns.numel() == 0:
             return
         lse = reuse.values["lse"].view(torch.float32).to(row.query.device)
         weights = torch.exp(row.column_scores(reuse.columns).float() - lse[..., None])
         stored = reuse.values["map"][:, :, reuse.columns].to(device=row.query.device, dtype=torch.float32)
-        ratio = 1.0 - stored.sum(-1) + weights.sum(-1)
-        valid = torch.isfinite(ratio) & (ratio > _MIN_RATIO)
+        moved = stored.sum(-1)
+        ratio = 1.0 - moved + weights.sum(-1)
+        # rows that kept less than half their weight have little to reuse (and 1 - moved would lose precision)
+        valid = torch.isfinite(ratio) & (moved <= _MAX_MOVED_WEIGHT)
         broken = (~valid).any(0).nonzero().flatten()
         if broken.numel():
             reuse.rows = torch.unique(torch.cat([reuse.rows, broken]))
@@ -342,14 +378,14 @@ class CachedAttention:
             weights = torch.nan_to_num(weights, posinf=0.0)
         reuse.column_weights, reuse.ratio = weights, ratio
 
-    def _verify(self, reuse: _Reuse, row: _Row) -> float:
-        """Largest total variation distance between the served and the exactly computed map, over a few reused
-        rows of every head (0 when verification is off or every row is computed anyway)."""
-        reused = torch.ones(row.length, dtype=torch.bool, device=row.query.device)
+    def _verify(self, reuse: _Reuse, row: _Row) -> float | None:
+        """Largest total variation distance between the served and the exactly computed map, over a few reused rows
+        of live positions, every head (``None`` when verification is off or every such row is computed anyway)."""
+        reused = row.live_positions.clone()
         reused[reuse.rows] = False
         checked = self.strategy.verify_rows(reused.nonzero().flatten())
         if checked is None:
-            return 0.0
+            return None
         exact = row.exact_rows(checked).float()
         return float(0.5 * (exact - reuse.served_rows(checked)).abs().sum(-1).max())
 
@@ -396,30 +432,32 @@ class CachedAttention:
         for i, b in enumerate(misses):
             outputs[b] = (grouped_matmul(weights[i], rows[b].value), weights[i])
         seconds = time.perf_counter() - start
-        lse = torch.logsumexp(scores.float(), dim=-1)
+        # log-normaliser from the softmax already computed: lse = max score - log(max weight), two reductions
+        lse = scores.amax(-1).float() - weights.amax(-1).float().log()
         for i, b in enumerate(misses):
             values = {
                 "map": weights[i],
                 "lse": lse[i].view(torch.int32),  # bit-exact: storage_dtype must not round the normaliser
                 "mask": rows[b].keep,
-                "query": rows[b].query_directions,
-                "key": rows[b].key_directions,
-                "namespace": scope.state[_NAMESPACE],
+                "query": rows[b].query_positions,
+                "key": rows[b].key_positions,
+                "namespace": scope.state[_NAMESPACE].clone(),  # its own storage: shared tensors cannot be saved
             }
             self.bank.put(values, key=keys[b], cost=seconds / len(misses))
             self.bank.record_miss()
         return seconds
 
 
-def _directions(states: torch.Tensor) -> torch.Tensor:
-    """(heads, L, d) -> (L, heads * d) float32 unit vectors, one per position."""
-    flat = states.transpose(0, 1).reshape(states.shape[1], -1).float()
-    return flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def _positions(states: torch.Tensor) -> torch.Tensor:
+    """(heads, L, d) -> (L, heads * d) float32, one vector per position."""
+    return states.transpose(0, 1).reshape(states.shape[1], -1).float()
 
 
-def _cosine(directions: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Cosine per position between unit vectors (L, n) and an entry's stored ones (in its storage dtype)."""
-    return (directions * stored.to(device=directions.device, dtype=directions.dtype)).sum(-1)
+def _moved(positions: torch.Tensor, stored: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Per position, whether ``|x - x_stored| > tolerance * |x_stored|`` (stored in the bank's storage dtype).
+    Relative distance rather than cosine: a state that only grows or shrinks changes how sharp attention is."""
+    stored = stored.to(device=positions.device, dtype=positions.dtype)
+    return (positions - stored).norm(dim=-1) > tolerance * stored.norm(dim=-1)
 
 
 def _keep_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
