@@ -3,7 +3,7 @@
 Both models (plain transformers and cached) are loaded in this process from the same files and timed interleaved,
 so machine noise hits both alike. Reported: medians over repeats and their ratios.
 
-    python benchmarks/exact.py [--repeats 15] [--seq 128] [--batches 1 32]
+    python benchmarks/exact.py [--repeats 15] [--seq 128] [--batches 1 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (fewer than cores on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
         f"all-MiniLM-L6-v2, exact strategy, sequence {args.seq}, median of {args.repeats} (torch {torch.__version__},"
