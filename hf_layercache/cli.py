@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from . import __version__, available_backends, available_policies, available_strategies, disable, enable
 from .config import LayerCacheConfig
-from .persistence import FORMAT_VERSION, LayerCacheFileError, _shard_files, _verify_files, read_header
+from .persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -707,7 +707,7 @@ def describe_cache(directory: str | os.PathLike) -> dict[str, Any]:
         }
         for name, info in header.get("banks", {}).items()
     }
-    files = _shard_files(directory)
+    files = shard_files(directory)
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -771,7 +771,7 @@ def format_cache(info: dict[str, Any]) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     info = describe_cache(args.directory)
     if args.verify:
-        _verify_files(Path(args.directory))  # a damaged or mixed set of shards raises LayerCacheFileError
+        verify_files(Path(args.directory))  # a damaged or mixed set of shards raises LayerCacheFileError
         info["verified"] = True
     print(json.dumps(info, indent=2) if args.json else format_cache(info))
     return 0

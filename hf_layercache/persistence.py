@@ -225,7 +225,7 @@ def read_header(directory: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def _shard_files(directory: Path) -> list[Path]:
+def shard_files(directory: Path) -> list[Path]:
     single, index_path = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if index_path.is_file():
         index = _read_json(index_path)
@@ -253,12 +253,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _verify_files(directory: Path) -> None:
+def verify_files(directory: Path) -> None:
     """Check that the shards are exactly those the config lists, each with the recorded digest."""
     expected = read_header(directory).get("files")
     if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
         raise LayerCacheFileError(f"{directory / CONFIG_NAME} has no 'files' object of shard name -> digest.")
-    found = {path.name for path in _shard_files(directory)}
+    found = {path.name for path in shard_files(directory)}
     if found != set(expected):
         raise LayerCacheFileError(f"{directory} holds shards {sorted(found)} but its config lists {sorted(expected)}.")
     for name in sorted(found):
@@ -272,13 +272,13 @@ def resolve_cache_dir(directory: str | os.PathLike) -> Path:
     """``directory`` if its files are one intact save, else the snapshot an interrupted save left behind."""
     directory = Path(directory)
     try:
-        _verify_files(directory)
+        verify_files(directory)
         return directory
     except LayerCacheFileError:
         previous = directory / PREVIOUS_DIR
         if not (previous / CONFIG_NAME).is_file():
             raise
-        _verify_files(previous)
+        verify_files(previous)
         warnings.warn(
             f"The layer cache in {directory} is damaged or half-saved; loading the previous save.", stacklevel=3
         )
@@ -288,7 +288,7 @@ def resolve_cache_dir(directory: str | os.PathLike) -> Path:
 def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the warm cache in ``directory`` (already resolved), loaded on CPU."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in _shard_files(Path(directory)):
+    for path in shard_files(Path(directory)):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
