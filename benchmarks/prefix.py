@@ -10,7 +10,8 @@ Three ways to compute the prompt (prefill) of each query, in one process on the 
 
 Every query is new to the cache (its own blocks miss, the preamble's hit). Calls alternate their order per query so
 machine noise hits all alike; reported are ratios of medians. Each query's next-token logits are checked against
-uncached (1e-4) before anything is timed.
+uncached (1e-4) before anything is timed. A last row times prompts whose every block is new (a distinct first
+token), to show what a miss costs: hashing, lookups and copying the blocks into the bank.
 
     python benchmarks/prefix.py [--queries 12] [--block-size 16] [--threads N] [--no-generate]
 """
@@ -83,11 +84,6 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def _ratios(times: dict[str, list[float]]) -> tuple[float, float]:
-    median = {name: statistics.median(t) for name, t in times.items()}
-    return median["uncached"] / median["prefix"], median["by hand"] / median["prefix"]
-
-
 def run(n_queries: int, block_size: int, generate: bool) -> None:
     path = smollm2_path()
     if path is None:
@@ -98,63 +94,74 @@ def run(n_queries: int, block_size: int, generate: bool) -> None:
     cached = AutoModelForCausalLM.from_pretrained(path, layer_cache=config).eval()
     shared = tokenizer(preamble(), return_tensors="pt")["input_ids"]
     queries = [tokenizer(f"Review: {q}\nSentiment:", return_tensors="pt")["input_ids"] for q in QUERIES[:n_queries]]
-    prompts = [torch.cat([shared, q], dim=1) for q in queries]
+    # the request that puts the preamble's blocks in the cache, with a query of its own
+    warm = torch.cat([shared, tokenizer("Review: Fine.\nSentiment:", return_tensors="pt")["input_ids"]], dim=1)
 
-    forward = {"uncached": [], "by hand": [], "prefix": []}
-    new_tokens = {"uncached": [], "by hand": [], "prefix": []}
+    times = {kind: {"uncached": [], "by hand": [], "prefix": []} for kind in ("forward", "generate", "miss")}
     with torch.inference_mode():
-        shared_cache = plain(input_ids=shared).past_key_values
-        cached(input_ids=torch.cat([shared, queries[-1]], dim=1))  # the first request fills the preamble's blocks
-        calls = {
+        calls = _calls(plain, cached, shared, queries)
+        cached(input_ids=warm)
+        labels = _check(calls["forward"], len(queries), tokenizer)
+        reused = _interleave(calls["forward"], times["forward"], len(queries), cached, warm)
+        if generate:
+            _interleave(calls["generate"], times["generate"], len(queries), cached, warm)
+        _interleave(calls["miss"], times["miss"], len(queries), cached, warm)
+
+    query_tokens = statistics.mean(q.shape[1] for q in queries)
+    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, block_size={block_size}")
+    print(f"preamble {shared.shape[1]} tokens, queries {query_tokens:.1f} tokens on average, {len(queries)} queries")
+    print(f"prefix reused {reused / len(queries):.1f} tokens per query (by hand reuses {shared.shape[1]})")
+    print(f"labels: {', '.join(labels)}\n")
+    rows = [("forward, next-token logits (`logits_to_keep=1`)", "forward")]
+    rows += [("`generate(max_new_tokens=1)`", "generate")] if generate else []
+    rows += [("first-seen prompt (every block a miss), forward", "miss")]
+    print("| call | prefix vs uncached | prefix vs by hand |\n|---|---:|---:|")
+    for label, kind in rows:
+        median = {name: statistics.median(t) for name, t in times[kind].items() if t}
+        by_hand = f"{median['by hand'] / median['prefix']:.2f}x" if "by hand" in median else "-"
+        print(f"| {label} | {median['uncached'] / median['prefix']:.2f}x | {by_hand} |")
+
+
+def _calls(plain, cached, shared: torch.Tensor, queries: list[torch.Tensor]) -> dict[str, dict]:
+    """Per kind of measurement, the ways to compute query ``i``'s prompt."""
+    prompts = [torch.cat([shared, q], dim=1) for q in queries]
+    # a distinct first token makes every block of a prompt new to the cache: what a miss costs
+    unseen = [torch.cat([torch.tensor([[1000 + 997 * i]]), p], dim=1) for i, p in enumerate(prompts)]
+    shared_cache = plain(input_ids=shared).past_key_values
+    greedy = {"max_new_tokens": 1, "do_sample": False}
+    return {
+        "forward": {
             "uncached": lambda i: plain(input_ids=prompts[i], logits_to_keep=1),
             "by hand": lambda i: plain(
                 input_ids=queries[i], past_key_values=copy.deepcopy(shared_cache), logits_to_keep=1
             ),
             "prefix": lambda i: cached(input_ids=prompts[i], logits_to_keep=1),
-        }
-        generates = {
-            "uncached": lambda i: plain.generate(input_ids=prompts[i], max_new_tokens=1, do_sample=False),
+        },
+        "generate": {
+            "uncached": lambda i: plain.generate(input_ids=prompts[i], **greedy),
             "by hand": lambda i: plain.generate(
-                input_ids=prompts[i], past_key_values=copy.deepcopy(shared_cache), max_new_tokens=1, do_sample=False
+                input_ids=prompts[i], past_key_values=copy.deepcopy(shared_cache), **greedy
             ),
-            "prefix": lambda i: cached.generate(input_ids=prompts[i], max_new_tokens=1, do_sample=False),
-        }
-        labels = _check(calls, len(prompts), tokenizer)
-        warm = torch.cat([shared, queries[-1]], dim=1)
-        before = _interleave(calls, forward, len(prompts), cached, warm)
-        after = cached.layer_cache.stats()["total"]
-        if generate:
-            _interleave(generates, new_tokens, len(prompts), cached, warm)
-
-    layers = len(cached.layer_cache.layers)
-    reused = (after["hits"] - before["hits"]) / layers / len(prompts)
-    query_tokens = statistics.mean(q.shape[1] for q in queries)
-    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, block_size={block_size}")
-    print(f"preamble {shared.shape[1]} tokens, queries {query_tokens:.1f} tokens on average, {len(prompts)} queries")
-    print(f"prefix reused {reused:.1f} tokens per query (by hand reuses {shared.shape[1]})")
-    print(f"labels: {', '.join(labels)}\n")
-    print("| call | prefix vs uncached | prefix vs by hand |")
-    print("|---|---:|---:|")
-    rows = [("forward, next-token logits (`logits_to_keep=1`)", forward)]
-    if generate:
-        rows.append(("`generate(max_new_tokens=1)`", new_tokens))
-    for label, times in rows:
-        over_uncached, over_hand = _ratios(times)
-        print(f"| {label} | {over_uncached:.2f}x | {over_hand:.2f}x |")
+            "prefix": lambda i: cached.generate(input_ids=prompts[i], **greedy),
+        },
+        "miss": {
+            "uncached": lambda i: plain(input_ids=unseen[i], logits_to_keep=1),
+            "prefix": lambda i: cached(input_ids=unseen[i], logits_to_keep=1),
+        },
+    }
 
 
-def _interleave(calls, times: dict[str, list[float]], n: int, cached, warm: torch.Tensor) -> dict:
+def _interleave(calls, times: dict[str, list[float]], n: int, cached, warm: torch.Tensor) -> float:
     """Time every call on every query, rotating who goes first; the cache starts from the preamble alone, so each
-    query is new to it. Returns the cache's counters before the timed calls."""
+    query is new to it. Returns the tokens the cached model reused per layer."""
     cached.layer_cache.clear()
     cached(input_ids=warm)
-    before = cached.layer_cache.stats()["total"]
     order = list(calls)
     for i in range(n):
         order = order[1:] + order[:1]
         for name in order:
             times[name].append(_time(lambda name=name, i=i: calls[name](i)))
-    return before
+    return cached.layer_cache.stats()["total"]["hits"] / len(cached.layer_cache.layers)
 
 
 def _check(calls, n: int, tokenizer) -> list[str]:

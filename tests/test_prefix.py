@@ -51,12 +51,13 @@ def assert_close_on_real_tokens(out, reference, mask):
 
 # --- exactness ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pads", [0, 3], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize(
     ("shared", "reused"),
     [(0, 0), (BLOCK - 1, BLOCK - 1), (BLOCK, BLOCK), (3 * BLOCK + 2, 3 * BLOCK + 2), (4 * BLOCK, 4 * BLOCK - 1)],
     ids=["nothing", "part-of-a-block", "one-block", "many-blocks-and-part", "full-prompt"],
 )
-def test_logits_equal_uncached_for_every_prefix_length(arch, shared, reused):
+def test_logits_equal_uncached_for_every_prefix_length(arch, pads, shared, reused):
     """Reuse is token-exact: whole blocks through the chain, then the shared part of the next block."""
     plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
     first = tokens(4 * BLOCK, seed=1)
@@ -64,13 +65,17 @@ def test_logits_equal_uncached_for_every_prefix_length(arch, shared, reused):
     if shared < len(first):
         second[shared] = (first[shared] + 1) % VOCAB  # the prompts part exactly after `shared` tokens
     model(input_ids=first[None])  # fills the cache with four blocks
+    batch = left_padded([second])
+    if pads:  # padding in front, positions counted from the first real token (as generate() does)
+        zeros = torch.zeros(1, pads, dtype=torch.long)
+        batch = {k: torch.cat([zeros, v], dim=1) for k, v in batch.items()}
     layers = len(model.layer_cache.layers)
     before = totals(model)
-    out = logits(model, {"input_ids": second[None]})
+    out = logits(model, batch)
     after = totals(model)
     assert after["hits"] - before["hits"] == reused * layers  # the full prompt keeps its last token to compute
     assert after["misses"] - before["misses"] == (4 * BLOCK - reused) * layers
-    torch.testing.assert_close(out, logits(plain, {"input_ids": second[None]}), rtol=0, atol=1e-4)
+    assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
