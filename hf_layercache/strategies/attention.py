@@ -49,10 +49,14 @@ ATTN_IMPLEMENTATION = "hf_layercache"
 _PREFILL = "attention.prefill"
 _WEIGHTS = "attention.weights"
 _NAMESPACE = "attention.namespace"
+_PATTERNS = "attention.patterns"
 _NAMESPACE_BYTES = 8
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
 """A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
+_MAX_RUNS = 8
+"""Changed positions in more contiguous runs than this are gathered by index instead of sliced run by run."""
+_EXP_LIMIT = 80.0
 _MAX_MOVED_WEIGHT = 0.5
 """A reused row whose stored weight on changed columns exceeds this is computed exactly instead."""
 _PROJECTION_SEED = 0x5EED
@@ -182,6 +186,61 @@ def grouped_matmul(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 # --- the cached path ------------------------------------------------------------------------------------------------
+class _Positions:
+    """A sorted set of positions. Read and written as contiguous runs when it has few of them: on a (heads, L, L)
+    map, slicing the columns of a run costs a small fraction of gathering the same columns by index."""
+
+    def __init__(self, index: torch.Tensor):
+        self.index = index
+        runs: list[list[int]] = []
+        for position in index.tolist():
+            if runs and runs[-1][1] == position:
+                runs[-1][1] += 1
+            else:
+                runs.append([position, position + 1])
+        self.runs = runs if len(runs) <= _MAX_RUNS else None
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def union(self, other: torch.Tensor) -> _Positions:
+        return _Positions(torch.unique(torch.cat([self.index, other])))
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """``tensor`` restricted to these positions along ``dim`` (a view when they form one run: read only)."""
+        if self.runs is None:
+            return tensor.index_select(dim, self.index)
+        parts = [tensor.narrow(dim, start, stop - start) for start, stop in self.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+    def put(self, tensor: torch.Tensor, dim: int, values: torch.Tensor) -> None:
+        """Write ``values`` (as :meth:`take` would have read them) into ``tensor`` in place."""
+        if self.runs is None:
+            tensor.index_copy_(dim, self.index, values)
+            return
+        offset = 0
+        for start, stop in self.runs:
+            tensor.narrow(dim, start, stop - start).copy_(values.narrow(dim, offset, stop - start))
+            offset += stop - start
+
+
+@dataclass
+class _Pattern:
+    """What a request row's (L, L) mask says, worked out once per request: every layer gets the same mask."""
+
+    live: torch.Tensor
+    """Positions some query attends to. The others (padding) influence no other position: their rows are served
+    as stored and never verified."""
+    empty: torch.Tensor
+    """Queries with nothing to attend to (eager gives them a uniform row); computed when live."""
+    full: bool
+    """Every query attends every key (no padding, bidirectional): masking is skipped."""
+
+    @classmethod
+    def of(cls, keep: torch.Tensor) -> _Pattern:
+        return cls(keep.any(0), ~keep.any(-1), bool(keep.all()))
+
+
 @dataclass(eq=False)
 class _Row:
     """One request row of an attention call: its states (heads first), its mask pattern, the call's scaling."""
@@ -194,42 +253,39 @@ class _Row:
     """(kv_heads, L, d)"""
     keep: torch.Tensor
     """(L, L) bool, True where a query may attend"""
+    pattern: _Pattern
     scaling: float
     softcap: float | None
+    tolerance: float
+    """Largest relative change of a position's states for its row or column to be reused."""
 
     @property
     def length(self) -> int:
         return self.query.shape[-2]
 
     @functools.cached_property
-    def query_positions(self) -> torch.Tensor:
-        """(L, heads * d) float32: one vector per position, compared with a stored entry's to tell what changed."""
-        return _positions(self.query)
+    def query_limits(self) -> torch.Tensor:
+        """Per position, the distance from a stored query beyond which the position's row counts as changed."""
+        return self.tolerance * _norms(self.query)
 
     @functools.cached_property
-    def key_positions(self) -> torch.Tensor:
-        return _positions(self.key)
+    def key_limits(self) -> torch.Tensor:
+        """Per position, the distance from a stored key beyond which the position's column counts as changed."""
+        return self.tolerance * _norms(self.key)
 
-    @functools.cached_property
-    def live_positions(self) -> torch.Tensor:
-        """Positions some query attends to. The others (padding) influence no other position, so their own rows
-        are not worth verifying."""
-        return self.keep.any(0)
-
-    @functools.cached_property
-    def empty_rows(self) -> torch.Tensor:
-        """Queries with nothing to attend to (eager gives them a uniform row); always computed."""
-        return ~self.keep.any(-1)
-
-    def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def exact_rows(self, rows: _Positions) -> torch.Tensor:
         """Exact attention rows ``rows``: (heads, n, L)."""
-        keep = self.keep[None, None, rows]
-        return attention_scores(self.query[None, :, rows], self.key[None], keep, self.scaling, self.softcap)[0]
+        keep = None if self.pattern.full else rows.take(self.keep, 0)[None, None]
+        return attention_scores(rows.take(self.query, 1)[None], self.key[None], keep, self.scaling, self.softcap)[0]
 
-    def column_scores(self, columns: torch.Tensor) -> torch.Tensor:
-        """Masked scores of every query against the keys ``columns``: (heads, L, n)."""
-        keep = self.keep[None, None, :, columns]
-        return masked_scores(self.query[None], self.key[None, :, columns], keep, self.scaling, self.softcap)[0]
+    def column_weights(self, columns: _Positions, lse: torch.Tensor) -> torch.Tensor:
+        """``exp(S[:, c] - lse)`` for the keys ``columns``, 0 where masked: (heads, L, n) float32.
+
+        The exponent is clamped to +-80 (weights below e^-80 of the normaliser are negligible): torch's ``exp`` is
+        many times slower on the very negative scores of masked positions and on subnormal results."""
+        scores = masked_scores(self.query[None], columns.take(self.key, 1)[None], None, self.scaling, self.softcap)[0]
+        weights = (scores.float() - lse[..., None]).clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
+        return weights if self.pattern.full else weights.masked_fill_(~columns.take(self.keep, 1), 0.0)
 
 
 @dataclass
@@ -240,22 +296,24 @@ class _Reuse:
     entry_id: int
     similarity: float
     values: dict[str, torch.Tensor]
-    rows: torch.Tensor
-    columns: torch.Tensor
+    rows: _Positions
+    columns: _Positions
     column_weights: torch.Tensor | None = None
     """exp(new scores of the changed columns - stored log-normaliser), (heads, L, columns), float32."""
+    stored_columns: torch.Tensor | None = None
+    """The stored map's weights on the changed columns, (heads, L, columns), float32."""
     ratio: torch.Tensor | None = None
     """New normaliser / stored normaliser, (heads, L), float32."""
 
     @property
     def recomputed(self) -> int:
-        return int(self.rows.numel() + self.columns.numel())
+        return len(self.rows) + len(self.columns)
 
     def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
-        served = self.values["map"][:, rows].float()
-        if self.columns.numel():
-            served[:, :, self.columns] = self.column_weights[:, rows]
+        served = self.values["map"].index_select(1, rows).float()  # a copy: written below
+        if len(self.columns):
+            self.columns.put(served, 2, self.column_weights.index_select(1, rows))
             served = served / self.ratio[:, rows, None]
         return served
 
@@ -297,7 +355,11 @@ class CachedAttention:
             stats.record_bypass(self.layer.name, query.shape[0])
             return eager_attention(module, query, key, value, mask, scaling, softcap=softcap)
         keep = keep.expand(query.shape[0], 1, -1, -1)
-        rows = [_Row(query[b], key[b], value[b], keep[b, 0], scaling, softcap) for b in range(query.shape[0])]
+        patterns = self.strategy.patterns(scope, keep)
+        rows = [
+            _Row(query[b], key[b], value[b], keep[b, 0], patterns[b], scaling, softcap, self.tolerance)
+            for b in range(query.shape[0])
+        ]
         keys = self.strategy.lookup_keys(query, key)
         want_maps = scope.state.get(_WEIGHTS, False)
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in self._reuses(scope, rows, keys).items()}
@@ -317,17 +379,9 @@ class CachedAttention:
         scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)))
         found = {}
         for b, row in enumerate(rows):
-            plans = []
-            for similarity, entry_id in zip(scores[b].tolist(), ids[b].tolist(), strict=True):
-                if entry_id < 0 or similarity < self.threshold:
-                    break
-                values = self.bank.get(entry_id)
-                if values is not None and torch.equal(values["namespace"], scope.state[_NAMESPACE]):
-                    plans.append(self._plan(entry_id, similarity, values, row))
-            plans = [plan for plan in plans if plan is not None]
-            if not plans:
+            reuse = self._first_plan(scope, row, scores[b].tolist(), ids[b].tolist())
+            if reuse is None:
                 continue
-            reuse = min(plans, key=lambda plan: plan.recomputed)
             self._rescore(reuse, row)
             error = self._verify(reuse, row)
             if error is not None:
@@ -340,6 +394,20 @@ class CachedAttention:
             found[b] = reuse
         return found
 
+    def _first_plan(
+        self, scope: RequestScope, row: _Row, similarities: list[float], entry_ids: list[int]
+    ) -> _Reuse | None:
+        """The reuse of the most similar candidate above the threshold, of this namespace, that fits."""
+        for similarity, entry_id in zip(similarities, entry_ids, strict=True):
+            if entry_id < 0 or similarity < self.threshold:
+                return None
+            values = self.bank.get(entry_id)
+            if values is not None and torch.equal(values["namespace"], scope.state[_NAMESPACE]):
+                plan = self._plan(entry_id, similarity, values, row)
+                if plan is not None:
+                    return plan
+        return None
+
     def _plan(self, entry_id: int, similarity: float, values: dict[str, torch.Tensor], row: _Row) -> _Reuse | None:
         """Which rows and columns of the stored map must be recomputed for this request row; ``None`` when the entry
         does not fit (other heads or length) or more than half of the map would be."""
@@ -347,46 +415,46 @@ class CachedAttention:
             return None
         # positions no query attends to (padding) influence nothing: their rows are served as stored, and their
         # columns carry no weight unless the masks differ there
-        changed_rows = _moved(row.query_positions, values["query"], self.tolerance) & row.live_positions
-        changed_rows |= row.empty_rows & row.live_positions
-        changed_columns = _moved(row.key_positions, values["key"], self.tolerance) & row.live_positions
+        changed_rows = (_distance(row.query, values["query"]) > row.query_limits) | row.pattern.empty
+        changed_rows &= row.pattern.live
+        changed_columns = (_distance(row.key, values["key"]) > row.key_limits) & row.pattern.live
         stored_keep = values["mask"].to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
         rows, columns = changed_rows.nonzero().flatten(), changed_columns.nonzero().flatten()
         if rows.numel() + columns.numel() > row.length * _MAX_RECOMPUTED:
             return None
-        return _Reuse(entry_id, similarity, values, rows, columns)
+        return _Reuse(entry_id, similarity, values, _Positions(rows), _Positions(columns))
 
     @staticmethod
     def _rescore(reuse: _Reuse, row: _Row) -> None:
         """New scores of the changed columns against the stored normaliser, and each row's normaliser ratio. Rows
-        that had most of their weight on changed columns, or whose ratio overflows, join the computed rows."""
-        if reuse.columns.numel() == 0:
+        that had most of their weight on changed columns join the computed rows."""
+        if not len(reuse.columns):
             return
         lse = reuse.values["lse"].view(torch.float32).to(row.query.device)
-        weights = torch.exp(row.column_scores(reuse.columns).float() - lse[..., None])
-        stored = reuse.values["map"][:, :, reuse.columns].to(device=row.query.device, dtype=torch.float32)
+        weights = row.column_weights(reuse.columns, lse)
+        stored = reuse.columns.take(reuse.values["map"], 2).to(device=row.query.device, dtype=torch.float32)
+        reuse.stored_columns = stored
         moved = stored.sum(-1)
         ratio = 1.0 - moved + weights.sum(-1)
         # rows that kept less than half their weight have little to reuse (and 1 - moved would lose precision)
-        valid = torch.isfinite(ratio) & (moved <= _MAX_MOVED_WEIGHT)
+        valid = (moved <= _MAX_MOVED_WEIGHT) & (ratio > 0)
         broken = (~valid).any(0).nonzero().flatten()
         if broken.numel():
-            reuse.rows = torch.unique(torch.cat([reuse.rows, broken]))
+            reuse.rows = reuse.rows.union(broken)
             ratio = torch.where(valid, ratio, torch.ones_like(ratio))
-            weights = torch.nan_to_num(weights, posinf=0.0)
         reuse.column_weights, reuse.ratio = weights, ratio
 
     def _verify(self, reuse: _Reuse, row: _Row) -> float | None:
         """Largest total variation distance between the served and the exactly computed map, over a few reused rows
         of live positions, every head (``None`` when verification is off or every such row is computed anyway)."""
-        reused = row.live_positions.clone()
-        reused[reuse.rows] = False
+        reused = row.pattern.live.clone()
+        reused[reuse.rows.index] = False
         checked = self.strategy.verify_rows(reused.nonzero().flatten())
         if checked is None:
             return None
-        exact = row.exact_rows(checked).float()
+        exact = row.exact_rows(_Positions(checked)).float()
         return float(0.5 * (exact - reuse.served_rows(checked)).abs().sum(-1).max())
 
     @staticmethod
@@ -395,18 +463,18 @@ class CachedAttention:
         The corrected map itself is only built when ``output_attentions`` asks for it."""
         stored = reuse.values["map"].to(device=row.query.device, dtype=row.query.dtype)
         output = grouped_matmul(stored, row.value)
-        if reuse.columns.numel():
-            delta = (reuse.column_weights - stored[:, :, reuse.columns].float()).to(row.value.dtype)
-            output = grouped_matmul(delta, row.value[:, reuse.columns]).add_(output)
-            output = output / reuse.ratio[..., None].to(row.value.dtype)
-        exact = row.exact_rows(reuse.rows) if reuse.rows.numel() else None
+        if len(reuse.columns):
+            delta = (reuse.column_weights - reuse.stored_columns).to(row.value.dtype)
+            output = grouped_matmul(delta, reuse.columns.take(row.value, 1)).add_(output)
+            output.div_(reuse.ratio[..., None].to(row.value.dtype))
+        exact = row.exact_rows(reuse.rows) if len(reuse.rows) else None
         if exact is not None:
-            output[:, reuse.rows] = grouped_matmul(exact, row.value)
+            reuse.rows.put(output, 1, grouped_matmul(exact, row.value))
         if not want_map:
             return output, None
         full = reuse.served_rows(torch.arange(row.length, device=row.query.device)).to(row.query.dtype)
         if exact is not None:
-            full[:, reuse.rows] = exact
+            reuse.rows.put(full, 1, exact)
         return output, full
 
     # --- misses -----------------------------------------------------------------------------------------------------
@@ -439,8 +507,8 @@ class CachedAttention:
                 "map": weights[i],
                 "lse": lse[i].view(torch.int32),  # bit-exact: storage_dtype must not round the normaliser
                 "mask": rows[b].keep,
-                "query": rows[b].query_positions,
-                "key": rows[b].key_positions,
+                "query": rows[b].query,
+                "key": rows[b].key,
                 "namespace": scope.state[_NAMESPACE].clone(),  # its own storage: shared tensors cannot be saved
             }
             self.bank.put(values, key=keys[b], cost=seconds / len(misses))
@@ -448,16 +516,16 @@ class CachedAttention:
         return seconds
 
 
-def _positions(states: torch.Tensor) -> torch.Tensor:
-    """(heads, L, d) -> (L, heads * d) float32, one vector per position."""
-    return states.transpose(0, 1).reshape(states.shape[1], -1).float()
+def _norms(states: torch.Tensor) -> torch.Tensor:
+    """(heads, L, d) -> (L,): the length of each position's states over all heads."""
+    return states.float().square().sum((0, 2)).sqrt()
 
 
-def _moved(positions: torch.Tensor, stored: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """Per position, whether ``|x - x_stored| > tolerance * |x_stored|`` (stored in the bank's storage dtype).
-    Relative distance rather than cosine: a state that only grows or shrinks changes how sharp attention is."""
-    stored = stored.to(device=positions.device, dtype=positions.dtype)
-    return (positions - stored).norm(dim=-1) > tolerance * stored.norm(dim=-1)
+def _distance(states: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Per position, the L2 distance over all heads between this request's states and an entry's (kept in its
+    storage dtype). Relative distance rather than cosine decides what changed: a state that only grows or shrinks
+    changes how sharp attention is."""
+    return _norms(states.float() - stored.to(device=states.device, dtype=torch.float32))
 
 
 def _keep_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
@@ -562,6 +630,15 @@ class AttentionStrategy(Strategy):
             )
         return found[0]
 
+    def patterns(self, scope: RequestScope, keep: torch.Tensor) -> list[_Pattern]:
+        """Per batch row, the :class:`_Pattern` of ``keep`` (batch, 1, L, L), cached for the request: the model
+        passes the same mask tensor to every layer."""
+        cache = scope.state.setdefault(_PATTERNS, {})
+        signature = (keep.data_ptr(), tuple(keep.shape), keep.stride())
+        if signature not in cache:
+            cache[signature] = [_Pattern.of(keep[b, 0]) for b in range(keep.shape[0])]
+        return cache[signature]
+
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         config = getattr(self.controller.model, "config", None)
         scope.state[_PREFILL] = past_length(arguments.get("past_key_values")) == 0
@@ -657,5 +734,5 @@ def _check_entry(where: str, values: dict[str, torch.Tensor], heads: int | None)
             raise ValueError(f"{where}: {name!r} must be a {dtype} tensor of shape {shape}.")
     for name in ("query", "key"):
         tensor = values.get(name)
-        if tensor is None or tensor.dim() != 2 or not tensor.is_floating_point() or tensor.shape[0] != length:
-            raise ValueError(f"{where}: {name!r} must be a floating ({length}, heads * head_dim) tensor.")
+        if tensor is None or tensor.dim() != 3 or not tensor.is_floating_point() or tensor.shape[1] != length:
+            raise ValueError(f"{where}: {name!r} must be a floating (heads, {length}, head_dim) tensor.")
