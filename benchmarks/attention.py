@@ -1,18 +1,21 @@
 """Attention-map reuse (AttnCache) on the real all-MiniLM-L6-v2 and SmolLM2-135M: speed against eager attention,
 and fidelity, on a workload of similar templated requests.
 
-The workload: support tickets written into one of three long templates (a fixed policy text with a ticket sentence
-near the top: customer name, city, product and an issue phrase whose category is the label), tokenised to exactly
-the benchmarked length (truncated, as AttnCache pads or truncates every prompt to one length). Warm-up requests use
-some issue phrasings, measured requests held-out ones, so a probe must generalise.
+The workload: support tickets. Each request is one of three fixed templates (an introduction and a policy text, cut
+to ``length - 48`` tokens so it sits at the same positions in every request) followed by a ticket sentence with
+slots (customer name, city, product, and an issue phrase whose category is the label: billing, delivery,
+technical, account), right-padded to exactly ``length`` tokens: AttnCache's one-length alignment. The cache is
+warmed with some requests; the measured ones use issue phrasings never seen before.
 
-Per model and sequence length, in one process: an eager-attention model and a cached model from the same weights
-run the measured requests interleaved (alternating which runs first); medians of the end-to-end forward time and of
-the time spent inside the attention function. Fidelity: cosine between cached and eager sentence embeddings (mean
-pooling), and the accuracy of a logistic-regression probe trained on eager embeddings of the warm-up requests,
-evaluated on eager and on cached embeddings of the measured ones.
+Per model and sequence length, in one process: an eager-attention model, a cached model and an sdpa model from the
+same weights run every measured request in rotating order; medians of the end-to-end forward time and of the time
+spent inside the attention function (eager's own function and the cached one are both timed by a wrapper). The
+"all-hit" figure is the median attention time of the requests that hit in every layer. Fidelity: cosine between the
+cached and eager embeddings (last hidden states averaged over the ticket window: the template before it is the same
+text in every request and carries no label), and a logistic-regression probe trained on uncached embeddings of the
+warm-up phrasings, evaluated on eager and cached embeddings of the measured requests.
 
-    python benchmarks/attention.py [--lengths 128 256 512] [--models minilm smollm2] [--warm 24] [--requests 24]
+    python benchmarks/attention.py [--models minilm smollm2] [--lengths 128 256 512] [--requests 24]
 """
 
 from __future__ import annotations
