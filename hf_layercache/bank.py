@@ -190,7 +190,7 @@ class CacheBank:
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All entries, digests, policy and backend state as named tensors (no pickle)."""
+        """All entries, digests, policy and backend state as named tensors, nothing else (safe to load from disk)."""
         with self._lock:
             ids = sorted(self._entries)
             state: dict[str, torch.Tensor] = {"ids": torch.tensor(ids, dtype=torch.long)}

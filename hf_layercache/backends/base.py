@@ -50,7 +50,7 @@ class Backend(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that rebuild the index with :meth:`load_state_dict` (no pickle, no Python objects)."""
+        """Tensors that rebuild the index with :meth:`load_state_dict` (tensors only, no Python objects)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
