@@ -311,3 +311,29 @@ def test_models_whose_attention_cannot_be_replaced_are_refused(enable):
 def test_config_validates_attention_fields(field, value):
     with pytest.raises(ValueError, match=field):
         LayerCacheConfig(strategy="attention", **{field: value})
+
+
+@pytest.mark.slow
+def test_minilm_templated_requests_reuse_maps_faithfully(minilm_path):
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
+    template = "Please route this support ticket to the right team. Our policy: answer within two days. Ticket: {}"
+    texts = [template.format(t) for t in ("my parcel never arrived", "I was charged twice", "the screen stays black")]
+    batches = [tokenizer(t, padding="max_length", max_length=48, return_tensors="pt") for t in texts]
+    with eager(tf.AutoModel.from_pretrained(minilm_path).eval()) as plain:
+        expected = [run(plain, b).last_hidden_state for b in batches]
+    model = hf_layercache.enable(
+        tf.AutoModel.from_pretrained(minilm_path).eval(), LayerCacheConfig(strategy="attention")
+    )
+    try:
+        torch.testing.assert_close(run(model, batches[0]).last_hidden_state, expected[0], rtol=0, atol=ATOL)
+        torch.testing.assert_close(run(model, batches[0]).last_hidden_state, expected[0], rtol=0, atol=ATOL)
+        assert totals(model)["hits"] == 6  # the identical request hit in every layer, within 1e-5 of eager
+        for batch, want in zip(batches[1:], expected[1:], strict=True):
+            got = run(model, batch).last_hidden_state
+            real = batch["attention_mask"][0].bool()
+            cosine = torch.nn.functional.cosine_similarity(got[0, real], want[0, real], dim=-1)
+            assert cosine.min() > 0.999
+        assert totals(model)["hits"] > 6  # the other tickets reused the template's maps
+        assert model.layer_cache.strategy.recomputed_fraction < 0.5
+    finally:
+        hf_layercache.disable(model)
