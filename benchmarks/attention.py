@@ -15,7 +15,7 @@ cached and eager embeddings (last hidden states averaged over the ticket window:
 text in every request and carries no label), and a logistic-regression probe trained on uncached embeddings of the
 warm-up phrasings, evaluated on eager and cached embeddings of the measured requests.
 
-    python benchmarks/attention.py [--models minilm smollm2] [--lengths 128 256 512] [--requests 24]
+    python benchmarks/attention.py [--models minilm smollm2] [--lengths 128 256 512] [--requests 24] [--threads 1]
 """
 
 from __future__ import annotations
@@ -217,13 +217,6 @@ def eager_model(path: str) -> tuple[torch.nn.Module, Timed]:
     return model, timed
 
 
-def cached_model(path: str, config: LayerCacheConfig) -> tuple[torch.nn.Module, Timed]:
-    model = hf_layercache.enable(AutoModel.from_pretrained(path).eval(), config)
-    timed = Timed(attention_forward)
-    AttentionInterface.register(ATTN_IMPLEMENTATION, timed)  # enable() registered the plain function
-    return model, timed
-
-
 def forward(model: torch.nn.Module, timer: Timed | None, batch: dict) -> tuple[float, float, torch.Tensor]:
     """(seconds, seconds in attention, embedding) of one request. The embedding is the mean of the last hidden states
     over the ticket window (the last ``TICKET_TOKENS`` positions, padding excluded): the template text before it is
@@ -251,88 +244,98 @@ def embed_batched(model: torch.nn.Module, batches: list[dict], size: int = 8) ->
     return torch.cat(out)
 
 
-def measure(name: str, length: int, args: argparse.Namespace) -> dict:
+def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args: argparse.Namespace) -> list[dict]:
+    """One row per cached configuration in ``variants``, all timed against the same eager and sdpa runs."""
     path = model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = LayerCacheConfig(
-        strategy="attention",
-        threshold=args.threshold,
-        attention_position_tolerance=args.position_tolerance,
-        attention_max_error=args.max_error,
-        max_memory=args.max_memory,
-    )
     eager, eager_timer = eager_model(path)
-    cached, cached_timer = cached_model(path, config)
     sdpa = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    layers = len(cached.layer_cache.layers)
+    cached = {label: hf_layercache.enable(AutoModel.from_pretrained(path).eval(), c) for label, c in variants.items()}
+    cached_timer = Timed(attention_forward)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, cached_timer)  # enable() registered the plain function
     train_requests = ticket_requests(args.train, held_out=False, seed=0)
     test_requests = ticket_requests(args.requests, held_out=True, seed=1)
     train, test = encode(tokenizer, train_requests, length), encode(tokenizer, test_requests, length)
 
     train_x = embed_batched(sdpa, train)  # uncached embeddings (sdpa computes what eager does, faster)
-    for batch in train[: args.warm]:
-        forward(cached, cached_timer, batch)
-    strategy = cached.layer_cache.strategy
-    before, reuse_before = cached.layer_cache.stats()["total"], dict(strategy.reuse)
-    rows: dict[str, list] = {"eager": [], "cached": [], "sdpa": []}
-    all_hit_attention = []
+    for model in cached.values():
+        for batch in train[: args.warm]:
+            forward(model, cached_timer, batch)
+    before = {
+        label: (model.layer_cache.stats()["total"], dict(model.layer_cache.strategy.reuse))
+        for label, model in cached.items()
+    }
+    runners = [("eager", eager, eager_timer), ("sdpa", sdpa, None)]
+    runners += [(label, model, cached_timer) for label, model in cached.items()]
+    rows: dict[str, list] = {label: [] for label, _, _ in runners}
+    all_hit: dict[str, list] = {label: [] for label in cached}
     for i, batch in enumerate(test):
-        order = [("eager", eager, eager_timer), ("cached", cached, cached_timer), ("sdpa", sdpa, None)]
-        for label, model, timer in order[i % 3 :] + order[: i % 3]:
-            hits = cached.layer_cache.stats()["total"]["hits"]
+        shift = i % len(runners)
+        for label, model, timer in runners[shift:] + runners[:shift]:
+            hits = model.layer_cache.stats()["total"]["hits"] if label in cached else 0
             rows[label].append(forward(model, timer, batch))
-            if label == "cached" and cached.layer_cache.stats()["total"]["hits"] - hits == layers:
-                all_hit_attention.append(rows[label][-1][1])
-    after = cached.layer_cache.stats()["total"]
+            if label in cached and model.layer_cache.stats()["total"]["hits"] - hits == len(model.layer_cache.layers):
+                all_hit[label].append(rows[label][-1][1])
 
     labels = [r.label for r in train_requests], [r.label for r in test_requests]
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x.numpy(), labels[0])
     eager_x = torch.stack([r[2] for r in rows["eager"]])
-    cached_x = torch.stack([r[2] for r in rows["cached"]])
-    cosine = torch.nn.functional.cosine_similarity(eager_x, cached_x)
-    eager_pred, cached_pred = probe.predict(eager_x.numpy()), probe.predict(cached_x.numpy())
-    lookups = after["lookups"] - before["lookups"]
-    reused_length = strategy.reuse["length"] - reuse_before["length"]
+    eager_pred = probe.predict(eager_x.numpy())
 
     def median(label: str, column: int) -> float:
         return statistics.median(r[column] for r in rows[label]) * 1e3
 
-    return {
-        "model": name,
-        "length": length,
-        "eager_ms": median("eager", 0),
-        "cached_ms": median("cached", 0),
-        "sdpa_ms": median("sdpa", 0),
-        "eager_attention_ms": median("eager", 1),
-        "cached_attention_ms": median("cached", 1),
-        "all_hit_attention_ms": statistics.median(all_hit_attention) * 1e3 if all_hit_attention else float("nan"),
-        "all_hit_requests": len(all_hit_attention),
-        "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else 0.0,
-        "recomputed": (strategy.reuse["recomputed"] - reuse_before["recomputed"]) / reused_length
-        if reused_length
-        else float("nan"),
-        "cosine_mean": float(cosine.mean()),
-        "cosine_min": float(cosine.min()),
-        "eager_accuracy": float((eager_pred == labels[1]).mean()),
-        "cached_accuracy": float((cached_pred == labels[1]).mean()),
-        "agreement": float((eager_pred == cached_pred).mean()),
-        "requests": len(test),
-    }
+    results = []
+    for label, model in cached.items():
+        cached_x = torch.stack([r[2] for r in rows[label]])
+        cosine = torch.nn.functional.cosine_similarity(eager_x, cached_x)
+        cached_pred = probe.predict(cached_x.numpy())
+        (stats_before, reuse_before), stats = before[label], model.layer_cache.stats()["total"]
+        reuse = model.layer_cache.strategy.reuse
+        lookups = stats["lookups"] - stats_before["lookups"]
+        reused_length = reuse["length"] - reuse_before["length"]
+        results.append(
+            {
+                "model": name,
+                "length": length,
+                "config": label,
+                "eager_ms": median("eager", 0),
+                "cached_ms": median(label, 0),
+                "sdpa_ms": median("sdpa", 0),
+                "eager_attention_ms": median("eager", 1),
+                "cached_attention_ms": median(label, 1),
+                "all_hit_attention_ms": statistics.median(all_hit[label]) * 1e3 if all_hit[label] else float("nan"),
+                "all_hit_requests": len(all_hit[label]),
+                "hit_rate": (stats["hits"] - stats_before["hits"]) / lookups if lookups else 0.0,
+                "recomputed": (reuse["recomputed"] - reuse_before["recomputed"]) / reused_length
+                if reused_length
+                else float("nan"),
+                "cosine_mean": float(cosine.mean()),
+                "cosine_min": float(cosine.min()),
+                "eager_accuracy": float((eager_pred == labels[1]).mean()),
+                "cached_accuracy": float((cached_pred == labels[1]).mean()),
+                "agreement": float((eager_pred == cached_pred).mean()),
+                "requests": len(test),
+            }
+        )
+    for model in cached.values():
+        hf_layercache.disable(model)
+    return results
 
 
 def report(results: list[dict]) -> str:
     lines = [
-        "| model | L | layer hit rate | recomputed rows+cols | attention ms: eager / cached (all-hit requests) | "
-        "attention speed-up (all-hit) | end to end ms: eager / cached / sdpa | end-to-end speed-up (vs sdpa) | "
-        "cosine mean (min) | probe accuracy eager -> cached | predictions unchanged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | L | config | layer hit rate | recomputed rows+cols | attention ms: eager / cached (all-hit "
+        "requests) | attention speed-up (all-hit) | end to end ms: eager / cached / sdpa | end-to-end speed-up "
+        "(vs sdpa) | cosine mean (min) | probe accuracy eager -> cached | predictions unchanged |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         eager_att, cached_att, hit_att = r["eager_attention_ms"], r["cached_attention_ms"], r["all_hit_attention_ms"]
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['hit_rate']:.0%} | {r['recomputed']:.0%} | "
+            f"| {r['model']} | {r['length']} | {r['config']} | {r['hit_rate']:.0%} | {r['recomputed']:.0%} | "
             f"{eager_att:.1f} / {cached_att:.1f} ({hit_att:.1f}, {r['all_hit_requests']}/{r['requests']}) | "
             f"{eager_att / cached_att:.2f}x ({eager_att / hit_att:.2f}x) | "
             f"{r['eager_ms']:.0f} / {r['cached_ms']:.0f} / {r['sdpa_ms']:.0f} | "
@@ -351,10 +354,21 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=8, help="of those, requests that warm the cache")
     parser.add_argument("--requests", type=int, default=24, help="measured requests (held-out phrasings)")
     parser.add_argument("--threshold", type=float, default=0.85)
-    parser.add_argument("--position-tolerance", type=float, default=0.05)
-    parser.add_argument("--max-error", type=float, default=0.2)
+    parser.add_argument("--position-tolerance", type=float, default=LayerCacheConfig.attention_position_tolerance)
+    parser.add_argument(
+        "--no-whole-map", dest="whole_map", action="store_false", help="skip the row of whole-map reuse (the paper's)"
+    )
+    parser.add_argument("--max-error", type=float, default=LayerCacheConfig.attention_max_error)
     parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine, every parallel op of a multi-threaded run waits for a sibling "
+        "thread the scheduler took away, which penalises many small operations far more than a few large ones)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
         f"attention strategy, threshold {args.threshold}, position tolerance {args.position_tolerance}, max_error "
@@ -362,11 +376,22 @@ def main() -> None:
         f"{args.warm} warm / {args.requests} measured requests; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+    default = LayerCacheConfig(
+        strategy="attention",
+        threshold=args.threshold,
+        attention_position_tolerance=args.position_tolerance,
+        attention_max_error=args.max_error,
+        max_memory=args.max_memory,
+    )
+    # AttnCache as published: the nearest map is served whole (the new mask still applied), nothing is verified
+    whole = LayerCacheConfig.from_dict({**default.to_dict(), "attention_position_tolerance": 1e9})
+    whole.attention_verify_rows = 0
+    variants = {"default": default, "whole map": whole} if args.whole_map else {"default": default}
     results = []
     for name in args.models:
         for length in args.lengths:
             start = time.perf_counter()
-            results.append(measure(name, length, args))
+            results += measure(name, length, variants, args)
             print(f"{name} L={length}: {time.perf_counter() - start:.0f} s", flush=True)
     print(report(results))
 

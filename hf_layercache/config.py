@@ -116,7 +116,7 @@ class LayerCacheConfig:
     """Position segments the attention strategy's key pools over (1 to 256): with 1 the key is a bag of states and
     ignores order; more segments tell apart inputs whose content sits at other positions."""
 
-    attention_position_tolerance: float = 0.05
+    attention_position_tolerance: float = 0.1
     """Largest relative change ``|x - x_stored| / |x_stored|`` of a position's query (key) states for the attention
     strategy to reuse that row (column) of a stored map; rows and columns that changed more are computed fresh.
     ``0`` reuses only positions whose states are bit-identical (lossless). ``threshold`` preselects entries by the

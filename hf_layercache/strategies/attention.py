@@ -54,8 +54,10 @@ _NAMESPACE_BYTES = 8
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
 """A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
+_MERGE_GAP = 8
+"""Changed positions at most this far apart are recomputed as one run, with the unchanged ones between them."""
 _MAX_RUNS = 8
-"""Changed positions in more contiguous runs than this are gathered by index instead of sliced run by run."""
+"""Changed positions in more runs than this are gathered by index instead of sliced run by run."""
 _EXP_LIMIT = 80.0
 _MAX_MOVED_WEIGHT = 0.5
 """A reused row whose stored weight on changed columns exceeds this is computed exactly instead."""
@@ -187,18 +189,22 @@ def grouped_matmul(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 # --- the cached path ------------------------------------------------------------------------------------------------
 class _Positions:
-    """A sorted set of positions. Read and written as contiguous runs when it has few of them: on a (heads, L, L)
-    map, slicing the columns of a run costs a small fraction of gathering the same columns by index."""
+    """A sorted set of positions, read and written as contiguous runs when it has few of them: on a (heads, L, L)
+    map, slicing the columns of a run costs a small fraction of gathering the same columns by index. Short gaps
+    between runs are filled in (recomputing an unchanged position exactly is harmless)."""
 
     def __init__(self, index: torch.Tensor):
-        self.index = index
         runs: list[list[int]] = []
         for position in index.tolist():
-            if runs and runs[-1][1] == position:
-                runs[-1][1] += 1
+            if runs and position - runs[-1][1] <= _MERGE_GAP:
+                runs[-1][1] = position + 1
             else:
                 runs.append([position, position + 1])
-        self.runs = runs if len(runs) <= _MAX_RUNS else None
+        if len(runs) > _MAX_RUNS:
+            self.index, self.runs = index, None
+        else:  # positions inside a merged gap are recomputed too: exact either way, and cheaper than a gather
+            self.index = torch.cat([torch.arange(a, b, device=index.device) for a, b in runs]) if runs else index
+            self.runs = runs
 
     def __len__(self) -> int:
         return self.index.numel()
@@ -421,10 +427,14 @@ class CachedAttention:
         stored_keep = values["mask"].to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
-        rows, columns = changed_rows.nonzero().flatten(), changed_columns.nonzero().flatten()
-        if rows.numel() + columns.numel() > row.length * _MAX_RECOMPUTED:
-            return None
-        return _Reuse(entry_id, similarity, values, _Positions(rows), _Positions(columns))
+        reuse = _Reuse(
+            entry_id,
+            similarity,
+            values,
+            _Positions(changed_rows.nonzero()[:, 0]),
+            _Positions(changed_columns.nonzero()[:, 0]),
+        )
+        return None if reuse.recomputed > row.length * _MAX_RECOMPUTED else reuse
 
     @staticmethod
     def _rescore(reuse: _Reuse, row: _Row) -> None:
@@ -454,8 +464,9 @@ class CachedAttention:
         checked = self.strategy.verify_rows(reused.nonzero().flatten())
         if checked is None:
             return None
-        exact = row.exact_rows(_Positions(checked)).float()
-        return float(0.5 * (exact - reuse.served_rows(checked)).abs().sum(-1).max())
+        checked = _Positions(checked)
+        exact = row.exact_rows(checked).float()
+        return float(0.5 * (exact - reuse.served_rows(checked.index)).abs().sum(-1).max())
 
     @staticmethod
     def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
