@@ -151,6 +151,18 @@ class LayerCacheConfig:
     """Fraction (0 to 1) of approximate hits checked by computing the layer anyway; the measured error goes to the
     policy's ``on_error`` and to ``stats()``, and the computed result is served. 0 trusts similarity alone."""
 
+    max_error_rate: float | None = None
+    """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is
+    unacceptable (see ``acceptance_cosine``). Each entry learns from verified requests how its similarity relates to
+    acceptable reuse, and a hit is served only when the estimated probability of an unacceptable result stays under
+    this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` is then ignored: the
+    nearest entry is always a candidate. ``None``: a static ``threshold`` decides."""
+
+    acceptance_cosine: float = 0.95
+    """When a verified hit counts as acceptable: the cosine between the state it would have served and the computed
+    one (the row's real tokens flattened together, at the layer where it is served) is at least this (-1 to 1). It
+    judges ``max_error_rate`` and the observed error rate ``stats()`` reports from verified hits."""
+
     max_unaligned: float = 0.2
     """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
@@ -237,6 +249,17 @@ class LayerCacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
+        rate = self.max_error_rate
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
+                raise ValueError(f"max_error_rate must be a probability above 0 and below 1, or None, got {rate!r}.")
+            if self.strategy != "semantic":
+                raise ValueError(
+                    f"max_error_rate applies to strategy='semantic' only; this config uses strategy={self.strategy!r}."
+                )
+        cosine = self.acceptance_cosine
+        if isinstance(cosine, bool) or not isinstance(cosine, int | float) or not -1.0 <= cosine <= 1.0:
+            raise ValueError(f"acceptance_cosine must be a cosine similarity in [-1, 1], got {cosine!r}.")
         kwargs = self.fingerprint_kwargs
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")

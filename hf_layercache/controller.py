@@ -169,6 +169,7 @@ class LayerCacheController:
         """Drop every entry and reset the counters."""
         for bank in self.banks.values():
             bank.clear()
+        self.strategy.banks_replaced()
         self.stats_.reset()
 
     # --- persistence ----------------------------------------------------------------------------------------------
@@ -214,9 +215,13 @@ class LayerCacheController:
                     f"are {sorted(self.banks)}."
                 )
             grouped.setdefault(bank, {})[key] = tensor
-        for bank_name, state in grouped.items():
-            try:
-                self.strategy.check_state(bank_name, state)
-                self.banks[bank_name].load_state_dict(state)
-            except (KeyError, ValueError, RuntimeError, IndexError) as err:
-                raise LayerCacheFileError(f"The layer cache in {directory}, bank {bank_name!r}: {err}") from None
+        for stage in ("check", "load"):  # every bank is checked before any is replaced
+            for bank_name, state in grouped.items():
+                try:
+                    if stage == "check":
+                        self.strategy.check_state(bank_name, state)
+                    else:
+                        self.banks[bank_name].load_state_dict(state)
+                except (KeyError, ValueError, RuntimeError, IndexError) as err:
+                    raise LayerCacheFileError(f"The layer cache in {directory}, bank {bank_name!r}: {err}") from None
+        self.strategy.banks_replaced()

@@ -26,6 +26,15 @@ class LayerCounters:
     """Sum of the relative errors those checks measured (see ``mean_error``)."""
     max_error: float = 0.0
     """Largest relative error a check measured."""
+    audited: int = 0
+    """Verified hits that would have been served (drawn by ``verify_fraction``): an unbiased sample of served hits."""
+    audited_unacceptable: int = 0
+    """Of those, hits below ``acceptance_cosine`` (see ``observed_error_rate``)."""
+    explored: int = 0
+    """Candidate hits checked before deciding to serve them: ``max_error_rate``'s explorations (computed, as it could
+    not yet vouch for them) and the attention strategy's row checks."""
+    explored_unacceptable: int = 0
+    """Of those, hits that would have been unacceptable."""
 
     @property
     def hit_rate(self) -> float:
@@ -38,6 +47,11 @@ class LayerCounters:
     @property
     def mean_error(self) -> float:
         return self.error_sum / self.verified if self.verified else 0.0
+
+    @property
+    def observed_error_rate(self) -> float:
+        """Unacceptable share of the audited hits: the estimate of how often a served hit is unacceptable."""
+        return self.audited_unacceptable / self.audited if self.audited else 0.0
 
 
 class CacheStats:
@@ -56,13 +70,21 @@ class CacheStats:
             counters.compute_seconds += compute_seconds
             counters.seconds_saved += hits * counters.seconds_per_row
 
-    def record_error(self, layer: str, error: float) -> None:
-        """A verified approximate hit: ``error`` is the relative error of what would have been served."""
+    def record_error(self, layer: str, error: float, acceptable: bool, explored: bool) -> None:
+        """A verified approximate hit: ``error`` is the relative error of what would have been served and
+        ``acceptable`` the acceptance criterion's verdict; ``explored`` when it was checked before deciding to serve
+        it, else it is an audit of a hit that was going to be served."""
         with self._lock:
             counters = self.layers[layer]
             counters.verified += 1
             counters.error_sum += error
             counters.max_error = max(counters.max_error, error)
+            if explored:
+                counters.explored += 1
+                counters.explored_unacceptable += not acceptable
+            else:
+                counters.audited += 1
+                counters.audited_unacceptable += not acceptable
 
     def record_bypass(self, layer: str, rows: int) -> None:
         with self._lock:
@@ -79,12 +101,19 @@ class CacheStats:
         """Per-layer counters, per-bank entries and bytes, and totals, as plain Python data."""
         with self._lock:
             layers = {
-                name: {**asdict(c), "hit_rate": c.hit_rate, "mean_error": c.mean_error}
+                name: {
+                    **asdict(c),
+                    "hit_rate": c.hit_rate,
+                    "mean_error": c.mean_error,
+                    "observed_error_rate": c.observed_error_rate,
+                }
                 for name, c in self.layers.items()
             }
         banks = {name: {"entries": n, "bytes": b} for name, (n, b) in bank_sizes.items()}
         lookups = sum(c["lookups"] for c in layers.values())
         hits = sum(c["hits"] for c in layers.values())
+        audited = sum(c["audited"] for c in layers.values())
+        unacceptable = sum(c["audited_unacceptable"] for c in layers.values())
         total = {
             "lookups": lookups,
             "hits": hits,
@@ -93,6 +122,9 @@ class CacheStats:
             "hit_rate": hits / lookups if lookups else 0.0,
             "verified": sum(c["verified"] for c in layers.values()),
             "max_error": max((c["max_error"] for c in layers.values()), default=0.0),
+            "explored": sum(c["explored"] for c in layers.values()),
+            "audited": audited,
+            "observed_error_rate": unacceptable / audited if audited else 0.0,
             "seconds_saved": sum(c["seconds_saved"] for c in layers.values()),
             "entries": sum(b["entries"] for b in banks.values()),
             "bytes": sum(b["bytes"] for b in banks.values()),

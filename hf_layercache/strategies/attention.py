@@ -391,7 +391,8 @@ class CachedAttention:
             self._rescore(reuse, row)
             error = self._verify(reuse, row)
             if error is not None:
-                self.strategy.controller.stats_.record_error(self.layer.name, error)
+                acceptable = error <= self.strategy.max_error
+                self.strategy.controller.stats_.record_error(self.layer.name, error, acceptable, explored=True)
             if error is not None and error > self.strategy.max_error:
                 self.bank.record_error(reuse.entry_id, error)
                 continue

@@ -60,6 +60,9 @@ class Strategy(ABC):
         change the call, e.g. compute only a suffix; the default runs it unchanged."""
         return original(**arguments)
 
+    def banks_replaced(self) -> None:  # noqa: B027 - optional hook
+        """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
+
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
         """Refuse a bank state read from disk that does not fit; strategies add checks of their entries."""
         self.banks[bank_name].check_state(state)

@@ -21,7 +21,10 @@ Rules that keep it honest (docs/semantic.md has the measurements):
 * Only exactly computed rows are stored: a row that was served an approximation never becomes an entry, so errors
   do not feed on themselves. Entries carry their namespace and are never served to another one.
 * ``verify_fraction`` of hits are checked by computing the layer anyway: the relative error goes to the policy
-  (``on_error``) and to ``stats()``, and the computed result is served.
+  (``on_error``) and to ``stats()`` with the ``acceptance_cosine`` verdict, and the computed result is served.
+* ``max_error_rate`` replaces the static threshold by a learned, error-bounded decision
+  (:mod:`hf_layercache.verified`): the nearest entry is a candidate, and it is served, or explored (computed and
+  judged, its verdict recorded in the entry), as that module's bound says.
 * Decoders: reuse happens in prefill only. The K/V a layer writes are recorded with its entry and replayed on a hit,
   so ``generate()`` continues from a consistent cache; with a KV cache a batch is served whole or computed whole,
   and decode steps (a non-empty cache) never look up.
@@ -44,6 +47,7 @@ from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes
 from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import get_fingerprint, register_strategy
 from ..request import RequestScope
+from ..verified import OBSERVATIONS, ErrorBound, check_observations, new_observations
 from .base import LayerHook, Strategy
 
 _REQUEST = "semantic.request"
@@ -111,10 +115,19 @@ class Candidate:
     """An entry chosen for one row: its id, values and how its tokens map onto the row's."""
 
     entry_id: int
+    bank: str
     values: dict[str, torch.Tensor]
     index: Index
     score: float
-    verify: bool = False
+    explore: bool = False
+    """``max_error_rate`` could not vouch for it: computed, judged, and the verdict recorded."""
+    audit: bool = False
+    """Drawn by ``verify_fraction``: computed and judged, although it would have been served."""
+
+    @property
+    def verify(self) -> bool:
+        """Whether the row computes this layer instead of being served."""
+        return self.explore or self.audit
 
 
 @dataclass
@@ -216,6 +229,8 @@ class SemanticStrategy(Strategy):
         self.intermediate_states_exact = self.reuse == "residual"
         self._draws = torch.Generator().manual_seed(0)
         self._hooks: list[SemanticLayerHook] = []
+        rate = self.config.max_error_rate
+        self.error_bound = ErrorBound(rate) if rate is not None else None
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -233,6 +248,25 @@ class SemanticStrategy(Strategy):
     def detach(self) -> None:
         super().detach()
         self._hooks.clear()
+
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
+        super().check_state(bank_name, state)
+        for name, tensor in state.items():
+            if name.endswith(f".{OBSERVATIONS}"):
+                try:
+                    check_observations(tensor)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
+
+    def banks_replaced(self) -> None:
+        if self.error_bound is not None:
+            for name, bank in self.banks.items():
+                self.error_bound.rebuild(name, bank.values())
+
+    def floor(self, rank: int) -> float:
+        """The least similarity at which the ``rank``-th cached layer considers an entry: its threshold, or any
+        similarity when ``max_error_rate`` decides."""
+        return -1.0 if self.error_bound is not None else self.config.threshold_for(rank)
 
     def _check_layers(self) -> None:
         for layer in self.layers:
@@ -322,7 +356,7 @@ class SemanticStrategy(Strategy):
         bank = self.banks[hook.layer.name]
         if not rows or len(bank) == 0:
             return {}, {}
-        threshold = self.config.threshold_for(hook.rank)
+        threshold = self.floor(hook.rank)
         scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)))
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
@@ -333,7 +367,7 @@ class SemanticStrategy(Strategy):
                 values = bank.get(entry_id)
                 index = self._usable(run, row, values, stored, threshold) if values is not None else None
                 if index is not None:
-                    found[row] = Candidate(entry_id, values, index, score)
+                    found[row] = Candidate(entry_id, hook.layer.name, values, index, score)
                     break
         return found, best
 
@@ -365,11 +399,19 @@ class SemanticStrategy(Strategy):
             return {}
         fraction = self.config.verify_fraction
         for candidate in candidates.values():
-            candidate.verify = fraction > 0 and float(torch.rand(1, generator=self._draws)) < fraction
+            if self.error_bound is not None:
+                tau = self.error_bound.exploration_probability(
+                    candidate.bank, candidate.entry_id, candidate.values, candidate.score
+                )
+                candidate.explore = self._draw() < tau
+            candidate.audit = not candidate.explore and fraction > 0 and self._draw() < fraction
         if run.with_kv and any(c.verify for c in candidates.values()):
             for candidate in candidates.values():  # a KV cache computes the whole batch or none of it
-                candidate.verify = True
+                candidate.audit = not candidate.explore
         return candidates
+
+    def _draw(self) -> float:
+        return float(torch.rand(1, generator=self._draws))
 
     def _record_lookups(self, hook: SemanticLayerHook, run: SemanticRun, candidates: dict[int, Candidate]) -> None:
         bank = self.banks[hook.layer.name]
@@ -388,17 +430,23 @@ class SemanticStrategy(Strategy):
         true: torch.Tensor,
         stored: str,
     ) -> None:
-        """Divergence monitoring: the relative error the verified hits would have served, to policy and stats."""
+        """Judge the verified hits against what the layer computed: the relative error goes to the policy and the
+        stats, the ``acceptance_cosine`` verdict to the stats and, with ``max_error_rate``, to the entry."""
         bank = self.banks[hook.layer.name]
         for row, candidate in verified.items():
             pos = on_device(run.positions[row], hidden.device)
             value = candidate.values[stored].to(device=hidden.device, dtype=torch.float32)
             value = value[on_device(candidate.index, value.device)]
-            approx = hidden[row, pos].float() + value if stored == "delta" else value
-            exact = true[row, pos].float()
+            approx = (hidden[row, pos].float() + value if stored == "delta" else value).flatten()
+            exact = true[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
+            acceptable = float(torch.nn.functional.cosine_similarity(approx, exact, dim=0)) >= (
+                self.config.acceptance_cosine - _TOLERANCE
+            )
             bank.record_error(candidate.entry_id, error)
-            self.controller.stats_.record_error(hook.layer.name, error)
+            self.controller.stats_.record_error(hook.layer.name, error, acceptable, explored=candidate.explore)
+            if self.error_bound is not None:
+                self.error_bound.observe(candidate.bank, candidate.values, candidate.score, acceptable)
 
     def _store(
         self,
@@ -424,11 +472,20 @@ class SemanticStrategy(Strategy):
                 stored: out[row, pos] - hidden[row, pos] if stored == "delta" else out[row, pos],
                 **self._entry_fields(run, row),
             }
+            if self.error_bound is not None:
+                values[OBSERVATIONS] = self._observations_of(bank, run.digests[row])
             for i, w in enumerate(writes):
                 name, kv_pos = f"kv.{i}.{w.tag}.{w.layer_idx}", on_device(pos, w.key.device)
                 values[f"{name}.key"] = w.key[row : row + 1][..., kv_pos, :]
                 values[f"{name}.value"] = w.value[row : row + 1][..., kv_pos, :]
             bank.put(values, digest=run.digests[row], key=keys[row], cost=seconds)
+
+    @staticmethod
+    def _observations_of(bank, digest: bytes) -> torch.Tensor:
+        """A new entry's observations: those of the entry of the same input it replaces, if any, else none."""
+        entry_id = bank.find(digest)
+        old = bank.get(entry_id) if entry_id is not None else None
+        return old[OBSERVATIONS].clone() if old is not None and OBSERVATIONS in old else new_observations()
 
     @staticmethod
     def _entry_fields(run: SemanticRun, row: int) -> dict[str, torch.Tensor]:
@@ -470,8 +527,9 @@ class SemanticStrategy(Strategy):
         compute_rows = [r for r in range(run.batch) if r not in served]
         if compute_rows:
             out, writes = hook.compute(run, arguments, hidden, compute_rows)
-            self._store(hook, run, keys, out, hidden, compute_rows, writes, "delta")
+            # judged before storing: a stored row replaces the entry of the same input, and takes its observations
             self._check(hook, run, {r: c for r, c in candidates.items() if c.verify}, hidden, out, "delta")
+            self._store(hook, run, keys, out, hidden, compute_rows, writes, "delta")
         else:
             out = hidden.clone()
         for row, candidate in served.items():
@@ -499,10 +557,10 @@ class SemanticStrategy(Strategy):
         compute_rows = [r for r in range(run.batch) if r not in passing and r not in serving]
         if compute_rows:
             out, writes = hook.compute(run, arguments, hidden, compute_rows)
-            self._store(hook, run, run.keys, out, hidden, compute_rows, writes, "state")
             verified = {r: t.candidate for r, t in run.targets.items() if t.candidate.verify}
             here = {r: c for r, c in verified.items() if run.targets[r].position == hook.position}
-            self._check(hook, run, here, hidden, out, "state")
+            self._check(hook, run, here, hidden, out, "state")  # before storing: see residual_step
+            self._store(hook, run, run.keys, out, hidden, compute_rows, writes, "state")
         else:
             out = hidden.clone()
         for row, candidate in serving.items():
@@ -528,7 +586,7 @@ class SemanticStrategy(Strategy):
                 self.banks[deeper.layer.name].record_hit(candidate.entry_id, candidate.score)
             # Banks hold the same inputs under the same keys, so a row whose best similarity is below every
             # remaining threshold would miss there too: stop searching for it (at worst a miss, never a wrong hit).
-            lowest = min((self.config.threshold_for(h.rank) for h in deepest_first[i + 1 :]), default=2.0)
+            lowest = min((self.floor(h.rank) for h in deepest_first[i + 1 :]), default=2.0)
             searching = [r for r in searching if r not in found and best.get(r, 1.0) >= lowest - _TOLERANCE]
             if not searching:
                 break

