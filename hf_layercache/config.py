@@ -153,15 +153,22 @@ class LayerCacheConfig:
 
     max_error_rate: float | None = None
     """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is
-    unacceptable (see ``acceptance_cosine``). Each entry learns from verified requests how its similarity relates to
+    unacceptable (see ``acceptance``). Each entry learns from verified requests how its similarity relates to
     acceptable reuse, and a hit is served only when the estimated probability of an unacceptable result stays under
     this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` is then ignored: the
     nearest entry is always a candidate. ``None``: a static ``threshold`` decides."""
 
+    acceptance: str = "cosine"
+    """How a verified hit is judged acceptable, for ``max_error_rate`` and the observed error rate ``stats()``
+    reports: ``"cosine"``, the state it would have served is close to the computed one (``acceptance_cosine``), or
+    ``"argmax"``, the model's prediction (the argmax of ``output.logits``: a classifier's class, a causal LM's next
+    token after the last real token) is the one the entry's own request got, which is what a state hit serves. It needs
+    a model with a task head and ``reuse="state"``."""
+
     acceptance_cosine: float = 0.95
-    """When a verified hit counts as acceptable: the cosine between the state it would have served and the computed
-    one (the row's real tokens flattened together, at the layer where it is served) is at least this (-1 to 1). It
-    judges ``max_error_rate`` and the observed error rate ``stats()`` reports from verified hits."""
+    """With ``acceptance="cosine"``, when a verified hit counts as acceptable: the cosine between the state it would
+    have served and the computed one (the row's real tokens flattened together, at the layer where it is served) is
+    at least this (-1 to 1)."""
 
     max_unaligned: float = 0.2
     """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
@@ -257,6 +264,13 @@ class LayerCacheConfig:
                 raise ValueError(
                     f"max_error_rate applies to strategy='semantic' only; this config uses strategy={self.strategy!r}."
                 )
+        if self.acceptance not in ("cosine", "argmax"):
+            raise ValueError(f"acceptance={self.acceptance!r} is not allowed; use 'cosine' or 'argmax'.")
+        if self.acceptance == "argmax" and (self.strategy != "semantic" or self.reuse != "state"):
+            raise ValueError(
+                "acceptance='argmax' judges the prediction a state hit serves, so it needs strategy='semantic' with "
+                f"reuse='state'; this config uses strategy={self.strategy!r}, reuse={self.reuse!r}."
+            )
         cosine = self.acceptance_cosine
         if isinstance(cosine, bool) or not isinstance(cosine, int | float) or not -1.0 <= cosine <= 1.0:
             raise ValueError(f"acceptance_cosine must be a cosine similarity in [-1, 1], got {cosine!r}.")

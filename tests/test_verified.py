@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 from safetensors.torch import load_file, save_file
 from tiny import VOCAB, tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.persistence import LayerCacheFileError, file_digest
+from hf_layercache.strategies.semantic import PREDICTION
 from hf_layercache.verified import (
     CAPACITY,
     MIN_OBSERVATIONS,
@@ -146,25 +148,40 @@ def test_observations_survive_save_and_load(tmp_path):
     assert warm_strategy.error_bound.exploration_probability(name, entry_id, warm_bank.get(entry_id), 0.999) == tau
 
 
-def test_malformed_observations_in_a_warm_cache_are_refused_and_the_banks_kept(tmp_path):
-    model = tiny_model("bert")
-    batch = tiny_batch("bert", batch=1)
-    hf_layercache.enable(model, bounded())
-    run(model, batch)
-    model.layer_cache.save(tmp_path)
-    shard = tmp_path / "layer_cache.safetensors"
+def damage_saved_tensor(directory, suffix: str, tensor: torch.Tensor) -> None:
+    """Replace the last saved tensor whose name ends with ``suffix``, keeping the file digests valid (a well-formed
+    file with bad content)."""
+    shard = directory / "layer_cache.safetensors"
     tensors = load_file(shard)
-    name = sorted(n for n in tensors if n.endswith(OBSERVATIONS))[-1]  # in the last bank checked
-    tensors[name] = torch.zeros(5, dtype=torch.long)
+    name = sorted(n for n in tensors if n.endswith(suffix))[-1]  # in the last bank checked
+    tensors[name] = tensor
     save_file(tensors, shard)
-    header = json.loads((tmp_path / "layer_cache_config.json").read_text())
-    header["files"]["layer_cache.safetensors"] = file_digest(shard)  # a well-formed file with bad content
-    (tmp_path / "layer_cache_config.json").write_text(json.dumps(header))
-    warm = tiny_model("bert")
-    hf_layercache.enable(warm, bounded())
-    run(warm, one_token_changed(batch, 0))
+    header = json.loads((directory / "layer_cache_config.json").read_text())
+    header["files"]["layer_cache.safetensors"] = file_digest(shard)
+    (directory / "layer_cache_config.json").write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize(
+    ("field", "config", "head", "match"),
+    [
+        (OBSERVATIONS, {}, None, f"{OBSERVATIONS}.*shape"),
+        (PREDICTION, {"acceptance": "argmax"}, tf.BertForSequenceClassification, f"{PREDICTION}.*class index"),
+    ],
+)
+def test_malformed_entry_fields_in_a_warm_cache_are_refused_and_the_banks_kept(tmp_path, field, config, head, match):
+    model = tiny_model("bert", head=head)
+    batch = tiny_batch("bert", batch=1)
+    hf_layercache.enable(model, bounded(**config))
+    with torch.no_grad():
+        model(**batch)
+    model.layer_cache.save(tmp_path)
+    damage_saved_tensor(tmp_path, field, torch.full((5,), -7, dtype=torch.long))
+    warm = tiny_model("bert", head=head)
+    hf_layercache.enable(warm, bounded(**config))
+    with torch.no_grad():
+        warm(**one_token_changed(batch, 0))
     entries = warm.layer_cache.stats()["total"]["entries"]
-    with pytest.raises(LayerCacheFileError, match=f"{OBSERVATIONS}.*shape"):
+    with pytest.raises(LayerCacheFileError, match=match):
         warm.layer_cache.load(tmp_path)
     assert warm.layer_cache.stats()["total"]["entries"] == entries  # nothing was replaced
 
@@ -192,8 +209,108 @@ def test_audits_report_the_observed_error_rate():
         ({"strategy": "semantic", "max_error_rate": 0.0}, "max_error_rate"),
         ({"strategy": "semantic", "max_error_rate": 1.0}, "max_error_rate"),
         ({"strategy": "semantic", "acceptance_cosine": 1.5}, "acceptance_cosine"),
+        ({"strategy": "semantic", "acceptance": "same"}, "'cosine' or 'argmax'"),
+        ({"strategy": "semantic", "acceptance": "argmax", "reuse": "residual"}, "reuse='state'"),
+        ({"strategy": "exact", "acceptance": "argmax"}, "strategy='semantic'"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LayerCacheConfig(**kwargs)
+
+
+# --- acceptance="argmax": judged by the task head's prediction ----------------------------------------------------
+def classifier(num_labels: int = 2) -> tf.PreTrainedModel:
+    model = tiny_model("bert", head=tf.BertForSequenceClassification)
+    if num_labels != 2:
+        config = model.config
+        config.num_labels = num_labels
+        torch.manual_seed(0)
+        model = tf.BertForSequenceClassification(config).eval()
+    return model
+
+
+def predict(model, batch) -> list[int]:
+    with torch.no_grad():
+        return model(**batch).logits.argmax(-1).tolist()
+
+
+def test_argmax_entries_record_the_prediction_of_their_request():
+    model, uncached = classifier(), classifier()
+    batch = tiny_batch("bert", batch=3)
+    hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", acceptance="argmax"))
+    expected = predict(uncached, batch)
+    assert predict(model, batch) == expected
+    for bank in model.layer_cache.strategy.banks.values():
+        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for e in bank.values()}
+        assert len(recorded) == 3
+        for row in range(3):
+            tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            assert recorded[tuple(tokens)] == expected[row]
+
+
+def test_argmax_verdicts_are_whether_the_prediction_changed():
+    """Every would-be hit audited, against the only entry in the cache: another input is unacceptable exactly when
+    its uncached prediction differs from the uncached prediction of that entry's input."""
+    model, uncached = classifier(num_labels=5), classifier(num_labels=5)
+    source = tiny_batch("bert", batch=1)
+    config = LayerCacheConfig(strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax")
+    hf_layercache.enable(model, config)
+    verdicts = []
+    for seed in range(2, 14):
+        other = tiny_batch("bert", batch=1, seed=seed)
+        model.layer_cache.clear()  # also resets the counters
+        predict(model, source)
+        unacceptable = predict(uncached, other) != predict(uncached, source)
+        assert predict(model, other) == predict(uncached, other)  # audited: the computed result is served
+        total = model.layer_cache.stats()["total"]
+        assert (total["audited"], total["observed_error_rate"]) == (1, float(unacceptable))
+        verdicts.append(unacceptable)
+    assert any(verdicts) and not all(verdicts)  # both verdicts are exercised
+
+
+def test_argmax_bounded_reuse_learns_then_serves_the_same_prediction():
+    model, uncached = classifier(), classifier()
+    batch = tiny_batch("bert", batch=1)
+    with torch.no_grad():
+        reference = uncached(**batch).logits
+    hf_layercache.enable(model, bounded(acceptance="argmax"))
+    for _ in range(MIN_OBSERVATIONS + 30):
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=1e-5)
+    total = model.layer_cache.stats()["total"]
+    assert total["explored"] >= MIN_OBSERVATIONS and total["hits"] > 0
+    deepest = list(model.layer_cache.strategy.banks.values())[-1]  # where state reuse is served, so judged
+    assert all(read_observations(e[OBSERVATIONS])[1].all() for e in deepest.values())  # same prediction: acceptable
+
+
+def test_argmax_of_a_causal_lm_is_the_next_token_after_the_last_real_one():
+    """Left padding through ``generate`` (which keeps only the last position's logits) and right padding through a
+    plain forward both record the token greedy decoding would pick next."""
+    model, uncached = tiny_model("llama", head=tf.LlamaForCausalLM), tiny_model("llama", head=tf.LlamaForCausalLM)
+    hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", acceptance="argmax"))
+    for padding in ("left", "right"):
+        model.layer_cache.clear()
+        batch = tiny_batch("llama", batch=3, padding=padding)
+        if padding == "left":
+            with torch.no_grad():
+                following = uncached.generate(**batch, max_new_tokens=1, do_sample=False)[:, -1].tolist()
+                model.generate(**batch, max_new_tokens=1, do_sample=False)
+        else:
+            with torch.no_grad():
+                logits = uncached(**batch).logits
+                model(**batch)
+            last = batch["attention_mask"].sum(1) - 1
+            following = logits[torch.arange(3), last].argmax(-1).tolist()
+        bank = next(iter(model.layer_cache.strategy.banks.values()))
+        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for e in bank.values()}
+        for row in range(3):
+            tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            assert recorded[tuple(tokens)] == following[row], padding
+
+
+def test_argmax_needs_a_model_with_logits():
+    model = tiny_model("bert")
+    hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", acceptance="argmax"))
+    with pytest.raises(ValueError, match=r"output\.logits.*AutoModelForSequenceClassification"):
+        run(model, tiny_batch("bert", batch=1))

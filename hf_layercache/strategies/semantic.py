@@ -21,7 +21,9 @@ Rules that keep it honest (docs/semantic.md has the measurements):
 * Only exactly computed rows are stored: a row that was served an approximation never becomes an entry, so errors
   do not feed on themselves. Entries carry their namespace and are never served to another one.
 * ``verify_fraction`` of hits are checked by computing the layer anyway: the relative error goes to the policy
-  (``on_error``) and to ``stats()`` with the ``acceptance_cosine`` verdict, and the computed result is served.
+  (``on_error``) and to ``stats()`` with the ``acceptance`` verdict, and the computed result is served. With
+  ``acceptance="argmax"`` the verdict waits for the model's output: entries record the prediction their request got
+  (``PREDICTION``), and a verified row is acceptable when its computed prediction is the same.
 * ``max_error_rate`` replaces the static threshold by a learned, error-bounded decision
   (:mod:`hf_layercache.verified`): the nearest entry is a candidate, and it is served, or explored (computed and
   judged, its verdict recorded in the entry), as that module's bound says.
@@ -37,6 +39,7 @@ import difflib
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,8 @@ _TOLERANCE = 1e-6
 """Float slack on similarity comparisons, so an identical input still hits at threshold 1.0."""
 _NAMESPACE, _KV_RECORDED, _SOURCE = 0, 1, slice(2, 6)
 """Fields of an entry's ``meta`` int64 tensor: one small tensor instead of four keeps a store cheap."""
+PREDICTION = "prediction"
+"""With ``acceptance="argmax"``, the entry field holding its request's prediction (one int64; -1 until known)."""
 
 
 def namespace_tag(namespace: str) -> int:
@@ -73,6 +78,12 @@ def entry_meta(namespace: int, kv_recorded: bool, digest: bytes) -> torch.Tensor
 
 def source_digest(values: dict[str, torch.Tensor]) -> bytes:
     return values["meta"][_SOURCE].numpy().tobytes()
+
+
+def check_prediction(prediction: torch.Tensor) -> None:
+    """Refuse a recorded prediction from disk that is not one class index (or -1, unknown)."""
+    if prediction.dtype != torch.long or tuple(prediction.shape) != (1,) or int(prediction[0]) < -1:
+        raise ValueError(f"'{PREDICTION}' must be an int64 tensor of shape (1,) holding a class index or -1.")
 
 
 Index = slice | torch.Tensor
@@ -161,6 +172,9 @@ class SemanticRun:
     entry_fields: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     """Per row, the tensors every entry made from it shares (tokens, meta), built once per request."""
     targets: dict[int, Target] = field(default_factory=dict)
+    pending: list[tuple[int, Candidate, float]] = field(default_factory=list)
+    """``acceptance="argmax"``: verified rows, their candidates and relative errors, judged once the model's output
+    is known."""
     alignments: dict[tuple[int, bytes], torch.Tensor | None] = field(default_factory=dict)
 
     @property
@@ -235,6 +249,12 @@ class SemanticStrategy(Strategy):
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         self._check_layers()
+        stacks = sorted({layer.stack for layer in self.layers})
+        if self.config.acceptance == "argmax" and len(stacks) > 1:
+            raise ValueError(
+                f"acceptance='argmax' judges a prediction made from one layer stack, but this model caches {stacks}; "
+                "use acceptance='cosine', or cache one stack with layers=."
+            )
         key_dim = self.fingerprint.key_dim(self._hidden_size())
         stacks: dict[str, int] = {}
         for rank, layer in enumerate(self.layers):
@@ -252,11 +272,13 @@ class SemanticStrategy(Strategy):
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
         super().check_state(bank_name, state)
         for name, tensor in state.items():
-            if name.endswith(f".{OBSERVATIONS}"):
-                try:
+            try:
+                if name.endswith(f".{OBSERVATIONS}"):
                     check_observations(tensor)
-                except ValueError as err:
-                    raise ValueError(f"{name}: {err}") from None
+                elif name.endswith(f".{PREDICTION}"):
+                    check_prediction(tensor)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
 
     def banks_replaced(self) -> None:
         if self.error_bound is not None:
@@ -430,8 +452,8 @@ class SemanticStrategy(Strategy):
         true: torch.Tensor,
         stored: str,
     ) -> None:
-        """Judge the verified hits against what the layer computed: the relative error goes to the policy and the
-        stats, the ``acceptance_cosine`` verdict to the stats and, with ``max_error_rate``, to the entry."""
+        """Judge the verified hits against what the layer computed: the relative error goes to the policy, the
+        ``acceptance`` verdict (now for ``"cosine"``, once the output is known for ``"argmax"``) to :meth:`_judge`."""
         bank = self.banks[hook.layer.name]
         for row, candidate in verified.items():
             pos = on_device(run.positions[row], hidden.device)
@@ -440,13 +462,72 @@ class SemanticStrategy(Strategy):
             approx = (hidden[row, pos].float() + value if stored == "delta" else value).flatten()
             exact = true[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
-            acceptable = float(torch.nn.functional.cosine_similarity(approx, exact, dim=0)) >= (
-                self.config.acceptance_cosine - _TOLERANCE
-            )
             bank.record_error(candidate.entry_id, error)
-            self.controller.stats_.record_error(hook.layer.name, error, acceptable, explored=candidate.explore)
-            if self.error_bound is not None:
-                self.error_bound.observe(candidate.bank, candidate.values, candidate.score, acceptable)
+            if self.config.acceptance == "argmax":
+                run.pending.append((row, candidate, error))
+                continue
+            cosine = float(torch.nn.functional.cosine_similarity(approx, exact, dim=0))
+            self._judge(candidate, error, cosine >= self.config.acceptance_cosine - _TOLERANCE)
+
+    def _judge(self, candidate: Candidate, error: float, acceptable: bool) -> None:
+        """Record a verdict in the stats and, with ``max_error_rate``, in the entry that would have served, or in the
+        entry of the same input that has replaced it since (it took over the observations)."""
+        self.controller.stats_.record_error(candidate.bank, error, acceptable, explored=candidate.explore)
+        if self.error_bound is not None:
+            bank = self.banks[candidate.bank]
+            entry_id = bank.find(source_digest(candidate.values))
+            entry = bank.get(entry_id) if entry_id is not None else None
+            self.error_bound.observe(candidate.bank, entry or {}, candidate.score, acceptable)
+
+    # --- acceptance="argmax" --------------------------------------------------------------------------------------
+    def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+        output = original(**arguments)
+        if self.config.acceptance == "argmax":
+            for run in scope.state.values():
+                if isinstance(run, SemanticRun):
+                    self._judge_predictions(run, output)
+        return output
+
+    def _judge_predictions(self, run: SemanticRun, output: Any) -> None:
+        """Judge each verified row: acceptable when its computed prediction is the one its candidate's request got
+        (what serving the candidate's state would have answered). Then record the prediction of every computed row
+        in its entries, for the requests they will serve."""
+        predictions = self._predictions(run, output)
+        for row, candidate, error in run.pending:
+            served = int(candidate.values[PREDICTION]) if PREDICTION in candidate.values else -1
+            if served >= 0 and predictions[row] is not None:  # otherwise unknown, and nothing is learnt
+                self._judge(candidate, error, predictions[row] == served)
+        for row, prediction in enumerate(predictions):
+            if not run.exact[row] or prediction is None:
+                continue
+            for bank in self.banks.values():
+                entry_id = bank.find(run.digests[row])
+                entry = bank.get(entry_id) if entry_id is not None else None
+                if entry is not None and PREDICTION in entry:
+                    entry[PREDICTION].fill_(prediction)
+
+    def _predictions(self, run: SemanticRun, output: Any) -> list[int | None]:
+        """Each row's prediction: the argmax of its logits, for per-token logits at its last real token (they may
+        cover only the last positions, as ``generate`` asks with ``logits_to_keep``); ``None`` where not covered."""
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                "acceptance='argmax' judges the prediction of the model's task head, output.logits, but "
+                f"{type(self.controller.model).__name__} returned none. Load the model with a head "
+                "(AutoModelForSequenceClassification, AutoModelForCausalLM, ...) and keep return_dict=True, or use "
+                "acceptance='cosine'."
+            )
+        if logits.dim() not in (2, 3) or logits.shape[0] != run.batch:
+            return [None] * run.batch
+        if logits.dim() == 2:
+            return logits.argmax(-1).tolist()
+        offset = run.mask.shape[1] - logits.shape[1]
+        out: list[int | None] = []
+        for row, pos in enumerate(run.positions):
+            last = (pos.stop - 1 if isinstance(pos, slice) else int(pos[-1])) if run.lengths[row] else -1
+            column = last - offset
+            out.append(int(logits[row, column].argmax()) if last >= 0 and 0 <= column < logits.shape[1] else None)
+        return out
 
     def _store(
         self,
@@ -474,6 +555,8 @@ class SemanticStrategy(Strategy):
             }
             if self.error_bound is not None:
                 values[OBSERVATIONS] = self._observations_of(bank, run.digests[row])
+            if self.config.acceptance == "argmax":
+                values[PREDICTION] = torch.full((1,), -1, dtype=torch.long)  # filled once the output is known
             for i, w in enumerate(writes):
                 name, kv_pos = f"kv.{i}.{w.tag}.{w.layer_idx}", on_device(pos, w.key.device)
                 values[f"{name}.key"] = w.key[row : row + 1][..., kv_pos, :]
