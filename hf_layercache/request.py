@@ -8,6 +8,7 @@ namespace, whether the user asked to bypass the cache) and to share state across
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ class RequestScope:
     """Why this request runs uncached (``None``: it may use the cache)."""
     state: dict[str, Any] = field(default_factory=dict)
     """The strategy's state for this forward pass (e.g. which rows hit in each layer stack)."""
+
+
+def namespace_tag(namespace: str) -> int:
+    """A stable 63-bit number for a namespace, stored with approximate entries so they are never served to another
+    tenant (not Python's ``hash``: it is salted per process, and warm caches outlive processes)."""
+    return int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def current_scope() -> RequestScope | None:

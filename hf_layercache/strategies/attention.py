@@ -23,7 +23,6 @@ attention module the strategy does not cache (cross-attention, unselected layers
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import threading
 import time
@@ -40,7 +39,7 @@ from ..bank import CacheBank
 from ..kv import past_length
 from ..layers import CachedLayer
 from ..registry import register_strategy
-from ..request import RequestScope, current_scope
+from ..request import RequestScope, current_scope, namespace_tag
 from .base import Strategy
 
 ATTN_IMPLEMENTATION = "hf_layercache"
@@ -50,7 +49,6 @@ _PREFILL = "attention.prefill"
 _WEIGHTS = "attention.weights"
 _NAMESPACE = "attention.namespace"
 _PATTERNS = "attention.patterns"
-_NAMESPACE_BYTES = 8
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
 """A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
@@ -579,12 +577,6 @@ def _attention_configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def namespace_tag(namespace: str) -> torch.Tensor:
-    """A short digest of the namespace, stored with every entry (tensors only) so entries never cross tenants."""
-    digest = hashlib.blake2b(namespace.encode(), digest_size=_NAMESPACE_BYTES).digest()
-    return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
-
-
 @register_strategy("attention")
 class AttentionStrategy(Strategy):
     """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
@@ -655,7 +647,7 @@ class AttentionStrategy(Strategy):
         config = getattr(self.controller.model, "config", None)
         scope.state[_PREFILL] = past_length(arguments.get("past_key_values")) == 0
         scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
-        scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
+        scope.state[_NAMESPACE] = torch.tensor([namespace_tag(scope.namespace)], dtype=torch.long)
 
     # --- keys -------------------------------------------------------------------------------------------------------
     def lookup_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -738,7 +730,7 @@ def _check_entry(where: str, values: dict[str, torch.Tensor], heads: int | None)
     expected = {
         "lse": (torch.int32, (stored.shape[0], length)),
         "mask": (torch.bool, (length, length)),
-        "namespace": (torch.uint8, (_NAMESPACE_BYTES,)),
+        "namespace": (torch.long, (1,)),
     }
     for name, (dtype, shape) in expected.items():
         tensor = values.get(name)

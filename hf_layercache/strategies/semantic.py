@@ -49,7 +49,7 @@ from ..fingerprints import Fingerprint
 from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes
 from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import get_fingerprint, register_strategy
-from ..request import RequestScope
+from ..request import RequestScope, namespace_tag
 from ..verified import OBSERVATIONS, ErrorBound, check_observations, new_observations
 from .base import LayerHook, Strategy
 
@@ -62,11 +62,6 @@ _NAMESPACE, _KV_RECORDED, _SOURCE = 0, 1, slice(2, 6)
 """Fields of an entry's ``meta`` int64 tensor: one small tensor instead of four keeps a store cheap."""
 PREDICTION = "prediction"
 """With ``acceptance="argmax"``, the entry field holding its request's prediction (one int64; -1 until known)."""
-
-
-def namespace_tag(namespace: str) -> int:
-    """A stable 63-bit number for a namespace, stored with every entry (no Python ``hash``: it is salted)."""
-    return int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def entry_meta(namespace: int, kv_recorded: bool, digest: bytes) -> torch.Tensor:
