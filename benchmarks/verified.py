@@ -186,7 +186,7 @@ def plot(bounded: list[Run], static: list[Run], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     ax.plot(
         [100 * r.error_rate for r in static],
         [100 * r.hit_rate for r in static],
@@ -202,31 +202,18 @@ def plot(bounded: list[Run], static: list[Run], path: str, title: str) -> None:
             xytext=(3, 3),
             textcoords="offset points",
         )
-    ax.plot(
-        [100 * r.error_rate for r in bounded],
-        [100 * r.hit_rate for r in bounded],
-        "s-",
-        color="tab:blue",
-        label="max_error_rate (delta)",
-    )
-    for i, r in enumerate(bounded):  # labels stacked downwards: the points sit close together
-        ax.axvline(100 * r.delta, color="tab:blue", alpha=0.2, linestyle="--")
-        ax.annotate(
-            f"delta {r.delta:.1%}",
-            (100 * r.error_rate, 100 * r.hit_rate),
-            fontsize=7,
-            xytext=(8, -12 - 9 * i),
-            textcoords="offset points",
-            color="tab:blue",
-            arrowprops={"arrowstyle": "-", "color": "tab:blue", "alpha": 0.4, "lw": 0.5},
-        )
+    ax.plot([100 * r.error_rate for r in bounded], [100 * r.hit_rate for r in bounded], "-", color="tab:blue")
+    colors = plt.cm.Blues(np.linspace(0.45, 1.0, len(bounded)))
+    for r, color in zip(bounded, colors, strict=True):  # a legend entry each: the points sit too close to label
+        ax.plot(100 * r.error_rate, 100 * r.hit_rate, "s", color=color, label=f"max_error_rate {r.delta:.1%}")
+        ax.axvline(100 * r.delta, color=color, alpha=0.5, linestyle="--", linewidth=0.8)
     ax.set_xlabel("unacceptable served hits per request (%)")
     ax.set_ylabel("hit rate (% of requests served from the cache)")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="dashed: each delta", title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main() -> None:

@@ -155,8 +155,9 @@ class LayerCacheConfig:
     """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is
     unacceptable (see ``acceptance``). Each entry learns from verified requests how its similarity relates to
     acceptable reuse, and a hit is served only when the estimated probability of an unacceptable result stays under
-    this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` is then ignored: the
-    nearest entry is always a candidate. ``None``: a static ``threshold`` decides."""
+    this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` then only preselects
+    the candidates (the nearest entry at or above it), keeping the learned model to similarities where reuse can be
+    right. ``None``: the static ``threshold`` alone decides."""
 
     acceptance: str = "cosine"
     """How a verified hit is judged acceptable, for ``max_error_rate`` and the observed error rate ``stats()``

@@ -124,6 +124,18 @@ def test_never_serves_what_was_always_unacceptable():
     assert total["hits"] == 0 and total["explored"] > MIN_OBSERVATIONS
 
 
+def test_threshold_still_preselects_the_candidates():
+    """threshold=1.0: only identical inputs are candidates, so a changed one is not even explored."""
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=1)
+    hf_layercache.enable(model, bounded(threshold=1.0))
+    run(model, batch)
+    run(model, one_token_changed(batch, 0))
+    assert model.layer_cache.stats()["total"]["explored"] == 0
+    run(model, batch)
+    assert model.layer_cache.stats()["total"]["explored"] == 1
+
+
 def test_observations_survive_save_and_load(tmp_path):
     model = tiny_model("bert")
     batch = tiny_batch("bert", batch=1)

@@ -24,9 +24,9 @@ Rules that keep it honest (docs/semantic.md has the measurements):
   (``on_error``) and to ``stats()`` with the ``acceptance`` verdict, and the computed result is served. With
   ``acceptance="argmax"`` the verdict waits for the model's output: entries record the prediction their request got
   (``PREDICTION``), and a verified row is acceptable when its computed prediction is the same.
-* ``max_error_rate`` replaces the static threshold by a learned, error-bounded decision
-  (:mod:`hf_layercache.verified`): the nearest entry is a candidate, and it is served, or explored (computed and
-  judged, its verdict recorded in the entry), as that module's bound says.
+* ``max_error_rate`` adds a learned, error-bounded decision (:mod:`hf_layercache.verified`): the nearest entry at
+  or above the threshold is a candidate, and it is served, or explored (computed and judged, its verdict recorded in
+  the entry), as that module's bound says.
 * Decoders: reuse happens in prefill only. The K/V a layer writes are recorded with its entry and replayed on a hit,
   so ``generate()`` continues from a consistent cache; with a KV cache a batch is served whole or computed whole,
   and decode steps (a non-empty cache) never look up.
@@ -280,11 +280,6 @@ class SemanticStrategy(Strategy):
             for name, bank in self.banks.items():
                 self.error_bound.rebuild(name, bank.values())
 
-    def floor(self, rank: int) -> float:
-        """The least similarity at which the ``rank``-th cached layer considers an entry: its threshold, or any
-        similarity when ``max_error_rate`` decides."""
-        return -1.0 if self.error_bound is not None else self.config.threshold_for(rank)
-
     def _check_layers(self) -> None:
         for layer in self.layers:
             if layer.spec.outputs > 1:
@@ -373,7 +368,7 @@ class SemanticStrategy(Strategy):
         bank = self.banks[hook.layer.name]
         if not rows or len(bank) == 0:
             return {}, {}
-        threshold = self.floor(hook.rank)
+        threshold = self.config.threshold_for(hook.rank)
         scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)))
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
@@ -664,7 +659,7 @@ class SemanticStrategy(Strategy):
                 self.banks[deeper.layer.name].record_hit(candidate.entry_id, candidate.score)
             # Banks hold the same inputs under the same keys, so a row whose best similarity is below every
             # remaining threshold would miss there too: stop searching for it (at worst a miss, never a wrong hit).
-            lowest = min((self.floor(h.rank) for h in deepest_first[i + 1 :]), default=2.0)
+            lowest = min((self.config.threshold_for(h.rank) for h in deepest_first[i + 1 :]), default=2.0)
             searching = [r for r in searching if r not in found and best.get(r, 1.0) >= lowest - _TOLERANCE]
             if not searching:
                 break
