@@ -384,8 +384,9 @@ def main() -> None:
         max_memory=args.max_memory,
     )
     # AttnCache as published: the nearest map is served whole (the new mask still applied), nothing is verified
-    whole = LayerCacheConfig.from_dict({**default.to_dict(), "attention_position_tolerance": 1e9})
-    whole.attention_verify_rows = 0
+    whole = LayerCacheConfig.from_dict(
+        {**default.to_dict(), "attention_position_tolerance": 1e9, "attention_verify_rows": 0}
+    )
     variants = {"default": default, "whole map": whole} if args.whole_map else {"default": default}
     results = []
     for name in args.models:

@@ -115,7 +115,7 @@ class CacheBank:
         nbytes = entry_bytes(values) + self._key_bytes(key)
         with self._lock:
             if digest is not None and digest in self._by_digest:
-                self._remove(self._by_digest[digest])
+                self._remove([self._by_digest[digest]])
             if self.max_bytes is not None and nbytes > self.max_bytes:
                 return None
             self._make_room(nbytes)
@@ -132,23 +132,25 @@ class CacheBank:
 
     def remove(self, entry_id: int) -> None:
         with self._lock:
-            self._remove(entry_id)
+            self._remove([entry_id])
 
     def clear(self) -> None:
         with self._lock:
-            for entry_id in list(self._entries):
-                self._remove(entry_id)
+            self._remove(list(self._entries))
 
-    def _remove(self, entry_id: int) -> None:
-        entry = self._entries.pop(entry_id, None)
-        if entry is None:
-            return
-        self._value_bytes -= entry.nbytes
-        if entry.digest is not None:
-            self._by_digest.pop(entry.digest, None)
-        if self.backend is not None:
-            self.backend.remove(torch.tensor([entry_id]))
-        self.policy.on_remove(entry_id)
+    def _remove(self, entry_ids: list[int]) -> None:
+        """Drop entries (unknown ids are ignored); the backend hears of them in one call, so clearing or evicting
+        many costs one index update (or rebuild), not one per entry."""
+        removed = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
+        for entry_id in removed:
+            entry = self._entries.pop(entry_id)
+            self._value_bytes -= entry.nbytes
+            if entry.digest is not None:
+                self._by_digest.pop(entry.digest, None)
+        if removed and self.backend is not None:
+            self.backend.remove(torch.tensor(removed))
+        for entry_id in removed:
+            self.policy.on_remove(entry_id)
 
     def _make_room(self, nbytes: int) -> None:
         while self._entries and (
@@ -159,8 +161,7 @@ class CacheBank:
             victims = [v for v in self.policy.victims(needed) if v in self._entries]
             if not victims:
                 raise RuntimeError(f"Policy {type(self.policy).__name__} named no existing entry to evict.")
-            for victim in victims:
-                self._remove(victim)
+            self._remove(victims)
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
