@@ -83,10 +83,10 @@ class CacheBank:
             entry = self._entries.get(entry_id)
             return entry.values if entry is not None else None
 
-    def values(self) -> list[dict[str, torch.Tensor]]:
-        """Every entry's values (a snapshot of the list; the dicts are the stored ones)."""
+    def items(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """Every entry's id and values, in insertion order (a snapshot of the list; the dicts are the stored ones)."""
         with self._lock:
-            return [entry.values for entry in self._entries.values()]
+            return [(entry_id, entry.values) for entry_id, entry in self._entries.items()]
 
     def record_hit(self, entry_id: int, similarity: float = 1.0) -> None:
         with self._lock:

@@ -208,7 +208,7 @@ def test_a_stale_sibling_index_costs_a_hit_never_a_wrong_one():
 
 
 def test_token_exact_reuse_survives_clear():
-    """clear() empties the bank but not the sibling index: its dead hints must not hide the live siblings."""
+    """clear() empties the bank and the sibling index; reuse starts again from nothing after it."""
     model = cached("qwen2")
     preamble = tokens(BLOCK + 2, seed=29)
     queries = [torch.cat([torch.tensor([3 + q]), tokens(3, seed=30 + q)]) for q in range(3)]
@@ -219,6 +219,7 @@ def test_token_exact_reuse_survives_clear():
             if query is not queries[0]:
                 assert totals(model)["hits"] - hits == (BLOCK + 2) * 3
         model.layer_cache.clear()
+        assert len(model.layer_cache.strategy.siblings) == 0
 
 
 def test_namespaces_never_share_entries():

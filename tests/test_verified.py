@@ -145,7 +145,7 @@ def test_observations_survive_save_and_load(tmp_path):
     strategy = model.layer_cache.strategy
     name = list(strategy.banks)[-1]  # state reuse is served, so judged, at the deepest layer
     bank = strategy.banks[name]
-    observed = sum(int(v[OBSERVATIONS][0]) for v in bank.values())
+    observed = sum(int(v[OBSERVATIONS][0]) for _, v in bank.items())
     assert observed >= MIN_OBSERVATIONS
     entry_id = max(bank._entries)
     tau = strategy.error_bound.exploration_probability(name, entry_id, bank.get(entry_id), 0.999)
@@ -156,7 +156,7 @@ def test_observations_survive_save_and_load(tmp_path):
     warm.layer_cache.load(tmp_path)
     warm_strategy = warm.layer_cache.strategy
     warm_bank = warm_strategy.banks[name]
-    assert sum(int(v[OBSERVATIONS][0]) for v in warm_bank.values()) == observed
+    assert sum(int(v[OBSERVATIONS][0]) for _, v in warm_bank.items()) == observed
     assert warm_strategy.error_bound.exploration_probability(name, entry_id, warm_bank.get(entry_id), 0.999) == tau
 
 
@@ -254,7 +254,7 @@ def test_argmax_entries_record_the_prediction_of_their_request():
     expected = predict(uncached, batch)
     assert predict(model, batch) == expected
     for bank in model.layer_cache.strategy.banks.values():
-        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for e in bank.values()}
+        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for _, e in bank.items()}
         assert len(recorded) == 3
         for row in range(3):
             tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
@@ -293,7 +293,7 @@ def test_argmax_bounded_reuse_learns_then_serves_the_same_prediction():
     total = model.layer_cache.stats()["total"]
     assert total["explored"] >= MIN_OBSERVATIONS and total["hits"] > 0
     deepest = list(model.layer_cache.strategy.banks.values())[-1]  # where state reuse is served, so judged
-    assert all(read_observations(e[OBSERVATIONS])[1].all() for e in deepest.values())  # same prediction: acceptable
+    assert all(read_observations(e[OBSERVATIONS])[1].all() for _, e in deepest.items())  # same prediction: acceptable
 
 
 def test_argmax_of_a_causal_lm_is_the_next_token_after_the_last_real_one():
@@ -315,7 +315,7 @@ def test_argmax_of_a_causal_lm_is_the_next_token_after_the_last_real_one():
             last = batch["attention_mask"].sum(1) - 1
             following = logits[torch.arange(3), last].argmax(-1).tolist()
         bank = next(iter(model.layer_cache.strategy.banks.values()))
-        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for e in bank.values()}
+        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for _, e in bank.items()}
         for row in range(3):
             tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
             assert recorded[tuple(tokens)] == following[row], padding

@@ -152,6 +152,10 @@ class SiblingIndex:
                     del self._children[parent]
             self._added = 0
 
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(children) for children in self._children.values())
+
     def replace(self, children: list[tuple[bytes, int, torch.Tensor]]) -> None:
         with self._lock:
             self._children.clear()
@@ -515,11 +519,7 @@ class PrefixStrategy(Strategy):
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
-        """Refuse entries of other shapes; then index the siblings of the entries about to be loaded.
-
-        ``controller.load`` checks a state right before the bank loads it (keeping entry ids), so this is where a
-        warm cache's children become findable; were the load to fail, the index would only hold dead hints.
-        """
+        """Refuse entries of other shapes."""
         super().check_state(bank_name, state)
         if not bool(state["has_digest"].all()):
             raise ValueError("every prefix entry needs its chain digest.")
@@ -530,7 +530,11 @@ class PrefixStrategy(Strategy):
                 entries[int(entry_id)][kind] = tensor
         for entry_id, values in entries.items():
             self._check_entry(entry_id, values)
-        self.siblings.replace([(bytes(v["parent"].tolist()), i, v["tokens"]) for i, v in sorted(entries.items())])
+
+    def banks_replaced(self) -> None:
+        """After a load (or a clear), index the siblings of the bank's entries: a warm cache's children become
+        findable, and a cleared bank's hints go."""
+        self.siblings.replace([(bytes(v["parent"].tolist()), i, v["tokens"]) for i, v in self.bank.items()])
 
     def _check_entry(self, entry_id: int, values: dict[str, torch.Tensor]) -> None:
         tokens, parent = values.get("tokens"), values.get("parent")

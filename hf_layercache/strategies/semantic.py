@@ -278,7 +278,7 @@ class SemanticStrategy(Strategy):
     def banks_replaced(self) -> None:
         if self.error_bound is not None:
             for name, bank in self.banks.items():
-                self.error_bound.rebuild(name, bank.values())
+                self.error_bound.rebuild(name, [values for _, values in bank.items()])
 
     def _check_layers(self) -> None:
         for layer in self.layers:
