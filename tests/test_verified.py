@@ -253,7 +253,9 @@ def test_argmax_entries_record_the_prediction_of_their_request():
     hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", acceptance="argmax"))
     expected = predict(uncached, batch)
     assert predict(model, batch) == expected
-    for bank in model.layer_cache.strategy.banks.values():
+    banks = [bank for bank in model.layer_cache.strategy.banks.values() if len(bank)]
+    assert banks  # the deepest layer at least: the one state reuse jumps to
+    for bank in banks:
         recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for _, e in bank.items()}
         assert len(recorded) == 3
         for row in range(3):

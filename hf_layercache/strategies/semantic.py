@@ -259,6 +259,22 @@ class SemanticStrategy(Strategy):
             hook = SemanticLayerHook(self, layer, position, rank)
             self._hooks.append(hook)
             self.hook_layer(layer.module, hook)
+        self._jump_targets = self._find_jump_targets()
+
+    def _find_jump_targets(self) -> set[str]:
+        """State reuse: the layers a row can jump to. A row takes the deepest layer with a usable entry and every
+        such layer holds the same inputs under the same key, so a shallower layer only catches rows all deeper ones
+        missed when its threshold is lower than theirs: with one threshold, the last layer alone. Only these layers
+        store and search entries, unless a KV cache needs the K/V of every layer a row skips."""
+        targets = set()
+        for stack in {hook.layer.stack for hook in self._hooks}:
+            lowest_deeper = float("inf")
+            for hook in reversed(self._stack_hooks(stack)):
+                threshold = self.config.threshold_for(hook.rank)
+                if hook.position >= self.fingerprint.after_layers and threshold < lowest_deeper:
+                    targets.add(hook.layer.name)
+                lowest_deeper = min(lowest_deeper, threshold)
+        return targets
 
     def detach(self) -> None:
         super().detach()
@@ -633,7 +649,8 @@ class SemanticStrategy(Strategy):
             verified = {r: t.candidate for r, t in run.targets.items() if t.candidate.verify}
             here = {r: c for r, c in verified.items() if run.targets[r].position == hook.position}
             self._check(hook, run, here, hidden, out, "state")  # before storing: see residual_step
-            self._store(hook, run, run.keys, out, hidden, compute_rows, writes, "state")
+            if run.with_kv or hook.layer.name in self._jump_targets:
+                self._store(hook, run, run.keys, out, hidden, compute_rows, writes, "state")
         else:
             out = hidden.clone()
         for row, candidate in serving.items():
@@ -651,7 +668,11 @@ class SemanticStrategy(Strategy):
         """For each row, the deepest cached layer of the stack with a usable entry (searched deepest first)."""
         targets: dict[int, Target] = {}
         searching = list(range(run.batch))
-        deepest_first = list(reversed(self._stack_hooks(hook.layer.stack)[hook.position :]))
+        deepest_first = [
+            deeper
+            for deeper in reversed(self._stack_hooks(hook.layer.stack)[hook.position :])
+            if run.with_kv or deeper.layer.name in self._jump_targets
+        ]
         for i, deeper in enumerate(deepest_first):
             found, best = self.find(deeper, run, run.keys, searching, "state")
             for row, candidate in found.items():
