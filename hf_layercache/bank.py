@@ -38,6 +38,12 @@ def entry_bytes(values: dict[str, torch.Tensor]) -> int:
     return data + TENSOR_OVERHEAD_BYTES * len(values) + ENTRY_OVERHEAD_BYTES
 
 
+_outside_inference_mode = torch.inference_mode(False)
+"""Stores run outside inference mode whatever the caller's: entries and index tensors outlive the request, and a later
+call outside ``torch.inference_mode()`` (a verdict recorded in an entry, ``clear()``) updates them in place, which
+PyTorch refuses on inference tensors. Stored tensors that are inference tensors are copied."""
+
+
 class CacheBank:
     """Entries of one layer (or one layer stack), with their lookup structures and eviction bookkeeping.
 
@@ -103,6 +109,7 @@ class CacheBank:
                 self.policy.on_error(entry_id, error)
 
     # --- insert / remove ------------------------------------------------------------------------------------------
+    @_outside_inference_mode
     def put(
         self,
         values: dict[str, torch.Tensor],
@@ -169,8 +176,12 @@ class CacheBank:
             t = t.to(self.storage_dtype)
         if self.device is not None:
             t = t.to(self.device)
-        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone(memory_format=torch.contiguous_format)  # a row view would keep its whole batch alive
+        if (
+            t.is_inference()  # see _outside_inference_mode
+            or not t.is_contiguous()
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()  # a row view keeps its batch alive
+        ):
+            t = t.clone(memory_format=torch.contiguous_format)
         return t
 
     def _key_bytes(self, key: torch.Tensor | None) -> int:
@@ -237,6 +248,7 @@ class CacheBank:
             if len(parts) != 3 or parts[0] != "entry" or not parts[1].isdigit() or int(parts[1]) not in known:
                 raise ValueError(f"unexpected tensor {name!r} (not an entry of a listed id).")
 
+    @_outside_inference_mode
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the content with ``state``; the entries land on this bank's device."""
         ids = state["ids"].tolist()

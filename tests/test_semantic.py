@@ -271,3 +271,22 @@ def test_real_model_light_variant_hits_and_unrelated_sentence_misses(minilm_path
     unrelated = "A small dog slept under the kitchen table all afternoon."
     torch.testing.assert_close(embed(model, unrelated), embed(plain, unrelated), rtol=0, atol=1e-5)
     assert totals(model)["hits"] == hits
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss", "annoy"])
+def test_entries_stored_under_inference_mode_can_be_updated_and_cleared_outside_it(backend):
+    """Pipelines run under ``torch.inference_mode()``; a later plain call, a verdict recorded in an entry, or
+    ``clear()`` runs outside it, where in-place updates of inference tensors are refused. Banks own normal tensors."""
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=1)
+    config = semantic(backend=backend, max_error_rate=0.05, verify_fraction=0.0)
+    hf_layercache.enable(model, config)
+    with torch.inference_mode():
+        run(model, batch)
+    for _ in range(3):  # explored: the verdict is recorded in place in the entry stored under inference mode
+        run(model, batch)
+    assert model.layer_cache.stats()["total"]["explored"] == 3
+    with torch.inference_mode():
+        run(model, one_token_changed(batch))
+    model.layer_cache.clear()
+    assert model.layer_cache.stats()["total"]["entries"] == 0
