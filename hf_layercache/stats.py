@@ -29,7 +29,7 @@ class LayerCounters:
     audited: int = 0
     """Verified hits that would have been served (drawn by ``verify_fraction``): an unbiased sample of served hits."""
     audited_unacceptable: int = 0
-    """Of those, hits below ``acceptance_cosine`` (see ``observed_error_rate``)."""
+    """Of those, hits the strategy judged unacceptable (semantic: by ``acceptance``; see ``observed_error_rate``)."""
     explored: int = 0
     """Candidate hits checked before deciding to serve them: ``max_error_rate``'s explorations (computed, as it could
     not yet vouch for them) and the attention strategy's row checks."""
