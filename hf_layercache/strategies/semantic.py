@@ -244,12 +244,6 @@ class SemanticStrategy(Strategy):
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         self._check_layers()
-        stacks = sorted({layer.stack for layer in self.layers})
-        if self.config.acceptance == "argmax" and len(stacks) > 1:
-            raise ValueError(
-                f"acceptance='argmax' judges a prediction made from one layer stack, but this model caches {stacks}; "
-                "use acceptance='cosine', or cache one stack with layers=."
-            )
         key_dim = self.fingerprint.key_dim(self._hidden_size())
         stacks: dict[str, int] = {}
         for rank, layer in enumerate(self.layers):
@@ -303,6 +297,12 @@ class SemanticStrategy(Strategy):
                     f"strategy='semantic' serves layers that return their hidden state alone; {layer.name} "
                     f"({type(layer.module).__name__}) also returns position biases. Use strategy='exact'."
                 )
+        stacks = sorted({layer.stack for layer in self.layers})
+        if self.config.acceptance == "argmax" and len(stacks) > 1:
+            raise ValueError(
+                f"acceptance='argmax' judges a prediction made from one layer stack, but this model caches {stacks}; "
+                "use acceptance='cosine', or cache one stack with layers=."
+            )
         threshold = self.config.threshold
         if isinstance(threshold, list) and len(threshold) != len(self.layers):
             raise ValueError(
