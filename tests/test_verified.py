@@ -122,6 +122,7 @@ def test_never_serves_what_was_always_unacceptable():
         torch.testing.assert_close(run(model, changed), run(uncached, changed), rtol=0, atol=1e-5)
     total = model.layer_cache.stats()["total"]
     assert total["hits"] == 0 and total["explored"] > MIN_OBSERVATIONS
+    assert total["explored_unacceptable"] == total["explored"]
 
 
 def test_threshold_still_preselects_the_candidates():
@@ -211,7 +212,7 @@ def test_audits_report_the_observed_error_rate():
     assert model.layer_cache.stats()["total"]["observed_error_rate"] == 0.0
     run(model, one_token_changed(batch, 0))
     total = model.layer_cache.stats()["total"]
-    assert total["audited"] == 2 and total["observed_error_rate"] == 0.5
+    assert (total["audited"], total["audited_unacceptable"], total["observed_error_rate"]) == (2, 1, 0.5)
 
 
 @pytest.mark.parametrize(
