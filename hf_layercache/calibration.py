@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import LayerCacheConfig
 from .controller import ATTRIBUTE
+from .kv import without_cache
 from .layers import ArgumentBinder, CachedLayer, select_layers
 from .registry import get_fingerprint
 from .strategies.semantic import align_tokens
@@ -119,7 +120,7 @@ def _trace(
         def hook(module, args, kwargs, output):
             arguments = binders[i].bind(args, kwargs)
             hidden = arguments.pop(binders[i].first)
-            current["arguments"].append({k: v for k, v in arguments.items() if k != "past_key_values"})
+            current["arguments"].append(without_cache(arguments))
             current["inputs"].append(hidden[0].detach().clone())
             out = output[0] if isinstance(output, tuple) else output
             current["outputs"].append(out[0].detach().clone())

@@ -1,20 +1,59 @@
 """Recording and replaying the key/value-cache writes of a layer.
 
-A decoder layer that is skipped must still leave in ``past_key_values`` what generation reads later. Rather than
+A decoder layer that is skipped must still leave in its KV cache what generation reads later. Rather than
 knowing each cache class, we record the ``update(key, value, layer_idx)`` calls the layer makes while it computes,
 and replay the same calls when it is skipped: the cache then ends in the state the real computation gave it, for
 dynamic, sliding-window and encoder-decoder caches alike.
+
+The cache is found by what it is, not by the name of the argument carrying it: transformers 5.24 renamed
+``past_key_values`` to ``cache`` (the old name is deprecated until 5.40), and older releases only know the old name.
+:func:`find_cache` takes any :class:`transformers.Cache` under either name (or any other), and
+:func:`cache_parameter` tells which name a forward's own signature uses, so calls the library makes itself pass the
+cache under that name and trigger no deprecation warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import Cache
 
-_TAGS = ("self", "cross")
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+"""Names transformers has given the KV-cache argument, newest first."""
+
+
+def find_cache(arguments: dict[str, Any]) -> Any:
+    """The KV cache among a call's named arguments (``None`` when it has none): under a known name, or any
+    argument holding a :class:`transformers.Cache`."""
+    for name in CACHE_ARGUMENTS:
+        value = arguments.get(name)
+        if value is not None:
+            return value
+    return next((value for value in arguments.values() if isinstance(value, Cache)), None)
+
+
+def without_cache(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments less every name the KV cache may arrive under."""
+    cache = find_cache(arguments)
+    return {k: v for k, v in arguments.items() if k not in CACHE_ARGUMENTS and (cache is None or v is not cache)}
+
+
+def cache_parameter(forward: Callable[..., Any]) -> str:
+    """The name ``forward``'s signature gives its KV-cache argument (``past_key_values`` when it names none, which
+    is what every release in the supported range still accepts)."""
+    return _cache_parameter(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_parameter(function: Callable[..., Any]) -> str:
+    parameters = inspect.signature(function).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), "past_key_values")
 
 
 @dataclass
@@ -25,9 +64,6 @@ class KVWrite:
     layer_idx: int
     key: torch.Tensor
     value: torch.Tensor
-
-    def rows(self, rows: torch.Tensor) -> KVWrite:
-        return KVWrite(self.tag, self.layer_idx, self.key.index_select(0, rows), self.value.index_select(0, rows))
 
 
 def _subcaches(past_key_values) -> dict[str, object]:

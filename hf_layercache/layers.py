@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .kv import CACHE_ARGUMENTS
+
 # Layer arguments whose tensors have the batch in dimension 0 (or 1 when they broadcast over the batch).
 DEFAULT_BATCH_ARGS = frozenset(
     {
@@ -28,7 +30,7 @@ DEFAULT_BATCH_ARGS = frozenset(
     }
 )
 # Arguments that are the same for every row; they never block splitting a batch by rows.
-SHARED_ARGS = frozenset({"past_key_values", "cache_position", "use_cache", "output_attentions", "layer_head_mask"})
+SHARED_ARGS = frozenset({*CACHE_ARGUMENTS, "cache_position", "use_cache", "output_attentions", "layer_head_mask"})
 
 
 @dataclass(frozen=True)
@@ -208,15 +210,3 @@ def select_rows(arguments: dict[str, Any], spec: LayerSpec, rows: torch.Tensor, 
         return t.index_select(0, rows.to(t.device)) if t.dim() > 0 and t.shape[0] == batch else t
 
     return {n: _map_tensors(v, pick) if n in spec.batch_args else v for n, v in arguments.items()}
-
-
-def row_tensors(arguments: dict[str, Any], spec: LayerSpec, batch: int, row: int) -> list[torch.Tensor]:
-    """Every tensor that determines row ``row``'s output: its slice of batch arguments, and shared tensors whole."""
-    out = []
-    for name in sorted(arguments):
-        if name == "past_key_values":
-            continue
-        for t in _tensors(arguments[name]):
-            per_row = name in spec.batch_args and t.dim() > 0 and t.shape[0] == batch
-            out.append(t[row] if per_row else t)
-    return out

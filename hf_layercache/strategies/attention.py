@@ -36,7 +36,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..bank import CacheBank
-from ..kv import past_length
+from ..kv import find_cache, past_length
 from ..layers import CachedLayer
 from ..registry import register_strategy
 from ..request import RequestScope, current_scope, namespace_tag
@@ -645,7 +645,7 @@ class AttentionStrategy(Strategy):
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         config = getattr(self.controller.model, "config", None)
-        scope.state[_PREFILL] = past_length(arguments.get("past_key_values")) == 0
+        scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
         scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
         scope.state[_NAMESPACE] = torch.tensor([namespace_tag(scope.namespace)], dtype=torch.long)
 

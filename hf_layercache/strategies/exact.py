@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes, stack_writes
+from ..kv import CACHE_ARGUMENTS, KVWrite, find_cache, past_length, record_kv_writes, replay_kv_writes, stack_writes
 from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import register_strategy
 from ..request import RequestScope
@@ -32,7 +32,7 @@ from .base import LayerHook, Strategy
 
 _ROWS = "exact.rows"
 # Model-level arguments that never carry the batch in dimension 0, even when their length happens to equal it.
-_NOT_PER_ROW = frozenset({"cache_position", "past_key_values"})
+_NOT_PER_ROW = frozenset({"cache_position", *CACHE_ARGUMENTS})
 _BATCH_SOURCES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "hidden_states")
 
 
@@ -129,14 +129,14 @@ class ExactLayerHook(LayerHook):
     def _serve(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if run.with_kv:
             rows = [_entry_writes(run.hits[r], self.position) for r in range(run.batch)]
-            replay_kv_writes(arguments.get("past_key_values"), stack_writes(rows) if rows[0] else [])
+            replay_kv_writes(find_cache(arguments), stack_writes(rows) if rows[0] else [])
         self.strategy.controller.stats_.record(self.layer.name, hits=run.batch)
         out = self._cached_hidden(run, range(run.batch), hidden) if self.last else hidden
         return self.pack(out)
 
     def _compute_all(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         start = time.perf_counter()
-        with record_kv_writes(arguments.get("past_key_values") if run.with_kv else None) as writes:
+        with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
             out = self.original(**arguments)
         seconds = time.perf_counter() - start
         self.observe(out)
@@ -212,7 +212,7 @@ class ExactStrategy(Strategy):
     ) -> StackRun | None:
         """Look every row up in the stack's bank; ``None`` when this call cannot use the cache."""
         request_digests = scope.state.get(_ROWS)
-        cache = arguments.get("past_key_values")
+        cache = find_cache(arguments)
         if not request_digests or len(request_digests) != hidden.shape[0] or past_length(cache) > 0:
             return None  # nothing to key on (or an empty batch), or a decode step
         bank = self.banks[layer.stack]

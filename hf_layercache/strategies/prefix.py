@@ -2,7 +2,7 @@
 
 In a causal decoder the key/value states and the output of token ``j`` depend only on tokens ``0..j``. So once a
 prompt has been computed, any later prompt that starts with the same tokens can take those tokens' states from the
-cache and compute only the rest, through the model's own ``past_key_values`` path, with the same result.
+cache and compute only the rest, through the model's own KV-cache path, with the same result.
 
 How it works:
 
@@ -58,6 +58,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.utils import ModelOutput
 
 from ..bank import DIGEST_BYTES
+from ..kv import CACHE_ARGUMENTS, cache_parameter, find_cache, without_cache
 from ..registry import register_strategy
 from ..request import RequestScope, current_scope
 from .base import Strategy
@@ -71,7 +72,7 @@ SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
 """Model types with the classes whose outputs are per-position functions of the base model's output (tested).
 Other heads read ``input_ids`` themselves (sequence classification finds the last token in them), so they are
 refused rather than risked."""
-_HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "past_key_values", "logits_to_keep"})
+_HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "logits_to_keep", *CACHE_ARGUMENTS})
 """Tensor arguments the strategy understands; a call with any other tensor argument is computed whole."""
 _FIELDS = ("key", "value", "hidden", "tokens", "parent")
 
@@ -289,7 +290,7 @@ class PrefixStrategy(Strategy):
         run = self._prepare(arguments, rows, split)
         scope.state[_RUN] = run
         start = time.perf_counter()
-        output = original(**self._suffix_arguments(arguments, run))
+        output = original(**self._suffix_arguments(arguments, run, cache_parameter(original)))
         seconds = time.perf_counter() - start
         if self.owner is self.controller.model:
             output = self._splice(output, run)
@@ -310,7 +311,7 @@ class PrefixStrategy(Strategy):
             return None
         if any(_is_data(v) for k, v in arguments.items() if k not in _HANDLED):
             return None
-        if not _fillable(arguments.get("past_key_values")):
+        if not _fillable(find_cache(arguments)):
             return None  # a decode step, or a cache this strategy does not fill
         if mask is not None and (mask.dim() != 2 or mask.shape != input_ids.shape):
             return None
@@ -407,7 +408,7 @@ class PrefixStrategy(Strategy):
 
     def _prepare(self, arguments: dict[str, Any], rows: list[Row], split: int) -> PrefixRun:
         """The cache the suffix continues from, filled with the reused prefix of every row."""
-        cache = arguments.get("past_key_values")
+        cache = find_cache(arguments)
         if cache is None:
             cache = DynamicCache(config=self.owner.config)
         use_cache = arguments.get("use_cache")
@@ -441,8 +442,10 @@ class PrefixStrategy(Strategy):
         return keys, values, hidden
 
     @staticmethod
-    def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun) -> dict[str, Any]:
-        suffix = dict(arguments, past_key_values=run.cache)
+    def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun, cache_name: str) -> dict[str, Any]:
+        """The call for the suffix columns, continuing from the prefix cache (under the name ``forward`` uses)."""
+        suffix = without_cache(arguments)
+        suffix[cache_name] = run.cache
         suffix["input_ids"] = arguments["input_ids"][:, run.split :]
         if arguments.get("position_ids") is not None:
             suffix["position_ids"] = arguments["position_ids"][..., run.split :]
@@ -467,8 +470,8 @@ class PrefixStrategy(Strategy):
         if isinstance(output, ModelOutput):
             values = dict(output.items())
             values[next(iter(values))] = full
-            if not run.keep_cache:
-                values.pop("past_key_values", None)  # uncached, use_cache=False returns no cache
+            if not run.keep_cache:  # uncached, use_cache=False returns no cache
+                values = {k: v for k, v in values.items() if v is not run.cache}
             return type(output)(**values)
         return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..fingerprints import Fingerprint
-from ..kv import KVWrite, past_length, record_kv_writes, replay_kv_writes
+from ..kv import KVWrite, find_cache, past_length, record_kv_writes, replay_kv_writes
 from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import get_fingerprint, register_strategy
 from ..request import RequestScope, namespace_tag
@@ -207,7 +207,7 @@ class SemanticLayerHook(LayerHook):
         with the input kept in the other rows, and the K/V writes it made."""
         start = time.perf_counter()
         if len(rows) == run.batch:
-            with record_kv_writes(arguments.get("past_key_values") if run.with_kv else None) as writes:
+            with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
                 out = self.original(**arguments)
         else:
             selected = torch.tensor(rows, device=hidden.device)
@@ -330,7 +330,7 @@ class SemanticStrategy(Strategy):
         """What this call knows about its rows; ``None`` when it cannot use the cache (a decode step, shapes that
         do not fit, a token fingerprint without token ids)."""
         input_ids, mask = scope.state.get(_REQUEST, (None, None))
-        cache = arguments.get("past_key_values")
+        cache = find_cache(arguments)
         if hidden.dim() != 3 or past_length(cache) > 0:
             return None
         batch, length = hidden.shape[:2]
@@ -628,7 +628,7 @@ class SemanticStrategy(Strategy):
             run.exact[row] = False
         if run.with_kv and served:  # all rows are served together (see _choose)
             entries = [served[r].values for r in range(run.batch)]
-            replay_kv_writes(arguments.get("past_key_values"), self._batch_writes(run, entries))
+            replay_kv_writes(find_cache(arguments), self._batch_writes(run, entries))
         self.controller.stats_.record(hook.layer.name, hits=len(served))
         return out
 
@@ -660,7 +660,7 @@ class SemanticStrategy(Strategy):
         for row in [*passing, *serving]:
             run.exact[row] = False
         if run.with_kv and not compute_rows:  # every row skips or is served here (see _targets)
-            replay_kv_writes(arguments.get("past_key_values"), self._batch_writes(run, self._kv_sources(hook, run)))
+            replay_kv_writes(find_cache(arguments), self._batch_writes(run, self._kv_sources(hook, run)))
         self.controller.stats_.record(hook.layer.name, hits=len(passing) + len(serving))
         return out
 
