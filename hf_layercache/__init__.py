@@ -11,7 +11,7 @@ from .config import LayerCacheConfig
 from .controller import LayerCacheController
 from .integration import disable, enable, install, uninstall
 from .layers import LayerSpec, register_layer_spec
-from .persistence import LayerCacheFileError
+from .persistence import LayerCacheFileError, LayerCacheMismatchError
 from .registry import (
     available_backends,
     available_fingerprints,
@@ -36,6 +36,7 @@ __all__ = [
     "LayerCacheConfig",
     "LayerCacheController",
     "LayerCacheFileError",
+    "LayerCacheMismatchError",
     "LayerSpec",
     "available_backends",
     "available_fingerprints",

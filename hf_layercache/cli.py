@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import __version__, available_backends, available_policies, available_strategies, disable, enable
-from .config import LayerCacheConfig
-from .persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
+from .config import CONFIG_NAME, LayerCacheConfig
+from .persistence import FORMAT_VERSION, LayerCacheFileError, has_cache, read_header, shard_files, verify_files
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -248,7 +248,8 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     """Model and tokenizer from one directory, the model with a cold cache of ``config``.
 
     A warm directory brings its cache along on ``from_pretrained``; it is replaced by a cold one here, so what is
-    measured is the flags' config on the data, not whatever the directory held.
+    measured is the flags' config on the data, not whatever the directory held. Its cache is asked for explicitly,
+    so one saved for other weights is an error rather than a warning: the user named that directory.
     """
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer from config.json alone and every text would become [UNK]
@@ -259,7 +260,8 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders often ship without one; the mask hides padding anyway
-    model = cls.from_pretrained(path, local_files_only=True).eval()
+    saved = LayerCacheConfig.from_json_file(path / CONFIG_NAME) if has_cache(path) else None
+    model = cls.from_pretrained(path, local_files_only=True, layer_cache=saved).eval()
     disable(model)
     return enable(model, config), tokenizer
 

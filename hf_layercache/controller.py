@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from .hooks import ForwardHook, attach_forward_hook, remove_forward_hook
 from .layers import ArgumentBinder, select_layers
 from .persistence import (
     LayerCacheFileError,
+    LayerCacheMismatchError,
     identity_differences,
     model_identity,
     read_header,
@@ -27,6 +30,7 @@ from .persistence import (
 from .registry import get_backend, get_policy, get_strategy
 from .request import RequestScope, current_scope, open_scope
 from .stats import CacheStats, format_report
+from .weights import WeightsWatch
 
 ATTRIBUTE = "layer_cache"
 
@@ -48,6 +52,7 @@ class RequestHook(ForwardHook):
         with open_scope(scope):
             if scope.bypass_reason is not None:
                 return self.original(*args, **kwargs)
+            self.controller.drop_stale_entries()
             self.controller.strategy.begin_request(scope, arguments)
             return self.controller.strategy.forward_request(scope, self.original, arguments)
 
@@ -64,35 +69,75 @@ class LayerCacheController:
         self._identity: dict[str, Any] | None = None
         self.strategy = get_strategy(config.strategy)(self)
         self._scoped: list[torch.nn.Module] = []
+        self.weights = WeightsWatch(self._stack_owners())
+        self._warned_autograd = False
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         self.strategy.attach()
-        for module in self._request_modules():
+        for module in [self.model, *(m for m in self._stack_owners() if m is not self.model)]:
             attach_forward_hook(module, RequestHook(self))
             self._scoped.append(module)
         self.model.__dict__[ATTRIBUTE] = self
+        # copy.deepcopy and pickle look these up on the instance first: the model copies with its own cache, and
+        # torch.save(model) says what to do instead of failing on a hooked layer's forward.
+        self.model.__dict__["__deepcopy__"] = self.copy_model
+        self.model.__dict__["__reduce_ex__"] = self._refuse_pickle
 
     def detach(self) -> None:
         for module in self._scoped:
             remove_forward_hook(module)
         self._scoped.clear()
         self.strategy.detach()
-        self.model.__dict__.pop(ATTRIBUTE, None)
+        for name in (ATTRIBUTE, "__deepcopy__", "__reduce_ex__"):
+            self.model.__dict__.pop(name, None)
 
-    def _request_modules(self) -> list[torch.nn.Module]:
-        """The model and every pre-trained submodule owning a stack (``generate`` calls T5's encoder directly)."""
+    def _stack_owners(self) -> list[torch.nn.Module]:
+        """For each layer stack, the innermost pre-trained model holding it (the model itself for a base model): the
+        module whose forward is a request (``generate`` calls T5's encoder directly) and whose weights the entries
+        depend on (a head computes after the cached states, so its weights do not)."""
         modules = dict(self.model.named_modules())
-        found = [self.model]
+        found: list[torch.nn.Module] = []
         for layer in self.layers:
             parts = layer.stack.split(".")
-            for depth in range(len(parts) - 1, 0, -1):
-                owner = modules.get(".".join(parts[:depth]))
-                if isinstance(owner, PreTrainedModel):
-                    if all(owner is not m for m in found):
-                        found.append(owner)
-                    break
+            owner = next(
+                (
+                    modules[path]
+                    for path in (".".join(parts[:depth]) for depth in range(len(parts) - 1, 0, -1))
+                    if isinstance(modules.get(path), PreTrainedModel)
+                ),
+                self.model,
+            )
+            if all(owner is not m for m in found):
+                found.append(owner)
         return found
+
+    @contextlib.contextmanager
+    def _detached(self) -> Iterator[None]:
+        """The model as it is without the cache, then attached again with the same (warm) banks."""
+        self.detach()
+        try:
+            yield
+        finally:
+            self.attach()
+            self.strategy.banks_replaced()
+
+    def copy_model(self, memo: dict[int, Any] | None = None) -> torch.nn.Module:
+        """``copy.deepcopy(model)``: an independent model with its own cache, warm with copies of every entry."""
+        states = {name: {k: v.clone() for k, v in bank.state_dict().items()} for name, bank in self.banks.items()}
+        with self._detached():
+            clone = copy.deepcopy(self.model, memo)
+        twin = LayerCacheController(clone, copy.deepcopy(self.config))
+        twin.attach()
+        twin.replace_banks(states, "the copied cache")
+        return clone
+
+    def _refuse_pickle(self, protocol: int) -> None:
+        raise TypeError(
+            f"{type(self.model).__name__} has a layer cache (model.layer_cache), which cannot be pickled, so "
+            "torch.save(model) fails. Save with model.save_pretrained(directory) (weights and warm cache), or call "
+            "hf_layercache.disable(model) before torch.save."
+        )
 
     def build_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
         """A bank with the config's policy, backend and its even share of ``max_memory``."""
@@ -124,6 +169,9 @@ class LayerCacheController:
             return "bypass()"
         if module.training:
             return "training mode"
+        if torch.is_grad_enabled() and (self.weights.requires_grad() or _inputs_require_grad(arguments)):
+            self._warn_autograd()
+            return "autograd"
         wants_maps = arguments.get("output_attentions", getattr(config, "output_attentions", False))
         if wants_maps and not self.strategy.serves_attention_maps:
             return "output_attentions"
@@ -131,6 +179,25 @@ class LayerCacheController:
         if wants_states and not self.strategy.intermediate_states_exact:
             return "output_hidden_states"
         return None
+
+    def _warn_autograd(self) -> None:
+        if not self._warned_autograd:
+            self._warned_autograd = True
+            warnings.warn(
+                "hf_layercache: this request runs with autograd on (parameters or inputs require grad), so it runs "
+                "uncached: a served entry has no gradient. Wrap inference in torch.inference_mode() (or "
+                "torch.no_grad()) to use the cache. Warned once per model.",
+                stacklevel=4,
+            )
+
+    def drop_stale_entries(self) -> None:
+        """Drop every entry when the weights changed since the entries were computed (see ``weights.py``)."""
+        if self.weights.changed():
+            for bank in self.banks.values():
+                bank.clear()
+            self.strategy.banks_replaced()
+            self._identity = None
+            self.stats_.record_invalidation()
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
@@ -191,18 +258,19 @@ class LayerCacheController:
 
     def load(self, directory: str | os.PathLike) -> None:
         """Replace every bank's content with the warm cache in ``directory``, after checking it fits this model."""
+        self.drop_stale_entries()  # the identity below must describe the weights as they are now
         directory = resolve_cache_dir(directory)
         header = read_header(directory)
         differences = identity_differences(header["model"], self.identity)
         if differences:
-            raise LayerCacheFileError(
+            raise LayerCacheMismatchError(
                 f"The layer cache in {directory} was saved for another model ({header['model'].get('class')}): "
                 + "; ".join(differences)
                 + ". Clear it or fill a new one for this model."
             )
         saved_strategy = header["config"].get("strategy")
         if saved_strategy != self.config.strategy:
-            raise LayerCacheFileError(
+            raise LayerCacheMismatchError(
                 f"The layer cache in {directory} holds strategy {saved_strategy!r} entries; this model uses "
                 f"{self.config.strategy!r}."
             )
@@ -215,13 +283,22 @@ class LayerCacheController:
                     f"are {sorted(self.banks)}."
                 )
             grouped.setdefault(bank, {})[key] = tensor
-        for stage in ("check", "load"):  # every bank is checked before any is replaced
-            for bank_name, state in grouped.items():
+        self.replace_banks(grouped, f"The layer cache in {directory}")
+
+    def replace_banks(self, states: dict[str, dict[str, torch.Tensor]], source: str) -> None:
+        """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced."""
+        for stage in ("check", "load"):
+            for bank_name, state in states.items():
                 try:
                     if stage == "check":
                         self.strategy.check_state(bank_name, state)
                     else:
                         self.banks[bank_name].load_state_dict(state)
                 except (KeyError, ValueError, RuntimeError, IndexError) as err:
-                    raise LayerCacheFileError(f"The layer cache in {directory}, bank {bank_name!r}: {err}") from None
+                    raise LayerCacheFileError(f"{source}, bank {bank_name!r}: {err}") from None
         self.strategy.banks_replaced()
+        self.weights.mark()
+
+
+def _inputs_require_grad(arguments: dict[str, Any]) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in arguments.values())

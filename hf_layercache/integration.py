@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from .config import CONFIG_NAME, LayerCacheConfig
 from .controller import ATTRIBUTE, LayerCacheController
-from .persistence import has_cache, read_header
+from .persistence import LayerCacheMismatchError, has_cache, read_header
 
 _KWARG = "layer_cache"
 _COMPONENT_LOADERS = (
@@ -61,27 +61,33 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
 
 # --- wrapped entry points -------------------------------------------------------------------------------------------
 def _from_pretrained(cls, pretrained_model_name_or_path, *args, layer_cache=None, **kwargs):
-    model = _originals[(PreTrainedModel, "from_pretrained")].__func__(
+    loaded = _originals[(PreTrainedModel, "from_pretrained")].__func__(
         cls, pretrained_model_name_or_path, *args, **kwargs
     )
+    model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
     path = pretrained_model_name_or_path
     warm = isinstance(path, str | os.PathLike) and os.path.isdir(path) and has_cache(path)
-    if layer_cache is None and warm:
+    explicit = layer_cache is not None
+    if not explicit and warm:
         layer_cache = LayerCacheConfig.from_json_file(Path(path) / CONFIG_NAME)
     if layer_cache is None:
-        return model
+        return loaded
     enable(model, layer_cache)
     if warm:
-        saved_strategy = read_header(path)["config"].get("strategy")
-        if saved_strategy == model.layer_cache.config.strategy:
-            model.layer_cache.load(path)
-        else:
-            warnings.warn(
-                f"{path} holds a warm '{saved_strategy}' cache but layer_cache asks for "
-                f"'{model.layer_cache.config.strategy}'; starting cold.",
-                stacklevel=2,
-            )
-    return model
+        _restore_warm_cache(model, path, explicit)
+    return loaded
+
+
+def _restore_warm_cache(model: PreTrainedModel, path: str | os.PathLike, explicit: bool) -> None:
+    """Load the warm cache saved beside the weights. One that does not fit this model (other weights, dtype, head or
+    strategy) is an error when the caller asked for a cache with ``layer_cache=``, else a warning and a cold start:
+    loading a saved model as something else (``dtype=torch.float16``, another head) must still load the model."""
+    try:
+        model.layer_cache.load(path)
+    except LayerCacheMismatchError as err:
+        if explicit and model.layer_cache.config.strategy == read_header(path)["config"].get("strategy"):
+            raise
+        warnings.warn(f"{err} The model loads, starting cold with an empty cache.", stacklevel=3)
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):

@@ -49,6 +49,10 @@ class LayerCacheFileError(ValueError):
     """A warm-cache file is missing, malformed, or belongs to another model."""
 
 
+class LayerCacheMismatchError(LayerCacheFileError):
+    """A well-formed warm cache that was saved for other weights, another model or another strategy."""
+
+
 # --- model identity -------------------------------------------------------------------------------------------------
 def _named_weights(model: torch.nn.Module):
     """Parameters and buffers with their real values, also those accelerate offloaded to CPU or disk (meta)."""

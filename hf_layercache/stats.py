@@ -60,6 +60,8 @@ class CacheStats:
     def __init__(self, layer_names: list[str]):
         self._lock = threading.Lock()
         self.layers = {name: LayerCounters() for name in layer_names}
+        self.invalidations = 0
+        """Times every entry was dropped because the weights changed under the cache (see ``weights.py``)."""
 
     def record(self, layer: str, hits: int = 0, misses: int = 0, compute_seconds: float = 0.0) -> None:
         with self._lock:
@@ -90,12 +92,17 @@ class CacheStats:
         with self._lock:
             self.layers[layer].bypassed += rows
 
+    def record_invalidation(self) -> None:
+        with self._lock:
+            self.invalidations += 1
+
     def seconds_per_row(self, layer: str) -> float:
         return self.layers[layer].seconds_per_row
 
     def reset(self) -> None:
         with self._lock:
             self.layers = {name: LayerCounters() for name in self.layers}
+            self.invalidations = 0
 
     def report(self, bank_sizes: dict[str, tuple[int, int]]) -> dict:
         """Per-layer counters, per-bank entries and bytes, and totals, as plain Python data."""
@@ -128,6 +135,7 @@ class CacheStats:
             "audited_unacceptable": unacceptable,
             "observed_error_rate": unacceptable / audited if audited else 0.0,
             "seconds_saved": sum(c["seconds_saved"] for c in layers.values()),
+            "invalidations": self.invalidations,
             "entries": sum(b["entries"] for b in banks.values()),
             "bytes": sum(b["bytes"] for b in banks.values()),
         }

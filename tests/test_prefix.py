@@ -14,6 +14,13 @@ ARCHS = ["llama", "gpt2", "qwen2"]
 BLOCK = 4
 
 
+@pytest.fixture(autouse=True)
+def inference():
+    """Requests with autograd on run uncached (a served entry has no gradient): these tests serve requests."""
+    with torch.no_grad():
+        yield
+
+
 def cached(arch, head=tf.AutoModelForCausalLM, **config):
     model = tiny_model(arch, head)
     return hf_layercache.enable(model, LayerCacheConfig(**{"strategy": "prefix", "block_size": BLOCK, **config}))

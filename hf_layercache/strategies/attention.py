@@ -602,7 +602,7 @@ class AttentionStrategy(Strategy):
         AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
         for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
-            bank = self.banks.get(layer.name) or self.new_bank(
+            bank = self.new_bank(
                 layer.name, layer.device, n_banks=len(self.layers), key_dim=self.config.attention_key_dim
             )
             self._heads[layer.name] = _heads(module)

@@ -72,9 +72,10 @@ class Strategy(ABC):
         self._hooked.append(module)
 
     def new_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
-        bank = self.controller.build_bank(name, device, n_banks, key_dim)
-        self.banks[name] = bank
-        return bank
+        """The bank called ``name``: built on first attach, kept (warm) when the strategy is attached again."""
+        if name not in self.banks:
+            self.banks[name] = self.controller.build_bank(name, device, n_banks, key_dim)
+        return self.banks[name]
 
 
 class LayerHook(ForwardHook):
