@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from .bank import CacheBank
 from .config import LayerCacheConfig
-from .hooks import ForwardHook, attach_forward_hook, remove_forward_hook
+from .hooks import ForwardHook, HookRegistry
 from .layers import ArgumentBinder, select_layers
 from .persistence import (
     LayerCacheFileError,
@@ -67,30 +67,30 @@ class LayerCacheController:
         self.stats_ = CacheStats([layer.name for layer in self.layers])
         self._local = threading.local()
         self._identity: dict[str, Any] | None = None
+        self.hooks = HookRegistry()
+        """Every attachment to the model; ``detach`` removes them all."""
         self.strategy = get_strategy(config.strategy)(self)
-        self._scoped: list[torch.nn.Module] = []
         self.weights = WeightsWatch(self._stack_owners())
         self._warned_autograd = False
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
-        self.strategy.attach()
-        for module in [self.model, *(m for m in self._stack_owners() if m is not self.model)]:
-            attach_forward_hook(module, RequestHook(self))
-            self._scoped.append(module)
-        self.model.__dict__[ATTRIBUTE] = self
+        try:
+            self.strategy.attach()
+            for module in [self.model, *(m for m in self._stack_owners() if m is not self.model)]:
+                self.hooks.replace_forward(module, RequestHook(self))
+        except BaseException:
+            self.detach()
+            raise
+        self.hooks.set_attribute(self.model, ATTRIBUTE, self)
         # copy.deepcopy and pickle look these up on the instance first: the model copies with its own cache, and
         # torch.save(model) says what to do instead of failing on a hooked layer's forward.
-        self.model.__dict__["__deepcopy__"] = self.copy_model
-        self.model.__dict__["__reduce_ex__"] = self._refuse_pickle
+        self.hooks.set_attribute(self.model, "__deepcopy__", self.copy_model)
+        self.hooks.set_attribute(self.model, "__reduce_ex__", self._refuse_pickle)
 
     def detach(self) -> None:
-        for module in self._scoped:
-            remove_forward_hook(module)
-        self._scoped.clear()
+        self.hooks.remove_all()
         self.strategy.detach()
-        for name in (ATTRIBUTE, "__deepcopy__", "__reduce_ex__"):
-            self.model.__dict__.pop(name, None)
 
     def _stack_owners(self) -> list[torch.nn.Module]:
         """For each layer stack, the innermost pre-trained model holding it (the model itself for a base model): the

@@ -1,20 +1,26 @@
-"""Replacing a module's ``forward`` on the instance, and putting it back exactly.
+"""Every way the cache attaches to a model, in one registry that removes them all exactly.
 
-A forward pre-hook cannot skip a forward, so a cached layer's ``forward`` attribute is replaced by a wrapper that
-calls :meth:`ForwardHook.new_forward`. The wrapper is installed *after* accelerate's dispatch hooks, so a cache hit
-returns before accelerate would move offloaded weights in. :func:`remove_forward_hook` restores the instance
-``__dict__`` to what it was, as accelerate's ``remove_hook_from_module`` does for its own hooks.
+A forward pre-hook cannot skip a forward, so a cached layer's ``forward`` attribute is replaced on the instance by a
+:class:`HookedForward` that calls :meth:`ForwardHook.new_forward`. It is installed *after* accelerate's dispatch
+hooks, so a cache hit returns before accelerate would move offloaded weights in. The other attachments are torch
+forward hooks, attributes set on instances (the attention strategy's per-module state, ``model.layer_cache``) and
+calls with an inverse (registering an attention function with transformers, selecting it in the configs).
+
+:class:`HookRegistry` (one per cached model, ``controller.hooks``) records each attachment with its undo, named per
+module as diffusers' ``HookRegistry`` names its hooks, and :meth:`HookRegistry.remove_all` undoes them newest
+first: like accelerate's ``remove_hook_from_module``, every instance ``__dict__`` ends exactly as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-_HOOK_ATTR = "_layer_cache_hook"
 _MISSING = object()
 
 
@@ -68,21 +74,77 @@ class HookedForward:
         _refuse_copy("pickled (torch.save pickles it)", type(self.module).__name__)
 
 
-def attach_forward_hook(module: nn.Module, hook: ForwardHook) -> None:
-    if _HOOK_ATTR in module.__dict__:
-        raise RuntimeError(f"{type(module).__name__} already has a layer cache hook; disable the cache first.")
-    saved_forward = module.__dict__.get("forward", _MISSING)
-    hook.original = module.forward
-    module.__dict__[_HOOK_ATTR] = (hook, saved_forward)
-    module.forward = HookedForward(module, hook)
+@dataclass
+class Attachment:
+    """One thing done to a model, with what undoes it."""
+
+    kind: str
+    """``forward``, ``forward_hook``, ``attribute`` or ``call``."""
+    target: str
+    """What it was done to, e.g. ``BertLayer.forward`` or ``AttentionInterface['hf_layercache']``."""
+    undo: Callable[[], None]
 
 
-def remove_forward_hook(module: nn.Module) -> None:
-    entry = module.__dict__.pop(_HOOK_ATTR, None)
-    if entry is None:
-        return
-    _, saved_forward = entry
-    if saved_forward is _MISSING:
-        del module.__dict__["forward"]
-    else:
-        module.__dict__["forward"] = saved_forward
+def _set_instance_attribute(owner: Any, name: str, value: Any) -> Callable[[], None]:
+    """Write ``owner.__dict__[name]`` (bypassing ``nn.Module.__setattr__``); the returned undo restores it exactly."""
+    previous = owner.__dict__.get(name, _MISSING)
+    owner.__dict__[name] = value
+
+    def undo() -> None:
+        if previous is _MISSING:
+            owner.__dict__.pop(name, None)
+        else:
+            owner.__dict__[name] = previous
+
+    return undo
+
+
+class HookRegistry:
+    """The inventory of one cached model's attachments; :meth:`remove_all` undoes them, newest first."""
+
+    def __init__(self) -> None:
+        self._attachments: list[Attachment] = []
+
+    def replace_forward(self, module: nn.Module, hook: ForwardHook) -> None:
+        """Route ``module``'s calls through ``hook.new_forward``; ``hook.original`` is the forward it replaces."""
+        if isinstance(module.__dict__.get("forward"), HookedForward):
+            raise RuntimeError(f"{type(module).__name__} already has a layer cache hook; disable the cache first.")
+        hook.original = module.forward
+        undo = _set_instance_attribute(module, "forward", HookedForward(module, hook))
+        self._attachments.append(Attachment("forward", f"{type(module).__name__}.forward", undo))
+
+    def forward_hook(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """A torch forward hook (``fn(module, args, output)`` may replace the output)."""
+        handle = module.register_forward_hook(fn)
+        self._attachments.append(Attachment("forward_hook", f"{type(module).__name__} forward hook", handle.remove))
+
+    def set_attribute(self, owner: Any, name: str, value: Any) -> None:
+        """An instance attribute, set in ``owner.__dict__`` and restored (or removed) on removal."""
+        undo = _set_instance_attribute(owner, name, value)
+        self._attachments.append(Attachment("attribute", f"{type(owner).__name__}.{name}", undo))
+
+    def call(self, target: str, apply: Callable[[], None], undo: Callable[[], None]) -> None:
+        """Anything else with an inverse, e.g. a registration in a transformers registry."""
+        apply()
+        self._attachments.append(Attachment("call", target, undo))
+
+    def remove_all(self) -> None:
+        while self._attachments:
+            self._attachments.pop().undo()
+
+    def inventory(self) -> list[str]:
+        """What is attached, oldest first, as ``kind: target`` lines."""
+        return [f"{a.kind}: {a.target}" for a in self._attachments]
+
+    def __len__(self) -> int:
+        return len(self._attachments)
+
+
+@contextlib.contextmanager
+def temporarily(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.__dict__[name] = value`` for the enclosed code only (e.g. a KV cache's ``update`` while recording)."""
+    undo = _set_instance_attribute(owner, name, value)
+    try:
+        yield
+    finally:
+        undo()

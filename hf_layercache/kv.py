@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from .hooks import temporarily
+
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 """Names transformers has given the KV-cache argument, newest first."""
 
@@ -83,27 +85,19 @@ def past_length(past_key_values, layer_idx: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def record_kv_writes(past_key_values) -> Iterator[list[KVWrite]]:
-    """Record every ``update`` the enclosed code makes on ``past_key_values`` (which still receives them)."""
+def record_kv_writes(cache: Any) -> Iterator[list[KVWrite]]:
+    """Record every ``update`` the enclosed code makes on ``cache`` (which still receives them)."""
     writes: list[KVWrite] = []
-    if past_key_values is None:
-        yield writes
-        return
-    patched = []
-    for tag, cache in _subcaches(past_key_values).items():
-        original = cache.update
+    with contextlib.ExitStack() as patches:
+        for tag, sub in (_subcaches(cache) if cache is not None else {}).items():
+            original = sub.update
 
-        def update(key_states, value_states, layer_idx, *args, _tag=tag, _original=original, **kwargs):
-            writes.append(KVWrite(_tag, int(layer_idx), key_states.detach(), value_states.detach()))
-            return _original(key_states, value_states, layer_idx, *args, **kwargs)
+            def update(key_states, value_states, layer_idx, *args, _tag=tag, _original=original, **kwargs):
+                writes.append(KVWrite(_tag, int(layer_idx), key_states.detach(), value_states.detach()))
+                return _original(key_states, value_states, layer_idx, *args, **kwargs)
 
-        cache.update = update
-        patched.append(cache)
-    try:
+            patches.enter_context(temporarily(sub, "update", update))
         yield writes
-    finally:
-        for cache in patched:
-            del cache.update
 
 
 def replay_kv_writes(past_key_values, writes: list[KVWrite]) -> None:

@@ -53,7 +53,7 @@ def enable():
         return model
 
     yield make
-    for model in models:
+    for model in reversed(models):  # newest first: each restores the implementation the one before it selected
         hf_layercache.disable(model)
 
 
@@ -337,3 +337,25 @@ def test_minilm_templated_requests_reuse_maps_faithfully(minilm_path):
         assert model.layer_cache.strategy.recomputed_fraction < 0.5
     finally:
         hf_layercache.disable(model)
+
+
+def test_disable_undoes_every_attachment_including_the_global_registration():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = tiny_model("llama")
+    implementation = model.config._attn_implementation
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    hf_layercache.enable(model, LayerCacheConfig(strategy="attention"))
+    controller = model.layer_cache
+    kinds = {line.split(":")[0] for line in controller.hooks.inventory()}
+    assert kinds == {"call", "attribute", "forward"}
+    assert "hf_layercache" in AttentionInterface._global_mapping
+    hf_layercache.disable(model)
+    assert len(controller.hooks) == 0
+    assert "hf_layercache" not in AttentionInterface._global_mapping
+    assert "hf_layercache" not in AttentionMaskInterface._global_mapping
+    assert model.config._attn_implementation == implementation
+    assert {name: dict(m.__dict__).keys() for name, m in model.named_modules()} == {
+        name: d.keys() for name, d in before.items()
+    }

@@ -26,7 +26,6 @@ import functools
 import inspect
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +79,31 @@ _KNOWN_KWARGS = frozenset(
 (T5's ``position_bias``, gpt-oss's ``s_aux`` sinks) is refused rather than silently ignored."""
 
 # attention module -> its cached layer; weak, so a model that is dropped without ``disable`` is still collected
-_CACHED: weakref.WeakKeyDictionary[nn.Module, CachedAttention] = weakref.WeakKeyDictionary()
+_MODULE_ATTR = "_layer_cache_attention"
+"""Instance attribute of a cached attention module: its :class:`CachedAttention` (set through the hook registry)."""
+_users = 0
+"""Models whose cache has the attention functions registered; the last to detach unregisters them."""
+_users_lock = threading.Lock()
+
+
+def _register_functions() -> None:
+    global _users
+    with _users_lock:
+        if _users == 0:
+            AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
+        _users += 1
+
+
+def _unregister_functions() -> None:
+    global _users
+    with _users_lock:
+        _users -= 1
+        if _users == 0:  # transformers' registries have no unregister: their class-wide mappings are dicts
+            AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+            AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+
+
 _DISPATCHES: dict[type, bool] = {}
 
 
@@ -113,7 +136,7 @@ def attention_forward(
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
-    cached = _CACHED.get(module)
+    cached = module.__dict__.get(_MODULE_ATTR)
     scope = current_scope()
     if cached is None or scope is None or scope.bypass_reason is not None or module.training or dropout:
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, softcap)
@@ -586,8 +609,6 @@ class AttentionStrategy(Strategy):
     def __init__(self, controller):
         super().__init__(controller)
         self.max_error = self.config.attention_max_error
-        self._saved_implementations: list[tuple[Any, Any]] = []
-        self._modules: list[nn.Module] = []
         self._pools: dict[tuple, torch.Tensor] = {}
         self._projections: dict[tuple, torch.Tensor] = {}
         self._heads: dict[str, int] = {}
@@ -599,25 +620,17 @@ class AttentionStrategy(Strategy):
     def attach(self) -> None:
         model = self.controller.model
         modules = [self._attention_module(layer) for layer in self.layers]
-        AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
+        self.hooks.call(f"AttentionInterface[{ATTN_IMPLEMENTATION!r}]", _register_functions, _unregister_functions)
         for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
             bank = self.new_bank(
                 layer.name, layer.device, n_banks=len(self.layers), key_dim=self.config.attention_key_dim
             )
             self._heads[layer.name] = _heads(module)
-            _CACHED[module] = CachedAttention(self, layer, bank, self.config.threshold_for(position))
-        self._modules = modules
-        self._saved_implementations = [(c, c._attn_implementation_internal) for c in _attention_configs(model)]
+            cached = CachedAttention(self, layer, bank, self.config.threshold_for(position))
+            self.hooks.set_attribute(module, _MODULE_ATTR, cached)
+        for config in _attention_configs(model):  # what set_attn_implementation changes, restored on removal
+            self.hooks.set_attribute(config, "_attn_implementation_internal", config._attn_implementation_internal)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-
-    def detach(self) -> None:
-        for config, implementation in self._saved_implementations:
-            config._attn_implementation_internal = implementation
-        self._saved_implementations.clear()
-        for module in self._modules:
-            _CACHED.pop(module, None)
-        self._modules.clear()
 
     def _attention_module(self, layer: CachedLayer) -> nn.Module:
         """The layer's self-attention: the first submodule dispatching through ``AttentionInterface`` (transformers

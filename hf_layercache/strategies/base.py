@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..bank import CacheBank
-from ..hooks import ForwardHook, attach_forward_hook, remove_forward_hook
+from ..hooks import ForwardHook, HookRegistry
 from ..layers import ArgumentBinder, CachedLayer
 from ..request import current_scope
 
@@ -22,8 +22,9 @@ class Strategy(ABC):
     """Installs and removes its layer hooks and owns the banks of the layers it caches.
 
     Subclasses are registered with :func:`hf_layercache.register_strategy` and built as ``cls(controller)``; they
-    read the config and the selected layers from the controller, create banks with :meth:`new_bank` and hooks with
-    :meth:`hook_layer`, and never import model code: everything architecture-specific comes from
+    read the config and the selected layers from the controller, create banks with :meth:`new_bank`, attach through
+    :attr:`hooks` (the model's :class:`~hf_layercache.hooks.HookRegistry`, which removes everything on
+    ``disable``), and never import model code: everything architecture-specific comes from
     :mod:`hf_layercache.layers`.
     """
 
@@ -40,17 +41,18 @@ class Strategy(ABC):
         self.config = controller.config
         self.layers = controller.layers
         self.banks: dict[str, CacheBank] = {}
-        self._hooked: list[torch.nn.Module] = []
+
+    @property
+    def hooks(self) -> HookRegistry:
+        return self.controller.hooks
 
     @abstractmethod
     def attach(self) -> None:
-        """Create banks and install hooks."""
+        """Create banks and attach through :attr:`hooks`."""
 
-    def detach(self) -> None:
-        """Remove every hook this strategy installed (banks stay, so a re-attach is warm)."""
-        for module in self._hooked:
-            remove_forward_hook(module)
-        self._hooked.clear()
+    def detach(self) -> None:  # noqa: B027 - optional hook
+        """Forget state derived from the attachments, which the registry has removed (banks stay: a re-attach, as
+        ``copy.deepcopy`` does, is warm)."""
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Called once per top-level forward with its named arguments, before any layer runs."""
@@ -66,10 +68,6 @@ class Strategy(ABC):
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
         """Refuse a bank state read from disk that does not fit; strategies add checks of their entries."""
         self.banks[bank_name].check_state(state)
-
-    def hook_layer(self, module: torch.nn.Module, hook: ForwardHook) -> None:
-        attach_forward_hook(module, hook)
-        self._hooked.append(module)
 
     def new_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
         """The bank called ``name``: built on first attach, kept (warm) when the strategy is attached again."""

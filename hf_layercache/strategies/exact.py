@@ -202,7 +202,9 @@ class ExactStrategy(Strategy):
             self.new_bank(stack, layers[-1].device, n_banks=len(stacks))
         for layers in stacks.values():
             for position, layer in enumerate(layers):
-                self.hook_layer(layer.module, ExactLayerHook(self, layer, position, last=position == len(layers) - 1))
+                self.hooks.replace_forward(
+                    layer.module, ExactLayerHook(self, layer, position, last=position == len(layers) - 1)
+                )
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         scope.state[_ROWS] = row_digests(arguments, scope.namespace)

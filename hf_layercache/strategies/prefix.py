@@ -233,15 +233,8 @@ class PrefixStrategy(Strategy):
         self.hidden_size = text.hidden_size
         self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
         self.siblings = SiblingIndex()
-        self._splice_handle = None
         if self.owner is not model:
-            self._splice_handle = self.owner.register_forward_hook(self._splice_hook)
-
-    def detach(self) -> None:
-        if self._splice_handle is not None:
-            self._splice_handle.remove()
-            self._splice_handle = None
-        super().detach()
+            self.hooks.forward_hook(self.owner, self._splice_hook)
 
     def _check_model(self, model: torch.nn.Module) -> PreTrainedModel:
         """The base model owning the layer stack; ``ValueError`` for anything prefix reuse cannot serve exactly."""

@@ -252,7 +252,7 @@ class SemanticStrategy(Strategy):
             self.new_bank(layer.name, layer.device, n_banks=len(self.layers), key_dim=key_dim)
             hook = SemanticLayerHook(self, layer, position, rank)
             self._hooks.append(hook)
-            self.hook_layer(layer.module, hook)
+            self.hooks.replace_forward(layer.module, hook)
         self._jump_targets = self._find_jump_targets()
 
     def _find_jump_targets(self) -> set[str]:
@@ -271,7 +271,6 @@ class SemanticStrategy(Strategy):
         return targets
 
     def detach(self) -> None:
-        super().detach()
         self._hooks.clear()
 
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
