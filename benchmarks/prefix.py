@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_layercache.kv import cache_parameter, find_cache
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from real_models import smollm2_path
@@ -127,21 +129,18 @@ def _calls(plain, cached, shared: torch.Tensor, queries: list[torch.Tensor]) -> 
     prompts = [torch.cat([shared, q], dim=1) for q in queries]
     # a distinct first token makes every block of a prompt new to the cache: what a miss costs
     unseen = [torch.cat([torch.tensor([[1000 + 997 * i]]), p], dim=1) for i, p in enumerate(prompts)]
-    shared_cache = plain(input_ids=shared).past_key_values
+    shared_cache = find_cache(dict(plain(input_ids=shared)))
+    name = cache_parameter(plain.forward)  # `cache` from transformers 5.24, `past_key_values` before
     greedy = {"max_new_tokens": 1, "do_sample": False}
     return {
         "forward": {
             "uncached": lambda i: plain(input_ids=prompts[i], logits_to_keep=1),
-            "by hand": lambda i: plain(
-                input_ids=queries[i], past_key_values=copy.deepcopy(shared_cache), logits_to_keep=1
-            ),
+            "by hand": lambda i: plain(input_ids=queries[i], **{name: copy.deepcopy(shared_cache)}, logits_to_keep=1),
             "prefix": lambda i: cached(input_ids=prompts[i], logits_to_keep=1),
         },
         "generate": {
             "uncached": lambda i: plain.generate(input_ids=prompts[i], **greedy),
-            "by hand": lambda i: plain.generate(
-                input_ids=prompts[i], past_key_values=copy.deepcopy(shared_cache), **greedy
-            ),
+            "by hand": lambda i: plain.generate(input_ids=prompts[i], **{name: copy.deepcopy(shared_cache)}, **greedy),
             "prefix": lambda i: cached.generate(input_ids=prompts[i], **greedy),
         },
         "miss": {
