@@ -1,0 +1,97 @@
+"""The functions registered with transformers under ``ATTN_IMPLEMENTATION``: the attention function, which sends
+the modules the strategy caches to their :class:`~.engine.CachedAttention` and every other call to eager math, the
+mask function beside it, and the count of models that keep them registered."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ...request import current_scope
+from .eager import eager_attention
+
+ATTN_IMPLEMENTATION = "hf_layercache"
+"""The name under which the attention and mask functions are registered with transformers."""
+
+_KNOWN_KWARGS = frozenset(
+    {
+        "softcap",  # applied
+        "sliding_window",  # already in the mask the registered mask function builds
+        "is_causal",
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "token_type_ids",
+    }
+)
+"""Keyword arguments of attention functions that do not change the math beyond the mask. Any other one with a value
+(T5's ``position_bias``, gpt-oss's ``s_aux`` sinks) is refused rather than silently ignored."""
+
+_MODULE_ATTR = "_layer_cache_attention"
+"""Instance attribute of a cached attention module: its :class:`CachedAttention` (set through the hook registry)."""
+_users = 0
+"""Models whose cache has the attention functions registered; the last to detach unregisters them."""
+_users_lock = threading.Lock()
+
+
+def _register_functions() -> None:
+    global _users
+    with _users_lock:
+        if _users == 0:
+            AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
+        _users += 1
+
+
+def _unregister_functions() -> None:
+    global _users
+    with _users_lock:
+        _users -= 1
+        if _users == 0:  # transformers' registries have no unregister: their class-wide mappings are dicts
+            AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+            AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+
+
+def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """The mask function registered beside the attention: always a ``(batch, 1, q, kv)`` boolean mask (``True``
+    attends). It never returns ``None`` (sdpa's shortcut for "causal" or "no padding"), so every call sees the real
+    pattern, which the cached path applies to stored maps."""
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(*args, **kwargs)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registered attention function: the cached path for modules the strategy caches, eager math otherwise."""
+    unsupported = sorted(name for name, value in kwargs.items() if value is not None and name not in _KNOWN_KWARGS)
+    if unsupported:
+        raise ValueError(
+            f"strategy='attention' computes softmax(QK^T * scaling + mask) @ V, but {type(module).__name__} passes "
+            f"{unsupported} to its attention function (position biases, attention sinks, ...), which that does not "
+            f"model. Allowed extra arguments: {sorted(_KNOWN_KWARGS)}. Use another strategy for this model."
+        )
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    cached = module.__dict__.get(_MODULE_ATTR)
+    scope = current_scope()
+    if cached is None or scope is None or scope.bypass_reason is not None or module.training or dropout:
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout, softcap)
+    return cached(scope, module, query, key, value, attention_mask, scaling, softcap)

@@ -1,0 +1,103 @@
+"""One request row of an attention call and how it reuses one stored entry: its states and mask, exact rows and
+rescored columns of its map, the corrected normalisers, and the per-position distances that decide what changed."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .eager import attention_scores, masked_scores
+from .positions import _Pattern, _Positions
+
+_EXP_LIMIT = 80.0
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request row of an attention call: its states (heads first), its mask pattern, the call's scaling."""
+
+    query: torch.Tensor
+    """(heads, L, d)"""
+    key: torch.Tensor
+    """(kv_heads, L, d)"""
+    value: torch.Tensor
+    """(kv_heads, L, d)"""
+    keep: torch.Tensor
+    """(L, L) bool, True where a query may attend"""
+    pattern: _Pattern
+    scaling: float
+    softcap: float | None
+    tolerance: float
+    """Largest relative change of a position's states for its row or column to be reused."""
+
+    @property
+    def length(self) -> int:
+        return self.query.shape[-2]
+
+    @functools.cached_property
+    def query_limits(self) -> torch.Tensor:
+        """Per position, the distance from a stored query beyond which the position's row counts as changed."""
+        return self.tolerance * _norms(self.query)
+
+    @functools.cached_property
+    def key_limits(self) -> torch.Tensor:
+        """Per position, the distance from a stored key beyond which the position's column counts as changed."""
+        return self.tolerance * _norms(self.key)
+
+    def exact_rows(self, rows: _Positions) -> torch.Tensor:
+        """Exact attention rows ``rows``: (heads, n, L)."""
+        keep = None if self.pattern.full else rows.take(self.keep, 0)[None, None]
+        return attention_scores(rows.take(self.query, 1)[None], self.key[None], keep, self.scaling, self.softcap)[0]
+
+    def column_weights(self, columns: _Positions, lse: torch.Tensor) -> torch.Tensor:
+        """``exp(S[:, c] - lse)`` for the keys ``columns``, 0 where masked: (heads, L, n) float32.
+
+        The exponent is clamped to +-80 (weights below e^-80 of the normaliser are negligible): torch's ``exp`` is
+        many times slower on the very negative scores of masked positions and on subnormal results."""
+        scores = masked_scores(self.query[None], columns.take(self.key, 1)[None], None, self.scaling, self.softcap)[0]
+        weights = (scores.float() - lse[..., None]).clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
+        return weights if self.pattern.full else weights.masked_fill_(~columns.take(self.keep, 1), 0.0)
+
+
+@dataclass
+class _Reuse:
+    """How one request row reuses one entry: the positions whose queries changed (rows computed exactly) and whose
+    keys changed or are masked differently (columns rescored), and the corrected normalisers."""
+
+    entry_id: int
+    similarity: float
+    values: dict[str, torch.Tensor]
+    rows: _Positions
+    columns: _Positions
+    column_weights: torch.Tensor | None = None
+    """exp(new scores of the changed columns - stored log-normaliser), (heads, L, columns), float32."""
+    stored_columns: torch.Tensor | None = None
+    """The stored map's weights on the changed columns, (heads, L, columns), float32."""
+    ratio: torch.Tensor | None = None
+    """New normaliser / stored normaliser, (heads, L), float32."""
+
+    @property
+    def recomputed(self) -> int:
+        return len(self.rows) + len(self.columns)
+
+    def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
+        served = self.values["map"].index_select(1, rows).float()  # a copy: written below
+        if len(self.columns):
+            self.columns.put(served, 2, self.column_weights.index_select(1, rows))
+            served = served / self.ratio[:, rows, None]
+        return served
+
+
+def _norms(states: torch.Tensor) -> torch.Tensor:
+    """(heads, L, d) -> (L,): the length of each position's states over all heads."""
+    return states.float().square().sum((0, 2)).sqrt()
+
+
+def _distance(states: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Per position, the L2 distance over all heads between this request's states and an entry's (kept in its
+    storage dtype). Relative distance rather than cosine decides what changed: a state that only grows or shrinks
+    changes how sharp attention is."""
+    return _norms(states.float() - stored.to(device=states.device, dtype=torch.float32))

@@ -1,0 +1,204 @@
+"""The ``attention`` strategy: registration, wiring into the model through its hook registry (the attention
+function, each cached module's :class:`~.engine.CachedAttention`, the attention implementation), per-request state,
+lookup keys, reuse counters and the checks of entries read from disk."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ...kv import find_cache, past_length
+from ...layers import CachedLayer
+from ...registry import register_strategy
+from ...request import RequestScope, namespace_tag
+from ..base import Strategy
+from .engine import _NAMESPACE, _PATTERNS, _PREFILL, _WEIGHTS, CachedAttention
+from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, _register_functions, _unregister_functions
+from .positions import _Pattern
+
+_PROJECTION_SEED = 0x5EED
+_DISPATCHES: dict[type, bool] = {}
+
+
+def _dispatches_attention(module: nn.Module) -> bool:
+    """True for modules whose forward calls the function transformers' ``AttentionInterface`` selects."""
+    cls = type(module)
+    if cls not in _DISPATCHES:
+        try:
+            _DISPATCHES[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _DISPATCHES[cls] = False
+    return _DISPATCHES[cls]
+
+
+def _attention_configs(model: nn.Module) -> list[Any]:
+    """Every config whose ``_attn_implementation`` ``set_attn_implementation`` may change (sub-configs included)."""
+    seen: dict[int, Any] = {}
+    pending = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        pending += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
+    return list(seen.values())
+
+
+@register_strategy("attention")
+class AttentionStrategy(Strategy):
+    """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
+
+    serves_attention_maps = True
+
+    def __init__(self, controller):
+        super().__init__(controller)
+        self.max_error = self.config.attention_max_error
+        self._pools: dict[tuple, torch.Tensor] = {}
+        self._projections: dict[tuple, torch.Tensor] = {}
+        self._heads: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
+        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
+
+    # --- wiring -----------------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        model = self.controller.model
+        modules = [self._attention_module(layer) for layer in self.layers]
+        self.hooks.call(f"AttentionInterface[{ATTN_IMPLEMENTATION!r}]", _register_functions, _unregister_functions)
+        for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
+            bank = self.new_bank(
+                layer.name, layer.device, n_banks=len(self.layers), key_dim=self.config.attention_key_dim
+            )
+            self._heads[layer.name] = _heads(module)
+            cached = CachedAttention(self, layer, bank, self.config.threshold_for(position))
+            self.hooks.set_attribute(module, _MODULE_ATTR, cached)
+        for config in _attention_configs(model):  # what set_attn_implementation changes, restored on removal
+            self.hooks.set_attribute(config, "_attn_implementation_internal", config._attn_implementation_internal)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def _attention_module(self, layer: CachedLayer) -> nn.Module:
+        """The layer's self-attention: the first submodule dispatching through ``AttentionInterface`` (transformers
+        layers run self-attention before cross-attention; later ones compute eagerly)."""
+        model = self.controller.model
+        can_set = getattr(model, "_can_set_attn_implementation", None)
+        found = [m for m in layer.module.modules() if _dispatches_attention(m)]
+        if not found or (can_set is not None and not can_set()):
+            raise ValueError(
+                f"strategy='attention' replaces the attention function through transformers' AttentionInterface, "
+                f"but layer {layer.name!r} of {type(model).__name__} has no attention module that dispatches through "
+                "it. Allowed: models whose attention calls ALL_ATTENTION_FUNCTIONS (BERT, RoBERTa, DistilBERT, GPT-2, "
+                "Llama, Qwen2, Gemma3, ...); use strategy='exact' or 'semantic' for this one."
+            )
+        return found[0]
+
+    def patterns(self, scope: RequestScope, keep: torch.Tensor) -> list[_Pattern]:
+        """Per batch row, the :class:`_Pattern` of ``keep`` (batch, 1, L, L), cached for the request: the model
+        passes the same mask tensor to every layer."""
+        cache = scope.state.setdefault(_PATTERNS, {})
+        signature = (keep.data_ptr(), tuple(keep.shape), keep.stride())
+        if signature not in cache:
+            cache[signature] = [_Pattern.of(keep[b, 0]) for b in range(keep.shape[0])]
+        return cache[signature]
+
+    def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
+        config = getattr(self.controller.model, "config", None)
+        scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
+        scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
+        scope.state[_NAMESPACE] = torch.tensor([namespace_tag(scope.namespace)], dtype=torch.long)
+
+    # --- keys -------------------------------------------------------------------------------------------------------
+    def lookup_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(batch, attention_key_dim) float32 keys: query and key states mean-pooled over position segments, then
+        projected by a fixed-seed Gaussian matrix (the same in every process, so saved keys stay valid)."""
+        length = query.shape[-2]
+        pool = self._pool(length, query.device, query.dtype)
+        pooled = torch.cat([torch.matmul(pool, query), torch.matmul(pool, key)], dim=1).flatten(1)
+        return torch.matmul(pooled, self._projection(pooled.shape[1], query.device, query.dtype)).float()
+
+    def _pool(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(segments, length) matrix averaging contiguous runs of positions."""
+        cache_key = (length, device, dtype)
+        if cache_key not in self._pools:
+            segments = min(self.config.attention_key_segments, length)
+            owner = torch.arange(length) * segments // length
+            pool = nn.functional.one_hot(owner, segments).T.to(torch.float32)
+            self._pools[cache_key] = (pool / pool.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+        return self._pools[cache_key]
+
+    def _projection(self, in_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        cache_key = (in_dim, device, dtype)
+        if cache_key not in self._projections:
+            generator = torch.Generator().manual_seed(_PROJECTION_SEED)
+            matrix = torch.randn(in_dim, self.config.attention_key_dim, generator=generator)
+            self._projections[cache_key] = (matrix / in_dim**0.5).to(device=device, dtype=dtype)
+        return self._projections[cache_key]
+
+    def verify_rows(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        """Up to ``attention_verify_rows`` evenly spaced positions of ``candidates`` (the last included), recomputed
+        to check a hit; ``None`` when verification is off or there is nothing to check."""
+        count = min(self.config.attention_verify_rows, candidates.numel())
+        if count == 0:
+            return None
+        picks = torch.linspace(candidates.numel() - 1, 0, count, device=candidates.device).round().long()
+        return candidates[picks.flip(0)]
+
+    def count_reuse(self, recomputed: int, length: int) -> None:
+        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns."""
+        with self._lock:
+            self.reuse["hits"] += 1
+            self.reuse["recomputed"] += recomputed
+            self.reuse["length"] += length
+
+    @property
+    def recomputed_fraction(self) -> float:
+        """Mean fraction of rows and columns hits recomputed (0: every hit reused its whole map)."""
+        return self.reuse["recomputed"] / self.reuse["length"] if self.reuse["length"] else 0.0
+
+    # --- persistence ------------------------------------------------------------------------------------------------
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
+        super().check_state(bank_name, state)
+        heads = self._heads.get(bank_name)
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in state.items():
+            if name.startswith("entry."):
+                _, entry_id, field = name.split(".", 2)
+                entries.setdefault(entry_id, {})[field] = tensor
+        for entry_id, values in entries.items():
+            _check_entry(f"entry {entry_id}", values, heads)
+
+
+def _heads(module: nn.Module) -> int:
+    config = getattr(module, "config", None)
+    for source, name in ((module, "num_heads"), (module, "num_attention_heads"), (config, "num_attention_heads")):
+        value = getattr(source, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _check_entry(where: str, values: dict[str, torch.Tensor], heads: int | None) -> None:
+    """Refuse an entry read from disk unless its tensors have the shapes and dtypes the cached path reads."""
+    stored = values.get("map")
+    if stored is None or stored.dim() != 3 or not stored.is_floating_point() or stored.shape[1] != stored.shape[2]:
+        raise ValueError(f"{where}: 'map' must be a floating (heads, L, L) tensor.")
+    if heads and stored.shape[0] != heads:
+        raise ValueError(f"{where}: 'map' has {stored.shape[0]} heads; this layer has {heads}.")
+    length = stored.shape[1]
+    expected = {
+        "lse": (torch.int32, (stored.shape[0], length)),
+        "mask": (torch.bool, (length, length)),
+        "namespace": (torch.long, (1,)),
+    }
+    for name, (dtype, shape) in expected.items():
+        tensor = values.get(name)
+        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{where}: {name!r} must be a {dtype} tensor of shape {shape}.")
+    for name in ("query", "key"):
+        tensor = values.get(name)
+        if tensor is None or tensor.dim() != 3 or not tensor.is_floating_point() or tensor.shape[1] != length:
+            raise ValueError(f"{where}: {name!r} must be a floating (heads, {length}, head_dim) tensor.")
