@@ -4,8 +4,9 @@ How it works, per cached layer:
 
 * The strategy registers one attention function with transformers' ``AttentionInterface`` and, under the same
   name, a mask function with ``AttentionMaskInterface`` (without it, models built on ``masking_utils`` pass no mask
-  at all to a custom attention function). It selects them with ``model.set_attn_implementation``; all three go through the model's hook registry,
-  so ``disable`` puts the previous implementation back and unregisters the functions after the last model.
+  at all to a custom attention function). It selects them with ``model.set_attn_implementation``. All three go
+  through the model's hook registry, so ``disable`` puts the previous implementation back and unregisters the
+  functions after the last model.
 * Lookup: the layer's query and key states, mean-pooled over a few position segments and randomly projected (fixed
   seed) to ``attention_key_dim`` dimensions, find the nearest stored maps through the configured backend.
 * Hit: the stored map ``A`` (all heads) stands in for ``softmax(QK^T)``; only ``A @ V`` is computed, ``Q``/``K``/``V``

@@ -1,0 +1,52 @@
+"""``prefix``: lossless reuse of shared prompt prefixes in causal decoders (system prompts, few-shot preambles).
+
+In a causal decoder the key/value states and the output of token ``j`` depend only on tokens ``0..j``. So once a
+prompt has been computed, any later prompt that starts with the same tokens can take those tokens' states from the
+cache and compute only the rest, through the model's own KV-cache path, with the same result.
+
+How it works:
+
+* **Blocks and chains.** A row's real tokens (padding excluded) are cut into blocks of ``config.block_size``. Block
+  ``i``'s key is ``blake2b(key of block i-1, tokens of block i)`` and block 0 chains from a root over the namespace
+  and the block size, so one key stands for the whole prefix up to its block and tenants never share entries (the
+  vLLM and LMCache scheme). An entry holds the block's keys and values of every layer and its final hidden states
+  (the base model's ``last_hidden_state``), in one bank for the layer stack.
+* **Lookup.** Each row follows its chain until the first missing block, then looks among the cached blocks that
+  hang on the last block it found (complete ones, and the partial last blocks of earlier prompts) for the one that
+  shares the most leading tokens with its next block: reuse is token-exact, as in a radix tree, while keys stay
+  per block. A shared preamble that ends mid-block is reused to its last token.
+* **One split column for the batch.** The batch is computed as one rectangle: columns ``[0, split)`` come from the
+  cache, columns ``[split, L)`` are computed for every row. Row ``r`` with ``first_r`` leading pad columns and
+  ``cached_r`` cached tokens allows ``split <= first_r + cached_r``, so ``split`` is the minimum over rows (and at
+  most ``L - 1``: one column is always computed). Row ``r`` then reuses ``split - first_r`` tokens (pad columns of
+  the cache are zeros, masked like the pads of an uncached run). With left padding (what ``generate`` does) a
+  shorter row's extra pads count towards its allowance, so rows of different lengths and prefixes share one call;
+  its cost is that a row with little cached beside rows with much cached limits what all of them reuse.
+* **Outputs.** The suffix runs with ``input_ids[:, split:]``, the full attention mask, ``position_ids[:, split:]``
+  and a ``DynamicCache`` holding the prefix. The base model's suffix output is spliced behind the cached hidden
+  states of the prefix, so heads (``lm_head``) see full-length states: logits of every position equal uncached
+  ones, and ``logits_to_keep`` / ``generate`` work unchanged. Storing the final hidden states (``hidden_size`` per
+  token) rather than logits (``vocab_size`` per token, 85x more for SmolLM2) costs re-running the head over reused
+  positions when full logits are asked for; ``generate`` asks for the last position only.
+* **Storing.** Every row's new blocks (its last one even when incomplete) are read from the filled cache and the
+  spliced output after the call. Chain tails are inserted first and reused blocks are touched tail first, so
+  recency-based policies evict a chain from its tail, never its shared head.
+
+Exactness: a block's states are reused only at the positions they were computed at, so a row is eligible only
+when its real tokens sit at positions ``0..n-1`` (``position_ids`` from the attention mask, as ``generate``
+passes, or no padding before the tokens). Anything else is computed whole: inputs the strategy does not know
+(``inputs_embeds``, ``token_type_ids``, ``labels``...), caches other than an empty ``DynamicCache``, masks that are
+not one contiguous run of real tokens. Decode steps (a non-empty cache) pass through unchanged.
+
+Statistics count token positions: a hit is a reused real token, a miss a computed real token, in every layer.
+
+Where each part lives: :mod:`.chain` (block digests and hash chains), :mod:`.siblings` (the index of cached blocks
+under each parent, for token-granular matching), :mod:`.rows` (a request's rows: what each holds, what the cache has
+of it, what to store), :mod:`.strategy` (the model gate, the suffix call, gather, splice, store, persistence checks).
+"""
+
+from .chain import chain_digests, chain_root, chain_step
+from .siblings import SiblingIndex
+from .strategy import SUPPORTED_MODELS, PrefixStrategy
+
+__all__ = ["SUPPORTED_MODELS", "PrefixStrategy", "SiblingIndex", "chain_digests", "chain_root", "chain_step"]
