@@ -1,0 +1,154 @@
+"""Run building: what one forward pass knows about one layer stack (its rows, tokens, digests, keys), built per call.
+
+Also the per-row choices the pass makes: a :class:`Candidate` entry, and for state reuse the :class:`Target` layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...fingerprints import Fingerprint
+from ...kv import find_cache, past_length
+from ...layers import CachedLayer
+from ...request import RequestScope, namespace_tag
+from .alignment import Index
+
+_REQUEST = "semantic.request"
+
+
+def _positions(real: torch.Tensor) -> Index:
+    """Where a row's real tokens are: a slice for the usual right or left padding, else their indices."""
+    where = real.nonzero().squeeze(1)
+    if where.numel() and int(where[-1] - where[0]) + 1 == where.numel():
+        return slice(int(where[0]), int(where[-1]) + 1)
+    return where
+
+
+@dataclass
+class Candidate:
+    """An entry chosen for one row: its id, values and how its tokens map onto the row's."""
+
+    entry_id: int
+    bank: str
+    values: dict[str, torch.Tensor]
+    index: Index
+    score: float
+    explore: bool = False
+    """``max_error_rate`` could not vouch for it: computed, judged, and the verdict recorded."""
+    audit: bool = False
+    """Drawn by ``verify_fraction``: computed and judged, although it would have been served."""
+
+    @property
+    def verify(self) -> bool:
+        """Whether the row computes this layer instead of being served."""
+        return self.explore or self.audit
+
+
+@dataclass
+class Target:
+    """State reuse: the deepest layer (stack position) a row jumps to, and the entry served there."""
+
+    position: int
+    candidate: Candidate
+
+
+@dataclass
+class SemanticRun:
+    """What one forward pass knows about one layer stack."""
+
+    tokens: list[list[int] | None]
+    """Real token ids of each row (``None`` for rows given as embeddings)."""
+    positions: list[Index]
+    """Where each row's real tokens sit in the padded batch."""
+    lengths: list[int]
+    digests: list[bytes]
+    """Per row: namespace, stack and tokens, so identical inputs share one entry."""
+    input_ids: torch.Tensor | None
+    mask: torch.Tensor
+    key_mask: torch.Tensor | None
+    """The mask fingerprints see: ``None`` when every token is real (a cheaper plain mean)."""
+    namespace: int
+    with_kv: bool
+    exact: list[bool]
+    """Rows whose state so far was computed, not served: only they become entries."""
+    keys: torch.Tensor | None = None
+    entry_fields: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per row, the tensors every entry made from it shares (tokens, meta), built once per request."""
+    targets: dict[int, Target] = field(default_factory=dict)
+    pending: list[tuple[int, Candidate, float]] = field(default_factory=list)
+    """``acceptance="argmax"``: verified rows, their candidates and relative errors, judged once the model's output
+    is known."""
+    alignments: dict[tuple[int, bytes], torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return len(self.tokens)
+
+
+class RunBuilding:
+    """The part of :class:`~.strategy.SemanticStrategy` that opens a request's runs and computes their keys.
+
+    A mixin: the strategy sets these attributes in ``__init__``.
+    """
+
+    fingerprint: Fingerprint
+
+    # --- per request ----------------------------------------------------------------------------------------------
+    def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
+        scope.state[_REQUEST] = (arguments.get("input_ids"), arguments.get("attention_mask"))
+
+    def start_run(
+        self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
+    ) -> SemanticRun | None:
+        """What this call knows about its rows; ``None`` when it cannot use the cache (a decode step, shapes that
+        do not fit, a token fingerprint without token ids)."""
+        input_ids, mask = scope.state.get(_REQUEST, (None, None))
+        cache = find_cache(arguments)
+        if hidden.dim() != 3 or past_length(cache) > 0:
+            return None
+        batch, length = hidden.shape[:2]
+        if input_ids is not None and tuple(input_ids.shape) != (batch, length):
+            return None
+        if input_ids is None and not self.fingerprint.uses_embeddings:
+            return None
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+            return None
+        real = mask.bool().cpu()
+        positions = [_positions(row) for row in real]
+        tokens: list[list[int] | None] = [None] * batch
+        if input_ids is not None:
+            tokens = [ids[r].tolist() for ids, r in zip(input_ids.cpu(), real, strict=True)]
+        run = SemanticRun(
+            tokens=tokens,
+            positions=positions,
+            lengths=[int(row.sum()) for row in real],
+            digests=[self._digest(scope.namespace, t, hidden.shape[-1]) for t in tokens],
+            input_ids=input_ids,
+            mask=mask,
+            key_mask=None if bool(real.all()) else mask,
+            namespace=namespace_tag(scope.namespace),
+            with_kv=cache is not None and arguments.get("use_cache", True) is not False,
+            exact=[True] * batch,
+        )
+        if not self.fingerprint.uses_embeddings:
+            run.keys = self.fingerprint(input_ids, run.key_mask, hidden).float()
+        return run
+
+    @staticmethod
+    def _digest(namespace: str, tokens: list[int] | None, hidden_size: int) -> bytes:
+        h = hashlib.blake2b(f"{namespace}:{hidden_size}".encode(), digest_size=32)
+        # rows given as embeddings have no identity to share with other requests
+        h.update(os.urandom(16) if tokens is None else torch.tensor(tokens, dtype=torch.long).numpy().tobytes())
+        return h.digest()
+
+    def key(self, run: SemanticRun, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.fingerprint.uses_embeddings:
+            return run.keys
+        return self.fingerprint(run.input_ids, run.key_mask, hidden).float()

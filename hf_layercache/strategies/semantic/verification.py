@@ -1,0 +1,120 @@
+"""Verification: judging verified hits against what the layer computed, by cosine at once or, with
+``acceptance="argmax"``, by the model's prediction once its output is known."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...bank import CacheBank
+from ...request import RequestScope
+from ...verified import ErrorBound
+from .alignment import on_device
+from .entries import PREDICTION, source_digest
+from .run import Candidate, SemanticRun
+from .search import _TOLERANCE
+
+if TYPE_CHECKING:
+    from ...config import LayerCacheConfig
+    from ...controller import LayerCacheController
+    from .hook import SemanticLayerHook
+
+
+class Verification:
+    """The part of :class:`~.strategy.SemanticStrategy` that judges verified rows and records the verdicts.
+
+    A mixin: the strategy sets these attributes in ``__init__``.
+    """
+
+    controller: LayerCacheController
+    config: LayerCacheConfig
+    banks: dict[str, CacheBank]
+    error_bound: ErrorBound | None
+
+    def _check(
+        self,
+        hook: SemanticLayerHook,
+        run: SemanticRun,
+        verified: dict[int, Candidate],
+        hidden: torch.Tensor,
+        true: torch.Tensor,
+        stored: str,
+    ) -> None:
+        """Judge the verified hits against what the layer computed: the relative error goes to the policy, the
+        ``acceptance`` verdict (now for ``"cosine"``, once the output is known for ``"argmax"``) to :meth:`_judge`."""
+        bank = self.banks[hook.layer.name]
+        for row, candidate in verified.items():
+            pos = on_device(run.positions[row], hidden.device)
+            value = candidate.values[stored].to(device=hidden.device, dtype=torch.float32)
+            value = value[on_device(candidate.index, value.device)]
+            approx = (hidden[row, pos].float() + value if stored == "delta" else value).flatten()
+            exact = true[row, pos].float().flatten()
+            error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
+            bank.record_error(candidate.entry_id, error)
+            if self.config.acceptance == "argmax":
+                run.pending.append((row, candidate, error))
+                continue
+            cosine = float(torch.nn.functional.cosine_similarity(approx, exact, dim=0))
+            self._judge(candidate, error, cosine >= self.config.acceptance_cosine - _TOLERANCE)
+
+    def _judge(self, candidate: Candidate, error: float, acceptable: bool) -> None:
+        """Record a verdict in the stats and, with ``max_error_rate``, in the entry that would have served, or in the
+        entry of the same input that has replaced it since (it took over the observations)."""
+        self.controller.stats_.record_error(candidate.bank, error, acceptable, explored=candidate.explore)
+        if self.error_bound is not None:
+            bank = self.banks[candidate.bank]
+            entry_id = bank.find(source_digest(candidate.values))
+            entry = bank.get(entry_id) if entry_id is not None else None
+            self.error_bound.observe(candidate.bank, entry or {}, candidate.score, acceptable)
+
+    # --- acceptance="argmax" --------------------------------------------------------------------------------------
+    def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+        output = original(**arguments)
+        if self.config.acceptance == "argmax":
+            for run in scope.state.values():
+                if isinstance(run, SemanticRun):
+                    self._judge_predictions(run, output)
+        return output
+
+    def _judge_predictions(self, run: SemanticRun, output: Any) -> None:
+        """Judge each verified row: acceptable when its computed prediction is the one its candidate's request got
+        (what serving the candidate's state would have answered). Then record the prediction of every computed row
+        in its entries, for the requests they will serve."""
+        predictions = self._predictions(run, output)
+        for row, candidate, error in run.pending:
+            served = int(candidate.values[PREDICTION]) if PREDICTION in candidate.values else -1
+            if served >= 0 and predictions[row] is not None:  # otherwise unknown, and nothing is learnt
+                self._judge(candidate, error, predictions[row] == served)
+        for row, prediction in enumerate(predictions):
+            if not run.exact[row] or prediction is None:
+                continue
+            for bank in self.banks.values():
+                entry_id = bank.find(run.digests[row])
+                entry = bank.get(entry_id) if entry_id is not None else None
+                if entry is not None and PREDICTION in entry:
+                    entry[PREDICTION].fill_(prediction)
+
+    def _predictions(self, run: SemanticRun, output: Any) -> list[int | None]:
+        """Each row's prediction: the argmax of its logits, for per-token logits at its last real token (they may
+        cover only the last positions, as ``generate`` asks with ``logits_to_keep``); ``None`` where not covered."""
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                "acceptance='argmax' judges the prediction of the model's task head, output.logits, but "
+                f"{type(self.controller.model).__name__} returned none. Load the model with a head "
+                "(AutoModelForSequenceClassification, AutoModelForCausalLM, ...) and keep return_dict=True, or use "
+                "acceptance='cosine'."
+            )
+        if logits.dim() not in (2, 3) or logits.shape[0] != run.batch:
+            return [None] * run.batch
+        if logits.dim() == 2:
+            return logits.argmax(-1).tolist()
+        offset = run.mask.shape[1] - logits.shape[1]
+        out: list[int | None] = []
+        for row, pos in enumerate(run.positions):
+            last = (pos.stop - 1 if isinstance(pos, slice) else int(pos[-1])) if run.lengths[row] else -1
+            column = last - offset
+            out.append(int(logits[row, column].argmax()) if last >= 0 and 0 <= column < logits.shape[1] else None)
+        return out
