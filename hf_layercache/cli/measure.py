@@ -1,0 +1,48 @@
+"""The measurements ``demo`` and ``bench`` share: wall-clock timing, hit rates from the layers' counters and
+fidelity, the cosine similarity of mean-pooled cached and uncached outputs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _counters(model) -> dict[str, tuple[int, int]]:
+    """(hits, lookups) of every cached layer, to tell what one stretch of work hit by subtraction."""
+    return {name: (c["hits"], c["lookups"]) for name, c in model.layer_cache.stats()["layers"].items()}
+
+
+def _hit_rates(before: dict, after: dict) -> dict[str, float]:
+    rates = {}
+    for name, (hits, lookups) in after.items():
+        done = lookups - before[name][1]
+        rates[name] = (hits - before[name][0]) / done if done else 0.0
+    return rates
+
+
+def _overall(before: dict, after: dict) -> float:
+    hits = sum(after[n][0] - before[n][0] for n in after)
+    lookups = sum(after[n][1] - before[n][1] for n in after)
+    return hits / lookups if lookups else 0.0
+
+
+def pooled(output: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean over tokens of the last hidden state (or of the logits for models with a head)."""
+    states = output.last_hidden_state if getattr(output, "last_hidden_state", None) is not None else output.logits
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _fidelity(cached: torch.Tensor, uncached: torch.Tensor) -> dict[str, float]:
+    """Mean and lowest cosine similarity between cached and uncached pooled outputs, one per text."""
+    cosine = torch.cosine_similarity(cached.float(), uncached.float())
+    return {"mean": cosine.mean().item(), "min": cosine.min().item()}
