@@ -72,7 +72,14 @@ def _from_pretrained(cls, pretrained_model_name_or_path, *args, layer_cache=None
         layer_cache = LayerCacheConfig.from_json_file(Path(path) / CONFIG_NAME)
     if layer_cache is None:
         return loaded
-    enable(model, layer_cache)
+    try:
+        enable(model, layer_cache)
+    except ValueError as err:
+        if explicit:
+            raise
+        # the saved strategy refuses this class (a prefix cache loaded into a sequence-classification head)
+        warnings.warn(f"{path} holds a warm cache this model cannot use: {err} The model loads uncached.", stacklevel=2)
+        return loaded
     if warm:
         _restore_warm_cache(model, path, explicit)
     return loaded

@@ -9,7 +9,7 @@ import transformers as tf
 from tiny import tiny_batch, tiny_model
 
 import hf_layercache
-from hf_layercache import LayerCacheConfig, LayerCacheFileError
+from hf_layercache import LayerCacheConfig
 from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, boolean_mask
 
 ARCHITECTURES = ["bert", "distilbert", "gpt2", "llama", "qwen2", "gemma3"]  # llama, qwen2, gemma3: GQA (4 / 2 heads)
@@ -284,7 +284,6 @@ def test_warm_cache_round_trip_and_damaged_entries_are_refused(tmp_path, enable)
     state["entry.0.map"] = state["entry.0.map"][:2]
     with pytest.raises(ValueError, match="heads"):
         warm.layer_cache.strategy.check_state("layers.0", state)
-    assert issubclass(LayerCacheFileError, ValueError)
 
 
 def test_models_whose_attention_cannot_be_replaced_are_refused(enable):

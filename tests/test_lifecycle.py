@@ -113,7 +113,8 @@ def test_frozen_weights_and_autograd_on_still_hit():
     assert hits(model) > 0
 
 
-def test_gradient_checkpointing_trains_as_uncached():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_as_uncached(reentrant):
     batch = tiny_batch("llama")
     labels = batch["input_ids"]
     grads = []
@@ -122,12 +123,13 @@ def test_gradient_checkpointing_trains_as_uncached():
         if enable:
             hf_layercache.enable(model, LayerCacheConfig(strategy="exact"))
             infer(model, batch)
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
         model(**batch, labels=labels).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
+        assert grad is not None and grads[1][name] is not None, name
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
 
 
@@ -202,3 +204,14 @@ def test_output_loading_info_returns_the_pair_with_the_cache_on(warm_dir):
     batch = tiny_batch("bert")
     infer(model, batch)
     assert hits(model) > 0
+
+
+def test_a_saved_prefix_cache_loaded_into_a_head_it_refuses_loads_the_model_uncached(tmp_path):
+    model = hf_layercache.enable(tiny_model("llama", tf.AutoModelForCausalLM), LayerCacheConfig(strategy="prefix"))
+    infer(model, tiny_batch("llama"))
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="loads uncached"):
+        head = tf.LlamaForSequenceClassification.from_pretrained(tmp_path)
+    assert "layer_cache" not in head.__dict__
+    with pytest.raises(ValueError, match="strategy='prefix'"):
+        tf.LlamaForSequenceClassification.from_pretrained(tmp_path, layer_cache=LayerCacheConfig(strategy="prefix"))

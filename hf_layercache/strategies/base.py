@@ -76,6 +76,21 @@ class Strategy(ABC):
         return self.banks[name]
 
 
+class StackStrategy(Strategy):
+    """A strategy that hooks every cached layer of a stack with a :class:`LayerHook` (``exact``, ``semantic``).
+
+    The stack's first cached layer opens the request's run for the stack through :meth:`start_run`; every hooked
+    layer of the stack then serves or computes its part of that run.
+    """
+
+    @abstractmethod
+    def start_run(
+        self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
+    ) -> Any | None:
+        """What this forward pass knows about the stack's rows (which hit, what to store), or ``None`` when the call
+        cannot use the cache (a decode step, shapes that do not fit): the stack's layers then run uncached."""
+
+
 class LayerHook(ForwardHook):
     """The hook on one cached layer of a stack-wise strategy (``exact``, ``semantic``).
 
@@ -85,7 +100,7 @@ class LayerHook(ForwardHook):
     other call to :meth:`forward_run`.
     """
 
-    def __init__(self, strategy: Strategy, layer: CachedLayer, position: int):
+    def __init__(self, strategy: StackStrategy, layer: CachedLayer, position: int):
         self.strategy = strategy
         self.layer = layer
         self.position = position
@@ -109,7 +124,8 @@ class LayerHook(ForwardHook):
             run = scope.state.get(self.layer.stack)
         if run is None:
             self.strategy.controller.stats_.record_bypass(self.layer.name, hidden.shape[0])
-            return self.original(**arguments)
+            # the call as it came: reentrant gradient checkpointing needs the tensors positional to recompute them
+            return self.original(*args, **kwargs)
         return self.forward_run(run, arguments, hidden)
 
     @abstractmethod

@@ -28,7 +28,7 @@ from ..kv import CACHE_ARGUMENTS, KVWrite, find_cache, past_length, record_kv_wr
 from ..layers import CachedLayer, rows_splittable, select_rows
 from ..registry import register_strategy
 from ..request import RequestScope
-from .base import LayerHook, Strategy
+from .base import LayerHook, StackStrategy
 
 _ROWS = "exact.rows"
 # Model-level arguments that never carry the batch in dimension 0, even when their length happens to equal it.
@@ -183,7 +183,7 @@ class ExactLayerHook(LayerHook):
 
 
 @register_strategy("exact")
-class ExactStrategy(Strategy):
+class ExactStrategy(StackStrategy):
     """Lossless: identical requests skip every cached layer; outputs equal uncached ones bit for bit."""
 
     intermediate_states_exact = False

@@ -7,7 +7,7 @@ import torch
 from ...fingerprints import Fingerprint
 from ...registry import get_fingerprint, register_strategy
 from ...verified import ErrorBound
-from ..base import Strategy
+from ..base import StackStrategy
 from .entries import EntryStore
 from .hook import SemanticLayerHook
 from .residual import ResidualReuse
@@ -18,7 +18,7 @@ from .verification import Verification
 
 
 @register_strategy("semantic")
-class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, ResidualReuse, StateReuse, Strategy):
+class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, ResidualReuse, StateReuse, StackStrategy):
     """Approximate layer reuse for similar inputs; see the package docstring and docs/semantic.md."""
 
     def __init__(self, controller):
