@@ -141,9 +141,9 @@ def test_left_padding_without_position_ids_computes_padded_rows_whole():
     batch.pop("position_ids")
     for _ in range(2):
         out = logits(model, batch)
-        assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
-    # the padded row allows no reuse before its first real column (2), and the unpadded row's blocks fit: 2 reused
-    assert totals(model)["hits"] == 2 * 3
+        torch.testing.assert_close(out, logits(plain, batch), rtol=0, atol=1e-4)  # pad positions included
+    # the padded row is computed whole, pad columns too, as uncached computes them: so is the batch (one split)
+    assert totals(model)["hits"] == 0
 
 
 def test_base_model_tuple_output_and_use_cache_false():

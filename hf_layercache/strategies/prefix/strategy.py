@@ -110,8 +110,11 @@ class PrefixStrategy(RowLookup, Strategy):
         return output
 
     def _split(self, rows: list[Row], length: int) -> int:
-        """The first computed column: every row must have cached all its real tokens before it."""
-        limits = [row.first + row.cached(self.block_size) for row in rows if row.length]
+        """The first computed column: every row must have cached all its real tokens before it. A row that may not
+        reuse (its positions do not fit) is computed whole, pad columns included, as uncached computes them."""
+        limits = [
+            row.first + row.cached(self.block_size) if row.tokens is not None else 0 for row in rows if row.length
+        ]
         split = max(0, min([length - 1, *limits]))
         for row in rows:
             row.reused = min(max(0, split - row.first), row.length)
