@@ -106,7 +106,7 @@ class LayerCacheConfig:
     bank_device: str = "auto"
     """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
 
-    # --- attention strategy ---
+    # --- declared and validated by the attention strategy (AttentionStrategy.config_fields) ---
     attention_key_dim: int = 64
     """Dimensions of the attention strategy's per-layer lookup key (1 to 128). The key is a random projection of
     the layer's query and key states pooled over position segments; more dimensions separate inputs better but cost
@@ -130,13 +130,13 @@ class LayerCacheConfig:
     """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones,
     in any head; a candidate above it is a miss. Lower is stricter."""
 
-    # --- prefix strategy ---
+    # --- declared and validated by the prefix strategy (PrefixStrategy.config_fields) ---
     block_size: int = 16
     """Tokens per block of the ``prefix`` strategy. A prompt is cut into blocks, each keyed by everything before
     it, and reuse ends at the last complete cached block: small blocks reuse more of a shared prefix that ends
     mid-block, large blocks mean fewer entries and lookups. 16 is vLLM's default."""
 
-    # --- semantic strategy ---
+    # --- declared and validated by the semantic strategy (SemanticStrategy.config_fields) ---
     reuse: str = "state"
     """How the ``semantic`` strategy reuses a similar earlier input's layer: ``"state"`` (the LLMCache paper)
     replaces the state with the earlier input's and jumps to the deepest layer that hits, so the answer is the earlier
@@ -189,8 +189,6 @@ class LayerCacheConfig:
         self._check_policy_kwargs()
         self._check_threshold()
         self._check_layers()
-        self._check_attention_fields()
-        self._check_semantic_fields()
         if self.max_entries is not None and (
             isinstance(self.max_entries, bool) or not isinstance(self.max_entries, int) or self.max_entries < 1
         ):
@@ -204,7 +202,8 @@ class LayerCacheConfig:
             raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
         if self.bank_device not in BANK_DEVICES:
             raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
-        self._check_prefix_fields()
+        for name in STRATEGIES.names():  # each strategy validates the fields it declares, whichever is selected
+            STRATEGIES.get(name).check_config(self)
 
     @staticmethod
     def _check_registered(field_name: str, value: Any, registry) -> None:
@@ -245,60 +244,6 @@ class LayerCacheConfig:
             f"layers={self.layers!r} is not allowed; use None (all layers), a list of distinct non-negative layer "
             "indices, or module paths such as 'encoder.layer' (a string or a list of strings)."
         )
-
-    def _check_prefix_fields(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int (tokens per prefix block), got {self.block_size!r}.")
-
-    def _check_semantic_fields(self) -> None:
-        if self.reuse not in ("residual", "state"):
-            raise ValueError(f"reuse={self.reuse!r} is not allowed; use 'residual' or 'state'.")
-        for name in ("verify_fraction", "max_unaligned"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
-        rate = self.max_error_rate
-        if rate is not None:
-            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
-                raise ValueError(f"max_error_rate must be a probability above 0 and below 1, or None, got {rate!r}.")
-            if self.strategy != "semantic":
-                raise ValueError(
-                    f"max_error_rate applies to strategy='semantic' only; this config uses strategy={self.strategy!r}."
-                )
-        if self.acceptance not in ("cosine", "argmax"):
-            raise ValueError(f"acceptance={self.acceptance!r} is not allowed; use 'cosine' or 'argmax'.")
-        if self.acceptance == "argmax" and (self.strategy != "semantic" or self.reuse != "state"):
-            raise ValueError(
-                "acceptance='argmax' judges the prediction a state hit serves, so it needs strategy='semantic' with "
-                f"reuse='state'; this config uses strategy={self.strategy!r}, reuse={self.reuse!r}."
-            )
-        cosine = self.acceptance_cosine
-        if isinstance(cosine, bool) or not isinstance(cosine, int | float) or not -1.0 <= cosine <= 1.0:
-            raise ValueError(f"acceptance_cosine must be a cosine similarity in [-1, 1], got {cosine!r}.")
-        kwargs = self.fingerprint_kwargs
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
-        if kwargs or self.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
-            name = self.fingerprint or "mean_embedding"
-            try:
-                FINGERPRINTS.get(name)(**kwargs)
-            except TypeError as err:
-                raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
-
-    def _check_attention_fields(self) -> None:
-        for name, low, high in (("attention_key_dim", 1, 128), ("attention_key_segments", 1, 256)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}.")
-        tolerance = self.attention_position_tolerance
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0.0 <= tolerance < float("inf"):
-            raise ValueError(f"attention_position_tolerance must be a relative change >= 0, got {tolerance!r}.")
-        rows = self.attention_verify_rows
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")
-        error = self.attention_max_error
-        if isinstance(error, bool) or not isinstance(error, int | float) or not 0.0 <= error <= 1.0:
-            raise ValueError(f"attention_max_error must be a total variation distance in [0, 1], got {error!r}.")
 
     @property
     def max_memory_bytes(self) -> int | None:

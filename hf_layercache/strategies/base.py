@@ -14,6 +14,7 @@ from ..layers import ArgumentBinder, CachedLayer
 from ..request import current_scope
 
 if TYPE_CHECKING:
+    from ..config import LayerCacheConfig
     from ..controller import LayerCacheController
     from ..request import RequestScope
 
@@ -35,6 +36,15 @@ class Strategy(ABC):
     serves_attention_maps: ClassVar[bool] = False
     """True when every layer still returns the attention maps it actually used on a hit, so requests with
     ``output_attentions`` need not run uncached (the attention strategy)."""
+
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    """The ``LayerCacheConfig`` fields this strategy reads beyond the common ones; it validates them in
+    :meth:`check_config`."""
+
+    @classmethod  # noqa: B027 - optional hook
+    def check_config(cls, config: LayerCacheConfig) -> None:
+        """Raise ``ValueError`` naming the field for a bad value of one of :attr:`config_fields`. Called by
+        ``LayerCacheConfig.__post_init__`` for every registered strategy, so a bad value is refused at once."""
 
     def __init__(self, controller: LayerCacheController):
         self.controller = controller

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from ..base import Strategy
 from .engine import _NAMESPACE, _PATTERNS, _PREFILL, _WEIGHTS, CachedAttention
 from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, _register_functions, _unregister_functions
 from .positions import _Pattern
+
+if TYPE_CHECKING:
+    from ...config import LayerCacheConfig
 
 _PROJECTION_SEED = 0x5EED
 _DISPATCHES: dict[type, bool] = {}
@@ -54,6 +57,30 @@ class AttentionStrategy(Strategy):
     """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
 
     serves_attention_maps = True
+    config_fields = (
+        "attention_key_dim",
+        "attention_key_segments",
+        "attention_position_tolerance",
+        "attention_verify_rows",
+        "attention_max_error",
+    )
+
+    @classmethod
+    def check_config(cls, config: LayerCacheConfig) -> None:
+        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
+        for name, low, high in (("attention_key_dim", 1, 128), ("attention_key_segments", 1, 256)):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}.")
+        tolerance = config.attention_position_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0.0 <= tolerance < float("inf"):
+            raise ValueError(f"attention_position_tolerance must be a relative change >= 0, got {tolerance!r}.")
+        rows = config.attention_verify_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")
+        error = config.attention_max_error
+        if isinstance(error, bool) or not isinstance(error, int | float) or not 0.0 <= error <= 1.0:
+            raise ValueError(f"attention_max_error must be a total variation distance in [0, 1], got {error!r}.")
 
     def __init__(self, controller):
         super().__init__(controller)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -17,6 +17,9 @@ from ...request import RequestScope, current_scope
 from ..base import Strategy
 from .rows import _FIELDS, PrefixRun, Row, RowLookup
 from .siblings import SiblingIndex
+
+if TYPE_CHECKING:
+    from ...config import LayerCacheConfig
 
 _RUN = "prefix.run"
 SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
@@ -34,6 +37,14 @@ class PrefixStrategy(RowLookup, Strategy):
     """Lossless: the longest cached prefix of each row is reused, only the suffix is computed."""
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
+
+    config_fields = ("block_size",)
+
+    @classmethod
+    def check_config(cls, config: LayerCacheConfig) -> None:
+        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
+        if isinstance(config.block_size, bool) or not isinstance(config.block_size, int) or config.block_size < 1:
+            raise ValueError(f"block_size must be a positive int (tokens per prefix block), got {config.block_size!r}.")
 
     def attach(self) -> None:
         model = self.controller.model

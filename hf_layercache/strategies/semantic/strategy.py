@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ...fingerprints import Fingerprint
@@ -16,10 +18,61 @@ from .search import EntrySearch
 from .state import StateReuse
 from .verification import Verification
 
+if TYPE_CHECKING:
+    from ...config import LayerCacheConfig
+
 
 @register_strategy("semantic")
 class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, ResidualReuse, StateReuse, StackStrategy):
     """Approximate layer reuse for similar inputs; see the package docstring and docs/semantic.md."""
+
+    config_fields = (
+        "reuse",
+        "fingerprint_kwargs",
+        "verify_fraction",
+        "max_error_rate",
+        "acceptance",
+        "acceptance_cosine",
+        "max_unaligned",
+    )
+
+    @classmethod
+    def check_config(cls, config: LayerCacheConfig) -> None:
+        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
+        if config.reuse not in ("residual", "state"):
+            raise ValueError(f"reuse={config.reuse!r} is not allowed; use 'residual' or 'state'.")
+        for name in ("verify_fraction", "max_unaligned"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
+        rate = config.max_error_rate
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
+                raise ValueError(f"max_error_rate must be a probability above 0 and below 1, or None, got {rate!r}.")
+            if config.strategy != "semantic":
+                raise ValueError(
+                    "max_error_rate applies to strategy='semantic' only; this config uses "
+                    f"strategy={config.strategy!r}."
+                )
+        if config.acceptance not in ("cosine", "argmax"):
+            raise ValueError(f"acceptance={config.acceptance!r} is not allowed; use 'cosine' or 'argmax'.")
+        if config.acceptance == "argmax" and (config.strategy != "semantic" or config.reuse != "state"):
+            raise ValueError(
+                "acceptance='argmax' judges the prediction a state hit serves, so it needs strategy='semantic' with "
+                f"reuse='state'; this config uses strategy={config.strategy!r}, reuse={config.reuse!r}."
+            )
+        cosine = config.acceptance_cosine
+        if isinstance(cosine, bool) or not isinstance(cosine, int | float) or not -1.0 <= cosine <= 1.0:
+            raise ValueError(f"acceptance_cosine must be a cosine similarity in [-1, 1], got {cosine!r}.")
+        kwargs = config.fingerprint_kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
+        if kwargs or config.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
+            name = config.fingerprint or "mean_embedding"
+            try:
+                get_fingerprint(name)(**kwargs)
+            except TypeError as err:
+                raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
 
     def __init__(self, controller):
         super().__init__(controller)
