@@ -11,6 +11,7 @@ from .config import LayerCacheConfig
 from .controller import LayerCacheController
 from .integration import disable, enable, install, uninstall
 from .layers import LayerSpec, register_layer_spec
+from .models import ModelSpec, register_prefix_heads
 from .persistence import LayerCacheFileError, LayerCacheMismatchError
 from .registry import (
     available_backends,
@@ -38,6 +39,7 @@ __all__ = [
     "LayerCacheFileError",
     "LayerCacheMismatchError",
     "LayerSpec",
+    "ModelSpec",
     "available_backends",
     "available_fingerprints",
     "available_policies",
@@ -54,6 +56,7 @@ __all__ = [
     "register_fingerprint",
     "register_layer_spec",
     "register_policy",
+    "register_prefix_heads",
     "register_strategy",
     "uninstall",
 ]

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, parse_bytes
+from .models import model_spec
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "layer_cache.safetensors"
@@ -84,13 +85,12 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
     config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     dtype = getattr(model, "dtype", None)
     return {
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "num_layers": num_layers,
-        "hidden_size": getattr(text_config, "hidden_size", None),
+        "hidden_size": model_spec(model).hidden_size,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "weights_hash": weights_hash(model),
     }

@@ -4,7 +4,6 @@ lookup keys, reuse counters and the checks of entries read from disk."""
 
 from __future__ import annotations
 
-import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from transformers import PreTrainedModel
 
 from ...kv import find_cache, past_length
 from ...layers import CachedLayer
+from ...models import dispatches_attention
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import Strategy
@@ -25,18 +25,6 @@ if TYPE_CHECKING:
     from ...config import LayerCacheConfig
 
 _PROJECTION_SEED = 0x5EED
-_DISPATCHES: dict[type, bool] = {}
-
-
-def _dispatches_attention(module: nn.Module) -> bool:
-    """True for modules whose forward calls the function transformers' ``AttentionInterface`` selects."""
-    cls = type(module)
-    if cls not in _DISPATCHES:
-        try:
-            _DISPATCHES[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            _DISPATCHES[cls] = False
-    return _DISPATCHES[cls]
 
 
 def _attention_configs(model: nn.Module) -> list[Any]:
@@ -113,7 +101,7 @@ class AttentionStrategy(Strategy):
         layers run self-attention before cross-attention; later ones compute eagerly)."""
         model = self.controller.model
         can_set = getattr(model, "_can_set_attn_implementation", None)
-        found = [m for m in layer.module.modules() if _dispatches_attention(m)]
+        found = [m for m in layer.module.modules() if dispatches_attention(m)]
         if not found or (can_set is not None and not can_set()):
             raise ValueError(
                 f"strategy='attention' replaces the attention function through transformers' AttentionInterface, "

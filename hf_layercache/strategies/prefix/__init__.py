@@ -47,6 +47,6 @@ of it, what to store), :mod:`.strategy` (the model gate, the suffix call, gather
 
 from .chain import chain_digests, chain_root, chain_step
 from .siblings import SiblingIndex
-from .strategy import SUPPORTED_MODELS, PrefixStrategy
+from .strategy import PrefixStrategy
 
-__all__ = ["SUPPORTED_MODELS", "PrefixStrategy", "SiblingIndex", "chain_digests", "chain_root", "chain_step"]
+__all__ = ["PrefixStrategy", "SiblingIndex", "chain_digests", "chain_root", "chain_step"]

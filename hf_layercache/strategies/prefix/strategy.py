@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ...kv import cache_parameter, find_cache, without_cache
+from ...models import model_spec, prefix_heads
 from ...registry import register_strategy
 from ...request import RequestScope, current_scope
 from ..base import Strategy
@@ -22,14 +23,6 @@ if TYPE_CHECKING:
     from ...config import LayerCacheConfig
 
 _RUN = "prefix.run"
-SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
-    "llama": ("LlamaModel", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Model", "Qwen2ForCausalLM"),
-    "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
-}
-"""Model types with the classes whose outputs are per-position functions of the base model's output (tested).
-Other heads read ``input_ids`` themselves (sequence classification finds the last token in them), so they are
-refused rather than risked."""
 
 
 @register_strategy("prefix")
@@ -51,11 +44,8 @@ class PrefixStrategy(RowLookup, Strategy):
         self.owner = self._check_model(model)
         self.block_size = self.config.block_size
         self.n_layers = len(self.layers)
-        text = self.owner.config
-        heads = text.num_attention_heads
-        self.kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        self.hidden_size = text.hidden_size
+        spec = model_spec(self.owner)
+        self.kv_heads, self.head_dim, self.hidden_size = spec.kv_heads, spec.head_dim, spec.hidden_size
         self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
         self.siblings = SiblingIndex()
         if self.owner is not model:
@@ -67,14 +57,15 @@ class PrefixStrategy(RowLookup, Strategy):
         name = type(model).__name__
         model_type = getattr(config, "model_type", None)
         alternative = "Use strategy='exact' to reuse whole repeated requests instead."
-        if getattr(config, "is_encoder_decoder", False) or model_type not in SUPPORTED_MODELS:
+        supported = prefix_heads()
+        if getattr(config, "is_encoder_decoder", False) or model_type not in supported:
             raise ValueError(
-                f"strategy='prefix' reuses prompt prefixes of causal decoders ({', '.join(SUPPORTED_MODELS)}); "
+                f"strategy='prefix' reuses prompt prefixes of causal decoders ({', '.join(supported)}); "
                 f"{name} (model_type {model_type!r}) is not one of them. {alternative}"
             )
-        if name not in SUPPORTED_MODELS[model_type]:
+        if name not in supported[model_type]:
             raise ValueError(
-                f"strategy='prefix' supports {', '.join(SUPPORTED_MODELS[model_type])} for model_type "
+                f"strategy='prefix' supports {', '.join(supported[model_type])} for model_type "
                 f"{model_type!r}, not {name}: its head may read input_ids, which prefix reuse shortens. {alternative}"
             )
         stacks = {layer.stack for layer in self.layers}

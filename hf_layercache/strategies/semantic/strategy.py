@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...fingerprints import Fingerprint
+from ...models import model_spec
 from ...registry import get_fingerprint, register_strategy
 from ...verified import ErrorBound
 from ..base import StackStrategy
@@ -130,9 +131,7 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
             )
 
     def _hidden_size(self) -> int:
-        config = getattr(self.controller.model, "config", None)
-        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-        size = getattr(text, "hidden_size", None)
+        size = model_spec(self.controller.model).hidden_size
         if not isinstance(size, int):
             raise ValueError("strategy='semantic' needs the model's hidden size (config.hidden_size) to size its keys.")
         return size
