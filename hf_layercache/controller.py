@@ -237,6 +237,7 @@ class LayerCacheController:
         for bank in self.banks.values():
             bank.clear()
         self.strategy.banks_replaced()
+        self.strategy.reset_counters()
         self.stats_.reset()
 
     # --- persistence ----------------------------------------------------------------------------------------------

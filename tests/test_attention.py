@@ -139,6 +139,8 @@ def test_a_causal_hit_with_a_changed_suffix_is_exact(enable):
     assert 0 < model.layer_cache.strategy.recomputed_fraction < 0.5
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=ATOL)
     assert_maps_close(out.attentions, expected.attentions)
+    model.layer_cache.clear()  # counters go with the entries
+    assert model.layer_cache.strategy.recomputed_fraction == 0 and totals(model)["hits"] == 0
 
 
 def layer_hits(model, name):

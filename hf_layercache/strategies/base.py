@@ -72,6 +72,9 @@ class Strategy(ABC):
         change the call, e.g. compute only a suffix; the default runs it unchanged."""
         return original(**arguments)
 
+    def reset_counters(self) -> None:  # noqa: B027 - optional hook
+        """Reset counters the strategy keeps beside ``stats()`` (called by ``clear()``)."""
+
     def banks_replaced(self) -> None:  # noqa: B027 - optional hook
         """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
 

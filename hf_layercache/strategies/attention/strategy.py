@@ -77,8 +77,7 @@ class AttentionStrategy(Strategy):
         self._projections: dict[tuple, torch.Tensor] = {}
         self._heads: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
-        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
+        self.reset_counters()
 
     # --- wiring -----------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -161,6 +160,10 @@ class AttentionStrategy(Strategy):
             return None
         picks = torch.linspace(candidates.numel() - 1, 0, count, device=candidates.device).round().long()
         return candidates[picks.flip(0)]
+
+    def reset_counters(self) -> None:
+        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
+        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
 
     def count_reuse(self, recomputed: int, length: int) -> None:
         """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns."""
