@@ -83,7 +83,7 @@ class LayerCacheController:
             self.detach()
             raise
         self.hooks.set_attribute(self.model, ATTRIBUTE, self)
-        # copy.deepcopy and pickle look these up on the instance first: the model copies with its own cache, and
+        # copy.deepcopy and torch.save look these up on the instance first: the model copies with its own cache, and
         # torch.save(model) says what to do instead of failing on a hooked layer's forward.
         self.hooks.set_attribute(self.model, "__deepcopy__", self.copy_model)
         self.hooks.set_attribute(self.model, "__reduce_ex__", self._refuse_pickle)
