@@ -70,14 +70,15 @@ class LayerCacheController:
         self.hooks = HookRegistry()
         """Every attachment to the model; ``detach`` removes them all."""
         self.strategy = get_strategy(config.strategy)(self)
-        self.weights = WeightsWatch(self._stack_owners())
+        self.owners = self._stack_owners()
+        self.weights = WeightsWatch(self.owners)
         self._warned_autograd = False
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         try:
             self.strategy.attach()
-            for module in [self.model, *(m for m in self._stack_owners() if m is not self.model)]:
+            for module in [self.model, *(m for m in self.owners if m is not self.model)]:
                 self.hooks.replace_forward(module, RequestHook(self))
         except BaseException:
             self.detach()
