@@ -12,7 +12,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise CLIError("bench draws its plots with matplotlib: pip install matplotlib") from None
+        raise CLIError(
+            "bench draws its plots with matplotlib: pip install matplotlib (or the extra, hf-layercache[plots])"
+        ) from None
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
