@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -265,14 +266,19 @@ class LayerCacheConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerCacheConfig:
-        """Build from a dict; unknown keys (e.g. from a newer version) are dropped with a warning."""
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> LayerCacheConfig:
+        """Build from a dict. An unknown key is a ``ValueError`` that names the closest field: a misspelt
+        ``"max_memroy"`` must not run without its memory cap. With ``strict=False``, for configs read back from a
+        file that a newer version may have written (:meth:`from_json_file`), unknown keys are dropped with a
+        warning instead."""
         if not isinstance(data, dict):
             raise ValueError(f"A layer cache config must be a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
-            warnings.warn(f"Ignoring unknown layer cache config keys: {', '.join(unknown)}.", stacklevel=2)
+            if strict:
+                raise ValueError(f"Unknown {_unknown_keys(unknown, known)}; the fields are in docs/configuration.md.")
+            warnings.warn(f"Ignoring unknown {_unknown_keys(unknown, known)}.", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -280,9 +286,21 @@ class LayerCacheConfig:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> LayerCacheConfig:
+    def from_json_file(cls, path: str | os.PathLike, *, strict: bool = False) -> LayerCacheConfig:
+        """Read a config saved by :meth:`to_json_file` or a warm cache's ``layer_cache_config.json``. Unknown keys
+        (a newer version's fields) are dropped with a warning; ``strict=True`` refuses them as :meth:`from_dict`
+        does, for a file a person wrote."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
             data = data["config"]  # a warm cache's layer_cache_config.json wraps the config with its metadata
-        return cls.from_dict(data)
+        return cls.from_dict(data, strict=strict)
+
+
+def _unknown_keys(unknown: list[str], known: list[str]) -> str:
+    """``layer cache config key 'max_memroy' (did you mean 'max_memory'?)``, for one key or several."""
+    described = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        described.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return f"layer cache config key{'s' if len(unknown) > 1 else ''} {', '.join(described)}"

@@ -43,7 +43,7 @@ def enable(model: PreTrainedModel, config: LayerCacheConfig | dict | None = None
     if config is None:
         config = LayerCacheConfig()
     elif isinstance(config, dict):
-        config = LayerCacheConfig.from_dict(config)
+        config = LayerCacheConfig.from_dict(config)  # the user's own: an unknown key is an error, not a warning
     elif not isinstance(config, LayerCacheConfig):
         raise ValueError(f"layer_cache must be a LayerCacheConfig or a dict, got {type(config).__name__}.")
     controller = LayerCacheController(model, config)
@@ -61,6 +61,8 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
 
 # --- wrapped entry points -------------------------------------------------------------------------------------------
 def _from_pretrained(cls, pretrained_model_name_or_path, *args, layer_cache=None, **kwargs):
+    if isinstance(layer_cache, dict):  # checked before the weights load: a misspelt key fails in milliseconds
+        layer_cache = LayerCacheConfig.from_dict(layer_cache)
     loaded = _originals[(PreTrainedModel, "from_pretrained")].__func__(
         cls, pretrained_model_name_or_path, *args, **kwargs
     )

@@ -282,6 +282,14 @@ def test_config_file_sets_any_field_and_flags_override_it(model_dir, data, tmp_p
         assert info["banks"]["encoder.layer"]["entries"] == entries
 
 
+def test_a_misspelt_field_in_the_config_file_is_a_one_line_error(model_dir, data, tmp_path, capsys):
+    config = tmp_path / "cache.json"
+    config.write_text(json.dumps({"max_memroy": "1GB"}))
+    argv = ["warm", "--model", str(model_dir), "--data", str(data["txt"]), "--config", str(config)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "'max_memroy' (did you mean 'max_memory'?)" in _error_line(capsys)
+
+
 def test_bench_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path, capsys):
     from real_models import smollm2_path
 

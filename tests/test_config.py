@@ -1,5 +1,8 @@
 """LayerCacheConfig validation and serialisation; the public registries."""
 
+import json
+import warnings
+
 import pytest
 
 import hf_layercache
@@ -45,17 +48,35 @@ def test_sizes_parse_in_decimal_and_binary_units():
     assert LayerCacheConfig(max_memory="1MB").max_memory_bytes == 1_000_000
 
 
-def test_json_round_trip_and_unknown_keys_warn(tmp_path):
+def test_json_round_trip_and_unknown_keys_of_a_saved_file_warn(tmp_path):
     config = LayerCacheConfig(threshold=[0.8, 0.9], layers=[0, 1], max_memory="2GB", namespace="team")
     path = tmp_path / "c.json"
     config.to_json_file(path)
     assert LayerCacheConfig.from_json_file(path) == config
+    path.write_text(json.dumps({**config.to_dict(), "newer_field": 3}))  # what a newer version may have written
+    with pytest.warns(UserWarning, match="Ignoring unknown layer cache config key 'newer_field'"):
+        assert LayerCacheConfig.from_json_file(path) == config
     with pytest.warns(UserWarning, match="newer_field"):
-        restored = LayerCacheConfig.from_dict({**config.to_dict(), "newer_field": 3})
+        restored = LayerCacheConfig.from_dict({**config.to_dict(), "newer_field": 3}, strict=False)
     assert restored == config
     assert config.threshold_for(1) == 0.9
     with pytest.raises(ValueError, match="one threshold per cached layer"):
         config.threshold_for(2)
+
+
+def test_an_unknown_key_given_by_the_user_is_an_error_naming_the_closest_field(tmp_path):
+    typo = r"^Unknown layer cache config key 'max_memroy' \(did you mean 'max_memory'\?\)"
+    with pytest.raises(ValueError, match=typo):
+        LayerCacheConfig.from_dict({"max_memroy": "1GB"})
+    with pytest.raises(ValueError, match=r"keys 'nothing_like_it', 'threshhold' \(did you mean 'threshold'\?\);"):
+        LayerCacheConfig.from_dict({"threshhold": 0.9, "nothing_like_it": 1, "strategy": "semantic"})
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"strategy": "exact", "max_entires": 5}))
+    with pytest.raises(ValueError, match="did you mean 'max_entries'"):
+        LayerCacheConfig.from_json_file(path, strict=True)  # a file a person wrote (the CLI's --config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known keys: neither an error nor a warning
+        assert LayerCacheConfig.from_dict({"max_memory": "1GB"}).max_memory_bytes == 10**9
 
 
 def test_registries_list_get_and_accept_new_names():

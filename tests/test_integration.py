@@ -41,6 +41,34 @@ def test_from_pretrained_takes_layer_cache_for_auto_and_concrete_classes(tmp_pat
     assert model.layer_cache.stats()["total"]["hits"] == 3 * 3
 
 
+def test_a_misspelt_key_in_a_dict_config_is_an_error_not_a_cache_without_its_limit(tmp_path):
+    path = saved_model(tmp_path, "bert", tf.BertModel)
+    with pytest.raises(ValueError, match="'max_memroy' \\(did you mean 'max_memory'\\?\\)"):
+        tf.BertModel.from_pretrained(path, layer_cache={"max_memroy": "1GB"})
+    with pytest.raises(ValueError, match="did you mean 'max_memory'"):  # refused before the model is even looked for
+        tf.BertModel.from_pretrained(tmp_path / "no-such-model", layer_cache={"max_memroy": "1GB"})
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="did you mean 'max_memory'"):
+        hf_layercache.enable(model, {"strategy": "exact", "max_memroy": "1GB"})
+    assert not hasattr(model, "layer_cache")
+
+
+def test_an_unknown_key_in_a_saved_warm_cache_warns_and_the_cache_still_loads(tmp_path, tokenizer):
+    path = saved_model(tmp_path / "m", "bert", tf.BertModel, vocab_size=TOKENIZER_VOCAB)
+    model = tf.AutoModel.from_pretrained(path, layer_cache={"strategy": "exact"}).eval()
+    batch = tokenizer(["a saved request"], return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    model.save_pretrained(tmp_path / "warm")
+    header_path = tmp_path / "warm" / "layer_cache_config.json"
+    header = json.loads(header_path.read_text())
+    header["config"]["field_of_a_newer_version"] = 1
+    header_path.write_text(json.dumps(header))
+    with pytest.warns(UserWarning, match="Ignoring unknown layer cache config key 'field_of_a_newer_version'"):
+        warm = tf.AutoModel.from_pretrained(tmp_path / "warm").eval()
+    assert warm.layer_cache.stats()["total"]["entries"] == 1
+
+
 def test_device_map_with_disk_offload_never_loads_weights_on_a_hit(tmp_path):
     path = saved_model(tmp_path / "m", "bert", tf.BertModel, hidden_size=128, intermediate_size=512)
     model = tf.AutoModel.from_pretrained(

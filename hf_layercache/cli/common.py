@@ -50,7 +50,7 @@ def cache_config(args: argparse.Namespace, threshold: float | None = None) -> La
     fields: dict[str, Any] = {}
     if args.config is not None:
         try:
-            fields = LayerCacheConfig.from_json_file(args.config).to_dict()
+            fields = LayerCacheConfig.from_json_file(args.config, strict=True).to_dict()  # the user wrote it
         except (OSError, ValueError) as err:
             raise CLIError(f"--config {args.config}: {err}") from None
     flags = {
