@@ -2,17 +2,16 @@
 
 ``import hf_layercache`` registers the built-in strategies, backends, policies and fingerprints and teaches
 ``from_pretrained`` / ``pipeline`` the ``layer_cache=`` argument (undo with :func:`uninstall`).
+
+One importer gets less: the ``hf-layercache`` command (:mod:`hf_layercache_cli`, outside this package) imports it
+while parsing its arguments, and gets only the torch-free part (the config, the registries, ``__version__``) so that
+``--help`` or ``inspect`` need not import torch and transformers. The command completes the import before any
+subcommand that uses the library (``hf_layercache.cli.common.library``).
 """
 
-from . import backends, policies, strategies  # noqa: F401  (registers the built-in classes)
-from .bank import CacheBank
-from .calibration import calibrate
+import sys
+
 from .config import LayerCacheConfig
-from .controller import LayerCacheController
-from .integration import disable, enable, install, uninstall
-from .layers import LayerSpec, register_layer_spec
-from .models import ModelSpec, register_prefix_heads
-from .persistence import LayerCacheFileError, LayerCacheMismatchError
 from .registry import (
     available_backends,
     available_fingerprints,
@@ -30,7 +29,20 @@ from .registry import (
 
 __version__ = "0.1.0"
 
-install()
+_partial = getattr(sys.modules.get("hf_layercache_cli"), "importing_command_line", False)
+"""True when the ``hf-layercache`` command imported the package for its argument parser only (see above)."""
+
+if not _partial:
+    from . import backends, policies, strategies  # noqa: F401  (registers the built-in classes)
+    from .bank import CacheBank
+    from .calibration import calibrate
+    from .controller import LayerCacheController
+    from .integration import disable, enable, install, uninstall
+    from .layers import LayerSpec, register_layer_spec
+    from .models import ModelSpec, register_prefix_heads
+    from .persistence import LayerCacheFileError, LayerCacheMismatchError
+
+    install()
 
 __all__ = [
     "CacheBank",

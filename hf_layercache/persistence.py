@@ -28,14 +28,14 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, parse_bytes
-from .models import model_spec
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: reading headers (hf-layercache inspect) needs none
+    import torch
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "layer_cache.safetensors"
@@ -84,6 +84,8 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
+    from .models import model_spec  # imports torch
+
     config = getattr(model, "config", None)
     dtype = getattr(model, "dtype", None)
     return {
@@ -153,6 +155,8 @@ def write_cache(
     max_shard_size: int | str = "5GB",
 ) -> list[Path]:
     """Write a warm cache crash-safely (see the module docstring); return the files written."""
+    from safetensors.torch import save_file  # imports torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}

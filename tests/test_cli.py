@@ -16,6 +16,7 @@ from tiny import CONFIGS
 
 import hf_layercache
 from hf_layercache.cli import CLIError, describe_cache, main, read_texts
+from hf_layercache.persistence import FORMAT_VERSION
 
 TEXTS = [
     "the cat sat on the mat",
@@ -197,7 +198,7 @@ def test_inspect_reads_headers_only(warm_dir, tmp_path, capsys):
     (copy / "model.safetensors").unlink()  # no weights: inspect must not need the model
     assert main(["inspect", str(copy), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["strategy"] == "exact" and info["format_version"] == 1
+    assert info["strategy"] == "exact" and info["format_version"] == FORMAT_VERSION
     assert info["model"]["model_type"] == "bert" and info["model"]["num_layers"] == 3
     bank = info["banks"]["encoder.layer"]
     assert bank["entries"] == len(set(TEXTS))
@@ -206,7 +207,7 @@ def test_inspect_reads_headers_only(warm_dir, tmp_path, capsys):
 
     assert main(["inspect", str(copy)]) == 0
     table = capsys.readouterr().out
-    assert "format version 1" in table and "strategy   exact" in table
+    assert f"format version {FORMAT_VERSION}" in table and "strategy   exact" in table
     assert any(line.split()[:2] == ["encoder.layer", str(len(set(TEXTS)))] for line in table.splitlines())
 
 
@@ -225,11 +226,72 @@ def test_inspect_verify_finds_a_damaged_shard(warm_dir, tmp_path, capsys):
     assert "does not match the digest" in _error_line(capsys)
 
 
-def test_the_installed_command_runs_inspect(warm_dir):
+HEAVY = {"torch", "transformers", "faiss", "annoy"}
+_REPORTING_MAIN = f"""
+import json, sys
+import hf_layercache_cli
+status = hf_layercache_cli.main(sys.argv[1:])
+integration = sys.modules.get("hf_layercache.integration")  # looked up, not imported: that imports transformers
+print(json.dumps({{
+    "heavy": sorted({{name.partition(".")[0] for name in sys.modules}} & {HEAVY!r}),
+    "complete": hasattr(sys.modules["hf_layercache"], "enable"),
+    "installed": integration is not None and integration.is_installed(),
+}}))
+sys.exit(status)
+"""
+
+
+def _command(*argv: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The command's entry point (hf_layercache_cli.main) in a fresh interpreter; what it imported, on its last line."""
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORTING_MAIN, *argv], capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    return result, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "expected"),
+    [
+        (["--help"], 0, "usage: hf-layercache [-h] [--version] COMMAND"),
+        (["--version"], 0, f"hf-layercache {hf_layercache.__version__}"),
+        (["bench", "--model"], 2, "argument --model: expected one argument"),
+        (["nonsense"], 2, "invalid choice: 'nonsense'"),
+        (["inspect", "WARM"], 0, "encoder.layer"),
+        (["inspect", "WARM", "--json"], 0, '"strategy": "exact"'),
+        (["inspect", "WARM", "--verify"], 0, "(digests verified)"),
+    ],
+)
+def test_help_version_argument_errors_and_inspect_import_neither_torch_nor_transformers(
+    argv, status, expected, warm_dir
+):
+    result, imported = _command(*(str(warm_dir) if arg == "WARM" else arg for arg in argv))
+    assert result.returncode == status, result.stderr
+    assert expected in result.stdout + result.stderr
+    assert imported["heavy"] == [], f"hf-layercache {' '.join(argv)} imported {imported['heavy']}"
+    assert not imported["complete"]  # the package was imported without its heavy part
+
+
+def test_a_subcommand_that_needs_the_library_completes_the_import(model_dir, data, tmp_path):
+    out = tmp_path / "warm"
+    result, imported = _command("warm", "--model", str(model_dir), "--data", str(data["txt"]), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert {"torch", "transformers"} <= set(imported["heavy"]) and imported["complete"] and imported["installed"]
+    assert describe_cache(out)["banks"]["encoder.layer"]["entries"] == len(set(TEXTS))
+
+
+def test_the_installed_command_runs_inspect_without_importing_torch(warm_dir):
     command = Path(sys.executable).parent / "hf-layercache"
-    result = subprocess.run([str(command), "inspect", str(warm_dir)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(command), "inspect", str(warm_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "encoder.layer" in result.stdout
+    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if "import time:" in line}
+    assert {"hf_layercache_cli", "hf_layercache.persistence"} <= imported  # the entry point, and what inspect reads
+    assert not {name.partition(".")[0] for name in imported} & HEAVY
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ under ``model.layer_cache.bypass()``, so both sides share weights, threads and m
 
 The arguments are parsed before anything heavy is imported: a subcommand's module, and with it torch and
 transformers, is imported only when that subcommand runs. ``--help``, ``--version``, argument errors and
-``inspect`` without ``--verify`` import neither (as long as ``hf_layercache`` itself was imported without them).
+``inspect`` import neither, as long as ``hf_layercache`` itself was imported without them: the console script's
+entry point, ``hf_layercache_cli.main`` (a module outside this package), imports it so; ``python -m
+hf_layercache.cli`` and code that imported the package first pay for the whole package.
 """
 
 from __future__ import annotations

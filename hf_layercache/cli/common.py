@@ -8,6 +8,7 @@ package's strategies, backends and policies are imported by :func:`library` and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +36,19 @@ def library() -> None:
     """Do what ``import hf_layercache`` does: register the built-in strategies, backends and policies (a config
     names them) and teach ``from_pretrained`` the ``layer_cache=`` argument. Idempotent.
 
-    This imports torch, transformers and the optional faiss and annoy (seconds), so the command calls it only where
-    a config is validated, a model is loaded or the registered names are listed, never to parse its arguments.
+    The ``hf-layercache`` command (``hf_layercache_cli``) imports the package without that part; this completes the
+    import, so from here on ``hf_layercache`` is what a bare ``import hf_layercache`` gives. It imports torch,
+    transformers and the optional faiss and annoy (seconds), so the command calls it only where a config is
+    validated, a model is loaded or the registered names are listed, never to parse its arguments.
     """
-    from .. import backends, fingerprints, policies, strategies  # noqa: F401  (registers the built-in classes)
+    import hf_layercache
+
+    if hf_layercache._partial:
+        importlib.reload(hf_layercache)  # the package's code again, now whole: registrations and install()
+    from .. import fingerprints  # noqa: F401  (registers the built-in fingerprints, whatever imported the package)
     from ..integration import install
 
-    install()
+    install()  # idempotent; again in case someone called hf_layercache.uninstall()
 
 
 def cache_config(args: argparse.Namespace, threshold: float | None = None) -> LayerCacheConfig:
