@@ -3,6 +3,7 @@ tokenizer, data files of every format, and one-line errors for what users get wr
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import transformers as tf
 from tiny import CONFIGS
 
 import hf_layercache
-from hf_layercache.cli import CLIError, describe_cache, main, read_texts
+from hf_layercache import LayerCacheConfig
+from hf_layercache.cli import CLIError, describe_cache, format_cache, main, read_texts
+from hf_layercache.config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
 from hf_layercache.persistence import FORMAT_VERSION
 
 TEXTS = [
@@ -209,6 +212,19 @@ def test_inspect_reads_headers_only(warm_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert f"format version {FORMAT_VERSION}" in table and "strategy   exact" in table
     assert any(line.split()[:2] == ["encoder.layer", str(len(set(TEXTS)))] for line in table.splitlines())
+
+
+@pytest.mark.parametrize("strategy", ["exact", "prefix", "semantic", "attention", "custom"])
+def test_inspect_shows_the_common_fields_and_only_those_of_the_caches_strategy(strategy):
+    config = LayerCacheConfig(strategy="exact" if strategy == "custom" else strategy).to_dict()
+    config["strategy"] = strategy  # "custom": a strategy the table does not know (registered by someone's code)
+    info = {"directory": "d", "format_version": FORMAT_VERSION, "strategy": strategy, "config": config, "model": {}}
+    table = format_cache({**info, "files": {}, "banks": {}})
+    shown = {name for name in config if re.search(rf"\b{name} ", table)}
+    own = BUILTIN_STRATEGY_FIELDS.get(strategy, [name for name in config if name not in COMMON_FIELDS])
+    assert shown == set(COMMON_FIELDS) | set(own), table
+    assert ("threshold 0.85" in table) == (strategy in ("semantic", "attention", "custom"))
+    assert f"strategy   {strategy}, policy 'lru', policy_kwargs {{}}, namespace 'default'" in table
 
 
 def test_inspect_verify_finds_a_damaged_shard(warm_dir, tmp_path, capsys):

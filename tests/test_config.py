@@ -1,13 +1,15 @@
 """LayerCacheConfig validation and serialisation; the public registries."""
 
+import dataclasses
 import json
 import warnings
 
 import pytest
+from tiny import tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.config import parse_bytes
+from hf_layercache.config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS, SIMILARITY_FIELDS, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -77,6 +79,20 @@ def test_an_unknown_key_given_by_the_user_is_an_error_naming_the_closest_field(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known keys: neither an error nor a warning
         assert LayerCacheConfig.from_dict({"max_memory": "1GB"}).max_memory_bytes == 10**9
+
+
+def test_the_torch_free_table_of_each_strategys_fields_matches_what_the_strategy_reads():
+    every = {field.name for field in dataclasses.fields(LayerCacheConfig)}
+    assert set(COMMON_FIELDS).union(*BUILTIN_STRATEGY_FIELDS.values()) == every
+    assert not set(COMMON_FIELDS) & set().union(*BUILTIN_STRATEGY_FIELDS.values())
+    for name, fields in BUILTIN_STRATEGY_FIELDS.items():
+        declared = hf_layercache.get_strategy(name).config_fields
+        assert set(fields) - set(SIMILARITY_FIELDS) - {"fingerprint"} == set(declared), name
+        # the similarity fields belong to exactly the strategies whose banks search by similarity
+        model = hf_layercache.enable(tiny_model("llama" if name == "prefix" else "bert"), {"strategy": name})
+        searches = any(bank.backend is not None for bank in model.layer_cache.banks.values())
+        assert searches == (set(SIMILARITY_FIELDS) <= set(fields)), name
+        assert searches == ("backend" in fields) == ("threshold" in fields), name
 
 
 def test_registries_list_get_and_accept_new_names():

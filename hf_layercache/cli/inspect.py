@@ -14,6 +14,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from ..config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
 from ..persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
 from .common import CLIError, human_bytes
 
@@ -92,15 +93,35 @@ def _count_tensor(banks: dict[str, dict[str, Any]], name: str, tensor_slice) -> 
     bank["dtypes"].add(dtype)
 
 
+def _fields(config: dict[str, Any], names) -> str:
+    return ", ".join(f"{name} {config[name]!r}" for name in names if name in config)
+
+
+def _config_lines(config: dict[str, Any]) -> list[str]:
+    """The common fields, then only those the cache's strategy reads (all the others, for a strategy that is not
+    built in: which fields it reads is known only to its class, and importing it would import torch)."""
+    strategy = config.get("strategy")
+    lines = [
+        f"strategy   {strategy}, " + _fields(config, ("policy", "policy_kwargs", "namespace", "layers", "bank_device")),
+        "limits     " + _fields(config, ("max_entries", "max_memory", "storage_dtype")),
+    ]
+    own = BUILTIN_STRATEGY_FIELDS.get(strategy)
+    if own is None:
+        own = [name for name in config if name not in COMMON_FIELDS]
+        label = "options"
+    else:
+        label = str(strategy)
+    if own:
+        lines.append(f"{label:<10} " + _fields(config, own))
+    return lines
+
+
 def format_cache(info: dict[str, Any]) -> str:
     config, model = info["config"], info["model"]
     lines = [
         f"warm layer cache in {info['directory']} (format version {info['format_version']}, this hf-layercache "
         f"reads {FORMAT_VERSION})",
-        f"strategy   {info['strategy']}, backend {config.get('backend')}, policy {config.get('policy')}, threshold "
-        f"{config.get('threshold')}, namespace {config.get('namespace')!r}",
-        f"limits     max_entries {config.get('max_entries')}, max_memory {config.get('max_memory')}, "
-        f"storage_dtype {config.get('storage_dtype')}",
+        *_config_lines(config),
         f"model      {model.get('class')} ({model.get('model_type')}), {model.get('num_layers')} cached layers, "
         f"hidden size {model.get('hidden_size')}, {model.get('dtype')}, weights hash {model.get('weights_hash')}",
         "files      "
