@@ -86,9 +86,38 @@ def _demo_pass(model, batch: dict, reference: torch.Tensor, cached_first: bool) 
     }
 
 
+NOISE_TOLERANCE = 0.25
+"""A row's speed ratios are too spread to read when one repeat's lies more than this fraction of their median away
+from it (outside 0.75x to 1.25x the median)."""
+
+
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Per key, the median over repeats; ``speed`` is the median of per-repeat ratios, each from adjacent timings."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    """Per key, the median over repeats; ``speed`` is the median of per-repeat ratios, each from adjacent timings,
+    with their lowest and highest (``speed_min``, ``speed_max``) and whether they are too spread (``noisy``)."""
+    summary = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    ratios = [run["speed"] for run in runs]
+    return {**summary, "speed_min": min(ratios), "speed_max": max(ratios), "noisy": too_noisy(ratios)}
+
+
+def too_noisy(ratios: list[float], tolerance: float = NOISE_TOLERANCE) -> bool:
+    """True when some ratio lies more than ``tolerance`` times the median away from the median: the repeats
+    disagree by more than the effect a reader would look for, so the median says little. One ratio is never noisy
+    (there is no spread to judge)."""
+    median = statistics.median(ratios)
+    return any(abs(ratio - median) > tolerance * median for ratio in ratios)
+
+
+def noise_note(rows: list[tuple[str, str, dict[str, float], str]], repeats: int) -> str | None:
+    """The warning printed under the table when a row's speed ratios are too spread to read, else ``None``."""
+    noisy = [f"{name} ({strategy})" for name, strategy, summary, _ in rows if summary["noisy"]]
+    if not noisy:
+        return None
+    return (
+        f"note: the speed ratios of {', '.join(noisy)} spread beyond +-{NOISE_TOLERANCE:.0%} of their median over the "
+        f"{_count(repeats, 'repeat')} (marked !): the machine is busy or the calls too short for those medians to be "
+        "read as measured speeds; only their range, which holds every repeat, is. Rerun with more --repeats, on an "
+        "idle machine, or with OMP_NUM_THREADS=1 (docs/cli.md, timing rules)."
+    )
 
 
 def _demo_rows(model, original: dict, similar: dict, repeats: int) -> list[dict[str, float]]:
@@ -144,9 +173,13 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(_demo_table(rows))
     print(
-        "speed = uncached time / cached time (same model under bypass()); fidelity = cosine similarity of each "
-        "text's mean-pooled output to the uncached one, mean and lowest over the texts"
+        "speed = uncached time / cached time (same model under bypass()), the median over the repeats, their lowest "
+        "and highest under range; fidelity = cosine similarity of each text's mean-pooled output to the uncached one, "
+        "mean and lowest over the texts"
     )
+    note = noise_note(rows, args.repeats)
+    if note is not None:
+        print(note)
     if "semantic" not in available_strategies():
         print("(the 'semantic' strategy is not available in this installation, so no similar-input reuse is shown)")
     return 0
@@ -158,12 +191,13 @@ def _count(n: int, noun: str) -> str:
 
 def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
     lines = [
-        f"{'pass':<14} {'strategy':<9} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} "
+        f"{'pass':<14} {'strategy':<9} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} {'range':>11} "
         f"{'fidelity mean':>13} {'min':>6}  note"
     ]
     for name, strategy, m, note in rows:
+        spread = f"{m['speed_min']:.1f}-{m['speed_max']:.1f}x" + ("!" if m["noisy"] else " ")
         lines.append(
             f"{name:<14} {strategy:<9} {m['hit_rate']:>8.0%} {m['uncached'] * 1e3:>7.1f}ms {m['cached'] * 1e3:>7.1f}ms "
-            f"{m['speed']:>6.1f}x {m['mean']:>13.4f} {m['min']:>6.3f}  {note}"
+            f"{m['speed']:>6.1f}x {spread:>11} {m['mean']:>13.4f} {m['min']:>6.3f}  {note}"
         )
     return "\n".join(lines)
