@@ -1,8 +1,10 @@
 """One cache store: entries of tensors, found by exact digest or by key vector, bounded by a policy and a budget.
 
-An entry is a small dict of tensors (a layer output, recorded key/value states, ...). It is found either by an
-exact ``digest`` (bytes, for lossless strategies) or by similarity of its key vector through a
-:class:`~hf_layercache.backends.base.Backend`. The bank evicts through its
+An entry is a small dict of tensors (a layer output, recorded key/value states, ...; each strategy's typed entry
+says which, see :mod:`hf_layercache.entries`) and the ``namespace`` tag of the tenant it belongs to:
+:meth:`CacheBank.get` serves it to that tenant only. It is found either by an exact ``digest`` (bytes, for lossless
+strategies) or by similarity of its key vector through a :class:`~hf_layercache.backends.base.Backend`. What a
+lookup decided reaches the policy as one :class:`Lookup`. The bank evicts through its
 :class:`~hf_layercache.policies.base.Policy` *before* an insert would break ``max_entries`` or ``max_bytes``, so
 the budget is never exceeded, not even transiently.
 """
@@ -10,7 +12,8 @@ the budget is never exceeded, not even transiently.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +33,19 @@ class Entry:
     values: dict[str, torch.Tensor]
     nbytes: int
     digest: bytes | None = None
+    namespace: int = 0
+    """The :func:`~hf_layercache.request.namespace_tag` of the tenant that stored it."""
+
+
+@dataclass
+class Lookup:
+    """What a strategy decided about the rows of one call: the entries that serve them, with their similarity, and
+    how many lookups found nothing they could use. Recorded once, through
+    :meth:`~hf_layercache.controller.LayerCacheController.record_lookup`, it feeds both the bank's policy and the
+    layers' stats, so the two never disagree on what a hit is."""
+
+    served: list[tuple[int, float]] = field(default_factory=list)
+    missed: int = 0
 
 
 def entry_bytes(values: dict[str, torch.Tensor]) -> int:
@@ -84,24 +100,37 @@ class CacheBank:
         with self._lock:
             return self.backend.search(keys, k)
 
-    def get(self, entry_id: int) -> dict[str, torch.Tensor] | None:
+    def get(self, entry_id: int, namespace: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors; ``None`` when it is gone or (with ``namespace``) belongs to another tenant."""
         with self._lock:
             entry = self._entries.get(entry_id)
-            return entry.values if entry is not None else None
+            if entry is None or (namespace is not None and entry.namespace != namespace):
+                return None
+            return entry.values
+
+    def update(self, entry_id: int, change: Callable[[dict[str, torch.Tensor]], None]) -> bool:
+        """Apply ``change`` to a stored entry's tensors under the bank's lock (a verdict or prediction recorded in
+        the entry); ``False`` when the entry is gone."""
+        with self._lock:
+            entry = self._entries.get(entry_id)
+            if entry is None:
+                return False
+            change(entry.values)
+            return True
 
     def items(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
         """Every entry's id and values, in insertion order (a snapshot of the list; the dicts are the stored ones)."""
         with self._lock:
             return [(entry_id, entry.values) for entry_id, entry in self._entries.items()]
 
-    def record_hit(self, entry_id: int, similarity: float = 1.0) -> None:
+    def record(self, lookup: Lookup) -> None:
+        """Tell the policy what a lookup decided (entries evicted meanwhile are skipped)."""
         with self._lock:
-            if entry_id in self._entries:
-                self.policy.on_hit(entry_id, similarity)
-
-    def record_miss(self) -> None:
-        with self._lock:
-            self.policy.on_miss()
+            for entry_id, similarity in lookup.served:
+                if entry_id in self._entries:
+                    self.policy.on_hit(entry_id, similarity)
+            for _ in range(lookup.missed):
+                self.policy.on_miss()
 
     def record_error(self, entry_id: int, error: float) -> None:
         with self._lock:
@@ -116,8 +145,10 @@ class CacheBank:
         digest: bytes | None = None,
         key: torch.Tensor | None = None,
         cost: float = 0.0,
+        namespace: int = 0,
     ) -> int | None:
-        """Store an entry and return its id, or ``None`` when it alone is larger than the byte budget."""
+        """Store an entry of tenant ``namespace`` and return its id, or ``None`` when it alone is larger than the
+        byte budget."""
         values = {name: self._stored(t) for name, t in values.items()}
         nbytes = entry_bytes(values) + self._key_bytes(key)
         with self._lock:
@@ -128,7 +159,7 @@ class CacheBank:
             self._make_room(nbytes)
             entry_id = self._next_id
             self._next_id += 1
-            self._entries[entry_id] = Entry(values, nbytes, digest)
+            self._entries[entry_id] = Entry(values, nbytes, digest, namespace)
             self._value_bytes += nbytes
             if digest is not None:
                 self._by_digest[digest] = entry_id
@@ -207,7 +238,8 @@ class CacheBank:
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All entries, digests, policy and backend state as named tensors, nothing else (safe to load from disk)."""
+        """All entries, digests, namespaces, policy and backend state as named tensors, nothing else (safe to load
+        from disk). Entry tensors are named ``entry.<id>.<field>``."""
         with self._lock:
             ids = sorted(self._entries)
             state: dict[str, torch.Tensor] = {"ids": torch.tensor(ids, dtype=torch.long)}
@@ -221,56 +253,81 @@ class CacheBank:
                 for name, tensor in entry.values.items():
                     state[f"entry.{entry_id}.{name}"] = tensor
             state["digests"], state["has_digest"] = digests, has_digest
+            state["namespaces"] = torch.tensor([self._entries[i].namespace for i in ids], dtype=torch.long)
             state.update({f"policy.{k}": v for k, v in self.policy.state_dict().items()})
             if self.backend is not None:
                 state.update({f"backend.{k}": v for k, v in self.backend.state_dict().items()})
             return state
 
     @staticmethod
-    def check_state(state: dict[str, torch.Tensor]) -> None:
-        """Raise ``ValueError`` unless ``state`` has the structure :meth:`state_dict` writes."""
+    def check_state(state: dict[str, torch.Tensor]) -> BankState:
+        """The parts of ``state``; ``ValueError`` unless it has the structure :meth:`state_dict` writes."""
+        return BankState.parse(state)
+
+    @_outside_inference_mode
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the content with ``state``; the entries land on this bank's device."""
+        parsed = BankState.parse(state)
+        with self._lock:
+            self.clear()
+            for entry_id, values in parsed.entries.items():
+                entry_values = {k: self._stored(v) for k, v in values.items()}
+                nbytes = entry_bytes(entry_values) + 4 * self._key_dim()
+                digest = parsed.digests[entry_id]
+                self._entries[entry_id] = Entry(entry_values, nbytes, digest, parsed.namespaces[entry_id])
+                self._value_bytes += nbytes
+                if digest is not None:
+                    self._by_digest[digest] = entry_id
+            self._next_id = max(parsed.entries, default=-1) + 1
+            self.policy.load_state_dict(parsed.policy)
+            if self.backend is not None:
+                self.backend.load_state_dict(parsed.backend)
+
+
+@dataclass
+class BankState:
+    """A bank's :meth:`~CacheBank.state_dict` taken apart: the one parser of bank state, used to check a warm cache
+    (the strategy then checks each entry's fields) and to load it."""
+
+    entries: dict[int, dict[str, torch.Tensor]]
+    """Per entry id, in the saved order, its tensors by field name."""
+    digests: dict[int, bytes | None]
+    namespaces: dict[int, int]
+    policy: dict[str, torch.Tensor]
+    backend: dict[str, torch.Tensor]
+
+    @classmethod
+    def parse(cls, state: dict[str, torch.Tensor]) -> BankState:
         ids = state.get("ids")
         if ids is None or ids.dtype != torch.long or ids.dim() != 1:
             raise ValueError("'ids' must be a 1-D int64 tensor.")
         n = ids.numel()
         if n and (int(ids.min()) < 0 or ids.unique().numel() != n):
             raise ValueError("'ids' must be distinct non-negative integers.")
-        digests, has_digest = state.get("digests"), state.get("has_digest")
+        digests, has_digest, namespaces = state.get("digests"), state.get("has_digest"), state.get("namespaces")
         if digests is None or digests.dtype != torch.uint8 or tuple(digests.shape) != (n, DIGEST_BYTES):
             raise ValueError(f"'digests' must be a uint8 tensor of shape ({n}, {DIGEST_BYTES}).")
         if has_digest is None or has_digest.dtype != torch.bool or tuple(has_digest.shape) != (n,):
             raise ValueError(f"'has_digest' must be a bool tensor of shape ({n},).")
-        known = set(ids.tolist())
-        for name in state:
-            if name in ("ids", "digests", "has_digest") or name.startswith(("policy.", "backend.")):
-                continue
-            parts = name.split(".", 2)
-            if len(parts) != 3 or parts[0] != "entry" or not parts[1].isdigit() or int(parts[1]) not in known:
-                raise ValueError(f"unexpected tensor {name!r} (not an entry of a listed id).")
-
-    @_outside_inference_mode
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the content with ``state``; the entries land on this bank's device."""
-        ids = state["ids"].tolist()
-        values: dict[int, dict[str, torch.Tensor]] = {i: {} for i in ids}
+        if namespaces is None or namespaces.dtype != torch.long or tuple(namespaces.shape) != (n,):
+            raise ValueError(f"'namespaces' must be an int64 tensor of shape ({n},).")
+        order = ids.tolist()
+        parsed = cls(
+            entries={i: {} for i in order},
+            digests={i: bytes(digests[row].tolist()) if bool(has_digest[row]) else None for row, i in enumerate(order)},
+            namespaces=dict(zip(order, namespaces.tolist(), strict=True)),
+            policy={},
+            backend={},
+        )
         for name, tensor in state.items():
-            if name.startswith("entry."):
-                _, entry_id, field = name.split(".", 2)
-                values[int(entry_id)][field] = tensor
-        with self._lock:
-            self.clear()
-            for row, entry_id in enumerate(ids):
-                digest = bytes(state["digests"][row].tolist()) if bool(state["has_digest"][row]) else None
-                entry_values = {k: self._stored(v) for k, v in values[entry_id].items()}
-                nbytes = entry_bytes(entry_values) + 4 * self._key_dim()
-                self._entries[entry_id] = Entry(entry_values, nbytes, digest)
-                self._value_bytes += nbytes
-                if digest is not None:
-                    self._by_digest[digest] = entry_id
-            self._next_id = max(ids, default=-1) + 1
-            policy_state = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}
-            self.policy.load_state_dict(policy_state)
-            if self.backend is not None:
-                self.backend.load_state_dict(
-                    {k[len("backend.") :]: v for k, v in state.items() if k.startswith("backend.")}
-                )
+            if name in ("ids", "digests", "has_digest", "namespaces"):
+                continue
+            section, _, rest = name.partition(".")
+            if section in ("policy", "backend") and rest:
+                getattr(parsed, section)[rest] = tensor
+                continue
+            entry_id, _, field_name = rest.partition(".")
+            if section != "entry" or not entry_id.isdigit() or int(entry_id) not in parsed.entries or not field_name:
+                raise ValueError(f"unexpected tensor {name!r} (not an entry of a listed id).")
+            parsed.entries[int(entry_id)][field_name] = tensor
+        return parsed

@@ -7,13 +7,13 @@ import copy
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from .bank import CacheBank
+from .bank import CacheBank, Lookup
 from .config import LayerCacheConfig
 from .hooks import ForwardHook, HookRegistry
 from .layers import ArgumentBinder, select_layers
@@ -222,6 +222,22 @@ class LayerCacheController:
             self._local.namespace = previous
 
     # --- reporting and housekeeping -------------------------------------------------------------------------------
+    def record_lookup(
+        self,
+        lookup: Lookup,
+        bank: CacheBank | None,
+        layers: Iterable[str],
+        units: tuple[int, int] | None = None,
+    ) -> None:
+        """Record what a lookup decided, once, for both readers: ``bank``'s policy (``None``: layers a row passed
+        after its lookup elsewhere) and the stats of ``layers``, the layers whose rows it served or left to compute.
+        ``units`` counts the hits and misses in other units than lookups (prefix: tokens)."""
+        if bank is not None:
+            bank.record(lookup)
+        hits, misses = units if units is not None else (len(lookup.served), lookup.missed)
+        for layer in layers:
+            self.stats_.record_lookup(layer, hits, misses)
+
     @property
     def banks(self) -> dict[str, CacheBank]:
         return self.strategy.banks

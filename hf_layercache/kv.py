@@ -10,6 +10,9 @@ The cache is found by what it is, not by the name of the argument carrying it: t
 :func:`find_cache` takes any :class:`transformers.Cache` under either name (or any other), and
 :func:`cache_parameter` tells which name a forward's own signature uses, so calls the library makes itself pass the
 cache under that name and trigger no deprecation warning.
+
+Entries that keep recorded writes store them through one codec (:func:`encode_writes` / :func:`decode_writes`), as
+tensors named ``<prefix>.<i>.<tag>.<layer_idx>.key`` and ``....value``, so every strategy reads and checks them alike.
 """
 
 from __future__ import annotations
@@ -123,3 +126,56 @@ def stack_writes(per_row: list[list[KVWrite]]) -> list[KVWrite]:
         )
         for i, w in enumerate(first)
     ]
+
+
+# --- the codec of stored writes -------------------------------------------------------------------------------------
+def encode_writes(writes: list[KVWrite], prefix: str = "kv") -> dict[str, torch.Tensor]:
+    """Writes (already cut to the rows and positions an entry keeps) as named tensors, in call order."""
+    tensors = {}
+    for i, w in enumerate(writes):
+        name = f"{prefix}.{i}.{w.tag}.{w.layer_idx}"
+        tensors[f"{name}.key"], tensors[f"{name}.value"] = w.key, w.value
+    return tensors
+
+
+def decode_writes(values: dict[str, torch.Tensor], prefix: str = "kv") -> list[KVWrite]:
+    """The writes :func:`encode_writes` stored under ``prefix``, in call order (other tensors are ignored)."""
+    found = {}
+    for name in values:
+        parts = _write_name(name, prefix)
+        if parts is not None and parts[3] == "key":
+            i, tag, layer_idx, _ = parts
+            found[i] = KVWrite(tag, layer_idx, values[name], values[name[: -len("key")] + "value"])
+    return [found[i] for i in sorted(found)]
+
+
+def check_writes(values: dict[str, torch.Tensor], prefix: str = "kv") -> None:
+    """Refuse stored writes read from disk that :func:`decode_writes` could not replay: a key without its value,
+    non-floating or differently shaped states, anything but one row, a name of another form under ``prefix``."""
+    for name, tensor in values.items():
+        if not name.startswith(prefix + "."):
+            continue
+        parts = _write_name(name, prefix)
+        if parts is None:
+            raise ValueError(f"{name!r} is not a stored write ('{prefix}.<i>.<tag>.<layer_idx>.key' or '.value').")
+        other = name[: -len(parts[3])] + ("value" if parts[3] == "key" else "key")
+        partner = values.get(other)
+        if partner is None:
+            raise ValueError(f"{name!r} has no {other!r} beside it.")
+        if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.shape[0] != 1:
+            raise ValueError(
+                f"{name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected one row of floating "
+                "key/value states."
+            )
+        if parts[3] == "key" and tensor.shape[:-1] != partner.shape[:-1]:
+            raise ValueError(f"{name!r} and {other!r} cover different heads or positions.")
+
+
+def _write_name(name: str, prefix: str) -> tuple[int, str, int, str] | None:
+    """``(i, tag, layer_idx, "key" | "value")`` of a tensor name under ``prefix``, or ``None``."""
+    if not name.startswith(prefix + "."):
+        return None
+    parts = name[len(prefix) + 1 :].split(".")
+    if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit() or parts[3] not in ("key", "value"):
+        return None
+    return int(parts[0]), parts[1], int(parts[2]), parts[3]

@@ -1,6 +1,6 @@
 """Warm caches on disk: ``layer_cache_config.json`` plus safetensors shards, written atomically, read defensively.
 
-Files (fixed format, version 1), beside the model's own files:
+Files (fixed format, version 2: version 1 kept the tenant in each entry, 2 in each bank), beside the model's own files:
 
 * ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks"}``; ``model`` is the identity of
   the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of the weights).
@@ -37,7 +37,7 @@ from .config import CONFIG_NAME, parse_bytes
 if TYPE_CHECKING:  # torch is imported where tensors are handled: reading headers (hf-layercache inspect) needs none
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "layer_cache.safetensors"
 INDEX_NAME = "layer_cache.safetensors.index.json"
 PREVIOUS_DIR = ".layer_cache_previous"

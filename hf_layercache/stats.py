@@ -9,11 +9,14 @@ from dataclasses import asdict, dataclass
 @dataclass
 class LayerCounters:
     lookups: int = 0
-    """Rows that asked this layer's cache for an entry."""
+    """Rows that asked this layer's cache for an entry (prefix: tokens)."""
     hits: int = 0
     """Rows served from the cache (the layer did not compute them)."""
     misses: int = 0
-    """Rows the layer computed."""
+    """Rows a lookup found nothing to serve for (verified hits included: they are computed)."""
+    computed: int = 0
+    """Rows the layer computed: its misses, and rows of layers that compute without a lookup (a fingerprint's
+    probe layers). The measured cost of a row is ``compute_seconds / computed``."""
     bypassed: int = 0
     """Rows that ran uncached because of the request (training, ``output_attentions``, ``bypass()``, decode step)."""
     compute_seconds: float = 0.0
@@ -42,7 +45,7 @@ class LayerCounters:
 
     @property
     def seconds_per_row(self) -> float:
-        return self.compute_seconds / self.misses if self.misses else 0.0
+        return self.compute_seconds / self.computed if self.computed else 0.0
 
     @property
     def mean_error(self) -> float:
@@ -63,14 +66,21 @@ class CacheStats:
         self.invalidations = 0
         """Times every entry was dropped because the weights changed under the cache (see ``weights.py``)."""
 
-    def record(self, layer: str, hits: int = 0, misses: int = 0, compute_seconds: float = 0.0) -> None:
+    def record_lookup(self, layer: str, hits: int, misses: int) -> None:
+        """What a lookup decided for ``layer`` (see :class:`~hf_layercache.bank.Lookup`)."""
         with self._lock:
             counters = self.layers[layer]
             counters.lookups += hits + misses
             counters.hits += hits
             counters.misses += misses
-            counters.compute_seconds += compute_seconds
             counters.seconds_saved += hits * counters.seconds_per_row
+
+    def record_compute(self, layer: str, rows: int, seconds: float) -> None:
+        """``layer`` computed ``rows`` in ``seconds``."""
+        with self._lock:
+            counters = self.layers[layer]
+            counters.computed += rows
+            counters.compute_seconds += seconds
 
     def record_error(self, layer: str, error: float, acceptable: bool, explored: bool) -> None:
         """A verified approximate hit: ``error`` is the relative error of what would have been served and

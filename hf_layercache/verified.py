@@ -158,23 +158,24 @@ class ErrorBound:
         self._lock = threading.Lock()
 
     def exploration_probability(
-        self, bank: str, entry_id: int, entry: dict[str, torch.Tensor], similarity: float
+        self, bank: str, entry_id: int, observations: torch.Tensor | None, similarity: float
     ) -> float:
-        """``tau`` for serving ``entry`` at ``similarity``: 1 (always compute) while the layer knows too little."""
-        alpha = self.unacceptable_probability(bank, entry_id, entry, similarity)
+        """``tau`` for serving an entry with its ``observations`` at ``similarity``: 1 (always compute) while the
+        layer knows too little."""
+        alpha = self.unacceptable_probability(bank, entry_id, observations, similarity)
         if alpha is None or alpha > MAX_SERVED_UNACCEPTABLE:
             return 1.0
         return max(1.0 - self.delta / alpha, 0.0) if alpha > 0 else 0.0
 
     def unacceptable_probability(
-        self, bank: str, entry_id: int, entry: dict[str, torch.Tensor], similarity: float
+        self, bank: str, entry_id: int, observations: torch.Tensor | None, similarity: float
     ) -> float | None:
-        """``alpha`` for ``entry`` at ``similarity``, or ``None`` while the layer has too few observations."""
+        """``alpha`` for an entry at ``similarity``, or ``None`` while the layer has too few observations."""
         fit = self._layer_fit(bank)
         if fit is None:
             return None
         alpha = fit.unacceptable_probability(similarity)
-        own = self._entry_fit(bank, entry_id, entry.get(OBSERVATIONS))
+        own = self._entry_fit(bank, entry_id, observations)
         return alpha if own is None else max(alpha, own.unacceptable_probability(similarity))
 
     def _entry_fit(self, bank: str, entry_id: int, observations: torch.Tensor | None) -> Fit | None:
@@ -193,20 +194,21 @@ class ErrorBound:
                 self._entry_fits.pop(next(iter(self._entry_fits)))
         return own
 
-    def observe(self, bank: str, entry: dict[str, torch.Tensor], similarity: float, acceptable: bool) -> None:
+    def observe(self, bank: str, observations: torch.Tensor | None, similarity: float, acceptable: bool) -> None:
+        """Pool a verdict for the layer and record it in the entry's ``observations`` (updated in place; the caller
+        holds the bank's lock, see ``CacheBank.update``), if it keeps any."""
         with self._lock:
-            observations = entry.get(OBSERVATIONS)
             if observations is not None:
                 add_observation(observations, similarity, acceptable)
             self._pooled.setdefault(bank, deque(maxlen=POOLED_CAPACITY)).append((similarity, acceptable))
             self._seen[bank] = self._seen.get(bank, 0) + 1
 
-    def rebuild(self, bank: str, entries: list[dict[str, torch.Tensor]]) -> None:
+    def rebuild(self, bank: str, observations: list[torch.Tensor]) -> None:
         """Pooled observations from the entries' own, after a warm cache was loaded or the bank cleared."""
         pooled: deque[tuple[float, bool]] = deque(maxlen=POOLED_CAPACITY)
-        for entry in entries:
-            if OBSERVATIONS in entry:
-                s, y = read_observations(entry[OBSERVATIONS])
+        for recorded in observations:
+            if recorded is not None:
+                s, y = read_observations(recorded)
                 pooled.extend(zip(s.tolist(), (y > 0).tolist(), strict=True))
         with self._lock:
             self._pooled[bank] = pooled

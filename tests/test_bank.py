@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_layercache
-from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES, CacheBank
+from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES, CacheBank, Lookup
 
 
 def held_bytes(bank: CacheBank) -> int:
@@ -31,7 +31,7 @@ def make_bank(**kwargs) -> CacheBank:
 def test_max_entries_evicts_least_recently_used_first():
     bank = make_bank(max_entries=3)
     ids = [bank.put({"v": torch.full((4,), float(i))}, digest=bytes([i]) * 32) for i in range(3)]
-    bank.record_hit(ids[0])
+    bank.record(Lookup(served=[(ids[0], 1.0)]))
     bank.put({"v": torch.zeros(4)}, digest=bytes([9]) * 32)
     assert len(bank) == 3
     assert bank.find(bytes([1]) * 32) is None  # the least recently used
@@ -62,7 +62,7 @@ def test_soak_100k_inserts_never_exceed_max_memory(policy):
         size = rng.choice([8, 64, 256, 1024])
         bank.put({"v": torch.empty(size, dtype=torch.uint8)}, digest=i.to_bytes(32, "little"), cost=rng.random())
         if rng.random() < 0.3 and len(bank):
-            bank.record_hit(rng.choice(list(bank._entries)), 1.0)
+            bank.record(Lookup(served=[(rng.choice(list(bank._entries)), 1.0)]))
         if i % 997 == 0:
             peak = max(peak, held_bytes(bank) + (ENTRY_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES) * len(bank))
         assert bank.nbytes <= budget
@@ -74,7 +74,7 @@ def test_state_round_trip_keeps_entries_digests_and_eviction_order():
     bank = make_bank(max_entries=3)
     for i in range(3):
         bank.put({"v": torch.full((2,), float(i)), "w": torch.arange(i + 1)}, digest=bytes([i]) * 32)
-    bank.record_hit(bank.find(bytes([0]) * 32))
+    bank.record(Lookup(served=[(bank.find(bytes([0]) * 32), 1.0)]))
     state = bank.state_dict()
     CacheBank.check_state(state)
     restored = make_bank(max_entries=3)

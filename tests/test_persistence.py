@@ -35,7 +35,7 @@ def test_save_pretrained_writes_the_fixed_files(warm_dir):
     assert "layer_cache.safetensors" in names and "layer_cache_config.json" in names
     assert not [n for n in names if n.endswith(".tmp")]
     header = json.loads((directory / "layer_cache_config.json").read_text())
-    assert header["format_version"] == 1
+    assert header["format_version"] == 2
     assert header["config"]["strategy"] == "exact"
     assert header["model"]["model_type"] == "bert" and header["model"]["num_layers"] == 3
     assert header["banks"]["encoder.layer"]["entries"] == 3
@@ -133,6 +133,7 @@ def test_wrong_shapes_and_unknown_tensors_are_refused(warm_dir):
         "ids": torch.tensor([0]),
         "digests": torch.zeros(1, 32, dtype=torch.uint8),
         "has_digest": torch.ones(1, dtype=torch.bool),
+        "namespaces": torch.zeros(1, dtype=torch.long),
     }
     cases = {
         "hidden": {**good, "entry.0.hidden": torch.zeros(7, 31)},

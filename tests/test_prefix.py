@@ -288,7 +288,7 @@ def test_warm_cache_round_trip_and_refusal_of_bad_entries(tmp_path):
 
     state = warm.layer_cache.banks["transformer.h"].state_dict()
     state["entry.0.key"] = state["entry.0.key"][:, :1]  # fewer heads than the model has
-    with pytest.raises(ValueError, match="entry 0 has key"):
+    with pytest.raises(ValueError, match="entry 0: 'key'"):
         warm.layer_cache.strategy.check_state("transformer.h", state)
     with pytest.raises(LayerCacheFileError, match="block_size 2"):  # blocks larger than this model's
         cached("gpt2", block_size=2).layer_cache.load(tmp_path)

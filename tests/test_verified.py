@@ -80,17 +80,17 @@ def test_the_bound_covers_the_true_error_rate_and_finds_the_threshold():
 
 
 def test_error_bound_explores_until_it_knows_then_serves_only_where_it_may():
-    bound, entry = ErrorBound(0.01), {OBSERVATIONS: new_observations()}
+    bound, entry = ErrorBound(0.01), new_observations()
     assert bound.exploration_probability("layer", 0, entry, 0.99) == 1.0  # nothing known yet
     rng = np.random.default_rng(2)
     for similarity in rng.uniform(0.5, 1.0, 3000):
-        bound.observe("layer", {}, float(similarity), bool(similarity > 0.8))
+        bound.observe("layer", None, float(similarity), bool(similarity > 0.8))
     assert bound.exploration_probability("layer", 0, entry, 0.99) == 0.0
     assert bound.exploration_probability("layer", 0, entry, 0.7) > 0.95
     for _ in range(CAPACITY):  # this entry was unacceptable even at 0.99: it alone gets stricter
         bound.observe("layer", entry, 0.99, False)
     assert bound.exploration_probability("layer", 0, entry, 0.99) > 0.9
-    assert bound.exploration_probability("layer", 1, {OBSERVATIONS: new_observations()}, 0.99) == 0.0
+    assert bound.exploration_probability("layer", 1, new_observations(), 0.99) == 0.0
 
 
 # --- the strategy --------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_observations_survive_save_and_load(tmp_path):
     observed = sum(int(v[OBSERVATIONS][0]) for _, v in bank.items())
     assert observed >= MIN_OBSERVATIONS
     entry_id = max(bank._entries)
-    tau = strategy.error_bound.exploration_probability(name, entry_id, bank.get(entry_id), 0.999)
+    tau = strategy.error_bound.exploration_probability(name, entry_id, bank.get(entry_id)[OBSERVATIONS], 0.999)
     model.layer_cache.save(tmp_path)
 
     warm = tiny_model("bert")
@@ -158,7 +158,8 @@ def test_observations_survive_save_and_load(tmp_path):
     warm_strategy = warm.layer_cache.strategy
     warm_bank = warm_strategy.banks[name]
     assert sum(int(v[OBSERVATIONS][0]) for _, v in warm_bank.items()) == observed
-    assert warm_strategy.error_bound.exploration_probability(name, entry_id, warm_bank.get(entry_id), 0.999) == tau
+    observations = warm_bank.get(entry_id)[OBSERVATIONS]
+    assert warm_strategy.error_bound.exploration_probability(name, entry_id, observations, 0.999) == tau
 
 
 def damage_saved_tensor(directory, suffix: str, tensor: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..bank import CacheBank
+from ..bank import BankState, CacheBank
 from ..hooks import ForwardHook, HookRegistry
 from ..layers import ArgumentBinder, CachedLayer
 from ..request import current_scope
@@ -78,9 +78,19 @@ class Strategy(ABC):
     def banks_replaced(self) -> None:  # noqa: B027 - optional hook
         """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
 
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
-        """Refuse a bank state read from disk that does not fit; strategies add checks of their entries."""
-        self.banks[bank_name].check_state(state)
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> BankState:
+        """Refuse a bank state read from disk that does not fit: its structure, then each entry
+        (:meth:`check_entry`). Returns it taken apart."""
+        parsed = self.banks[bank_name].check_state(state)
+        for entry_id, values in parsed.entries.items():
+            try:
+                self.check_entry(bank_name, values)
+            except ValueError as err:
+                raise ValueError(f"entry {entry_id}: {err}") from None
+        return parsed
+
+    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
+        """Refuse one entry read from disk that this strategy could not serve (its typed entry's ``validate``)."""
 
     def new_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
         """The bank called ``name``: built on first attach, kept (warm) when the strategy is attached again."""

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ...bank import CacheBank
+from ...bank import CacheBank, Lookup
 from ...layers import CachedLayer
 from ...request import RequestScope
 from .eager import eager_attention, grouped_matmul, masked_scores
+from .entry import AttentionEntry
 from .positions import _Positions
 from .rows import _distance, _Reuse, _Row
 
@@ -77,10 +78,13 @@ class CachedAttention:
         ]
         keys = self.strategy.lookup_keys(query, key)
         want_maps = scope.state.get(_WEIGHTS, False)
-        outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in self._reuses(scope, rows, keys).items()}
+        reuses = self._reuses(scope, rows, keys)
+        lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
+        self.strategy.controller.record_lookup(lookup, self.bank, [self.layer.name])
+        outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
         misses = [b for b in range(len(rows)) if b not in outputs]
         seconds = self._compute(scope, query, key, keep, rows, keys, misses, outputs)
-        stats.record(self.layer.name, hits=len(rows) - len(misses), misses=len(misses), compute_seconds=seconds)
+        stats.record_compute(self.layer.name, len(misses), seconds)
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
         if not want_maps:
             return output, None
@@ -105,7 +109,6 @@ class CachedAttention:
             if error is not None and error > self.strategy.max_error:
                 self.bank.record_error(reuse.entry_id, error)
                 continue
-            self.bank.record_hit(reuse.entry_id, reuse.similarity)
             self.strategy.count_reuse(reuse.recomputed, row.length)
             found[b] = reuse
         return found
@@ -117,30 +120,30 @@ class CachedAttention:
         for similarity, entry_id in zip(similarities, entry_ids, strict=True):
             if entry_id < 0 or similarity < self.threshold:
                 return None
-            values = self.bank.get(entry_id)
-            if values is not None and torch.equal(values["namespace"], scope.state[_NAMESPACE]):
-                plan = self._plan(entry_id, similarity, values, row)
+            values = self.bank.get(entry_id, scope.state[_NAMESPACE])
+            if values is not None:
+                plan = self._plan(entry_id, similarity, AttentionEntry.from_tensors(values), row)
                 if plan is not None:
                     return plan
         return None
 
-    def _plan(self, entry_id: int, similarity: float, values: dict[str, torch.Tensor], row: _Row) -> _Reuse | None:
+    def _plan(self, entry_id: int, similarity: float, entry: AttentionEntry, row: _Row) -> _Reuse | None:
         """Which rows and columns of the stored map must be recomputed for this request row; ``None`` when the entry
         does not fit (other heads or length) or more than half of the map would be."""
-        if tuple(values["map"].shape) != (row.query.shape[0], row.length, row.length):
+        if tuple(entry.map.shape) != (row.query.shape[0], row.length, row.length):
             return None
         # positions no query attends to (padding) influence nothing: their rows are served as stored, and their
         # columns carry no weight unless the masks differ there
-        changed_rows = (_distance(row.query, values["query"]) > row.query_limits) | row.pattern.empty
+        changed_rows = (_distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
         changed_rows &= row.pattern.live
-        changed_columns = (_distance(row.key, values["key"]) > row.key_limits) & row.pattern.live
-        stored_keep = values["mask"].to(row.keep.device)
+        changed_columns = (_distance(row.key, entry.key) > row.key_limits) & row.pattern.live
+        stored_keep = entry.mask.to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
         reuse = _Reuse(
             entry_id,
             similarity,
-            values,
+            entry,
             _Positions(changed_rows.nonzero()[:, 0]),
             _Positions(changed_columns.nonzero()[:, 0]),
         )
@@ -152,9 +155,9 @@ class CachedAttention:
         that had most of their weight on changed columns join the computed rows."""
         if not len(reuse.columns):
             return
-        lse = reuse.values["lse"].view(torch.float32).to(row.query.device)
+        lse = reuse.entry.lse.to(row.query.device)
         weights = row.column_weights(reuse.columns, lse)
-        stored = reuse.columns.take(reuse.values["map"], 2).to(device=row.query.device, dtype=torch.float32)
+        stored = reuse.columns.take(reuse.entry.map, 2).to(device=row.query.device, dtype=torch.float32)
         reuse.stored_columns = stored
         moved = stored.sum(-1)
         ratio = 1.0 - moved + weights.sum(-1)
@@ -182,7 +185,7 @@ class CachedAttention:
     def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``A' @ V`` for one request row, (heads, L, d): the stored ``A @ V`` plus corrections of rank ``changed``.
         The corrected map itself is only built when ``output_attentions`` asks for it."""
-        stored = reuse.values["map"].to(device=row.query.device, dtype=row.query.dtype)
+        stored = reuse.entry.map.to(device=row.query.device, dtype=row.query.dtype)
         output = grouped_matmul(stored, row.value)
         if len(reuse.columns):
             delta = (reuse.column_weights - reuse.stored_columns).to(row.value.dtype)
@@ -224,16 +227,10 @@ class CachedAttention:
         # log-normaliser from the softmax already computed: lse = max score - log(max weight), two reductions
         lse = scores.amax(-1).float() - weights.amax(-1).float().log()
         for i, b in enumerate(misses):
-            values = {
-                "map": weights[i],
-                "lse": lse[i].view(torch.int32),  # bit-exact: storage_dtype must not round the normaliser
-                "mask": rows[b].keep,
-                "query": rows[b].query,
-                "key": rows[b].key,
-                "namespace": scope.state[_NAMESPACE].clone(),  # its own storage: shared tensors cannot be saved
-            }
-            self.bank.put(values, key=keys[b], cost=seconds / len(misses))
-            self.bank.record_miss()
+            entry = AttentionEntry(weights[i], lse[i], rows[b].keep, rows[b].query, rows[b].key)
+            self.bank.put(
+                entry.to_tensors(), key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE]
+            )
         return seconds
 
 

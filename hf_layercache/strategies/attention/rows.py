@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .eager import attention_scores, masked_scores
+from .entry import AttentionEntry
 from .positions import _Pattern, _Positions
 
 _EXP_LIMIT = 80.0
@@ -68,7 +69,7 @@ class _Reuse:
 
     entry_id: int
     similarity: float
-    values: dict[str, torch.Tensor]
+    entry: AttentionEntry
     rows: _Positions
     columns: _Positions
     column_weights: torch.Tensor | None = None
@@ -84,7 +85,7 @@ class _Reuse:
 
     def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
-        served = self.values["map"].index_select(1, rows).float()  # a copy: written below
+        served = self.entry.map.index_select(1, rows).float()  # a copy: written below
         if len(self.columns):
             self.columns.put(served, 2, self.column_weights.index_select(1, rows))
             served = served / self.ratio[:, rows, None]

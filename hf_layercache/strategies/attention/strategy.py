@@ -18,6 +18,7 @@ from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import Strategy
 from .engine import _NAMESPACE, _PATTERNS, _PREFILL, _WEIGHTS, CachedAttention
+from .entry import AttentionEntry
 from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, _register_functions, _unregister_functions
 from .positions import _Pattern
 
@@ -123,7 +124,7 @@ class AttentionStrategy(Strategy):
         config = getattr(self.controller.model, "config", None)
         scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
         scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
-        scope.state[_NAMESPACE] = torch.tensor([namespace_tag(scope.namespace)], dtype=torch.long)
+        scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
 
     # --- keys -------------------------------------------------------------------------------------------------------
     def lookup_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -178,16 +179,8 @@ class AttentionStrategy(Strategy):
         return self.reuse["recomputed"] / self.reuse["length"] if self.reuse["length"] else 0.0
 
     # --- persistence ------------------------------------------------------------------------------------------------
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
-        super().check_state(bank_name, state)
-        heads = self._heads.get(bank_name)
-        entries: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in state.items():
-            if name.startswith("entry."):
-                _, entry_id, field = name.split(".", 2)
-                entries.setdefault(entry_id, {})[field] = tensor
-        for entry_id, values in entries.items():
-            _check_entry(f"entry {entry_id}", values, heads)
+    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
+        AttentionEntry.validate(values, heads=self._heads.get(bank_name))
 
 
 def _heads(module: nn.Module) -> int:
@@ -197,26 +190,3 @@ def _heads(module: nn.Module) -> int:
         if isinstance(value, int):
             return value
     return 0
-
-
-def _check_entry(where: str, values: dict[str, torch.Tensor], heads: int | None) -> None:
-    """Refuse an entry read from disk unless its tensors have the shapes and dtypes the cached path reads."""
-    stored = values.get("map")
-    if stored is None or stored.dim() != 3 or not stored.is_floating_point() or stored.shape[1] != stored.shape[2]:
-        raise ValueError(f"{where}: 'map' must be a floating (heads, L, L) tensor.")
-    if heads and stored.shape[0] != heads:
-        raise ValueError(f"{where}: 'map' has {stored.shape[0]} heads; this layer has {heads}.")
-    length = stored.shape[1]
-    expected = {
-        "lse": (torch.int32, (stored.shape[0], length)),
-        "mask": (torch.bool, (length, length)),
-        "namespace": (torch.long, (1,)),
-    }
-    for name, (dtype, shape) in expected.items():
-        tensor = values.get(name)
-        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{where}: {name!r} must be a {dtype} tensor of shape {shape}.")
-    for name in ("query", "key"):
-        tensor = values.get(name)
-        if tensor is None or tensor.dim() != 3 or not tensor.is_floating_point() or tensor.shape[1] != length:
-            raise ValueError(f"{where}: {name!r} must be a floating (heads, {length}, head_dim) tensor.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,13 +12,13 @@ from transformers.cache_utils import DynamicLayer
 
 from ...bank import CacheBank
 from ...kv import CACHE_ARGUMENTS, find_cache
-from ...request import RequestScope
+from ...request import RequestScope, namespace_tag
+from .block import BlockShape, PrefixBlock
 from .chain import chain_digests, chain_root, chain_step, common_prefix
 from .siblings import SiblingIndex
 
 _HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "logits_to_keep", *CACHE_ARGUMENTS})
 """Tensor arguments the strategy understands; a call with any other tensor argument is computed whole."""
-_FIELDS = ("key", "value", "hidden", "tokens", "parent")
 
 
 @dataclass
@@ -46,8 +47,8 @@ class Row:
     """Entry ids of its leading cached complete blocks."""
     tail: tuple[int, int] | None = None
     """``(entry id, tokens)``: a cached sibling of its next block sharing that many leading tokens."""
-    entries: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """The stored tensors of ``found`` and ``tail``, held for this call even if the bank evicts them meanwhile."""
+    entries: list[PrefixBlock] = field(default_factory=list)
+    """The stored blocks of ``found`` and ``tail``, held for this call even if the bank evicts them meanwhile."""
     pending: list[Block] = field(default_factory=list)
     """Its blocks the bank lacks, stored after the call."""
     reused: int = 0
@@ -55,6 +56,11 @@ class Row:
 
     def cached(self, block_size: int) -> int:
         return len(self.found) * block_size + (self.tail[1] if self.tail else 0)
+
+    def used(self, block_size: int) -> list[int]:
+        """Entry ids of the blocks this call reuses (``found`` then ``tail``, as far as :attr:`reused` reaches)."""
+        ids = [*self.found, *([self.tail[0]] if self.tail else [])]
+        return ids[: math.ceil(self.reused / block_size)]
 
 
 @dataclass
@@ -79,10 +85,7 @@ class RowLookup:
     bank: CacheBank
     siblings: SiblingIndex
     block_size: int
-    n_layers: int
-    kv_heads: int
-    head_dim: int
-    hidden_size: int
+    shape: BlockShape
 
     def _rows(self, scope: RequestScope, arguments: dict[str, Any]) -> list[Row] | None:
         """Per row: real tokens, what the cache holds of them, what to store; ``None``: the call passes through."""
@@ -104,10 +107,11 @@ class RowLookup:
         mask = mask.detach().cpu() if mask is not None else torch.ones(batch, length, dtype=torch.long)
         positions = positions.detach().cpu().expand(batch, length) if positions is not None else None
         root = chain_root(scope.namespace, self.block_size)
+        namespace = namespace_tag(scope.namespace)
         rows = [self._row(ids[r], mask[r], positions[r] if positions is not None else None) for r in range(batch)]
         for row in rows:
             if row.tokens is not None:
-                self._lookup(row, root)
+                self._lookup(row, root, namespace)
         return rows
 
     def _row(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None) -> Row:
@@ -121,22 +125,23 @@ class RowLookup:
             return Row(first=first, length=length)  # states would sit at other positions: computed whole
         return Row(first=first, length=length, tokens=ids[first : first + length])
 
-    def _lookup(self, row: Row, root: bytes) -> None:
+    def _lookup(self, row: Row, root: bytes, namespace: int) -> None:
         """Follow the row's chain, then match its next block against the siblings; list the blocks to store."""
         size = self.block_size
         row.digests = chain_digests(row.tokens, size, root)
         parent = root
         for digest in row.digests:
             entry_id = self.bank.find(digest)
-            values = self.bank.get(entry_id) if entry_id is not None else None
-            if values is None or not self._fits(values, size):
+            values = self.bank.get(entry_id, namespace) if entry_id is not None else None
+            block = PrefixBlock.from_tensors(values) if values is not None else None
+            if block is None or not block.fits(self.shape, size):
                 break
             row.found.append(entry_id)
-            row.entries.append(values)
+            row.entries.append(block)
             parent = digest
         start = len(row.found) * size
         if start < row.length:
-            self._match_sibling(row, parent, row.tokens[start : start + size])
+            self._match_sibling(row, parent, row.tokens[start : start + size], namespace)
         parents = [root, *row.digests]
         row.pending = [Block(d, parents[b], b * size, size) for b, d in enumerate(row.digests) if b >= len(row.found)]
         rest = row.length % size
@@ -145,7 +150,7 @@ class RowLookup:
             if self.bank.find(digest) is None:
                 row.pending.append(Block(digest, parents[-1], row.length - rest, rest))
 
-    def _match_sibling(self, row: Row, parent: bytes, upcoming: torch.Tensor) -> None:
+    def _match_sibling(self, row: Row, parent: bytes, upcoming: torch.Tensor, namespace: int) -> None:
         """The cached child of ``parent`` sharing the most leading tokens with ``upcoming``, checked on the entry."""
         ranked = sorted(
             ((common_prefix(tokens, upcoming), entry_id) for entry_id, tokens in self.siblings.candidates(parent)),
@@ -154,31 +159,18 @@ class RowLookup:
         for shared, entry_id in ranked:
             if shared == 0:
                 return
-            values = self.bank.get(entry_id)
+            values = self.bank.get(entry_id, namespace)
+            block = PrefixBlock.from_tensors(values) if values is not None else None
             if (
-                values is not None
-                and self._fits(values)
-                and bytes(values["parent"].cpu().tolist()) == parent
-                and common_prefix(values["tokens"].cpu(), upcoming) >= shared
+                block is not None
+                and block.fits(self.shape)
+                and block.parent == parent
+                and common_prefix(block.tokens.cpu(), upcoming) >= shared
             ):
                 row.tail = (entry_id, shared)
-                row.entries.append(values)
+                row.entries.append(block)
                 return
             self.siblings.discard(parent, entry_id)  # evicted, or a stale hint: never served
-
-    def _fits(self, values: dict[str, torch.Tensor], size: int | None = None) -> bool:
-        """An entry of this model's shapes; of exactly ``size`` tokens when given."""
-        if any(name not in values for name in _FIELDS):
-            return False
-        n = values["tokens"].numel()
-        kv = (self.n_layers, self.kv_heads, n, self.head_dim)
-        return (
-            1 <= n <= self.block_size
-            and (size is None or n == size)
-            and tuple(values["key"].shape) == kv
-            and tuple(values["value"].shape) == kv
-            and tuple(values["hidden"].shape) == (n, self.hidden_size)
-        )
 
 
 def _is_data(value: Any) -> bool:

@@ -11,12 +11,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ...bank import BankState, Lookup
 from ...kv import cache_parameter, find_cache, without_cache
 from ...models import model_spec, prefix_heads
 from ...registry import register_strategy
-from ...request import RequestScope, current_scope
+from ...request import RequestScope, current_scope, namespace_tag
 from ..base import Strategy
-from .rows import _FIELDS, PrefixRun, Row, RowLookup
+from .block import BlockShape, PrefixBlock
+from .rows import PrefixRun, Row, RowLookup
 from .siblings import SiblingIndex
 
 if TYPE_CHECKING:
@@ -43,9 +45,8 @@ class PrefixStrategy(RowLookup, Strategy):
         model = self.controller.model
         self.owner = self._check_model(model)
         self.block_size = self.config.block_size
-        self.n_layers = len(self.layers)
         spec = model_spec(self.owner)
-        self.kv_heads, self.head_dim, self.hidden_size = spec.kv_heads, spec.head_dim, spec.hidden_size
+        self.shape = BlockShape(len(self.layers), spec.kv_heads, spec.head_dim, spec.hidden_size, self.block_size)
         self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
         self.siblings = SiblingIndex()
         if self.owner is not model:
@@ -88,13 +89,14 @@ class PrefixStrategy(RowLookup, Strategy):
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
         rows = self._rows(scope, arguments)
         if rows is None:
-            self._record(bypassed=_token_count(arguments))
+            for layer in self.layers:
+                self.controller.stats_.record_bypass(layer.name, _token_count(arguments))
             return original(**arguments)
         split = self._split(rows, arguments["input_ids"].shape[1])
         if split == 0 and not any(row.pending for row in rows):
             start = time.perf_counter()  # nothing to reuse, nothing to store: the plain call, counted
             output = original(**arguments)
-            self._record(misses=sum(row.length for row in rows), seconds=time.perf_counter() - start)
+            self._record(rows, time.perf_counter() - start)
             return output
         run = self._prepare(arguments, rows, split)
         scope.state[_RUN] = run
@@ -106,9 +108,8 @@ class PrefixStrategy(RowLookup, Strategy):
         if run.hidden is None:
             raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
         computed = sum(row.length - row.reused for row in rows)
-        self._store(run, seconds / max(computed, 1))
-        self._touch(rows)
-        self._record(hits=sum(row.reused for row in rows), misses=computed, seconds=seconds)
+        self._store(run, namespace_tag(scope.namespace), seconds / max(computed, 1))
+        self._record(rows, seconds)
         return output
 
     def _split(self, rows: list[Row], length: int) -> int:
@@ -142,9 +143,10 @@ class PrefixStrategy(RowLookup, Strategy):
         Pad columns are zeros: the attention mask hides them, as it hides the pads of an uncached run.
         """
         options = {"dtype": self.controller.model.dtype, "device": self.bank.device}
-        keys = torch.empty((self.n_layers, len(rows), self.kv_heads, split, self.head_dim), **options)
+        shape = self.shape
+        keys = torch.empty((shape.n_layers, len(rows), shape.kv_heads, split, shape.head_dim), **options)
         values = torch.empty_like(keys)
-        hidden = torch.empty((len(rows), split, self.hidden_size), **options)
+        hidden = torch.empty((len(rows), split, shape.hidden_size), **options)
         for r, row in enumerate(rows):
             pads = split - row.reused  # a row's reused tokens end at the split column
             keys[:, r, :, :pads], values[:, r, :, :pads], hidden[r, :pads] = 0, 0, 0
@@ -152,9 +154,9 @@ class PrefixStrategy(RowLookup, Strategy):
                 entry = row.entries[b]
                 start = pads + b * self.block_size
                 width = min(self.block_size, split - start)
-                keys[:, r, :, start : start + width] = entry["key"][:, :, :width]
-                values[:, r, :, start : start + width] = entry["value"][:, :, :width]
-                hidden[r, start : start + width] = entry["hidden"][:width]
+                keys[:, r, :, start : start + width] = entry.key[:, :, :width]
+                values[:, r, :, start : start + width] = entry.value[:, :, :width]
+                hidden[r, start : start + width] = entry.hidden[:width]
         return keys, values, hidden
 
     @staticmethod
@@ -192,11 +194,11 @@ class PrefixStrategy(RowLookup, Strategy):
         return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
-    def _store(self, run: PrefixRun, seconds_per_token: float) -> None:
+    def _store(self, run: PrefixRun, namespace: int, seconds_per_token: float) -> None:
         """Put every row's pending blocks in the bank, chain tails first, and index them under their parents."""
         if run.cache.get_seq_length() != run.hidden.shape[1]:
             return  # the model did not leave the states we expect: store nothing rather than guess
-        layers = run.cache.layers[: self.n_layers]
+        layers = run.cache.layers[: self.shape.n_layers]
         stored: set[bytes] = set()
         pending = [(r, row, block) for r, row in enumerate(run.rows) for block in row.pending]
         for r, row, block in reversed(pending):
@@ -205,70 +207,46 @@ class PrefixStrategy(RowLookup, Strategy):
             stored.add(block.digest)
             column, tokens = row.first + block.start, row.tokens[block.start : block.start + block.size].clone()
             end = column + block.size
-            values = {
-                "key": torch.stack([layer.keys[r, :, column:end].to(self.bank.device) for layer in layers]),
-                "value": torch.stack([layer.values[r, :, column:end].to(self.bank.device) for layer in layers]),
-                "hidden": run.hidden[r, column:end],
-                "tokens": tokens,
-                "parent": torch.frombuffer(bytearray(block.parent), dtype=torch.uint8),
-            }
-            entry_id = self.bank.put(values, digest=block.digest, cost=seconds_per_token * block.size)
+            entry = PrefixBlock(
+                key=torch.stack([layer.keys[r, :, column:end].to(self.bank.device) for layer in layers]),
+                value=torch.stack([layer.values[r, :, column:end].to(self.bank.device) for layer in layers]),
+                hidden=run.hidden[r, column:end],
+                tokens=tokens,
+                parent=block.parent,
+            )
+            cost = seconds_per_token * block.size
+            entry_id = self.bank.put(entry.to_tensors(), digest=block.digest, cost=cost, namespace=namespace)
             if entry_id is not None:
                 self.siblings.add(block.parent, entry_id, tokens)
         self.siblings.sweep_if_large(self.bank.__contains__, len(self.bank))
 
-    def _touch(self, rows: list[Row]) -> None:
-        """Tell the policy what was found, tail first, so a chain's shared head is its most recent entry."""
-        for row in rows:
-            if row.tail is not None:
-                self.bank.record_hit(row.tail[0])
-            for entry_id in reversed(row.found):
-                self.bank.record_hit(entry_id)
-            if row.pending:
-                self.bank.record_miss()
-
-    def _record(self, hits: int = 0, misses: int = 0, seconds: float = 0.0, bypassed: int = 0) -> None:
-        """Every layer reuses or computes the same token positions; the call's time is shared out evenly."""
-        stats = self.controller.stats_
+    def _record(self, rows: list[Row], seconds: float) -> None:
+        """The call's lookup, once: the blocks it reused to the policy (tail first, so a chain's shared head is its
+        most recent entry), and to every layer's stats the tokens reused and computed (each layer reuses or computes
+        the same positions; the call's time is shared out evenly)."""
+        served = [(entry_id, 1.0) for row in rows for entry_id in reversed(row.used(self.block_size))]
+        lookup = Lookup(served, missed=sum(1 for row in rows if row.pending))
+        reused = sum(row.reused for row in rows)
+        computed = sum(row.length - row.reused for row in rows)
         for layer in self.layers:
-            if bypassed:
-                stats.record_bypass(layer.name, bypassed)
-            else:
-                stats.record(layer.name, hits=hits, misses=misses, compute_seconds=seconds / self.n_layers)
+            self.controller.stats_.record_compute(layer.name, computed, seconds / len(self.layers))
+        self.controller.record_lookup(lookup, self.bank, [layer.name for layer in self.layers], (reused, computed))
 
     # --- persistence ----------------------------------------------------------------------------------------------
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
-        """Refuse entries of other shapes."""
-        super().check_state(bank_name, state)
-        if not bool(state["has_digest"].all()):
+    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
+        PrefixBlock.validate(values, self.shape)
+
+    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> BankState:
+        parsed = super().check_state(bank_name, state)
+        if any(digest is None for digest in parsed.digests.values()):
             raise ValueError("every prefix entry needs its chain digest.")
-        entries: dict[int, dict[str, torch.Tensor]] = {int(i): {} for i in state["ids"].tolist()}
-        for name, tensor in state.items():
-            if name.startswith("entry."):
-                _, entry_id, kind = name.split(".", 2)
-                entries[int(entry_id)][kind] = tensor
-        for entry_id, values in entries.items():
-            self._check_entry(entry_id, values)
+        return parsed
 
     def banks_replaced(self) -> None:
         """After a load (or a clear), index the siblings of the bank's entries: a warm cache's children become
         findable, and a cleared bank's hints go."""
-        self.siblings.replace([(bytes(v["parent"].tolist()), i, v["tokens"]) for i, v in self.bank.items()])
-
-    def _check_entry(self, entry_id: int, values: dict[str, torch.Tensor]) -> None:
-        tokens, parent = values.get("tokens"), values.get("parent")
-        if set(values) != set(_FIELDS):
-            raise ValueError(f"entry {entry_id} has {sorted(values)}; prefix entries hold {sorted(_FIELDS)}.")
-        if tokens.dtype != torch.int64 or tokens.dim() != 1 or parent.dtype != torch.uint8 or parent.shape != (32,):
-            raise ValueError(f"entry {entry_id}: 'tokens' must be 1-D int64 and 'parent' 32 uint8 bytes.")
-        if not all(values[k].is_floating_point() for k in ("key", "value", "hidden")) or not self._fits(values):
-            n = tokens.numel()
-            raise ValueError(
-                f"entry {entry_id} has key {tuple(values['key'].shape)}, hidden {tuple(values['hidden'].shape)}; "
-                f"this model's blocks of {n} tokens need floating key/value "
-                f"{(self.n_layers, self.kv_heads, n, self.head_dim)} and hidden {(n, self.hidden_size)}, with "
-                f"1 <= {n} <= block_size {self.block_size}."
-            )
+        blocks = [(i, PrefixBlock.from_tensors(values)) for i, values in self.bank.items()]
+        self.siblings.replace([(block.parent, i, block.tokens) for i, block in blocks])
 
 
 def _token_count(arguments: dict[str, Any]) -> int:

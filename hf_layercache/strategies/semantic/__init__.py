@@ -19,7 +19,8 @@ Rules that keep it honest (docs/semantic.md has the measurements):
   most ``max_unaligned`` of the new tokens lacking a counterpart; requests with a KV cache need equal lengths. A
   threshold of 1.0 or more serves identical token sequences only.
 * Only exactly computed rows are stored: a row that was served an approximation never becomes an entry, so errors
-  do not feed on themselves. Entries carry their namespace and are never served to another one.
+  do not feed on themselves. Entries are stored under their namespace (the bank's tenant field) and are never
+  served to another one.
 * ``verify_fraction`` of hits are checked by computing the layer anyway: the relative error goes to the policy
   (``on_error``) and to ``stats()`` with the ``acceptance`` verdict, and the computed result is served. With
   ``acceptance="argmax"`` the verdict waits for the model's output: entries record the prediction their request got
@@ -35,27 +36,27 @@ Rules that keep it honest (docs/semantic.md has the measurements):
 Where each part lives: :mod:`.strategy` (the class, its registration, wiring and layer checks), :mod:`.hook` (the
 layer hook, which computes rows), :mod:`.run` (what a forward pass knows about its rows), :mod:`.alignment` (token
 alignment), :mod:`.search` (finding candidates, drawing the rows to verify), :mod:`.verification` (judging verified
-rows, ``acceptance="argmax"``), :mod:`.entries` (the entry format, storing, K/V packing, checks of stored state),
+rows, ``acceptance="argmax"``), :mod:`.entries` (the typed :class:`SemanticEntry`, storing, K/V packing),
 :mod:`.residual` and :mod:`.state` (the two forms of reuse).
 """
 
 from .alignment import Index, align_tokens, on_device
-from .entries import PREDICTION, check_prediction, entry_meta, source_digest
+from .entries import PREDICTION, SemanticEntry, check_prediction
 from .hook import SemanticLayerHook
-from .run import Candidate, SemanticRun, Target
+from .run import Candidate, LayerSlot, SemanticRun, Target
 from .strategy import SemanticStrategy
 
 __all__ = [
     "PREDICTION",
     "Candidate",
     "Index",
+    "LayerSlot",
+    "SemanticEntry",
     "SemanticLayerHook",
     "SemanticRun",
     "SemanticStrategy",
     "Target",
     "align_tokens",
     "check_prediction",
-    "entry_meta",
     "on_device",
-    "source_digest",
 ]

@@ -1,38 +1,98 @@
-"""Entries: their format (field names, the ``meta`` tensor), storing computed rows with their K/V, packing stored
-K/V back into a batch, and the checks of entry state read from disk."""
+"""Entries: the typed :class:`SemanticEntry`, storing computed rows as entries with their K/V, and packing stored
+K/V back into a batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ...bank import CacheBank
-from ...kv import KVWrite
+from ...entries import StoredEntry, refuse_unknown, require
+from ...kv import KVWrite, check_writes, decode_writes, encode_writes
 from ...verified import OBSERVATIONS, ErrorBound, check_observations, new_observations
 from .alignment import on_device
-from .run import SemanticRun
+from .run import LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
     from ...controller import LayerCacheController
-    from .hook import SemanticLayerHook
 
-_NAMESPACE, _KV_RECORDED, _SOURCE = 0, 1, slice(2, 6)
-"""Fields of an entry's ``meta`` int64 tensor: one small tensor instead of four keeps a store cheap."""
 PREDICTION = "prediction"
 """With ``acceptance="argmax"``, the entry field holding its request's prediction (one int64; -1 until known)."""
+KINDS = ("state", "delta")
+"""What an entry holds: a layer's output (``reuse="state"``) or its update, output minus input (``"residual"``)."""
+_KV_RECORDED, _SOURCE = 0, slice(1, 5)
+"""Fields of an entry's ``meta`` int64 tensor: one small tensor instead of two keeps a store cheap."""
 
 
-def entry_meta(namespace: int, kv_recorded: bool, digest: bytes) -> torch.Tensor:
-    """An entry's namespace tag, whether it holds K/V, and the digest of its input (to find its siblings in other
-    layers' banks), as one int64 tensor."""
-    source = torch.frombuffer(bytearray(digest), dtype=torch.int64)
-    return torch.cat([torch.tensor([namespace, int(kv_recorded)], dtype=torch.long), source])
+@dataclass
+class SemanticEntry(StoredEntry):
+    """One exactly computed row of one layer: what it produced at its real tokens, and what finds and checks it."""
 
+    kind: str
+    """``"state"`` or ``"delta"`` (:data:`KINDS`), the name :attr:`value` is stored under."""
+    value: torch.Tensor
+    """(real tokens, hidden): the layer's output or update at the row's real tokens."""
+    tokens: torch.Tensor
+    """The row's real token ids (int64; empty for a row given as embeddings), to align other rows to it."""
+    source: bytes
+    """The digest of the row's input, shared by its entries in every layer's bank (to find its K/V there)."""
+    kv_recorded: bool
+    """Whether :attr:`writes` holds the layer's K/V for the row, so requests with a KV cache may use it."""
+    writes: list[KVWrite]
+    observations: torch.Tensor | None = None
+    """With ``max_error_rate``: verdicts of its verified reuses (:mod:`hf_layercache.verified`)."""
+    prediction: torch.Tensor | None = None
+    """With ``acceptance="argmax"``: the prediction its request got (see :data:`PREDICTION`)."""
 
-def source_digest(values: dict[str, torch.Tensor]) -> bytes:
-    return values["meta"][_SOURCE].numpy().tobytes()
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        source = torch.frombuffer(bytearray(self.source), dtype=torch.int64)
+        values = {
+            self.kind: self.value,
+            "tokens": self.tokens,
+            "meta": torch.cat([torch.tensor([int(self.kv_recorded)], dtype=torch.long), source]),
+            **encode_writes(self.writes),
+        }
+        if self.observations is not None:
+            values[OBSERVATIONS] = self.observations
+        if self.prediction is not None:
+            values[PREDICTION] = self.prediction
+        return values
+
+    @classmethod
+    def from_tensors(cls, values: dict[str, torch.Tensor]) -> SemanticEntry:
+        kind = "state" if "state" in values else "delta"
+        meta = values["meta"]
+        return cls(
+            kind=kind,
+            value=values[kind],
+            tokens=values["tokens"],
+            source=meta[_SOURCE].numpy().tobytes(),
+            kv_recorded=bool(meta[_KV_RECORDED]),
+            writes=decode_writes(values),
+            observations=values.get(OBSERVATIONS),
+            prediction=values.get(PREDICTION),
+        )
+
+    @classmethod
+    def validate(cls, values: dict[str, torch.Tensor], hidden_size: int | None = None) -> None:
+        kinds = [kind for kind in KINDS if kind in values]
+        if len(kinds) != 1:
+            raise ValueError(f"a semantic entry holds one of {list(KINDS)}; found {kinds}.")
+        value = require(values, kinds[0], None, (None, hidden_size))
+        tokens = require(values, "tokens", torch.long, (None,))
+        if tokens.numel() not in (0, value.shape[0]):
+            raise ValueError(f"'tokens' has {tokens.numel()} ids for {value.shape[0]} stored positions.")
+        require(values, "meta", torch.long, (5,))
+        check_writes(values)
+        if OBSERVATIONS in values:
+            check_observations(values[OBSERVATIONS])
+        if PREDICTION in values:
+            check_prediction(values[PREDICTION])
+        known = {*kinds, "tokens", "meta", OBSERVATIONS, PREDICTION}
+        refuse_unknown({k: v for k, v in values.items() if not k.startswith("kv.")}, known, "a semantic entry")
 
 
 def check_prediction(prediction: torch.Tensor) -> None:
@@ -52,81 +112,73 @@ class EntryStore:
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
 
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> None:
-        super().check_state(bank_name, state)
-        for name, tensor in state.items():
-            try:
-                if name.endswith(f".{OBSERVATIONS}"):
-                    check_observations(tensor)
-                elif name.endswith(f".{PREDICTION}"):
-                    check_prediction(tensor)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
+    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
+        SemanticEntry.validate(values, hidden_size=self.controller.identity.get("hidden_size"))
 
     def _store(
         self,
-        hook: SemanticLayerHook,
+        slot: LayerSlot,
         run: SemanticRun,
         keys: torch.Tensor,
         out: torch.Tensor,
         hidden: torch.Tensor,
         rows: list[int],
         writes: list[KVWrite],
-        stored: str,
+        kind: str,
     ) -> None:
-        """Keep what the exact rows among ``rows`` computed: their update (residual) or output (state)."""
+        """Keep what the exact rows among ``rows`` computed: their update (``"delta"``) or output (``"state"``)."""
         if run.with_kv and not writes:
             return  # an entry without the layer's K/V could not serve a request that needs them
-        bank = self.banks[hook.layer.name]
-        seconds = self.controller.stats_.seconds_per_row(hook.layer.name)
+        bank = self.banks[slot.layer.name]
+        seconds = self.controller.stats_.seconds_per_row(slot.layer.name)
         for row in rows:
             if not run.exact[row]:
                 continue
             pos = on_device(run.positions[row], out.device)
-            values = {
-                stored: out[row, pos] - hidden[row, pos] if stored == "delta" else out[row, pos],
-                **self._entry_fields(run, row),
-            }
-            if self.error_bound is not None:
-                values[OBSERVATIONS] = self._observations_of(bank, run.digests[row])
-            if self.config.acceptance == "argmax":
-                values[PREDICTION] = torch.full((1,), -1, dtype=torch.long)  # filled once the output is known
-            for i, w in enumerate(writes):
-                name, kv_pos = f"kv.{i}.{w.tag}.{w.layer_idx}", on_device(pos, w.key.device)
-                values[f"{name}.key"] = w.key[row : row + 1][..., kv_pos, :]
-                values[f"{name}.value"] = w.value[row : row + 1][..., kv_pos, :]
-            bank.put(values, digest=run.digests[row], key=keys[row], cost=seconds)
+            entry = SemanticEntry(
+                kind=kind,
+                value=out[row, pos] - hidden[row, pos] if kind == "delta" else out[row, pos],
+                tokens=self._tokens(run, row),
+                source=run.digests[row],
+                kv_recorded=run.with_kv,
+                writes=[self._row_write(w, row, pos) for w in writes],
+                observations=self._observations_of(bank, run.digests[row]) if self.error_bound is not None else None,
+                prediction=torch.full((1,), -1, dtype=torch.long) if self.config.acceptance == "argmax" else None,
+            )
+            bank.put(entry.to_tensors(), digest=run.digests[row], key=keys[row], cost=seconds, namespace=run.namespace)
 
     @staticmethod
-    def _observations_of(bank, digest: bytes) -> torch.Tensor:
+    def _row_write(write: KVWrite, row: int, pos) -> KVWrite:
+        """The part of a batch write an entry keeps: its row, at its real positions."""
+        kv_pos = on_device(pos, write.key.device)
+        key, value = write.key[row : row + 1][..., kv_pos, :], write.value[row : row + 1][..., kv_pos, :]
+        return KVWrite(write.tag, write.layer_idx, key, value)
+
+    @staticmethod
+    def _observations_of(bank: CacheBank, digest: bytes) -> torch.Tensor:
         """A new entry's observations: those of the entry of the same input it replaces, if any, else none."""
         entry_id = bank.find(digest)
         old = bank.get(entry_id) if entry_id is not None else None
         return old[OBSERVATIONS].clone() if old is not None and OBSERVATIONS in old else new_observations()
 
     @staticmethod
-    def _entry_fields(run: SemanticRun, row: int) -> dict[str, torch.Tensor]:
-        """Fresh copies: entries sharing storage could not be saved (safetensors refuses shared tensors)."""
-        if row not in run.entry_fields:
+    def _tokens(run: SemanticRun, row: int) -> torch.Tensor:
+        """A fresh copy of the row's token ids: entries sharing storage could not be saved (safetensors refuses
+        shared tensors); the tensor is built once per request."""
+        if row not in run.token_tensors:
             tokens = run.tokens[row]
-            run.entry_fields[row] = {
-                "tokens": torch.tensor(tokens if tokens is not None else [], dtype=torch.long),
-                "meta": entry_meta(run.namespace, run.with_kv, run.digests[row]),
-            }
-        return {name: t.clone() for name, t in run.entry_fields[row].items()}
+            run.token_tensors[row] = torch.tensor(tokens if tokens is not None else [], dtype=torch.long)
+        return run.token_tensors[row].clone()
 
-    def _batch_writes(self, run: SemanticRun, entries: list[dict[str, torch.Tensor]]) -> list[KVWrite]:
+    def _batch_writes(self, run: SemanticRun, entries: list[SemanticEntry]) -> list[KVWrite]:
         """Per-row recorded K/V (real tokens only) placed back at each row's real positions in the padded batch."""
-        names = [n[: -len(".key")] for n in entries[0] if n.startswith("kv.") and n.endswith(".key")]
         writes = []
-        for name in sorted(names, key=lambda n: int(n.split(".")[1])):
-            _, _, tag, layer_idx = name.split(".")
-            first = entries[0][f"{name}.key"]
-            keys = first.new_zeros((run.batch, first.shape[1], run.mask.shape[1], first.shape[-1]))
+        for i, first in enumerate(entries[0].writes):
+            keys = first.key.new_zeros((run.batch, first.key.shape[1], run.mask.shape[1], first.key.shape[-1]))
             values = keys.clone()
             for row, entry in enumerate(entries):
                 pos = on_device(run.positions[row], keys.device)
-                keys[row][:, pos] = entry[f"{name}.key"][0].to(keys.device, keys.dtype)
-                values[row][:, pos] = entry[f"{name}.value"][0].to(keys.device, keys.dtype)
-            writes.append(KVWrite(tag, int(layer_idx), keys, values))
+                keys[row][:, pos] = entry.writes[i].key[0].to(keys.device, keys.dtype)
+                values[row][:, pos] = entry.writes[i].value[0].to(keys.device, keys.dtype)
+            writes.append(KVWrite(first.tag, first.layer_idx, keys, values))
         return writes

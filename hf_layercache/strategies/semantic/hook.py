@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,7 @@ import torch
 from ...kv import KVWrite, find_cache, record_kv_writes
 from ...layers import CachedLayer, select_rows
 from ..base import LayerHook
-from .run import SemanticRun
+from .run import LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
     from .strategy import SemanticStrategy
@@ -19,17 +20,14 @@ if TYPE_CHECKING:
 class SemanticLayerHook(LayerHook):
     def __init__(self, strategy: SemanticStrategy, layer: CachedLayer, position: int, rank: int):
         super().__init__(strategy, layer, position)
-        self.rank = rank
-        """Index among all cached layers (for ``threshold_for``)."""
+        self.slot = LayerSlot(layer, position, rank)
 
     def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        compute = functools.partial(self.compute, run, arguments, hidden)
         if self.position < self.strategy.fingerprint.after_layers:  # the probe's layers always compute
-            return self.pack(self.compute(run, arguments, hidden, list(range(run.batch)))[0])
-        if self.strategy.reuse == "residual":
-            out = self.strategy.residual_step(self, run, arguments, hidden)
-        else:
-            out = self.strategy.state_step(self, run, arguments, hidden)
-        return self.pack(out)
+            return self.pack(compute(list(range(run.batch)))[0])
+        step = self.strategy.residual_step if self.strategy.reuse == "residual" else self.strategy.state_step
+        return self.pack(step(self.slot, run, arguments, hidden, compute))
 
     def compute(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
@@ -46,7 +44,7 @@ class SemanticLayerHook(LayerHook):
         seconds = time.perf_counter() - start
         self.observe(out)
         computed = out[0] if isinstance(out, tuple) else out
-        self.strategy.controller.stats_.record(self.layer.name, misses=len(rows), compute_seconds=seconds)
+        self.strategy.controller.stats_.record_compute(self.layer.name, len(rows), seconds)
         if len(rows) == run.batch:
             return computed, writes
         full = hidden.clone()

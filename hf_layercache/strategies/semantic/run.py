@@ -1,14 +1,16 @@
 """Run building: what one forward pass knows about one layer stack (its rows, tokens, digests, keys), built per call.
 
-Also the per-row choices the pass makes: a :class:`Candidate` entry, and for state reuse the :class:`Target` layer.
+Also the per-row choices the pass makes: a :class:`Candidate` entry, and for state reuse the :class:`Target` layer;
+and :class:`LayerSlot`, what the reuse steps know of the cached layer they serve.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +19,10 @@ from ...kv import find_cache, past_length
 from ...layers import CachedLayer
 from ...request import RequestScope, namespace_tag
 from .alignment import Index
+
+if TYPE_CHECKING:
+    from ...kv import KVWrite
+    from .entries import SemanticEntry
 
 _REQUEST = "semantic.request"
 
@@ -29,13 +35,28 @@ def _positions(real: torch.Tensor) -> Index:
     return where
 
 
+@dataclass(frozen=True)
+class LayerSlot:
+    """A cached layer as the reuse steps see it: which layer, where in its stack, and its rank among all cached
+    layers (for ``threshold_for``)."""
+
+    layer: CachedLayer
+    position: int
+    rank: int
+
+
+Compute = Callable[[list[int]], "tuple[torch.Tensor, list[KVWrite]]"]
+"""Runs the layer on some rows of the call: the full-batch output (the input kept in the other rows) and the K/V
+writes it made."""
+
+
 @dataclass
 class Candidate:
-    """An entry chosen for one row: its id, values and how its tokens map onto the row's."""
+    """An entry chosen for one row: its id, the entry and how its tokens map onto the row's."""
 
     entry_id: int
     bank: str
-    values: dict[str, torch.Tensor]
+    entry: SemanticEntry
     index: Index
     score: float
     explore: bool = False
@@ -67,7 +88,8 @@ class SemanticRun:
     """Where each row's real tokens sit in the padded batch."""
     lengths: list[int]
     digests: list[bytes]
-    """Per row: namespace, stack and tokens, so identical inputs share one entry."""
+    """Per row: a digest of the namespace, hidden size and real tokens (random for a row given as embeddings), so
+    identical inputs share one entry in each layer's bank, and a row's entries in all banks share one digest."""
     input_ids: torch.Tensor | None
     mask: torch.Tensor
     key_mask: torch.Tensor | None
@@ -77,8 +99,8 @@ class SemanticRun:
     exact: list[bool]
     """Rows whose state so far was computed, not served: only they become entries."""
     keys: torch.Tensor | None = None
-    entry_fields: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    """Per row, the tensors every entry made from it shares (tokens, meta), built once per request."""
+    token_tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per row, its real token ids as the tensor every entry made from it copies, built once per request."""
     targets: dict[int, Target] = field(default_factory=dict)
     pending: list[tuple[int, Candidate, float]] = field(default_factory=list)
     """``acceptance="argmax"``: verified rows, their candidates and relative errors, judged once the model's output

@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...bank import CacheBank
+from ...bank import CacheBank, Lookup
 from ...layers import rows_splittable
 from ...verified import ErrorBound
 from .alignment import align_tokens
-from .entries import _KV_RECORDED, _NAMESPACE
-from .run import Candidate, SemanticRun
+from .entries import SemanticEntry
+from .run import Candidate, LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
-    from .hook import SemanticLayerHook
+    from ...controller import LayerCacheController
 
 _CANDIDATES = 4
 """Nearest entries examined per row: the best may belong to another namespace or fail to align."""
@@ -29,6 +29,7 @@ class EntrySearch:
     A mixin: the strategy sets these attributes in ``__init__``.
     """
 
+    controller: LayerCacheController
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
@@ -36,14 +37,14 @@ class EntrySearch:
 
     # --- finding entries ------------------------------------------------------------------------------------------
     def find(
-        self, hook: SemanticLayerHook, run: SemanticRun, keys: torch.Tensor, rows: list[int], stored: str
+        self, slot: LayerSlot, run: SemanticRun, keys: torch.Tensor, rows: list[int], kind: str
     ) -> tuple[dict[int, Candidate], dict[int, float]]:
-        """The best usable entry of ``hook``'s bank for each of ``rows`` at or above its threshold, and each row's
+        """The best usable entry of ``slot``'s bank for each of ``rows`` at or above its threshold, and each row's
         best similarity in the bank."""
-        bank = self.banks[hook.layer.name]
+        bank = self.banks[slot.layer.name]
         if not rows or len(bank) == 0:
             return {}, {}
-        threshold = self.config.threshold_for(hook.rank)
+        threshold = self.config.threshold_for(slot.rank)
         scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)))
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
@@ -51,44 +52,42 @@ class EntrySearch:
             for score, entry_id in zip(row_scores, row_ids, strict=True):
                 if entry_id < 0 or score < threshold - _TOLERANCE:
                     break
-                values = bank.get(entry_id)
-                index = self._usable(run, row, values, stored, threshold) if values is not None else None
+                values = bank.get(entry_id, run.namespace)
+                entry = SemanticEntry.from_tensors(values) if values is not None else None
+                index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
                 if index is not None:
-                    found[row] = Candidate(entry_id, hook.layer.name, values, index, score)
+                    found[row] = Candidate(entry_id, slot.layer.name, entry, index, score)
                     break
         return found, best
 
     def _usable(
-        self, run: SemanticRun, row: int, values: dict[str, torch.Tensor], stored: str, threshold: float
+        self, run: SemanticRun, row: int, entry: SemanticEntry, kind: str, threshold: float
     ) -> torch.Tensor | None:
         """How the entry's tokens map onto the row's, or ``None`` when it must not be served to this row."""
-        meta = values.get("meta")
-        if meta is None or int(meta[_NAMESPACE]) != run.namespace or stored not in values:
+        if entry.kind != kind or (run.with_kv and not entry.kv_recorded):
             return None
-        if run.with_kv and not bool(meta[_KV_RECORDED]):
-            return None
-        tokens, old = run.tokens[row], values["tokens"]
+        tokens, old = run.tokens[row], entry.tokens
         if threshold >= 1.0 and (tokens is None or tokens != old.tolist()):
             return None  # threshold 1.0: identical inputs only
         if tokens is None or old.numel() == 0 or run.with_kv:  # nothing to align by, or K/V need equal lengths
-            return slice(None) if values[stored].shape[0] == run.lengths[row] else None
+            return slice(None) if entry.value.shape[0] == run.lengths[row] else None
         cache_key = (row, old.numpy().tobytes())
         if cache_key not in run.alignments:
             run.alignments[cache_key] = align_tokens(tokens, old.tolist(), self.config.max_unaligned)
         return run.alignments[cache_key]
 
     def _choose(
-        self, hook: SemanticLayerHook, run: SemanticRun, arguments: dict[str, Any], candidates: dict[int, Candidate]
+        self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], candidates: dict[int, Candidate]
     ) -> dict[int, Candidate]:
         """Drop partial hits a KV cache or unsplittable arguments cannot take, and draw the rows to verify."""
         partial = 0 < len(candidates) < run.batch
-        if partial and (run.with_kv or not rows_splittable(arguments, hook.layer.spec, run.batch)):
+        if partial and (run.with_kv or not rows_splittable(arguments, slot.layer.spec, run.batch)):
             return {}
         fraction = self.config.verify_fraction
         for candidate in candidates.values():
             if self.error_bound is not None:
                 tau = self.error_bound.exploration_probability(
-                    candidate.bank, candidate.entry_id, candidate.values, candidate.score
+                    candidate.bank, candidate.entry_id, candidate.entry.observations, candidate.score
                 )
                 candidate.explore = self._draw() < tau
             candidate.audit = not candidate.explore and fraction > 0 and self._draw() < fraction
@@ -100,10 +99,7 @@ class EntrySearch:
     def _draw(self) -> float:
         return float(torch.rand(1, generator=self._draws))
 
-    def _record_lookups(self, hook: SemanticLayerHook, run: SemanticRun, candidates: dict[int, Candidate]) -> None:
-        bank = self.banks[hook.layer.name]
-        for row in range(run.batch):
-            if row in candidates:
-                bank.record_hit(candidates[row].entry_id, candidates[row].score)
-            else:
-                bank.record_miss()
+    def _record_lookup(self, slot: LayerSlot, run: SemanticRun, served: dict[int, Candidate]) -> None:
+        """The rows ``served`` hit in ``slot``'s layer; every other row (verified ones too) is computed there."""
+        lookup = Lookup([(c.entry_id, c.score) for c in served.values()], missed=run.batch - len(served))
+        self.controller.record_lookup(lookup, self.banks[slot.layer.name], [slot.layer.name])

@@ -9,12 +9,12 @@ import torch
 from ...fingerprints import Fingerprint
 from ...models import model_spec
 from ...registry import get_fingerprint, register_strategy
-from ...verified import ErrorBound
+from ...verified import OBSERVATIONS, ErrorBound
 from ..base import StackStrategy
 from .entries import EntryStore
 from .hook import SemanticLayerHook
 from .residual import ResidualReuse
-from .run import RunBuilding
+from .run import LayerSlot, RunBuilding
 from .search import EntrySearch
 from .state import StateReuse
 from .verification import Verification
@@ -85,7 +85,8 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
         # final output; state hits pass rows through layers unchanged, so their per-layer states would misreport.
         self.intermediate_states_exact = self.reuse == "residual"
         self._draws = torch.Generator().manual_seed(0)
-        self._hooks: list[SemanticLayerHook] = []
+        self.slots: list[LayerSlot] = []
+        """The cached layers in order, as the reuse steps see them."""
         rate = self.config.max_error_rate
         self.error_bound = ErrorBound(rate) if rate is not None else None
 
@@ -99,17 +100,17 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
             stacks[layer.stack] = position + 1
             self.new_bank(layer.name, layer.device, n_banks=len(self.layers), key_dim=key_dim)
             hook = SemanticLayerHook(self, layer, position, rank)
-            self._hooks.append(hook)
+            self.slots.append(hook.slot)
             self.hooks.replace_forward(layer.module, hook)
         self._jump_targets = self._find_jump_targets()
 
     def detach(self) -> None:
-        self._hooks.clear()
+        self.slots.clear()
 
     def banks_replaced(self) -> None:
         if self.error_bound is not None:
             for name, bank in self.banks.items():
-                self.error_bound.rebuild(name, [values for _, values in bank.items()])
+                self.error_bound.rebuild(name, [values.get(OBSERVATIONS) for _, values in bank.items()])
 
     def _check_layers(self) -> None:
         for layer in self.layers:

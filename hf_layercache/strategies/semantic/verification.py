@@ -10,16 +10,15 @@ import torch
 
 from ...bank import CacheBank
 from ...request import RequestScope
-from ...verified import ErrorBound
+from ...verified import OBSERVATIONS, ErrorBound
 from .alignment import on_device
-from .entries import PREDICTION, source_digest
-from .run import Candidate, SemanticRun
+from .entries import PREDICTION
+from .run import Candidate, LayerSlot, SemanticRun
 from .search import _TOLERANCE
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
     from ...controller import LayerCacheController
-    from .hook import SemanticLayerHook
 
 
 class Verification:
@@ -35,21 +34,20 @@ class Verification:
 
     def _check(
         self,
-        hook: SemanticLayerHook,
+        slot: LayerSlot,
         run: SemanticRun,
         verified: dict[int, Candidate],
         hidden: torch.Tensor,
         true: torch.Tensor,
-        stored: str,
     ) -> None:
         """Judge the verified hits against what the layer computed: the relative error goes to the policy, the
         ``acceptance`` verdict (now for ``"cosine"``, once the output is known for ``"argmax"``) to :meth:`_judge`."""
-        bank = self.banks[hook.layer.name]
+        bank = self.banks[slot.layer.name]
         for row, candidate in verified.items():
             pos = on_device(run.positions[row], hidden.device)
-            value = candidate.values[stored].to(device=hidden.device, dtype=torch.float32)
+            value = candidate.entry.value.to(device=hidden.device, dtype=torch.float32)
             value = value[on_device(candidate.index, value.device)]
-            approx = (hidden[row, pos].float() + value if stored == "delta" else value).flatten()
+            approx = (hidden[row, pos].float() + value if candidate.entry.kind == "delta" else value).flatten()
             exact = true[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
             bank.record_error(candidate.entry_id, error)
@@ -63,11 +61,16 @@ class Verification:
         """Record a verdict in the stats and, with ``max_error_rate``, in the entry that would have served, or in the
         entry of the same input that has replaced it since (it took over the observations)."""
         self.controller.stats_.record_error(candidate.bank, error, acceptable, explored=candidate.explore)
-        if self.error_bound is not None:
-            bank = self.banks[candidate.bank]
-            entry_id = bank.find(source_digest(candidate.values))
-            entry = bank.get(entry_id) if entry_id is not None else None
-            self.error_bound.observe(candidate.bank, entry or {}, candidate.score, acceptable)
+        if self.error_bound is None:
+            return
+        bank, bound = self.banks[candidate.bank], self.error_bound
+        entry_id = bank.find(candidate.entry.source)
+
+        def observe(values: dict[str, torch.Tensor] | None) -> None:
+            bound.observe(candidate.bank, (values or {}).get(OBSERVATIONS), candidate.score, acceptable)
+
+        if entry_id is None or not bank.update(entry_id, observe):
+            observe(None)  # the entry is gone: the layer still learns from the verdict
 
     # --- acceptance="argmax" --------------------------------------------------------------------------------------
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
@@ -84,7 +87,7 @@ class Verification:
         in its entries, for the requests they will serve."""
         predictions = self._predictions(run, output)
         for row, candidate, error in run.pending:
-            served = int(candidate.values[PREDICTION]) if PREDICTION in candidate.values else -1
+            served = int(candidate.entry.prediction) if candidate.entry.prediction is not None else -1
             if served >= 0 and predictions[row] is not None:  # otherwise unknown, and nothing is learnt
                 self._judge(candidate, error, predictions[row] == served)
         for row, prediction in enumerate(predictions):
@@ -92,9 +95,8 @@ class Verification:
                 continue
             for bank in self.banks.values():
                 entry_id = bank.find(run.digests[row])
-                entry = bank.get(entry_id) if entry_id is not None else None
-                if entry is not None and PREDICTION in entry:
-                    entry[PREDICTION].fill_(prediction)
+                if entry_id is not None:
+                    bank.update(entry_id, lambda values, p=prediction: _record_prediction(values, p))
 
     def _predictions(self, run: SemanticRun, output: Any) -> list[int | None]:
         """Each row's prediction: the argmax of its logits, for per-token logits at its last real token (they may
@@ -118,3 +120,8 @@ class Verification:
             column = last - offset
             out.append(int(logits[row, column].argmax()) if last >= 0 and 0 <= column < logits.shape[1] else None)
         return out
+
+
+def _record_prediction(values: dict[str, torch.Tensor], prediction: int) -> None:
+    if PREDICTION in values:
+        values[PREDICTION].fill_(prediction)

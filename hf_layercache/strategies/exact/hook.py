@@ -1,0 +1,100 @@
+"""The exact layer hook and the run it serves: which rows of a call hit, and what the missed rows produce."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...kv import KVWrite, find_cache, record_kv_writes, replay_kv_writes, stack_writes
+from ...layers import CachedLayer, select_rows
+from ..base import LayerHook
+from .entry import ExactEntry
+
+if TYPE_CHECKING:
+    from .strategy import ExactStrategy
+
+
+@dataclass
+class StackRun:
+    """What one forward pass knows about one layer stack: which rows hit and what the missed rows produced."""
+
+    digests: list[bytes]
+    hits: dict[int, ExactEntry]
+    misses: list[int]
+    split: bool
+    with_kv: bool
+    namespace: int
+    writes: dict[int, list[KVWrite]] = field(default_factory=dict)
+    seconds_per_row: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return len(self.digests)
+
+
+class ExactLayerHook(LayerHook):
+    def __init__(self, strategy: ExactStrategy, layer: CachedLayer, position: int, last: bool):
+        super().__init__(strategy, layer, position)
+        self.last = last
+
+    def forward_run(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        if not run.misses:
+            return self._serve(run, arguments, hidden)
+        if run.hits:
+            return self._compute_missed_rows(run, arguments, hidden)
+        return self._compute_all(run, arguments, hidden)
+
+    # --- the three cases ------------------------------------------------------------------------------------------
+    def _serve(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        if run.with_kv:
+            rows = [run.hits[r].writes.get(self.position, []) for r in range(run.batch)]
+            replay_kv_writes(find_cache(arguments), stack_writes(rows) if rows[0] else [])
+        out = self._cached_hidden(run, range(run.batch), hidden) if self.last else hidden
+        return self.pack(out)
+
+    def _compute_all(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        start = time.perf_counter()
+        with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
+            out = self.original(**arguments)
+        self._computed(run, run.batch, time.perf_counter() - start, out)
+        run.writes[self.position] = writes
+        if self.last:
+            self.strategy.store(run, self.layer, out[0] if isinstance(out, tuple) else out, run.misses)
+        return out
+
+    def _compute_missed_rows(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
+        missed = torch.tensor(run.misses, device=hidden.device)
+        start = time.perf_counter()
+        out = self.original(**select_rows(arguments, self.layer.spec, missed, run.batch))
+        self._computed(run, len(run.misses), time.perf_counter() - start, out)
+        computed = out[0] if isinstance(out, tuple) else out
+        full = hidden.clone()
+        full[missed] = computed.to(full.dtype)
+        if self.last:
+            hit_rows = sorted(run.hits)
+            full[torch.tensor(hit_rows, device=hidden.device)] = self._cached_hidden(run, hit_rows, hidden)
+            self.strategy.store(run, self.layer, computed, list(range(len(run.misses))), rows=run.misses)
+        if not isinstance(out, tuple):
+            return full
+        return (full, *(self._scatter(x, missed, run.batch) for x in out[1:]))
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+    def _computed(self, run: StackRun, rows: int, seconds: float, out: Any) -> None:
+        self.observe(out)
+        run.seconds_per_row += seconds / rows
+        self.strategy.controller.stats_.record_compute(self.layer.name, rows, seconds)
+
+    def _cached_hidden(self, run: StackRun, rows, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack([run.hits[r].hidden for r in rows]).to(device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def _scatter(x: Any, missed: torch.Tensor, batch: int) -> Any:
+        """Extra outputs of a sub-batch (T5's position bias) widened back to the whole batch."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(missed) or x.shape[0] == batch:
+            return x
+        full = x.new_zeros((batch, *x.shape[1:]))
+        full[missed] = x
+        return full
