@@ -20,11 +20,11 @@ from .layers import ArgumentBinder, select_layers
 from .persistence import (
     LayerCacheFileError,
     LayerCacheMismatchError,
+    WarmCache,
     identity_differences,
     model_identity,
-    read_header,
+    open_cache,
     read_tensors,
-    resolve_cache_dir,
     write_cache,
 )
 from .registry import get_backend, get_policy, get_strategy
@@ -274,11 +274,12 @@ class LayerCacheController:
         }
         write_cache(directory, header, tensors, max_shard_size)
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Replace every bank's content with the warm cache in ``directory``, after checking it fits this model."""
+    def load(self, directory: str | os.PathLike | WarmCache) -> None:
+        """Replace every bank's content with the warm cache in ``directory`` (or one already opened with
+        :func:`~hf_layercache.persistence.open_cache`), after checking it fits this model."""
         self.drop_stale_entries()  # the identity below must describe the weights as they are now
-        directory = resolve_cache_dir(directory)
-        header = read_header(directory)
+        warm = directory if isinstance(directory, WarmCache) else open_cache(directory)
+        directory, header = warm.directory, warm.header
         differences = identity_differences(header["model"], self.identity)
         if differences:
             raise LayerCacheMismatchError(

@@ -20,9 +20,9 @@ from typing import Any
 import transformers
 from transformers import PreTrainedModel
 
-from .config import CONFIG_NAME, LayerCacheConfig
+from .config import LayerCacheConfig
 from .controller import ATTRIBUTE, LayerCacheController
-from .persistence import LayerCacheMismatchError, has_cache, read_header
+from .persistence import LayerCacheMismatchError, LayerCacheVersionError, WarmCache, has_cache, open_cache
 
 _KWARG = "layer_cache"
 _COMPONENT_LOADERS = (
@@ -68,10 +68,10 @@ def _from_pretrained(cls, pretrained_model_name_or_path, *args, layer_cache=None
     )
     model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
     path = pretrained_model_name_or_path
-    warm = isinstance(path, str | os.PathLike) and os.path.isdir(path) and has_cache(path)
     explicit = layer_cache is not None
-    if not explicit and warm:
-        layer_cache = LayerCacheConfig.from_json_file(Path(path) / CONFIG_NAME)
+    warm, saved_config = _open_warm_cache(path)
+    if not explicit and saved_config is not None:
+        layer_cache = LayerCacheConfig.from_dict(saved_config, strict=False)  # perhaps from a newer version
     if layer_cache is None:
         return loaded
     try:
@@ -82,19 +82,32 @@ def _from_pretrained(cls, pretrained_model_name_or_path, *args, layer_cache=None
         # the saved strategy refuses this class (a prefix cache loaded into a sequence-classification head)
         warnings.warn(f"{path} holds a warm cache this model cannot use: {err} The model loads uncached.", stacklevel=2)
         return loaded
-    if warm:
-        _restore_warm_cache(model, path, explicit)
+    if warm is not None:
+        _restore_warm_cache(model, warm, explicit)
     return loaded
 
 
-def _restore_warm_cache(model: PreTrainedModel, path: str | os.PathLike, explicit: bool) -> None:
+def _open_warm_cache(path: Any) -> tuple[WarmCache | None, dict[str, Any] | None]:
+    """The warm cache saved beside the weights in ``path`` and its config, read once; ``(None, None)`` without
+    one. A cache of another format version cannot be read: a warning, and its config to start the same cache cold."""
+    if not (isinstance(path, str | os.PathLike) and os.path.isdir(path) and has_cache(path)):
+        return None, None
+    try:
+        warm = open_cache(path)
+    except LayerCacheVersionError as err:
+        warnings.warn(f"{err} The model loads, starting cold with an empty cache; save it again.", stacklevel=3)
+        return None, err.saved_config
+    return warm, warm.header["config"]
+
+
+def _restore_warm_cache(model: PreTrainedModel, warm: WarmCache, explicit: bool) -> None:
     """Load the warm cache saved beside the weights. One that does not fit this model (other weights, dtype, head or
     strategy) is an error when the caller asked for a cache with ``layer_cache=``, else a warning and a cold start:
     loading a saved model as something else (``dtype=torch.float16``, another head) must still load the model."""
     try:
-        model.layer_cache.load(path)
+        model.layer_cache.load(warm)
     except LayerCacheMismatchError as err:
-        if explicit and model.layer_cache.config.strategy == read_header(path)["config"].get("strategy"):
+        if explicit and model.layer_cache.config.strategy == warm.header["config"].get("strategy"):
             raise
         warnings.warn(f"{err} The model loads, starting cold with an empty cache.", stacklevel=3)
 

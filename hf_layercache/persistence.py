@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,15 @@ class LayerCacheFileError(ValueError):
 
 class LayerCacheMismatchError(LayerCacheFileError):
     """A well-formed warm cache that was saved for other weights, another model or another strategy."""
+
+
+class LayerCacheVersionError(LayerCacheMismatchError):
+    """A warm cache in another file format version (saved by another release of hf_layercache)."""
+
+    def __init__(self, message: str, saved_config: dict[str, Any]):
+        super().__init__(message)
+        self.saved_config = saved_config
+        """The config it was saved with, to start a cache of the same kind cold."""
 
 
 # --- model identity -------------------------------------------------------------------------------------------------
@@ -227,7 +237,9 @@ def read_header(directory: str | os.PathLike) -> dict[str, Any]:
         raise LayerCacheFileError(f"{path} is not a layer cache config (expected an object with a 'config' object).")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
-        raise LayerCacheFileError(f"{path} has format_version {version!r}; this hf_layercache reads {FORMAT_VERSION}.")
+        raise LayerCacheVersionError(
+            f"{path} has format_version {version!r}; this hf_layercache reads {FORMAT_VERSION}.", header["config"]
+        )
     if not isinstance(header.get("model"), dict):
         raise LayerCacheFileError(f"{path} has no 'model' identity object.")
     return header
@@ -261,9 +273,9 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify_files(directory: Path) -> None:
-    """Check that the shards are exactly those the config lists, each with the recorded digest."""
-    expected = read_header(directory).get("files")
+def verify_files(directory: Path, header: dict[str, Any]) -> None:
+    """Check that the shards are exactly those ``header`` (the directory's own) lists, each with its digest."""
+    expected = header.get("files")
     if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
         raise LayerCacheFileError(f"{directory / CONFIG_NAME} has no 'files' object of shard name -> digest.")
     found = {path.name for path in shard_files(directory)}
@@ -276,21 +288,34 @@ def verify_files(directory: Path) -> None:
             )
 
 
-def resolve_cache_dir(directory: str | os.PathLike) -> Path:
-    """``directory`` if its files are one intact save, else the snapshot an interrupted save left behind."""
+@dataclass(frozen=True)
+class WarmCache:
+    """A warm cache on disk, opened once: the directory holding one intact save of it and that save's header."""
+
+    directory: Path
+    """``directory`` itself, or the snapshot an interrupted save left behind (:data:`PREVIOUS_DIR`)."""
+    header: dict[str, Any]
+    """The parsed ``layer_cache_config.json`` of that save: ``config``, ``model``, ``banks``, ``files``."""
+
+
+def open_cache(directory: str | os.PathLike) -> WarmCache:
+    """The warm cache in ``directory`` if its files are one intact save, else the snapshot an interrupted save left
+    behind; :class:`LayerCacheFileError` when neither is."""
     directory = Path(directory)
     try:
-        verify_files(directory)
-        return directory
-    except LayerCacheFileError:
+        header = read_header(directory)
+        verify_files(directory, header)
+        return WarmCache(directory, header)
+    except LayerCacheFileError as err:
         previous = directory / PREVIOUS_DIR
-        if not (previous / CONFIG_NAME).is_file():
+        if isinstance(err, LayerCacheVersionError) or not (previous / CONFIG_NAME).is_file():
             raise
-        verify_files(previous)
+        header = read_header(previous)
+        verify_files(previous, header)
         warnings.warn(
             f"The layer cache in {directory} is damaged or half-saved; loading the previous save.", stacklevel=3
         )
-        return previous
+        return WarmCache(previous, header)
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -69,6 +69,25 @@ def test_an_unknown_key_in_a_saved_warm_cache_warns_and_the_cache_still_loads(tm
     assert warm.layer_cache.stats()["total"]["entries"] == 1
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_warm_cache_of_another_format_version_starts_cold_and_the_model_loads(tmp_path, tokenizer, explicit):
+    path = saved_model(tmp_path / "m", "bert", tf.BertModel, vocab_size=TOKENIZER_VOCAB)
+    model = tf.AutoModel.from_pretrained(path, layer_cache={"strategy": "exact", "max_entries": 5}).eval()
+    with torch.no_grad():
+        model(**tokenizer(["a saved request"], return_tensors="pt"))
+    model.save_pretrained(tmp_path / "warm")
+    header_path = tmp_path / "warm" / "layer_cache_config.json"
+    header = json.loads(header_path.read_text())
+    header["format_version"] = 1  # what the release before the tenant moved to the bank wrote
+    header_path.write_text(json.dumps(header))
+    layer_cache = {"strategy": "exact", "max_entries": 5} if explicit else None
+    with pytest.warns(UserWarning, match="format_version 1; this hf_layercache reads .* starting cold"):
+        warm = tf.AutoModel.from_pretrained(tmp_path / "warm", layer_cache=layer_cache).eval()
+    assert warm.layer_cache.config.max_entries == 5 and warm.layer_cache.stats()["total"]["entries"] == 0
+    with pytest.raises(hf_layercache.LayerCacheMismatchError, match="format_version 1"):
+        warm.layer_cache.load(tmp_path / "warm")
+
+
 def test_device_map_with_disk_offload_never_loads_weights_on_a_hit(tmp_path):
     path = saved_model(tmp_path / "m", "bert", tf.BertModel, hidden_size=128, intermediate_size=512)
     model = tf.AutoModel.from_pretrained(

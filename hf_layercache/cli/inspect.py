@@ -142,7 +142,7 @@ def format_cache(info: dict[str, Any]) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     info = describe_cache(args.directory)
     if args.verify:
-        verify_files(Path(args.directory))  # a damaged or mixed set of shards raises LayerCacheFileError
+        verify_files(Path(args.directory), read_header(args.directory))  # a damaged or mixed set raises
         info["verified"] = True
     print(json.dumps(info, indent=2) if args.json else format_cache(info))
     return 0
