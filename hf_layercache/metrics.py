@@ -1,0 +1,201 @@
+"""Metrics for serving: the layer cache's counters as Prometheus metrics, and a one-line log summary.
+
+Both read the public report, ``model.layer_cache.stats()``, when asked, and keep no counters of their own:
+
+* :class:`LayerCacheCollector` is a `prometheus_client` custom collector (``pip install "hf-layercache[metrics]"``),
+  the form prometheus_client's authors give for values that live elsewhere: each scrape calls ``stats()`` once per
+  model and turns the report into metric families, so nothing is counted twice and nothing has to be updated on the
+  request path. Register it with a registry (``prometheus_client.REGISTRY`` by default) and serve it with
+  ``start_http_server`` or ``generate_latest``.
+* :func:`log_summary` logs one line of totals, for a periodic log or the end of a batch job (no prometheus_client
+  needed).
+
+What is exported (every metric has a ``model`` label: the name the model was added under):
+
+===========================================  ======================  ==============================================
+metric                                       labels                  from ``stats()``
+===========================================  ======================  ==============================================
+``hf_layercache_lookups_total``              ``layer``               ``layers[layer]["lookups"]``
+``hf_layercache_hits_total``                 ``layer``               ``hits``: rows served from the cache
+``hf_layercache_misses_total``               ``layer``               ``misses``
+``hf_layercache_bypassed_total``             ``layer``               ``bypassed``: rows run uncached by request
+``hf_layercache_verified_error``             ``layer``               summary: ``verified`` (count), ``error_sum``
+``hf_layercache_max_error``                  ``layer``               ``max_error`` (gauge)
+``hf_layercache_audited_total``              ``layer``               ``audited``: verified hits that were served
+``hf_layercache_audited_unacceptable_total`` ``layer``               ``audited_unacceptable``
+``hf_layercache_observed_error_rate``        ``layer``               ``observed_error_rate`` (gauge)
+``hf_layercache_entries``                    ``bank``                ``banks[bank]["entries"]`` (gauge)
+``hf_layercache_bytes``                      ``bank``                ``banks[bank]["bytes"]`` (gauge)
+``hf_layercache_invalidations_total``        (``model`` only)        ``total["invalidations"]``
+===========================================  ======================  ==============================================
+
+The report has no per-namespace (tenant) counters, so no metric has a ``namespace`` label, and it counts no
+evictions, so none is exported; a bank's ``entries`` gauge falling while lookups go on shows them. Sums over layers
+are PromQL's job (``sum by (model) (rate(hf_layercache_hits_total[5m]))``); the hit rate is hits over lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+_PREFIX = "hf_layercache"
+_LAYER_COUNTERS = (  # (stats key, metric name without the prefix and _total, help)
+    ("lookups", "lookups", "Rows that asked this layer's cache for an entry."),
+    ("hits", "hits", "Rows served from this layer's cache (the layer did not compute them)."),
+    ("misses", "misses", "Rows this layer's cache had no entry to serve for."),
+    ("bypassed", "bypassed", "Rows that ran uncached because of the request (bypass(), output_attentions, ...)."),
+    ("audited", "audited", "Verified approximate hits that would have been served (a sample of served hits)."),
+    ("audited_unacceptable", "audited_unacceptable", "Audited hits judged unacceptable by the acceptance criterion."),
+)
+
+
+def _prometheus():
+    try:
+        import prometheus_client.core
+    except ImportError:
+        raise ImportError(
+            "hf_layercache.metrics.LayerCacheCollector needs prometheus_client: pip install 'hf-layercache[metrics]' "
+            "(or pip install prometheus-client)"
+        ) from None
+    return prometheus_client.core
+
+
+class LayerCacheCollector:
+    """A prometheus_client collector of the layer caches of one or more models.
+
+    ``LayerCacheCollector(model)`` or ``LayerCacheCollector({"encoder": model_a, "ranker": model_b})``; more with
+    :meth:`add`. Models are held by weak reference: a model that is deleted, or whose cache was disabled, simply
+    stops appearing. Register the collector once per registry (``registry.register(collector)``, or
+    ``prometheus_client.REGISTRY.register(collector)``); one collector serves every model, since two collectors
+    exporting the same metric names cannot share a registry.
+    """
+
+    def __init__(self, models: Any | Mapping[str, Any] | None = None, name: str = "model"):
+        self._core = _prometheus()
+        self._lock = threading.Lock()
+        self._models: dict[str, weakref.ref] = {}
+        if isinstance(models, Mapping):
+            for model_name, model in models.items():
+                self.add(model, model_name)
+        elif models is not None:
+            self.add(models, name)
+
+    def add(self, model: Any, name: str = "model") -> None:
+        """Export ``model``'s layer cache under ``model="name"`` (a name already used is replaced)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}.")
+        if getattr(model, "layer_cache", None) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no layer cache; enable one first (hf_layercache.enable or layer_cache=)."
+            )
+        with self._lock:
+            self._models[name] = weakref.ref(model)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+
+    def _reports(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            models = list(self._models.items())
+        for name, ref in models:
+            controller = getattr(ref(), "layer_cache", None)
+            if controller is not None:
+                yield name, controller.stats()
+
+    def describe(self):
+        """The metric families without samples: the registry learns the names without a scrape."""
+        return list(self._families().values())
+
+    def collect(self):
+        """One ``stats()`` per model, as metric families (called by the registry on every scrape)."""
+        families = self._families()
+        for model, report in self._reports():
+            for layer, c in report["layers"].items():
+                labels = [model, layer]
+                for key, _name, _help in _LAYER_COUNTERS:
+                    families[key].add_metric(labels, c[key])
+                families["verified_error"].add_metric(labels, count_value=c["verified"], sum_value=c["error_sum"])
+                families["max_error"].add_metric(labels, c["max_error"])
+                families["observed_error_rate"].add_metric(labels, c["observed_error_rate"])
+            for bank, b in report["banks"].items():
+                families["entries"].add_metric([model, bank], b["entries"])
+                families["bytes"].add_metric([model, bank], b["bytes"])
+            families["invalidations"].add_metric([model], report["total"]["invalidations"])
+        return list(families.values())
+
+    def _families(self) -> dict[str, Any]:
+        core = self._core
+        layer, bank = ["model", "layer"], ["model", "bank"]
+        families: dict[str, Any] = {
+            key: core.CounterMetricFamily(f"{_PREFIX}_{name}", help_, labels=layer)
+            for key, name, help_ in _LAYER_COUNTERS
+        }
+        families["verified_error"] = core.SummaryMetricFamily(
+            f"{_PREFIX}_verified_error",
+            "Relative error of verified approximate hits: _count hits checked by computing the layer, _sum their "
+            "errors (mean error = rate(_sum) / rate(_count)).",
+            labels=layer,
+        )
+        families["max_error"] = core.GaugeMetricFamily(
+            f"{_PREFIX}_max_error", "Largest relative error a verified hit of this layer had.", labels=layer
+        )
+        families["observed_error_rate"] = core.GaugeMetricFamily(
+            f"{_PREFIX}_observed_error_rate",
+            "Share of audited hits that were unacceptable: the estimate of how often a served hit is.",
+            labels=layer,
+        )
+        families["entries"] = core.GaugeMetricFamily(f"{_PREFIX}_entries", "Entries the bank holds.", labels=bank)
+        families["bytes"] = core.GaugeMetricFamily(
+            f"{_PREFIX}_bytes", "Bytes the bank accounts (values, keys, index): what max_memory limits.", labels=bank
+        )
+        families["invalidations"] = core.CounterMetricFamily(
+            f"{_PREFIX}_invalidations",
+            "Times every entry was dropped because the weights changed under the cache.",
+            labels=["model"],
+        )
+        return families
+
+
+def summary_line(model: Any, name: str | None = None) -> str:
+    """One line of ``model``'s cache totals: lookups, hits and hit rate, misses, bypassed rows, entries and bytes,
+    and, once approximate hits were verified, their largest error and the audited error rate."""
+    report = model.layer_cache.stats()
+    t = report["total"]
+    line = (
+        f"layer cache{f' {name}' if name else ''}: {t['lookups']} lookups, {t['hits']} hits ({t['hit_rate']:.1%}), "
+        f"{t['misses']} misses, {t['bypassed']} bypassed; {t['entries']} entries, {_size(t['bytes'])} "
+        f"in {len(report['banks'])} bank{'s' if len(report['banks']) != 1 else ''}"
+    )
+    if t["verified"]:
+        line += (
+            f"; {t['verified']} hits verified, max error {t['max_error']:.3g}, observed error rate "
+            f"{t['observed_error_rate']:.1%} of {t['audited']} audited"
+        )
+    return line
+
+
+def _size(nbytes: float) -> str:
+    """``512`` -> ``"512 B"``, ``15_360`` -> ``"15.0 KiB"``."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while nbytes >= 1024 and len(units) > 1:
+        nbytes /= 1024
+        units.pop(0)
+    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"
+
+
+def log_summary(
+    model: Any, logger: logging.Logger | None = None, level: int = logging.INFO, name: str | None = None
+) -> str:
+    """Log :func:`summary_line` of ``model`` on ``logger`` (default: the ``hf_layercache`` logger) at ``level``;
+    return the line."""
+    line = summary_line(model, name)
+    (logger or logging.getLogger("hf_layercache")).log(level, "%s", line)
+    return line
+
+
+__all__ = ["LayerCacheCollector", "log_summary", "summary_line"]
