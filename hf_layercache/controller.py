@@ -21,6 +21,7 @@ from .persistence import (
     LayerCacheFileError,
     LayerCacheMismatchError,
     WarmCache,
+    check_timing,
     identity_differences,
     model_identity,
     open_cache,
@@ -271,6 +272,7 @@ class LayerCacheController:
             "config": self.config.to_dict(),
             "model": self.identity,
             "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in self.banks.items()},
+            "timing": self.stats_.timing(),
         }
         write_cache(directory, header, tensors, max_shard_size)
 
@@ -302,7 +304,9 @@ class LayerCacheController:
                     f"are {sorted(self.banks)}."
                 )
             grouped.setdefault(bank, {})[key] = tensor
+        timing = check_timing(header.get("timing", {}), directory)
         self.replace_banks(grouped, f"The layer cache in {directory}")
+        self.stats_.seed_timing(timing)
 
     def replace_banks(self, states: dict[str, dict[str, torch.Tensor]], source: str) -> None:
         """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced."""

@@ -2,8 +2,9 @@
 
 Files (fixed format, version 2: version 1 kept the tenant in each entry, 2 in each bank), beside the model's own files:
 
-* ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks"}``; ``model`` is the identity of
-  the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of the weights).
+* ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks", "timing", "files"}``; ``model`` is
+  the identity of the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of
+  the weights); ``timing`` the rows each layer computed and the seconds they took (what a hit saves).
 * ``layer_cache.safetensors``, or ``layer_cache-00001-of-0000N.safetensors`` with
   ``layer_cache.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {tensor: file}}``) as
   transformers shards its checkpoints. Tensor names are ``<bank>/<tensor>``.
@@ -106,6 +107,29 @@ def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "weights_hash": weights_hash(model),
     }
+
+
+def check_timing(timing: Any, directory: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """The header's ``timing`` (per layer, ``{"rows": int, "seconds": float}`` computed by the process that filled the
+    cache), refused unless it is exactly that: it feeds ``stats()["seconds_saved"]``."""
+    ok = isinstance(timing, dict) and all(
+        isinstance(name, str)
+        and isinstance(t, dict)
+        and set(t) == {"rows", "seconds"}
+        and isinstance(t["rows"], int)
+        and not isinstance(t["rows"], bool)
+        and t["rows"] >= 0
+        and isinstance(t["seconds"], int | float)
+        and not isinstance(t["seconds"], bool)
+        and 0 <= t["seconds"] < float("inf")
+        for name, t in timing.items()
+    )
+    if not ok:
+        raise LayerCacheFileError(
+            f"{Path(directory) / CONFIG_NAME}: 'timing' must map layer names to {{'rows': int >= 0, 'seconds': "
+            "finite float >= 0}."
+        )
+    return timing
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -22,7 +22,8 @@ class LayerCounters:
     compute_seconds: float = 0.0
     """Wall-clock seconds spent computing missed rows (the estimate of what a hit saves is built from it)."""
     seconds_saved: float = 0.0
-    """Estimated compute seconds hits avoided: hits times the measured seconds per computed row."""
+    """Estimated compute seconds hits avoided: hits times the layer's measured seconds per computed row (measured in
+    this process, or by the process that filled a loaded warm cache, see :meth:`CacheStats.timing`)."""
     verified: int = 0
     """Approximate hits that were checked by computing the layer anyway (divergence monitoring)."""
     error_sum: float = 0.0
@@ -43,9 +44,6 @@ class LayerCounters:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
-    @property
-    def seconds_per_row(self) -> float:
-        return self.compute_seconds / self.computed if self.computed else 0.0
 
     @property
     def mean_error(self) -> float:
@@ -63,6 +61,9 @@ class CacheStats:
     def __init__(self, layer_names: list[str]):
         self._lock = threading.Lock()
         self.layers = {name: LayerCounters() for name in layer_names}
+        self._measured: dict[str, tuple[int, float]] = {}
+        """Per layer, rows and seconds computed before these counters started: by the process that filled a loaded
+        warm cache, or before ``clear()``. A warm cache at 100% hits still knows what a hit saves."""
         self.invalidations = 0
         """Times every entry was dropped because the weights changed under the cache (see ``weights.py``)."""
 
@@ -73,7 +74,7 @@ class CacheStats:
             counters.lookups += hits + misses
             counters.hits += hits
             counters.misses += misses
-            counters.seconds_saved += hits * counters.seconds_per_row
+            counters.seconds_saved += hits * self._seconds_per_row(layer)
 
     def record_compute(self, layer: str, rows: int, seconds: float) -> None:
         """``layer`` computed ``rows`` in ``seconds``."""
@@ -107,10 +108,40 @@ class CacheStats:
             self.invalidations += 1
 
     def seconds_per_row(self, layer: str) -> float:
-        return self.layers[layer].seconds_per_row
+        with self._lock:
+            return self._seconds_per_row(layer)
+
+    def _seconds_per_row(self, layer: str) -> float:
+        rows, seconds = self._timing(layer)
+        return seconds / rows if rows else 0.0
+
+    def _timing(self, layer: str) -> tuple[int, float]:
+        counters = self.layers[layer]
+        rows, seconds = self._measured.get(layer, (0, 0.0))
+        return rows + counters.computed, seconds + counters.compute_seconds
+
+    def timing(self) -> dict[str, dict[str, float]]:
+        """Per layer, every row computed and the seconds it took, this process's and the measurements it started
+        from: what a warm cache saves beside its entries, so the process that loads it can estimate what hits save."""
+        with self._lock:
+            return {
+                name: {"rows": rows, "seconds": seconds}
+                for name in self.layers
+                for rows, seconds in [self._timing(name)]
+                if rows
+            }
+
+    def seed_timing(self, timing: dict[str, dict[str, float]]) -> None:
+        """Start from measurements :meth:`timing` saved (layers this model does not cache are ignored)."""
+        with self._lock:
+            self._measured = {
+                name: (int(t["rows"]), float(t["seconds"])) for name, t in timing.items() if name in self.layers
+            }
 
     def reset(self) -> None:
+        """Zero the counters; the time measurements are kept (they describe the model, not the entries)."""
         with self._lock:
+            self._measured = {name: self._timing(name) for name in self.layers}
             self.layers = {name: LayerCounters() for name in self.layers}
             self.invalidations = 0
 

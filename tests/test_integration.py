@@ -196,3 +196,36 @@ def test_stats_report_per_layer_counters_bytes_and_time_saved():
     assert "encoder.layer.0" in model.layer_cache.format_stats()
     model.layer_cache.clear()
     assert model.layer_cache.stats()["total"]["entries"] == 0 and model.layer_cache.stats()["total"]["lookups"] == 0
+
+
+def test_seconds_saved_is_hits_times_measured_seconds_per_row_and_a_warm_cache_keeps_the_measurement(tmp_path):
+    model = hf_layercache.enable(tiny_model("bert"))
+    batch = tiny_batch("bert")
+    with torch.no_grad():
+        model(**batch)
+        model(**batch)
+    layers = model.layer_cache.stats()["layers"]
+    for counters in layers.values():
+        assert counters["computed"] == 3 and counters["hits"] == 3 and counters["compute_seconds"] > 0
+        assert counters["seconds_saved"] == pytest.approx(counters["hits"] * counters["compute_seconds"] / 3)
+    model.layer_cache.save(tmp_path)
+
+    warm = hf_layercache.enable(tiny_model("bert"))
+    warm.layer_cache.load(tmp_path)
+    with torch.no_grad():
+        warm(**batch)
+    for name, counters in warm.layer_cache.stats()["layers"].items():  # 100% hits, nothing computed here
+        assert counters["hits"] == 3 and counters["computed"] == 0
+        assert counters["seconds_saved"] == pytest.approx(layers[name]["seconds_saved"])
+    warm.layer_cache.clear()  # the entries go, the measurement of the model's speed stays
+    with torch.no_grad():
+        warm(**batch)
+        warm(**batch)
+    assert all(c["seconds_saved"] > 0 for c in warm.layer_cache.stats()["layers"].values())
+
+    header_path = tmp_path / "layer_cache_config.json"
+    header = json.loads(header_path.read_text())
+    header["timing"] = {"encoder.layer.0": {"rows": -1, "seconds": 0.1}}
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(hf_layercache.LayerCacheFileError, match="'timing' must map layer names"):
+        warm.layer_cache.load(tmp_path)
