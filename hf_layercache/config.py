@@ -14,46 +14,6 @@ from typing import Any
 from .registry import BACKENDS, FINGERPRINTS, POLICIES, STRATEGIES
 
 CONFIG_NAME = "layer_cache_config.json"
-COMMON_FIELDS = (
-    "strategy",
-    "policy",
-    "policy_kwargs",
-    "layers",
-    "max_entries",
-    "max_memory",
-    "storage_dtype",
-    "namespace",
-    "bank_device",
-)
-"""The fields every strategy reads: which layers, the banks' limits and eviction, the tenant."""
-SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
-"""The similarity search's fields, read by the strategies that find entries by similarity of a key vector."""
-BUILTIN_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
-    "exact": (),
-    "prefix": ("block_size",),
-    "semantic": (
-        *SIMILARITY_FIELDS,
-        "fingerprint",
-        "reuse",
-        "fingerprint_kwargs",
-        "verify_fraction",
-        "max_error_rate",
-        "acceptance",
-        "acceptance_cosine",
-        "max_unaligned",
-    ),
-    "attention": (
-        *SIMILARITY_FIELDS,
-        "attention_key_dim",
-        "attention_key_segments",
-        "attention_position_tolerance",
-        "attention_verify_rows",
-        "attention_max_error",
-    ),
-}
-"""The fields each built-in strategy reads beyond :data:`COMMON_FIELDS`, for code that must not import the strategies
-(they import torch): ``hf-layercache inspect`` shows only these. Each is the similarity fields the strategy reads
-and its class's ``config_fields`` (``fingerprint`` too for semantic); tests/test_config.py keeps them equal."""
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BANK_DEVICES = ("auto", "cpu")
 _UNITS = {

@@ -44,7 +44,6 @@ class LayerCounters:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
-
     @property
     def mean_error(self) -> float:
         return self.error_sum / self.verified if self.verified else 0.0

@@ -18,7 +18,7 @@ from tiny import CONFIGS
 import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.cli import CLIError, describe_cache, format_cache, main, read_texts
-from hf_layercache.config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
+from hf_layercache.cli.inspect import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
 from hf_layercache.persistence import FORMAT_VERSION
 
 TEXTS = [

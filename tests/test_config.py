@@ -9,7 +9,8 @@ from tiny import tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS, SIMILARITY_FIELDS, parse_bytes
+from hf_layercache.cli.inspect import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS, SIMILARITY_FIELDS
+from hf_layercache.config import parse_bytes
 
 
 @pytest.mark.parametrize(

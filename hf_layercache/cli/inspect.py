@@ -14,9 +14,50 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from ..config import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
 from ..persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
 from .common import CLIError, human_bytes
+
+COMMON_FIELDS = (
+    "strategy",
+    "policy",
+    "policy_kwargs",
+    "layers",
+    "max_entries",
+    "max_memory",
+    "storage_dtype",
+    "namespace",
+    "bank_device",
+)
+"""The fields every strategy reads: which layers, the banks' limits and eviction, the tenant."""
+SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
+"""The similarity search's fields, read by the strategies that find entries by similarity of a key vector."""
+BUILTIN_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
+    "exact": (),
+    "prefix": ("block_size",),
+    "semantic": (
+        *SIMILARITY_FIELDS,
+        "fingerprint",
+        "reuse",
+        "fingerprint_kwargs",
+        "verify_fraction",
+        "max_error_rate",
+        "acceptance",
+        "acceptance_cosine",
+        "max_unaligned",
+    ),
+    "attention": (
+        *SIMILARITY_FIELDS,
+        "attention_key_dim",
+        "attention_key_segments",
+        "attention_position_tolerance",
+        "attention_verify_rows",
+        "attention_max_error",
+    ),
+}
+"""The fields each built-in strategy reads beyond :data:`COMMON_FIELDS`, for this command, which must not import the
+strategies (they import torch); kept here, not in the core config, which names no strategy. Each is the similarity
+fields the strategy reads and its class's ``config_fields`` (``fingerprint`` too for semantic); tests/test_config.py
+keeps them equal."""
 
 # Bytes per element of each safetensors dtype name: the only such table in hf_layercache. safetensors has its own
 # only in safetensors.torch (private _TYPES and _SIZE, keyed by torch dtypes), which would import torch.
