@@ -114,18 +114,33 @@ def replay_kv_writes(past_key_values, writes: list[KVWrite]) -> None:
             past_key_values.is_updated[write.layer_idx] = True
 
 
-def stack_writes(per_row: list[list[KVWrite]]) -> list[KVWrite]:
-    """Join the recorded writes of single rows into batch writes (rows must share structure and shapes)."""
-    first = per_row[0]
-    return [
-        KVWrite(
-            w.tag,
-            w.layer_idx,
-            torch.cat([row[i].key for row in per_row]),
-            torch.cat([row[i].value for row in per_row]),
-        )
-        for i, w in enumerate(first)
-    ]
+def place_writes(
+    per_row: list[list[KVWrite]], columns: list[slice | torch.Tensor] | None, length: int
+) -> list[KVWrite]:
+    """Join writes of single rows that cover only their real tokens, ``(1, heads, n, dim)``, into batch writes of
+    ``length`` columns with each row's states at its ``columns``. Pad columns are zeros: the attention mask hides
+    them, as it hides the pad states an uncached run computes (rows must share structure). ``columns=None``: the
+    rows' writes cover whole rows (an encoder-decoder's cross-attention too) and are joined as they are."""
+    if columns is None:
+        return [
+            KVWrite(
+                w.tag,
+                w.layer_idx,
+                torch.cat([row[i].key for row in per_row]),
+                torch.cat([row[i].value for row in per_row]),
+            )
+            for i, w in enumerate(per_row[0])
+        ]
+    placed = []
+    for i, first in enumerate(per_row[0]):
+        key = first.key.new_zeros((len(per_row), first.key.shape[1], length, first.key.shape[-1]))
+        value = first.value.new_zeros((len(per_row), first.value.shape[1], length, first.value.shape[-1]))
+        for row, (writes, where) in enumerate(zip(per_row, columns, strict=True)):
+            where = where.to(key.device) if isinstance(where, torch.Tensor) else where
+            key[row][:, where] = writes[i].key[0].to(key.device, key.dtype)
+            value[row][:, where] = writes[i].value[0].to(value.device, value.dtype)
+        placed.append(KVWrite(first.tag, first.layer_idx, key, value))
+    return placed
 
 
 # --- the codec of stored writes -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def test_codec_refuses_writes_it_could_not_replay(change, message):
 # --- typed entries --------------------------------------------------------------------------------------------------
 def entries():
     return {
-        "exact": (ExactEntry(torch.randn(5, 8), True, {0: writes(1), 2: writes(2)}), {"hidden_size": 8}),
+        "exact": (ExactEntry(torch.randn(5, 8), (5, 0, 5), True, {0: writes(1), 2: writes(2)}), {"hidden_size": 8}),
         "semantic": (
             SemanticEntry("delta", torch.randn(5, 8), torch.arange(5), bytes(range(32)), True, writes(1)),
             {"hidden_size": 8},

@@ -64,24 +64,110 @@ def test_mixed_batch_computes_only_new_rows_in_order(arch):
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def real_rows(out: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    return [out[r, mask[r].bool()] for r in range(out.shape[0])]
+
+
+def repadded(batch: dict, extra: int, side: str) -> dict:
+    """The same rows padded with ``extra`` more columns on ``side``."""
+    pad = torch.zeros_like(batch["input_ids"][:, :extra])
+    join = (lambda a, b: torch.cat([b, a], 1)) if side == "left" else (lambda a, b: torch.cat([a, b], 1))
+    return {"input_ids": join(batch["input_ids"], pad), "attention_mask": join(batch["attention_mask"], pad)}
+
+
+def alone(batch: dict, row: int) -> dict:
+    """One row on its own, without its pads."""
+    real = batch["attention_mask"][row].bool()
+    return {
+        "input_ids": batch["input_ids"][row, real][None],
+        "attention_mask": batch["attention_mask"][row, real][None],
+    }
+
+
+def served_like_uncached(model, layouts: list[dict]) -> None:
+    """Each layout hits on every row in every cached layer, and its real positions equal uncached within 1e-5."""
+    layers = len(model.layer_cache.layers)
+    for inputs in layouts:
+        with model.layer_cache.bypass():
+            expected = run(model, inputs).last_hidden_state
+        hits = totals(model)["hits"]
+        served = run(model, inputs).last_hidden_state
+        assert totals(model)["hits"] - hits == inputs["input_ids"].shape[0] * layers
+        mask = inputs["attention_mask"]
+        for got, want in zip(real_rows(served, mask), real_rows(expected, mask), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+ENCODERS_AND_DECODERS = ["bert", "roberta", "distilbert", "mpnet", "llama", "gpt2", "qwen2", "gemma3"]
+
+
+@pytest.mark.parametrize("arch", ENCODERS_AND_DECODERS)
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_padding_is_exact_and_part_of_the_key(arch, padding):
+def test_a_text_hits_whatever_batch_and_padding_it_arrives_in(arch, padding):
+    """Keys cover a row's real tokens: re-padded to another length, or alone, a text hits; its real positions equal
+    the uncached output of that layout within 1e-5 (uncached itself moves ~1e-7 between batch shapes), and the
+    same layout is served bit for bit."""
     model = tiny_model(arch)
     batch = tiny_batch(arch, padding=padding)
     reference = run(model, batch).last_hidden_state
     hf_layercache.enable(model)
     run(model, batch)
     assert torch.equal(run(model, batch).last_hidden_state, reference)
-    # the same tokens with one more padding position are another request: a miss, never a wrong hit
-    pad = torch.zeros_like(batch["input_ids"][:, :1])
-    longer = {
-        "input_ids": torch.cat([batch["input_ids"], pad], 1),
-        "attention_mask": torch.cat([batch["attention_mask"], pad], 1),
-    }
+    unmoved = [r for r in range(3) if padding == "right" or batch["attention_mask"][r, 0]]  # left pads move tokens
+    served_like_uncached(model, [repadded(batch, 3, "right"), *(alone(batch, r) for r in unmoved)])
+
+
+@pytest.mark.parametrize("arch", ENCODERS_AND_DECODERS)
+def test_with_position_ids_any_left_padding_hits(arch):
+    """Explicit positions (as generate passes them) say where the tokens are: more or fewer pads in front hit."""
+    model = tiny_model(arch)
+
+    def positioned(inputs: dict) -> dict:
+        return {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)}
+
+    batch = positioned(tiny_batch(arch, padding="left"))
+    hf_layercache.enable(model)
+    run(model, batch)
+    served_like_uncached(model, [positioned(repadded(batch, 2, "left")), positioned(alone(batch, 1))])
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_left_pads_that_move_absolute_positions_are_another_request(arch):
+    """Without position_ids, more pads in front move an absolute-position model's tokens: a miss, never a wrong hit."""
+    model = tiny_model(arch)
+    batch = tiny_batch(arch, padding="left")
+    hf_layercache.enable(model)
+    run(model, batch)
     hits = totals(model)["hits"]
-    run(model, longer)
+    run(model, repadded(batch, 1, "left"))
     assert totals(model)["hits"] == hits
+
+
+def test_an_encoder_decoder_keys_the_layout_too():
+    model = tiny_model("t5")
+    batch = tiny_batch("t5")
+    hf_layercache.enable(model)
+    run(model, batch)
+    hits = totals(model)["hits"]
+    run(model, {**repadded(batch, 1, "right"), "decoder_input_ids": batch["decoder_input_ids"]})
+    assert totals(model)["hits"] == hits  # another layout: computed (two stacks, two masks)
+    run(model, batch)
+    assert totals(model)["hits"] > hits
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generate_hits_a_text_stored_in_another_batch(arch):
+    """A prompt prefilled in a left-padded batch is served when it comes back alone (generate passes the
+    positions), and generation continues with the uncached tokens."""
+    model = tiny_model(arch, tf.AutoModelForCausalLM)
+    batch = tiny_batch(arch, padding="left")
+    single = alone(batch, 1)
+    reference = model.generate(**single, max_new_tokens=5, do_sample=False)
+    hf_layercache.enable(model)
+    model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hits = totals(model)["hits"]
+    assert torch.equal(model.generate(**single, max_new_tokens=5, do_sample=False), reference)
+    assert totals(model)["hits"] - hits == len(model.layer_cache.layers)
 
 
 @pytest.mark.parametrize("arch", DECODERS)

@@ -1,8 +1,20 @@
-"""Row digests: the key of a row, a blake2b over every tensor its output depends on, the namespace included."""
+"""Row keys: a blake2b digest over every input a row's output depends on, and where the row's real tokens sit.
+
+A model that runs one layer stack over its input (encoders, decoders) keys a row on its *real* tokens: the
+attention mask's ones, which must be one contiguous run. Per-token inputs it knows (token ids, token types,
+position ids, embeddings, ``cache_position``) enter the digest at those columns only, with the column of the first
+real token when no ``position_ids`` say where the tokens are (left padding moves an absolute-position encoder's
+positions). So a text hits whatever batch it arrives in and however that batch is padded; its stored states are
+placed into the new layout (:class:`RowKey.columns`). Anything else (an encoder-decoder's two inputs, a
+non-contiguous or 4-D mask, tensors it does not know that run along the sequence) keys the whole row, mask and pads
+included: such a row hits only in the layout it was computed in. Every field is length-prefixed, the namespace
+first, so no two different inputs share a byte stream.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +24,31 @@ from ...kv import CACHE_ARGUMENTS
 # Model-level arguments that never carry the batch in dimension 0, even when their length happens to equal it.
 _NOT_PER_ROW = frozenset({"cache_position", *CACHE_ARGUMENTS})
 _BATCH_SOURCES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "hidden_states")
+_PER_TOKEN = frozenset({"input_ids", "inputs_embeds", "token_type_ids", "position_ids", "cache_position"})
+"""Arguments whose sequence dimension runs along the tokens, cut to a row's real tokens."""
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """One row of a request: its digest, and the columns its real tokens take in this batch's layout."""
+
+    digest: bytes
+    columns: slice
+    """Real tokens, ``[first, first + n)``; the whole row when the key covers the layout too."""
+    length: int
+    """The batch's padded length."""
+    free: bool = True
+    """Keyed on the real tokens alone; else on the whole row, layout included."""
+
+    def for_stack(self, length: int) -> RowKey:
+        """The key as a stack of ``length`` positions sees it: a layout-bound key covers a whole row of any stack
+        (an encoder-decoder's decoder runs over other positions than the input's)."""
+        return self if self.free else RowKey(self.digest, slice(0, length), length, free=False)
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """``(padded length, first real column, real tokens)``: rows of equal layout are served bit for bit."""
+        return self.length, self.columns.start, self.columns.stop - self.columns.start
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
@@ -39,25 +76,100 @@ def _batch_size(arguments: dict[str, Any]) -> int | None:
     return None
 
 
-def row_digests(arguments: dict[str, Any], namespace: str) -> list[bytes] | None:
-    """One blake2b digest per row over every tensor argument (its row slice, or all of it when shared).
+def _sequence_length(arguments: dict[str, Any], batch: int) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        value = arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+            return int(value.shape[1])
+    return None
+
+
+def _real_columns(mask: torch.Tensor | None, batch: int, length: int) -> list[slice | None]:
+    """Per row, its real tokens as one run of columns, or ``None`` when the mask does not say so plainly."""
+    if mask is None:
+        return [slice(0, length)] * batch
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+        return [None] * batch
+    rows = []
+    for row in mask.detach().cpu():
+        real = row.nonzero().flatten()
+        n = real.numel()
+        plain = n > 0 and int(real[-1] - real[0]) + 1 == n and bool((row[real] == 1).all())
+        rows.append(slice(int(real[0]), int(real[0]) + n) if plain else None)
+    return rows
+
+
+class _Digest:
+    """blake2b over length-prefixed fields."""
+
+    def __init__(self, namespace: str):
+        self._h = hashlib.blake2b(digest_size=32)
+        self.field(b"namespace", namespace.encode())
+
+    def field(self, label: bytes, data: bytes | memoryview) -> None:
+        for part in (label, data):
+            self._h.update(len(part).to_bytes(8, "little"))
+            self._h.update(part)
+
+    def tensor(self, label: str, t: torch.Tensor) -> None:
+        self.field(f"{label}:{t.dtype}:{tuple(t.shape)}".encode(), _host_bytes(t))
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def row_keys(arguments: dict[str, Any], namespace: str, layout_free: bool) -> list[RowKey] | None:
+    """One key per row (see the module docstring); ``layout_free=False`` keys every row with its layout.
 
     Deterministic across processes (no Python ``hash``). ``None`` when the batch size cannot be told.
     """
     batch = _batch_size(arguments)
     if batch is None:
         return None
-    parts: list[tuple[bytes, torch.Tensor, bool]] = []
-    for name in sorted(arguments):
-        for i, t in enumerate(_flat_tensors(arguments[name])):
-            per_row = name not in _NOT_PER_ROW and t.dim() > 0 and t.shape[0] == batch
-            parts.append((f"{name}.{i}:{t.dtype}".encode(), t.detach().cpu() if per_row else t, per_row))
-    digests = []
-    for row in range(batch):
-        h = hashlib.blake2b(namespace.encode(), digest_size=32)
-        for label, t, per_row in parts:
-            piece = t[row] if per_row else t
-            h.update(label + str(tuple(piece.shape)).encode())
-            h.update(_host_bytes(piece))
-        digests.append(h.digest())
-    return digests
+    length = _sequence_length(arguments, batch)
+    columns: list[slice | None] = [None] * batch
+    if layout_free and length is not None:
+        columns = _real_columns(arguments.get("attention_mask"), batch, length)
+    tensors = [
+        (name, i, t.detach()) for name in sorted(arguments) for i, t in enumerate(_flat_tensors(arguments[name]))
+    ]
+    return [_row_key(tensors, namespace, batch, length, row, columns[row]) for row in range(batch)]
+
+
+def _row_key(
+    tensors: list[tuple[str, int, torch.Tensor]],
+    namespace: str,
+    batch: int,
+    length: int | None,
+    row: int,
+    real: slice | None,
+) -> RowKey:
+    h = _Digest(namespace)
+    h.field(b"layout", b"free" if real is not None else b"bound")
+    if real is not None and not any(name == "position_ids" for name, _, _ in tensors):
+        h.field(b"first", real.start.to_bytes(8, "little"))
+    for name, i, t in tensors:
+        per_row = name not in _NOT_PER_ROW and t.dim() > 0 and t.shape[0] == batch
+        piece = t[row] if per_row else t
+        if real is not None:
+            if name == "attention_mask":
+                continue  # its ones are the real tokens, which the other fields cover
+            piece = _real_part(name, piece, per_row, length, real)
+            if piece is None:  # a tensor along the sequence this module does not know: the layout stays in the key
+                return _row_key(tensors, namespace, batch, length, row, None)
+        h.tensor(f"{name}.{i}", piece)
+    whole = slice(0, length if length is not None else 0)
+    return RowKey(h.digest(), real if real is not None else whole, whole.stop, free=real is not None)
+
+
+def _real_part(name: str, piece: torch.Tensor, per_row: bool, length: int | None, real: slice) -> torch.Tensor | None:
+    """``piece`` at the row's real tokens when it runs along the sequence; unchanged when it does not; ``None``
+    when it may run along the sequence but is not an argument known to."""
+    if per_row:
+        along = piece.dim() >= 1 and piece.shape[0] == length
+        return piece[real] if along and name in _PER_TOKEN else (None if along else piece)
+    if piece.dim() == 1 and piece.shape[0] == length:  # cache_position
+        return piece[real] if name in _PER_TOKEN else None
+    if piece.dim() >= 2 and piece.shape[0] == 1 and piece.shape[1] == length:  # position_ids shared by the rows
+        return piece[:, real] if name in _PER_TOKEN else None
+    return piece

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...kv import KVWrite, find_cache, record_kv_writes, replay_kv_writes, stack_writes
+from ...kv import KVWrite, find_cache, place_writes, record_kv_writes, replay_kv_writes
 from ...layers import CachedLayer, select_rows
 from ..base import LayerHook
+from .digests import RowKey
 from .entry import ExactEntry
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class StackRun:
     """What one forward pass knows about one layer stack: which rows hit and what the missed rows produced."""
 
     digests: list[bytes]
+    keys: list[RowKey]
     hits: dict[int, ExactEntry]
     misses: list[int]
     split: bool
@@ -51,7 +53,8 @@ class ExactLayerHook(LayerHook):
     def _serve(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if run.with_kv:
             rows = [run.hits[r].writes.get(self.position, []) for r in range(run.batch)]
-            replay_kv_writes(find_cache(arguments), stack_writes(rows) if rows[0] else [])
+            columns = [key.columns for key in run.keys] if all(key.free for key in run.keys) else None
+            replay_kv_writes(find_cache(arguments), place_writes(rows, columns, hidden.shape[1]) if rows[0] else [])
         out = self._cached_hidden(run, range(run.batch), hidden) if self.last else hidden
         return self.pack(out)
 
@@ -88,7 +91,17 @@ class ExactLayerHook(LayerHook):
         self.strategy.controller.stats_.record_compute(self.layer.name, rows, seconds)
 
     def _cached_hidden(self, run: StackRun, rows, like: torch.Tensor) -> torch.Tensor:
-        return torch.stack([run.hits[r].hidden for r in rows]).to(device=like.device, dtype=like.dtype)
+        """The stored outputs of hit ``rows`` in this batch's layout: as stored where the layout is the one they
+        were computed in; else their real tokens at the row's real columns and zeros at its pads (what pads hold
+        depends on the batch; masks and poolers ignore them)."""
+        out = like.new_zeros((len(rows), *like.shape[1:]))
+        for i, row in enumerate(rows):
+            entry, key = run.hits[row], run.keys[row]
+            if entry.layout == key.layout:
+                out[i] = entry.hidden.to(device=like.device, dtype=like.dtype)
+            else:
+                out[i, key.columns] = entry.hidden[entry.real].to(device=like.device, dtype=like.dtype)
+        return out
 
     @staticmethod
     def _scatter(x: Any, missed: torch.Tensor, batch: int) -> Any:

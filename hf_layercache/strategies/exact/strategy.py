@@ -13,7 +13,7 @@ from ...layers import CachedLayer, rows_splittable
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import StackStrategy
-from .digests import row_digests
+from .digests import RowKey, row_keys
 from .entry import ExactEntry
 from .hook import ExactLayerHook, StackRun
 
@@ -45,27 +45,31 @@ class ExactStrategy(StackStrategy):
                 )
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
-        scope.state[_ROWS] = row_digests(arguments, scope.namespace)
+        # one stack runs over the input: rows are keyed on their real tokens; an encoder-decoder keys its layouts
+        scope.state[_ROWS] = row_keys(arguments, scope.namespace, layout_free=len(self.stacks) == 1)
 
     def start_run(
         self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
     ) -> StackRun | None:
         """Look every row up in the stack's bank; ``None`` when this call cannot use the cache."""
-        request_digests = scope.state.get(_ROWS)
+        request_keys: list[RowKey] | None = scope.state.get(_ROWS)
         cache = find_cache(arguments)
-        if not request_digests or len(request_digests) != hidden.shape[0] or past_length(cache) > 0:
+        if not request_keys or len(request_keys) != hidden.shape[0] or past_length(cache) > 0 or hidden.dim() < 2:
             return None  # nothing to key on (or an empty batch), or a decode step
+        keys = [key.for_stack(hidden.shape[1]) for key in request_keys]
+        if any(key.length != hidden.shape[1] for key in keys):
+            return None  # the stack does not run over the input's tokens one to one
         bank = self.banks[layer.stack]
         namespace = namespace_tag(scope.namespace)
         with_kv = cache is not None and arguments.get("use_cache", True) is not False
-        digests = [hashlib.blake2b(d + layer.stack.encode(), digest_size=32).digest() for d in request_digests]
+        digests = [hashlib.blake2b(key.digest + layer.stack.encode(), digest_size=32).digest() for key in keys]
         found: dict[int, tuple[int, ExactEntry]] = {}
         for row, digest in enumerate(digests):
             entry_id = bank.find(digest)
             values = bank.get(entry_id, namespace) if entry_id is not None else None
             if values is not None:
                 entry = ExactEntry.from_tensors(values)
-                if tuple(entry.hidden.shape) == tuple(hidden.shape[1:]) and (entry.kv_recorded or not with_kv):
+                if self._fits(entry, keys[row], hidden) and (entry.kv_recorded or not with_kv):
                     found[row] = (entry_id, entry)
         split = not with_kv and rows_splittable(arguments, layer.spec, len(digests))
         if found and len(found) < len(digests) and not split:
@@ -74,7 +78,12 @@ class ExactStrategy(StackStrategy):
         lookup = Lookup(served=[(entry_id, 1.0) for entry_id, _ in found.values()], missed=len(misses))
         self.controller.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]])
         hits = {row: entry for row, (_, entry) in found.items()}
-        return StackRun(digests, hits, misses, split, with_kv, namespace)
+        return StackRun(digests, keys, hits, misses, split, with_kv, namespace)
+
+    @staticmethod
+    def _fits(entry: ExactEntry, key: RowKey, hidden: torch.Tensor) -> bool:
+        """An entry of the row's number of real tokens and the model's width (the digest says the rest)."""
+        return entry.layout[2] == key.layout[2] and entry.hidden.shape[-1] == hidden.shape[-1]
 
     def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
         ExactEntry.validate(values, hidden_size=self.controller.identity.get("hidden_size"))
@@ -90,9 +99,14 @@ class ExactStrategy(StackStrategy):
         """Store the last layer's output of the missed rows (``out_rows`` index ``output``; ``rows`` the batch)."""
         bank = self.banks[layer.stack]
         for out_row, row in zip(out_rows, rows if rows is not None else out_rows, strict=True):
+            key = run.keys[row]
+            real = key.columns if key.free else slice(None)  # a layout-bound row keeps its writes whole
             writes = {
-                position: [KVWrite(w.tag, w.layer_idx, w.key[row : row + 1], w.value[row : row + 1]) for w in writes]
+                position: [
+                    KVWrite(w.tag, w.layer_idx, w.key[row : row + 1, :, real], w.value[row : row + 1, :, real])
+                    for w in writes
+                ]
                 for position, writes in run.writes.items()
             }
-            entry = ExactEntry(output[out_row], run.with_kv, writes)
+            entry = ExactEntry(output[out_row], key.layout, run.with_kv, writes)
             bank.put(entry.to_tensors(), digest=run.digests[row], cost=run.seconds_per_row, namespace=run.namespace)

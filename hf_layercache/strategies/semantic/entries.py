@@ -10,7 +10,7 @@ import torch
 
 from ...bank import CacheBank
 from ...entries import StoredEntry, refuse_unknown, require
-from ...kv import KVWrite, check_writes, decode_writes, encode_writes
+from ...kv import KVWrite, check_writes, decode_writes, encode_writes, place_writes
 from ...verified import OBSERVATIONS, ErrorBound, check_observations, new_observations
 from .alignment import on_device
 from .run import LayerSlot, SemanticRun
@@ -172,13 +172,4 @@ class EntryStore:
 
     def _batch_writes(self, run: SemanticRun, entries: list[SemanticEntry]) -> list[KVWrite]:
         """Per-row recorded K/V (real tokens only) placed back at each row's real positions in the padded batch."""
-        writes = []
-        for i, first in enumerate(entries[0].writes):
-            keys = first.key.new_zeros((run.batch, first.key.shape[1], run.mask.shape[1], first.key.shape[-1]))
-            values = keys.clone()
-            for row, entry in enumerate(entries):
-                pos = on_device(run.positions[row], keys.device)
-                keys[row][:, pos] = entry.writes[i].key[0].to(keys.device, keys.dtype)
-                values[row][:, pos] = entry.writes[i].value[0].to(keys.device, keys.dtype)
-            writes.append(KVWrite(first.tag, first.layer_idx, keys, values))
-        return writes
+        return place_writes([entry.writes for entry in entries], run.positions, run.mask.shape[1])
