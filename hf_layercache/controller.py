@@ -266,12 +266,13 @@ class LayerCacheController:
         return self._identity
 
     def save(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write ``layer_cache_config.json`` and the safetensors shard(s) of every bank into ``directory``."""
-        tensors = {f"{name}/{key}": t for name, bank in self.banks.items() for key, t in bank.state_dict().items()}
+        """Write ``layer_cache_config.json`` and the safetensors shard(s) of every saved bank into ``directory``."""
+        banks = {name: self.banks[name] for name in self.strategy.saved_banks()}
+        tensors = {f"{name}/{key}": t for name, bank in banks.items() for key, t in bank.state_dict().items()}
         header = {
             "config": self.config.to_dict(),
             "model": self.identity,
-            "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in self.banks.items()},
+            "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in banks.items()},
             "timing": self.stats_.timing(),
         }
         write_cache(directory, header, tensors, max_shard_size)

@@ -253,7 +253,7 @@ def test_namespaces_never_share_entries():
         assert totals(model)["hits"] == 0
         run(model, batch)
         assert totals(model)["hits"] > 0
-    assert totals(model)["entries"] == 6
+    assert model.layer_cache.stats()["banks"]["encoder.layer"]["entries"] == 6  # and as many request entries
 
 
 def test_inputs_embeds_and_batch_of_one():
@@ -299,7 +299,11 @@ def test_float16_storage_is_close_but_lossy_by_design():
     torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3)
     full = hf_layercache.enable(tiny_model("bert"))
     run(full, batch)
-    assert totals(full)["bytes"] - totals(model)["bytes"] == 3 * 7 * 32 * 2  # the stored states take half the bytes
+
+    def stack_bytes(m):
+        return m.layer_cache.stats()["banks"]["encoder.layer"]["bytes"]
+
+    assert stack_bytes(full) - stack_bytes(model) == 3 * 7 * 32 * 2  # the stored states take half the bytes
 
 
 def test_enabling_twice_is_refused_and_disable_is_idempotent():
@@ -343,3 +347,69 @@ def test_bfloat16_model_is_exact():
     out = run(model, batch).last_hidden_state
     assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
     assert totals(model)["hits"] == 3 * 3
+
+
+# --- the whole-request fast path ------------------------------------------------------------------------------------
+class Calls:
+    """Counts the calls of a module (the embeddings: a call that runs the model body at all calls them)."""
+
+    def __init__(self, module):
+        self.n = 0
+        self.handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_):
+        self.n += 1
+
+
+@pytest.mark.parametrize("head", [tf.AutoModel, tf.AutoModelForSequenceClassification, tf.AutoModelForMaskedLM])
+def test_a_repeated_request_is_answered_without_running_the_model(head):
+    model = tiny_model("bert", head)
+    batch = tiny_batch("bert")
+    reference = run(model, batch)
+    hf_layercache.enable(model)
+    embeddings = Calls(model.get_input_embeddings())
+    run(model, batch)
+    assert embeddings.n == 1
+    served = run(model, batch)
+    assert embeddings.n == 1  # nothing ran
+    assert type(served) is type(reference) and served.keys() == reference.keys()
+    assert all(torch.equal(served[k], reference[k]) for k in reference)
+    assert totals(model)["hits"] == 3 * len(model.layer_cache.layers)
+    shuffled = {k: v[[2, 0, 1]] for k, v in batch.items()}  # the same rows in another order: still nothing runs
+    out = run(model, shuffled)
+    assert embeddings.n == 1 and all(torch.equal(out[k], reference[k][[2, 0, 1]]) for k in reference)
+
+
+def test_the_fast_path_needs_the_same_layout_arguments_weights_and_tenant():
+    model = tiny_model("bert", tf.AutoModelForSequenceClassification)
+    batch = tiny_batch("bert")
+    hf_layercache.enable(model)
+    embeddings = Calls(model.get_input_embeddings())
+    run(model, batch)
+    run(model, repadded(batch, 2, "right"))  # another layout: the body runs (its stack hits)
+    run(model, batch, return_dict=False)  # other plain arguments: a tuple is not rebuilt from the entries
+    with model.layer_cache.namespace("tenant-b"):
+        run(model, batch)
+    assert embeddings.n == 4
+    with torch.no_grad():
+        model.classifier.weight.mul_(2)  # a head computes after the cached stack: its weights are watched too
+    with model.layer_cache.bypass():
+        expected = run(model, batch).logits
+    assert torch.equal(run(model, batch).logits, expected) and embeddings.n == 6
+
+
+def test_request_entries_are_not_saved_and_refill_from_a_warm_stack(tmp_path):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    hf_layercache.enable(model)
+    reference = run(model, batch).last_hidden_state
+    model.layer_cache.save(tmp_path)
+    warm = hf_layercache.enable(tiny_model("bert"))
+    warm.layer_cache.load(tmp_path)
+    assert (
+        "request" not in warm.layer_cache.stats()["banks"]
+        or warm.layer_cache.stats()["banks"]["request"]["entries"] == 0
+    )
+    embeddings = Calls(warm.get_input_embeddings())
+    assert torch.equal(run(warm, batch).last_hidden_state, reference) and embeddings.n == 1  # the stack served it
+    assert torch.equal(run(warm, batch).last_hidden_state, reference) and embeddings.n == 1  # then the request bank

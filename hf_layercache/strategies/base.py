@@ -75,6 +75,10 @@ class Strategy(ABC):
     def reset_counters(self) -> None:  # noqa: B027 - optional hook
         """Reset counters the strategy keeps beside ``stats()`` (called by ``clear()``)."""
 
+    def saved_banks(self) -> list[str]:
+        """The banks a warm cache holds: all of them, unless some only derive from the others."""
+        return list(self.banks)
+
     def banks_replaced(self) -> None:  # noqa: B027 - optional hook
         """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
 
