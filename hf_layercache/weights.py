@@ -21,8 +21,9 @@ from torch import nn
 class WeightsWatch:
     """The parameters of ``modules`` (and their submodules), and whether any changed since :meth:`mark`."""
 
-    def __init__(self, modules: Iterable[nn.Module]):
-        seen: set[int] = set()
+    def __init__(self, modules: Iterable[nn.Module], beside: Iterable[nn.Module] = ()):
+        """Watch ``modules`` except the submodules of ``beside`` (watched elsewhere)."""
+        seen: set[int] = {id(module) for other in beside for module in other.modules()}
         self._slots: list[dict] = []
         for owner in modules:
             for module in owner.modules():

@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...kv import CACHE_ARGUMENTS
@@ -61,11 +62,13 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a numpy array on the host (half floats as int16: numpy has no bfloat16), read once per
+    request; rows and columns are then cut in numpy, which costs a microsecond where a tensor op costs several."""
+    t = t.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.numpy() if t.dtype != torch.bool else t.to(torch.uint8).numpy()
 
 
 def _batch_size(arguments: dict[str, Any]) -> int | None:
@@ -88,12 +91,12 @@ def _real_columns(mask: torch.Tensor | None, batch: int, length: int) -> list[sl
     """Per row, its real tokens as one run of columns, or ``None`` when the mask does not say so plainly."""
     if mask is None:
         return [slice(0, length)] * batch
-    if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (batch, length):
         return [None] * batch
     rows = []
-    for row in mask.detach().cpu():
-        real = row.nonzero().flatten()
-        n = real.numel()
+    for row in _host_array(mask):
+        real = np.flatnonzero(row)
+        n = real.size
         plain = n > 0 and int(real[-1] - real[0]) + 1 == n and bool((row[real] == 1).all())
         rows.append(slice(int(real[0]), int(real[0]) + n) if plain else None)
     return rows
@@ -111,8 +114,8 @@ class _Digest:
             self._h.update(len(part).to_bytes(8, "little"))
             self._h.update(part)
 
-    def tensor(self, label: str, t: torch.Tensor) -> None:
-        self.field(f"{label}:{t.dtype}:{tuple(t.shape)}".encode(), _host_bytes(t))
+    def array(self, label: str, dtype: torch.dtype, a: np.ndarray) -> None:
+        self.field(f"{label}:{dtype}:{a.shape}".encode(), memoryview(np.ascontiguousarray(a)).cast("B"))
 
     def digest(self) -> bytes:
         return self._h.digest()
@@ -131,13 +134,15 @@ def row_keys(arguments: dict[str, Any], namespace: str, layout_free: bool) -> li
     if layout_free and length is not None:
         columns = _real_columns(arguments.get("attention_mask"), batch, length)
     tensors = [
-        (name, i, t.detach()) for name in sorted(arguments) for i, t in enumerate(_flat_tensors(arguments[name]))
+        (name, i, t.dtype, _host_array(t))
+        for name in sorted(arguments)
+        for i, t in enumerate(_flat_tensors(arguments[name]))
     ]
     return [_row_key(tensors, namespace, batch, length, row, columns[row]) for row in range(batch)]
 
 
 def _row_key(
-    tensors: list[tuple[str, int, torch.Tensor]],
+    tensors: list[tuple[str, int, torch.dtype, np.ndarray]],
     namespace: str,
     batch: int,
     length: int | None,
@@ -146,10 +151,10 @@ def _row_key(
 ) -> RowKey:
     h = _Digest(namespace)
     h.field(b"layout", b"free" if real is not None else b"bound")
-    if real is not None and not any(name == "position_ids" for name, _, _ in tensors):
+    if real is not None and not any(name == "position_ids" for name, *_ in tensors):
         h.field(b"first", real.start.to_bytes(8, "little"))
-    for name, i, t in tensors:
-        per_row = name not in _NOT_PER_ROW and t.dim() > 0 and t.shape[0] == batch
+    for name, i, dtype, t in tensors:
+        per_row = name not in _NOT_PER_ROW and t.ndim > 0 and t.shape[0] == batch
         piece = t[row] if per_row else t
         if real is not None:
             if name == "attention_mask":
@@ -157,7 +162,7 @@ def _row_key(
             piece = _real_part(name, piece, per_row, length, real)
             if piece is None:  # a tensor along the sequence this module does not know: the layout stays in the key
                 return _row_key(tensors, namespace, batch, length, row, None)
-        h.tensor(f"{name}.{i}", piece)
+        h.array(f"{name}.{i}", dtype, piece)
     whole = slice(0, length if length is not None else 0)
     return RowKey(h.digest(), real if real is not None else whole, whole.stop, free=real is not None)
 
@@ -166,10 +171,10 @@ def _real_part(name: str, piece: torch.Tensor, per_row: bool, length: int | None
     """``piece`` at the row's real tokens when it runs along the sequence; unchanged when it does not; ``None``
     when it may run along the sequence but is not an argument known to."""
     if per_row:
-        along = piece.dim() >= 1 and piece.shape[0] == length
+        along = piece.ndim >= 1 and piece.shape[0] == length
         return piece[real] if along and name in _PER_TOKEN else (None if along else piece)
-    if piece.dim() == 1 and piece.shape[0] == length:  # cache_position
+    if piece.ndim == 1 and piece.shape[0] == length:  # cache_position
         return piece[real] if name in _PER_TOKEN else None
-    if piece.dim() >= 2 and piece.shape[0] == 1 and piece.shape[1] == length:  # position_ids shared by the rows
+    if piece.ndim >= 2 and piece.shape[0] == 1 and piece.shape[1] == length:  # position_ids shared by the rows
         return piece[:, real] if name in _PER_TOKEN else None
     return piece

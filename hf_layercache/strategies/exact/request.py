@@ -11,8 +11,9 @@ entries, in a bank of its own. A call is answered here when:
   length, first real column): a field that does not run along the sequence (a pooled output, a classifier's
   logits, the logits of ``logits_to_keep``) may depend on where the pads are. Other layouts take the layer-stack
   path, which places the real tokens;
-* the weights of the whole model are the ones the entries were computed with (a head computes after the cached
-  stack, so its weights are watched here too).
+* the weights of the whole model are the ones the entries were computed with: the controller watches the models
+  owning the stacks (and clears every bank when they change); a head computes after the cached stack, so its
+  weights are watched here.
 
 Entries are made from the output of any call that fits (hits included: their outputs are exact) and live in memory
 only, within the memory budget: they are not saved with a warm cache, whose first repeated call refills them from
@@ -66,9 +67,9 @@ class RequestEntry(StoredEntry):
 class RequestPath:
     """The fast path of one model (see the module docstring)."""
 
-    def __init__(self, bank: CacheBank, model: torch.nn.Module):
+    def __init__(self, bank: CacheBank, model: torch.nn.Module, owners: list[torch.nn.Module]):
         self.bank = bank
-        self.weights = WeightsWatch([model])
+        self.weights = WeightsWatch([model], beside=owners)
         self.model_name = type(model).__name__
         self._outputs: dict[bytes, tuple[type[ModelOutput], dict[str, tuple[torch.dtype, torch.device]]]] = {}
         """Per call signature (its plain arguments), the output class its entries rebuild and its fields, with the
@@ -130,7 +131,8 @@ class RequestPath:
         self.weights.mark()
 
     def _stale(self) -> bool:
-        """Clear everything when any weight of the model (heads included) changed since the entries were made."""
+        """Clear everything when a weight of the model outside the stacks' owners (a head) changed since the entries
+        were made."""
         if self.weights.changed():
             self.clear()
             return True

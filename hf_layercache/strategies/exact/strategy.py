@@ -41,7 +41,7 @@ class ExactStrategy(StackStrategy):
                 )
             self.new_bank(stack, layers[-1].device, n_banks=len(self.stacks) + 1)
         request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks=len(self.stacks) + 1)
-        self.request_path = RequestPath(request_bank, self.controller.model)
+        self.request_path = RequestPath(request_bank, self.controller.model, self.controller.owners)
         for layers in self.stacks.values():
             for position, layer in enumerate(layers):
                 self.hooks.replace_forward(
