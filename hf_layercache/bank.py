@@ -11,6 +11,7 @@ the budget is never exceeded, not even transiently.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .backends.base import Backend
 from .policies.base import Policy
 
 DIGEST_BYTES = 32
+MAX_ID = 2**62
+"""Entry ids a saved bank may hold: far more than any bank inserts, far enough from int64's end that new ids fit."""
 ENTRY_OVERHEAD_BYTES = 512
 """Bytes counted per entry on top of its tensors' data: the entry object, digest, dict slots, policy bookkeeping."""
 TENSOR_OVERHEAD_BYTES = 512
@@ -190,9 +193,10 @@ class CacheBank:
         for entry_id in removed:
             self.policy.on_remove(entry_id)
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, incoming: int = 1) -> None:
+        """Evict until ``incoming`` more entries of ``nbytes`` fit the budget (``0, 0``: until the bank fits it)."""
         while self._entries and (
-            (self.max_entries is not None and len(self._entries) + 1 > self.max_entries)
+            (self.max_entries is not None and len(self._entries) + incoming > self.max_entries)
             or (self.max_bytes is not None and self.nbytes + nbytes > self.max_bytes)
         ):
             needed = 0 if self.max_bytes is None else self.nbytes + nbytes - self.max_bytes
@@ -264,6 +268,19 @@ class CacheBank:
         """The parts of ``state``; ``ValueError`` unless it has the structure :meth:`state_dict` writes."""
         return BankState.parse(state)
 
+    def check_policy(self, parsed: BankState) -> None:
+        """``ValueError`` unless the saved policy state, loaded into a copy of this bank's policy, keeps the books of
+        exactly the saved entries: a policy that knew none of them would name no victim, and every later insert
+        would fail."""
+        probe = copy.deepcopy(self.policy)
+        probe.load_state_dict(parsed.policy)
+        missing = [entry_id for entry_id in parsed.entries if entry_id not in probe]
+        if missing or len(probe) != len(parsed.entries):
+            raise ValueError(
+                f"the policy state tracks {len(probe)} entries, not the bank's {len(parsed.entries)} "
+                f"(e.g. entry {missing[0] if missing else '?'} is not among them)."
+            )
+
     @_outside_inference_mode
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the content with ``state``; the entries land on this bank's device."""
@@ -282,6 +299,7 @@ class CacheBank:
             self.policy.load_state_dict(parsed.policy)
             if self.backend is not None:
                 self.backend.load_state_dict(parsed.backend)
+            self._make_room(0, incoming=0)  # a cache saved under a larger budget is cut to this one, by the policy
 
 
 @dataclass
@@ -302,8 +320,8 @@ class BankState:
         if ids is None or ids.dtype != torch.long or ids.dim() != 1:
             raise ValueError("'ids' must be a 1-D int64 tensor.")
         n = ids.numel()
-        if n and (int(ids.min()) < 0 or ids.unique().numel() != n):
-            raise ValueError("'ids' must be distinct non-negative integers.")
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= MAX_ID or ids.unique().numel() != n):
+            raise ValueError(f"'ids' must be distinct integers in [0, {MAX_ID}).")
         digests, has_digest, namespaces = state.get("digests"), state.get("has_digest"), state.get("namespaces")
         if digests is None or digests.dtype != torch.uint8 or tuple(digests.shape) != (n, DIGEST_BYTES):
             raise ValueError(f"'digests' must be a uint8 tensor of shape ({n}, {DIGEST_BYTES}).")

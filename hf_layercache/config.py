@@ -43,8 +43,11 @@ def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int 
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
         if match and match.group(2).upper() in _UNITS:
-            number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-            if number > 0:
+            try:
+                number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+            except OverflowError:  # "9" * 400 + "GB": a float of inf
+                number = 0
+            if 0 < number < 2**63:
                 return number
     raise ValueError(
         f"{field_name}={value!r} is not a size; use a positive int of bytes or a string like '512MB', '2GB', '1GiB'."
@@ -291,7 +294,10 @@ class LayerCacheConfig:
         (a newer version's fields) are dropped with a warning; ``strict=True`` refuses them as :meth:`from_dict`
         does, for a file a person wrote."""
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except RecursionError:
+                raise ValueError(f"{path} is nested too deeply to be a layer cache config.") from None
         if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
             data = data["config"]  # a warm cache's layer_cache_config.json wraps the config with its metadata
         return cls.from_dict(data, strict=strict)

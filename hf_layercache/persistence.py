@@ -243,9 +243,13 @@ def _read_json(path: Path) -> Any:
     try:
         if path.stat().st_size > _MAX_JSON_BYTES:
             raise LayerCacheFileError(f"{path} is larger than {_MAX_JSON_BYTES} bytes; refusing to read it.")
+        if path.is_symlink():
+            raise LayerCacheFileError(f"{path} is a symbolic link; a warm cache's files must be its own.")
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LayerCacheFileError(f"Cannot read {path}: {err}") from None
+    except RecursionError:
+        raise LayerCacheFileError(f"Cannot read {path}: it is nested too deeply.") from None
 
 
 def has_cache(directory: str | os.PathLike) -> bool:
@@ -270,6 +274,16 @@ def read_header(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def shard_files(directory: Path) -> list[Path]:
+    """The shard files of the cache in ``directory``; symbolic links are refused (a link to a valid file elsewhere
+    would put files outside the set in it)."""
+    files = _listed_shards(directory)
+    links = [path for path in files if path.is_symlink()]
+    if links:
+        raise LayerCacheFileError(f"{links[0]} is a symbolic link; a warm cache's files must be its own.")
+    return files
+
+
+def _listed_shards(directory: Path) -> list[Path]:
     single, index_path = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if index_path.is_file():
         index = _read_json(index_path)

@@ -85,12 +85,15 @@ class Strategy(ABC):
     def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> BankState:
         """Refuse a bank state read from disk that does not fit: its structure, then each entry
         (:meth:`check_entry`). Returns it taken apart."""
-        parsed = self.banks[bank_name].check_state(state)
+        bank = self.banks[bank_name]
+        parsed = bank.check_state(state)
         for entry_id, values in parsed.entries.items():
             try:
                 self.check_entry(bank_name, values)
+                _check_finite(values)
             except ValueError as err:
                 raise ValueError(f"entry {entry_id}: {err}") from None
+        bank.check_policy(parsed)
         return parsed
 
     def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
@@ -166,3 +169,10 @@ class LayerHook(ForwardHook):
     def pack(self, hidden: torch.Tensor) -> Any:
         """A served hidden state in the layer's output structure (extra tuple elements are ``None``)."""
         return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))
+
+
+def _check_finite(values: dict[str, torch.Tensor]) -> None:
+    """A stored NaN or infinity is no state any layer computed from a real input: refuse it rather than serve it."""
+    for name, tensor in values.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name!r} holds NaN or infinite values.")

@@ -1,0 +1,96 @@
+"""Hostile warm-cache files and inputs (issue #16): each is refused with a clear error, or cut to what the config
+allows, and nothing is served from it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import tiny_batch, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig, LayerCacheFileError
+from hf_layercache.persistence import file_digest
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A warm exact cache of 3 entries (one per row) of a tiny BERT."""
+    model = hf_layercache.enable(tiny_model("bert"))
+    batch = tiny_batch("bert")
+    run(model, batch)
+    model.layer_cache.save(tmp_path)
+    return tmp_path, batch
+
+
+def rewrite(directory, change) -> None:
+    """Apply ``change`` to the saved tensors and re-sign the shard's digest, as an attacker editing the file would."""
+    shard = directory / "layer_cache.safetensors"
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard)
+    header = json.loads((directory / "layer_cache_config.json").read_text())
+    header["files"]["layer_cache.safetensors"] = file_digest(shard)
+    (directory / "layer_cache_config.json").write_text(json.dumps(header))
+
+
+def test_a_cache_saved_under_a_larger_budget_is_cut_to_this_one_by_the_policy(saved):
+    directory, batch = saved
+    small = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(max_entries=1))
+    small.layer_cache.load(directory)
+    assert small.layer_cache.stats()["banks"]["encoder.layer"]["entries"] == 1
+    tight = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(max_memory=3000))
+    tight.layer_cache.load(directory)
+    assert all(bank.nbytes <= bank.max_bytes for bank in tight.layer_cache.banks.values())
+    run(tight, batch)  # still serves and stores within its budget
+    assert all(bank.nbytes <= bank.max_bytes for bank in tight.layer_cache.banks.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.update({k: v[:0] for k, v in t.items() if k.startswith("encoder.layer/policy.")}), "policy state"),
+        (lambda t: t.update({"encoder.layer/ids": t["encoder.layer/ids"] + 2**62}), "'ids' must be distinct"),
+        (lambda t: t["encoder.layer/entry.0.hidden"].fill_(float("nan")), "NaN or infinite"),
+        (lambda t: t["encoder.layer/entry.1.hidden"].__setitem__((0, 0), float("inf")), "NaN or infinite"),
+    ],
+)
+def test_poisoned_or_crafted_state_is_refused_and_the_banks_kept(saved, change, message):
+    directory, batch = saved
+    rewrite(directory, change)
+    model = hf_layercache.enable(tiny_model("bert"))
+    run(model, batch)
+    before = model.layer_cache.stats()["total"]["entries"]
+    with pytest.raises(LayerCacheFileError, match=message):
+        model.layer_cache.load(directory)
+    assert model.layer_cache.stats()["total"]["entries"] == before  # nothing lost
+    reference = run(tiny_model("bert"), batch)
+    assert torch.equal(run(model, batch), reference)
+
+
+def test_a_symlinked_shard_is_refused(saved, tmp_path_factory):
+    directory, _ = saved
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "layer_cache.safetensors"
+    (directory / "layer_cache.safetensors").rename(elsewhere)
+    (directory / "layer_cache.safetensors").symlink_to(elsewhere)
+    with pytest.raises(LayerCacheFileError, match="symbolic link"):
+        hf_layercache.enable(tiny_model("bert")).layer_cache.load(directory)
+
+
+def test_a_config_nested_too_deeply_is_a_file_error_not_a_recursion_error(saved):
+    directory, _ = saved
+    (directory / "layer_cache_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LayerCacheFileError, match="nested too deeply"):
+        hf_layercache.enable(tiny_model("bert")).layer_cache.load(directory)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        LayerCacheConfig.from_json_file(directory / "layer_cache_config.json")
+
+
+def test_an_enormous_memory_budget_is_a_value_error_not_an_overflow():
+    with pytest.raises(ValueError, match="max_memory"):
+        LayerCacheConfig(max_memory="9" * 400 + "GB")
