@@ -225,6 +225,14 @@ class CacheBank:
         return 0 if key is None else key.numel() * 4
 
     # --- size -----------------------------------------------------------------------------------------------------
+    def namespace_counts(self) -> dict[int, int]:
+        """Entries per tenant tag."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for entry in self._entries.values():
+                counts[entry.namespace] = counts.get(entry.namespace, 0) + 1
+            return counts
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -29,11 +29,14 @@ from .persistence import (
     write_cache,
 )
 from .registry import get_backend, get_policy, get_strategy
-from .request import RequestScope, current_scope, open_scope
+from .request import RequestScope, current_scope, namespace_tag, open_scope
 from .stats import CacheStats, format_report
 from .weights import WeightsWatch
 
 ATTRIBUTE = "layer_cache"
+_MAX_TENANT_NAMES = 10_000
+"""Tenant names remembered for ``stats()`` (beyond them, tags show as ``#<tag>``): bounded against clients that
+send endless namespaces."""
 
 
 class RequestHook(ForwardHook):
@@ -50,6 +53,8 @@ class RequestHook(ForwardHook):
             self.binder = ArgumentBinder(self.original)
         arguments = self.binder.bind(args, kwargs)
         scope = RequestScope(self.controller.current_namespace, self.controller.bypass_reason(module, arguments))
+        if len(self.controller.tenants) < _MAX_TENANT_NAMES:
+            self.controller.tenants.setdefault(scope.namespace, None)
         with open_scope(scope):
             if scope.bypass_reason is not None:
                 return self.original(*args, **kwargs)
@@ -71,6 +76,8 @@ class LayerCacheController:
         self.hooks = HookRegistry()
         """Every attachment to the model; ``detach`` removes them all."""
         self.strategy = get_strategy(config.strategy)(self)
+        self.tenants: dict[str, None] = {config.namespace: None}
+        """Namespaces this process has served (in order), to name the tenant tags the banks hold."""
         self.owners = self._stack_owners()
         self.weights = WeightsWatch(self.owners)
         self._warned_autograd = False
@@ -244,8 +251,17 @@ class LayerCacheController:
         return self.strategy.banks
 
     def stats(self) -> dict[str, Any]:
-        """Per-layer lookups, hits, misses, bypassed rows and estimated seconds saved; per-bank entries and bytes."""
-        return self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
+        """Per-layer lookups, hits, misses, bypassed rows and estimated seconds saved; per-bank entries and bytes;
+        entries per namespace (tenants this process has not served show as ``#<tag>``, e.g. from a warm cache)."""
+        report = self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
+        names = {namespace_tag(name): name for name in self.tenants}
+        namespaces: dict[str, dict[str, int]] = {}
+        for bank in self.banks.values():
+            for tag, count in bank.namespace_counts().items():
+                entry = namespaces.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})
+                entry["entries"] += count
+        report["namespaces"] = namespaces
+        return report
 
     def format_stats(self) -> str:
         return format_report(self.stats())

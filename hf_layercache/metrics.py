@@ -42,6 +42,8 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .stats import human_bytes
+
 _PREFIX = "hf_layercache"
 _LAYER_COUNTERS = (  # (stats key, metric name without the prefix and _total, help)
     ("lookups", "lookups", "Rows that asked this layer's cache for an entry."),
@@ -125,6 +127,8 @@ class LayerCacheCollector:
             for bank, b in report["banks"].items():
                 families["entries"].add_metric([model, bank], b["entries"])
                 families["bytes"].add_metric([model, bank], b["bytes"])
+            for namespace, n in report.get("namespaces", {}).items():
+                families["namespace_entries"].add_metric([model, namespace], n["entries"])
             families["invalidations"].add_metric([model], report["total"]["invalidations"])
         return list(families.values())
 
@@ -153,6 +157,11 @@ class LayerCacheCollector:
         families["bytes"] = core.GaugeMetricFamily(
             f"{_PREFIX}_bytes", "Bytes the bank accounts (values, keys, index): what max_memory limits.", labels=bank
         )
+        families["namespace_entries"] = core.GaugeMetricFamily(
+            f"{_PREFIX}_namespace_entries",
+            "Entries a tenant holds across the model's banks ('#<tag>' for tenants this process has not served).",
+            labels=["model", "namespace"],
+        )
         families["invalidations"] = core.CounterMetricFamily(
             f"{_PREFIX}_invalidations",
             "Times every entry was dropped because the weights changed under the cache.",
@@ -168,7 +177,7 @@ def summary_line(model: Any, name: str | None = None) -> str:
     t = report["total"]
     line = (
         f"layer cache{f' {name}' if name else ''}: {t['lookups']} lookups, {t['hits']} hits ({t['hit_rate']:.1%}), "
-        f"{t['misses']} misses, {t['bypassed']} bypassed; {t['entries']} entries, {_size(t['bytes'])} "
+        f"{t['misses']} misses, {t['bypassed']} bypassed; {t['entries']} entries, {human_bytes(t['bytes'])} "
         f"in {len(report['banks'])} bank{'s' if len(report['banks']) != 1 else ''}"
     )
     if t["verified"]:
@@ -177,15 +186,6 @@ def summary_line(model: Any, name: str | None = None) -> str:
             f"{t['observed_error_rate']:.1%} of {t['audited']} audited"
         )
     return line
-
-
-def _size(nbytes: float) -> str:
-    """``512`` -> ``"512 B"``, ``15_360`` -> ``"15.0 KiB"``."""
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    while nbytes >= 1024 and len(units) > 1:
-        nbytes /= 1024
-        units.pop(0)
-    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"
 
 
 def log_summary(

@@ -193,3 +193,12 @@ def format_report(report: dict) -> str:
     t = report["total"]
     lines.append(f"banks: {t['entries']} entries, {t['bytes'] / 2**20:.2f} MiB; overall hit rate {t['hit_rate']:.1%}")
     return "\n".join(lines)
+
+
+def human_bytes(nbytes: float) -> str:
+    """``512`` -> ``"512 B"``, ``3_500_000`` -> ``"3.3 MiB"``: sizes in reports, logs and the command line."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while nbytes >= 1024 and len(units) > 1:
+        nbytes /= 1024
+        units.pop(0)
+    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"

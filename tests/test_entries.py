@@ -147,3 +147,31 @@ def test_policy_and_stats_hear_the_same_hits(counting_policy, strategy, extra):
         layers = [layer for layer in stats if layer == name or layer.startswith(name + ".")]
         assert bank.policy.hits == stats[layers[0]]["hits"] > 0
         assert bank.policy.misses == stats[layers[0]]["misses"] > 0
+
+
+def test_stats_and_metrics_count_entries_per_tenant(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from hf_layercache.metrics import LayerCacheCollector
+
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(namespace="tenant-a"))
+    with torch.no_grad():
+        model(**tiny_batch("bert", batch=3))
+        with model.layer_cache.namespace("tenant-b"):
+            model(**tiny_batch("bert", batch=2, seed=4))
+    stack = model.layer_cache.banks["encoder.layer"]
+    per_tenant = model.layer_cache.stats()["namespaces"]
+    assert set(per_tenant) == {"tenant-a", "tenant-b"}
+    assert per_tenant["tenant-b"]["entries"] * 3 == per_tenant["tenant-a"]["entries"] * 2  # 2 rows against 3
+    assert sum(t["entries"] for t in per_tenant.values()) == model.layer_cache.stats()["total"]["entries"]
+    assert len(stack) == 5
+    model.layer_cache.save(tmp_path)
+    warm = hf_layercache.enable(tiny_model("bert"))  # a process that has served neither tenant
+    warm.layer_cache.load(tmp_path)
+    assert sorted(t["entries"] for t in warm.layer_cache.stats()["namespaces"].values()) == [2, 3]
+    assert all(name.startswith("#") for name in warm.layer_cache.stats()["namespaces"])
+
+    registry = CollectorRegistry()
+    registry.register(LayerCacheCollector(model, name="m"))
+    text = generate_latest(registry).decode()
+    assert 'hf_layercache_namespace_entries{model="m",namespace="tenant-b"}' in text

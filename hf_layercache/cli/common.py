@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import CONFIG_NAME, LayerCacheConfig
+from ..stats import human_bytes  # noqa: F401  (the commands' name for it)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -117,12 +118,3 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     model = cls.from_pretrained(path, local_files_only=True, layer_cache=saved).eval()
     disable(model)
     return enable(model, config), tokenizer
-
-
-def human_bytes(nbytes: float) -> str:
-    """``512`` -> ``"512 B"``, ``3_500_000`` -> ``"3.3 MiB"``."""
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    while nbytes >= 1024 and len(units) > 1:
-        nbytes /= 1024
-        units.pop(0)
-    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"
