@@ -88,6 +88,8 @@ class CacheBank:
         self.storage_dtype = storage_dtype
         self._entries: dict[int, Entry] = {}
         self._by_digest: dict[bytes, int] = {}
+        self._tenants: dict[int, int] = {}
+        """Entries per namespace tag."""
         self._next_id = 0
         self._value_bytes = 0
         self._lock = threading.RLock()
@@ -97,11 +99,38 @@ class CacheBank:
         with self._lock:
             return self._by_digest.get(digest)
 
-    def search(self, keys: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, keys: torch.Tensor, k: int = 1, namespace: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most similar entries per key, best first (id -1 where there are fewer); with ``namespace``,
+        among that tenant's entries only. The backend searches all tenants' keys, so the search widens (4x at a
+        time, up to the whole bank) until every key has ``k`` of its tenant's: other tenants' entries never crowd a
+        tenant's own nearest entry out."""
         if self.backend is None:
             raise RuntimeError(f"Bank {self.name!r} has no similarity backend.")
         with self._lock:
-            return self.backend.search(keys, k)
+            if namespace is None:
+                return self.backend.search(keys, k)
+            wanted = min(k, self._tenants.get(namespace, 0))
+            width = k
+            while True:
+                scores, ids = self.backend.search(keys, min(width, len(self._entries)) or 1)
+                kept = [self._of_namespace(s, i, namespace, k) for s, i in zip(scores, ids, strict=True)]
+                if all(int((row[1] >= 0).sum()) >= wanted for row in kept) or width >= len(self._entries):
+                    return torch.stack([row[0] for row in kept]), torch.stack([row[1] for row in kept])
+                width *= 4
+
+    def _of_namespace(
+        self, scores: torch.Tensor, ids: torch.Tensor, namespace: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One key's results cut to ``namespace``'s entries, padded to ``k`` with id -1."""
+        keep = [j for j, entry_id in enumerate(ids.tolist()) if self._namespace_of(entry_id) == namespace][:k]
+        out_scores = torch.full((k,), -1.0, dtype=scores.dtype)
+        out_ids = torch.full((k,), -1, dtype=ids.dtype)
+        out_scores[: len(keep)], out_ids[: len(keep)] = scores[keep].cpu(), ids[keep].cpu()
+        return out_scores, out_ids
+
+    def _namespace_of(self, entry_id: int) -> int | None:
+        entry = self._entries.get(entry_id)
+        return entry.namespace if entry is not None else None
 
     def get(self, entry_id: int, namespace: int | None = None) -> dict[str, torch.Tensor] | None:
         """The entry's tensors; ``None`` when it is gone or (with ``namespace``) belongs to another tenant."""
@@ -163,6 +192,7 @@ class CacheBank:
             entry_id = self._next_id
             self._next_id += 1
             self._entries[entry_id] = Entry(values, nbytes, digest, namespace)
+            self._count_tenant(namespace, 1)
             self._value_bytes += nbytes
             if digest is not None:
                 self._by_digest[digest] = entry_id
@@ -185,6 +215,7 @@ class CacheBank:
         removed = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
         for entry_id in removed:
             entry = self._entries.pop(entry_id)
+            self._count_tenant(entry.namespace, -1)
             self._value_bytes -= entry.nbytes
             if entry.digest is not None:
                 self._by_digest.pop(entry.digest, None)
@@ -228,10 +259,14 @@ class CacheBank:
     def namespace_counts(self) -> dict[int, int]:
         """Entries per tenant tag."""
         with self._lock:
-            counts: dict[int, int] = {}
-            for entry in self._entries.values():
-                counts[entry.namespace] = counts.get(entry.namespace, 0) + 1
-            return counts
+            return dict(self._tenants)
+
+    def _count_tenant(self, namespace: int, change: int) -> None:
+        count = self._tenants.get(namespace, 0) + change
+        if count:
+            self._tenants[namespace] = count
+        else:
+            self._tenants.pop(namespace, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -300,6 +335,7 @@ class CacheBank:
                 nbytes = entry_bytes(entry_values) + 4 * self._key_dim()
                 digest = parsed.digests[entry_id]
                 self._entries[entry_id] = Entry(entry_values, nbytes, digest, parsed.namespaces[entry_id])
+                self._count_tenant(parsed.namespaces[entry_id], 1)
                 self._value_bytes += nbytes
                 if digest is not None:
                     self._by_digest[digest] = entry_id

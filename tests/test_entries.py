@@ -175,3 +175,20 @@ def test_stats_and_metrics_count_entries_per_tenant(tmp_path):
     registry.register(LayerCacheCollector(model, name="m"))
     text = generate_latest(registry).decode()
     assert 'hf_layercache_namespace_entries{model="m",namespace="tenant-b"}' in text
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss", "annoy"])
+def test_other_tenants_entries_never_crowd_out_a_tenants_own_nearest_entry(backend):
+    if backend not in hf_layercache.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    bank = CacheBank("b", LRUPolicy(), backend=hf_layercache.get_backend(backend)(8))
+    query = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    g = torch.Generator().manual_seed(0)
+    own = bank.put({"v": torch.zeros(1)}, key=query + 0.3 * torch.randn(8, generator=g), namespace=1)
+    for _ in range(40):  # another tenant's entries, every one nearer the query than the tenant's own
+        bank.put({"v": torch.zeros(1)}, key=query + 0.01 * torch.randn(8, generator=g), namespace=2)
+    _, everyone = bank.search(query[None], k=4)
+    assert own not in everyone[0].tolist()  # what a search across tenants returns: the other tenant's
+    scores, ids = bank.search(query[None], k=4, namespace=1)
+    assert ids[0].tolist() == [own, -1, -1, -1] and scores[0, 0] > 0.5
+    assert bank.namespace_counts() == {1: 1, 2: 40}

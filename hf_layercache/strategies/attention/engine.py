@@ -95,7 +95,7 @@ class CachedAttention:
         """Per request row, the verified reuse of the best of the nearest entries, if any."""
         if len(self.bank) == 0:
             return {}
-        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)))
+        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)), namespace=scope.state[_NAMESPACE])
         found = {}
         for b, row in enumerate(rows):
             reuse = self._first_plan(scope, row, scores[b].tolist(), ids[b].tolist())

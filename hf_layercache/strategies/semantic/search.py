@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ...controller import LayerCacheController
 
 _CANDIDATES = 4
-"""Nearest entries examined per row: the best may belong to another namespace or fail to align."""
+"""Nearest entries of the row's tenant examined per row: the best may fail to align."""
 _TOLERANCE = 1e-6
 """Float slack on similarity comparisons, so an identical input still hits at threshold 1.0."""
 
@@ -45,7 +45,7 @@ class EntrySearch:
         if not rows or len(bank) == 0:
             return {}, {}
         threshold = self.config.threshold_for(slot.rank)
-        scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)))
+        scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)), namespace=run.namespace)
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
             best[row] = row_scores[0]
