@@ -7,6 +7,7 @@ and :class:`LayerSlot`, what the reuse steps know of the cached layer they serve
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,7 +166,8 @@ class RunBuilding:
 
     @staticmethod
     def _digest(namespace: str, tokens: list[int] | None, hidden_size: int) -> bytes:
-        h = hashlib.blake2b(f"{namespace}:{hidden_size}".encode(), digest_size=32)
+        # a JSON array delimits itself, so no namespace string can spell the start of another tenant's tokens
+        h = hashlib.blake2b(json.dumps(["hf_layercache.semantic", namespace, hidden_size]).encode(), digest_size=32)
         # rows given as embeddings have no identity to share with other requests
         h.update(os.urandom(16) if tokens is None else torch.tensor(tokens, dtype=torch.long).numpy().tobytes())
         return h.digest()
