@@ -180,6 +180,12 @@ class LayerCacheConfig:
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
     with a KV cache always need equal lengths."""
 
+    integrity_key: str | None = field(default=None, repr=False)
+    """Secret for HMAC-SHA256 signatures on saved caches (and shared-store values): saves sign the header and every
+    shard, loads refuse unsigned or wrongly signed caches. ``None`` reads the ``HF_LAYERCACHE_INTEGRITY_KEY``
+    environment variable; unset there too, caches are unsigned and trusted like the weights beside them. Never
+    written to disk: ``to_dict`` leaves it out."""
+
     def __post_init__(self) -> None:
         self._check_registered("strategy", self.strategy, STRATEGIES)
         self._check_registered("backend", self.backend, BACKENDS)
@@ -204,6 +210,8 @@ class LayerCacheConfig:
             )
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
+        if self.integrity_key is not None and (not isinstance(self.integrity_key, str) or not self.integrity_key):
+            raise ValueError("integrity_key must be a non-empty string or None (then HF_LAYERCACHE_INTEGRITY_KEY).")
         if self.bank_device not in BANK_DEVICES:
             raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
         for name in STRATEGIES.names():  # each strategy validates the fields it declares, whichever is selected
@@ -266,7 +274,10 @@ class LayerCacheConfig:
 
     # --- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but the secret ``integrity_key``, which must never reach a file."""
+        data = dataclasses.asdict(self)
+        del data["integrity_key"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> LayerCacheConfig:

@@ -27,6 +27,7 @@ COMMON_FIELDS = (
     "storage_dtype",
     "namespace",
     "bank_device",
+    "integrity_key",
 )
 """The fields every strategy reads: which layers, the banks' limits and eviction, the tenant."""
 SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
