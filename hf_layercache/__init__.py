@@ -40,7 +40,7 @@ if not _partial:
     from .integration import disable, enable, install, uninstall
     from .layers import LayerSpec, register_layer_spec
     from .models import ModelSpec, register_prefix_heads
-    from .persistence import LayerCacheFileError, LayerCacheMismatchError
+    from .persistence import LayerCacheFileError, LayerCacheIntegrityError, LayerCacheMismatchError
 
     install()
 
@@ -49,6 +49,7 @@ __all__ = [
     "LayerCacheConfig",
     "LayerCacheController",
     "LayerCacheFileError",
+    "LayerCacheIntegrityError",
     "LayerCacheMismatchError",
     "LayerSpec",
     "ModelSpec",

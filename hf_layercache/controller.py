@@ -16,11 +16,13 @@ from transformers import PreTrainedModel
 from .bank import CacheBank, Lookup
 from .config import LayerCacheConfig
 from .hooks import ForwardHook, HookRegistry
+from .integrity import resolve_key
 from .layers import ArgumentBinder, select_layers
 from .persistence import (
     LayerCacheFileError,
     LayerCacheMismatchError,
     WarmCache,
+    check_signature,
     check_timing,
     identity_differences,
     model_identity,
@@ -291,7 +293,7 @@ class LayerCacheController:
             "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in banks.items()},
             "timing": self.stats_.timing(),
         }
-        write_cache(directory, header, tensors, max_shard_size)
+        write_cache(directory, header, tensors, max_shard_size, key=resolve_key(self.config.integrity_key))
 
     def load(self, directory: str | os.PathLike | WarmCache) -> None:
         """Replace every bank's content with the warm cache in ``directory`` (or one already opened with
@@ -299,6 +301,9 @@ class LayerCacheController:
         self.drop_stale_entries()  # the identity below must describe the weights as they are now
         warm = directory if isinstance(directory, WarmCache) else open_cache(directory)
         directory, header = warm.directory, warm.header
+        key = resolve_key(self.config.integrity_key)
+        if key is not None:
+            check_signature(directory, header, key)
         differences = identity_differences(header["model"], self.identity)
         if differences:
             raise LayerCacheMismatchError(
@@ -313,7 +318,7 @@ class LayerCacheController:
                 f"{self.config.strategy!r}."
             )
         grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in read_tensors(directory).items():
+        for name, tensor in read_tensors(warm).items():
             bank, sep, key = name.partition("/")
             if not sep or bank not in self.banks:
                 raise LayerCacheFileError(

@@ -16,7 +16,14 @@ Integrity and crash safety: the config records a blake2b digest of every shard (
 a damaged shard or a set of shards from different saves is refused rather than served. A save writes every new
 file under a temporary name first, then hard-links the current files into ``.layer_cache_previous/``, renames the
 new files into place (the config last) and only then drops the snapshot; a reader that finds the main set
-inconsistent falls back to the snapshot. An interrupted save at any point leaves the previous warm cache loadable.
+inconsistent falls back to the snapshot. An interrupted save at any point leaves the last complete save loadable;
+a save that finds an interrupted one's snapshot keeps it unless the main set is intact, so two (or more) interrupted
+saves in a row never replace the good snapshot with a damaged set.
+
+Authenticity: digests catch accidents, not an attacker, who can recompute them. With an integrity key
+(:mod:`hf_layercache.integrity`) the config carries an HMAC-SHA256 ``"signature"`` over everything else in it, shard
+digests included, so one signature covers the header and every shard; :func:`check_signature` refuses a cache that
+is unsigned or signed with another key.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError, safe_open
 
 from .config import CONFIG_NAME, parse_bytes
+from .integrity import sign, verify
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: reading headers (hf-layercache inspect) needs none
     import torch
@@ -54,6 +62,10 @@ class LayerCacheFileError(ValueError):
 
 class LayerCacheMismatchError(LayerCacheFileError):
     """A well-formed warm cache that was saved for other weights, another model or another strategy."""
+
+
+class LayerCacheIntegrityError(LayerCacheFileError):
+    """A warm cache that is not signed with the configured integrity key (unsigned, altered, or another key's)."""
 
 
 class LayerCacheVersionError(LayerCacheMismatchError):
@@ -172,8 +184,13 @@ def _cache_files(directory: Path) -> list[Path]:
 
 
 def _snapshot_previous(directory: Path) -> None:
-    """Hard-link the current cache files into ``.layer_cache_previous`` (no copy), replacing an older snapshot."""
+    """Hard-link the current cache files into ``.layer_cache_previous`` (no copy), replacing an older snapshot.
+
+    A snapshot left by an interrupted save is the last complete save whenever the main set is not intact (the
+    interrupted save was renaming files into place): it is then kept, not replaced by the damaged set."""
     if not (directory / CONFIG_NAME).is_file():
+        return
+    if (directory / PREVIOUS_DIR).is_dir() and not _is_intact(directory):
         return
     staging = Path(tempfile.mkdtemp(prefix=".layer_cache_previous.", dir=directory))
     for path in _cache_files(directory):
@@ -187,8 +204,10 @@ def write_cache(
     header: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     max_shard_size: int | str = "5GB",
+    key: bytes | None = None,
 ) -> list[Path]:
-    """Write a warm cache crash-safely (see the module docstring); return the files written."""
+    """Write a warm cache crash-safely (see the module docstring), signed with ``key`` when one is given; return the
+    files written."""
     from safetensors.torch import save_file  # imports torch
 
     directory = Path(directory)
@@ -215,7 +234,10 @@ def write_cache(
             pending.append(
                 (_temporary(directory / INDEX_NAME, lambda t: Path(t).write_text(text)), directory / INDEX_NAME)
             )
-        payload = json.dumps({"format_version": FORMAT_VERSION, "files": digests, **header}, indent=2)
+        header = {"format_version": FORMAT_VERSION, "files": digests, **header}
+        if key is not None:
+            header["signature"] = sign(key, _signed_bytes(header))
+        payload = json.dumps(header, indent=2)
         pending.append(
             (_temporary(directory / CONFIG_NAME, lambda t: Path(t).write_text(payload)), directory / CONFIG_NAME)
         )
@@ -273,18 +295,20 @@ def read_header(directory: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def shard_files(directory: Path) -> list[Path]:
-    """The shard files of the cache in ``directory``; symbolic links are refused (a link to a valid file elsewhere
-    would put files outside the set in it)."""
-    files = _listed_shards(directory)
+def shard_files(directory: Path, header: dict[str, Any]) -> list[Path]:
+    """The shard files of the cache in ``directory`` whose config is ``header``; symbolic links are refused (a link
+    to a valid file elsewhere would put files outside the set in it)."""
+    files = _listed_shards(directory, header)
     links = [path for path in files if path.is_symlink()]
     if links:
         raise LayerCacheFileError(f"{links[0]} is a symbolic link; a warm cache's files must be its own.")
     return files
 
 
-def _listed_shards(directory: Path) -> list[Path]:
+def _listed_shards(directory: Path, header: dict[str, Any]) -> list[Path]:
     single, index_path = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if header.get("files") == {WEIGHTS_NAME: header["files"].get(WEIGHTS_NAME)}:
+        return [single]  # a single-file save; an index beside it is a sharded save's, not yet removed
     if index_path.is_file():
         index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -316,7 +340,7 @@ def verify_files(directory: Path, header: dict[str, Any]) -> None:
     expected = header.get("files")
     if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
         raise LayerCacheFileError(f"{directory / CONFIG_NAME} has no 'files' object of shard name -> digest.")
-    found = {path.name for path in shard_files(directory)}
+    found = {path.name for path in shard_files(directory, header)}
     if found != set(expected):
         raise LayerCacheFileError(f"{directory} holds shards {sorted(found)} but its config lists {sorted(expected)}.")
     for name in sorted(found):
@@ -324,6 +348,36 @@ def verify_files(directory: Path, header: dict[str, Any]) -> None:
             raise LayerCacheFileError(
                 f"{directory / name} does not match the digest in {CONFIG_NAME}: it is damaged or from another save."
             )
+
+
+def _is_intact(directory: Path) -> bool:
+    try:
+        verify_files(directory, read_header(directory))
+    except LayerCacheFileError:
+        return False
+    return True
+
+
+def _signed_bytes(header: dict[str, Any]) -> bytes:
+    """The canonical bytes a header's signature covers: all of it but the signature, as sorted compact JSON."""
+    unsigned = {name: value for name, value in header.items() if name != "signature"}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def check_signature(directory: str | os.PathLike, header: dict[str, Any], key: bytes) -> None:
+    """Refuse (:class:`LayerCacheIntegrityError`) a header that is not signed with ``key``. Its shard digests were
+    checked against the files when the cache was opened, so a valid signature vouches for every shard too."""
+    path = Path(directory) / CONFIG_NAME
+    if "signature" not in header:
+        raise LayerCacheIntegrityError(
+            f"{path} is not signed, and an integrity key is set: refusing an unsigned cache. Save it again with the "
+            "key, or unset integrity_key (and HF_LAYERCACHE_INTEGRITY_KEY) to trust unsigned caches."
+        )
+    if not verify(key, header["signature"], _signed_bytes(header)):
+        raise LayerCacheIntegrityError(
+            f"{path} has a signature that does not match its content under the configured integrity key: it was "
+            "altered after it was saved, or signed with another key. Refusing to load it."
+        )
 
 
 @dataclass(frozen=True)
@@ -356,10 +410,10 @@ def open_cache(directory: str | os.PathLike) -> WarmCache:
         return WarmCache(previous, header)
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the warm cache in ``directory`` (already resolved), loaded on CPU."""
+def read_tensors(warm: WarmCache) -> dict[str, torch.Tensor]:
+    """Every tensor of an opened warm cache, loaded on CPU."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in shard_files(Path(directory)):
+    for path in shard_files(warm.directory, warm.header):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration

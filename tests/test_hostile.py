@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from tiny import tiny_batch, tiny_model
 
@@ -94,3 +95,65 @@ def test_a_config_nested_too_deeply_is_a_file_error_not_a_recursion_error(saved)
 def test_an_enormous_memory_budget_is_a_value_error_not_an_overflow():
     with pytest.raises(ValueError, match="max_memory"):
         LayerCacheConfig(max_memory="9" * 400 + "GB")
+
+
+# --- integrity_key: signed caches ------------------------------------------------------------------------------------
+SECRET = "correct horse battery staple"
+
+
+@pytest.fixture
+def signed(tmp_path):
+    """A warm exact cache of a tiny BERT, saved with an integrity key."""
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(integrity_key=SECRET))
+    batch = tiny_batch("bert")
+    reference = run(model, batch)
+    model.layer_cache.save(tmp_path)
+    return tmp_path, batch, reference
+
+
+def test_a_signed_cache_loads_with_its_key_and_the_secret_is_in_no_file(signed, monkeypatch):
+    directory, batch, reference = signed
+    assert all(SECRET.encode() not in path.read_bytes() for path in directory.iterdir())
+    warm = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(integrity_key=SECRET))
+    warm.layer_cache.load(directory)
+    assert torch.equal(run(warm, batch), reference)
+    assert warm.layer_cache.stats()["total"]["misses"] == 0
+    monkeypatch.setenv(hf_layercache.integrity.ENV_VAR, SECRET)  # the key from the environment
+    hf_layercache.enable(tiny_model("bert")).layer_cache.load(directory)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ("edit a tensor and recompute its digest", "does not match its content"),
+        ("load with another key", "does not match its content"),
+        ("strip the signature", "not signed"),
+    ],
+)
+def test_a_key_refuses_altered_unsigned_or_foreign_caches_and_keeps_the_banks(signed, tamper, message):
+    directory, batch, reference = signed
+    key = SECRET
+    if tamper.startswith("edit"):
+        rewrite(directory, lambda t: t["encoder.layer/entry.0.hidden"].fill_(0.5))
+    elif tamper.startswith("load"):
+        key = "another secret"
+    else:
+        path = directory / "layer_cache_config.json"
+        header = json.loads(path.read_text())
+        del header["signature"]
+        path.write_text(json.dumps(header))
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(integrity_key=key))
+    run(model, batch)
+    before = model.layer_cache.stats()["total"]["entries"]
+    with pytest.raises(hf_layercache.LayerCacheIntegrityError, match=message):
+        model.layer_cache.load(directory)
+    assert model.layer_cache.stats()["total"]["entries"] == before  # its own entries, untouched
+    assert torch.equal(run(model, batch), reference)
+
+
+def test_from_pretrained_refuses_an_unsigned_warm_cache_when_a_key_is_set(saved, monkeypatch):
+    directory, _ = saved
+    tiny_model("bert").save_pretrained(directory)  # the weights the cache was filled with: same seed
+    monkeypatch.setenv(hf_layercache.integrity.ENV_VAR, SECRET)
+    with pytest.raises(hf_layercache.LayerCacheIntegrityError, match="not signed"):
+        transformers.AutoModel.from_pretrained(directory)

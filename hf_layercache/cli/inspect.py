@@ -100,7 +100,7 @@ def describe_cache(directory: str | os.PathLike) -> dict[str, Any]:
         }
         for name, info in header.get("banks", {}).items()
     }
-    files = shard_files(directory)
+    files = shard_files(directory, header)
     for path in files:
         try:
             with safe_open(str(path), framework="numpy") as f:  # headers only; "pt" would import torch
