@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .backends.base import Backend
-from .bank_state import DIGEST_BYTES, BankState
+from .bank_state import DIGEST_BYTES, BankState, trim_state
 from .policies.base import Policy
 
 ENTRY_OVERHEAD_BYTES = 512
@@ -321,6 +321,11 @@ class CacheBank:
                 f"the policy state tracks {len(probe)} entries, not the bank's {len(parsed.entries)} "
                 f"(e.g. entry {missing[0] if missing else '?'} is not among them)."
             )
+
+    def trim_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Saved ``state`` cut to this bank's budget by its policy before any entry is read (see
+        :func:`~hf_layercache.bank_state.trim_state`)."""
+        return trim_state(state, self.policy, self.max_entries, self.max_bytes, self._key_dim())
 
     @_outside_inference_mode
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .policies.base import Policy
 
 DIGEST_BYTES = 32
 MAX_ID = 2**62
@@ -58,3 +64,86 @@ class BankState:
                 raise ValueError(f"unexpected tensor {name!r} (not an entry of a listed id).")
             parsed.entries[int(entry_id)][field_name] = tensor
         return parsed
+
+
+def trim_state(
+    state: Mapping[str, torch.Tensor], policy: Policy, max_entries: int | None, max_bytes: int | None, key_dim: int
+) -> Mapping[str, torch.Tensor]:
+    """``state`` cut down, by ``policy``'s eviction order, to the entries a bank of this budget keeps, reading none
+    of the dropped entries' tensors.
+
+    A warm cache may hold far more than this bank may keep (saved under a larger budget, or crafted: 200,000 tiny
+    entries). Loading it whole and evicting afterwards would allocate every entry first; here the sizes come from
+    the shard headers (``state.nbytes(name)`` when ``state`` is the lazy mapping of
+    :func:`~hf_layercache.persistence.read_tensors`) and only the survivors are read. The bank still evicts after
+    loading, by the sizes it really stores, so a trim that keeps too much never breaks the budget.
+    """
+    ids = state.get("ids")
+    if ids is None or ids.dtype != torch.long or ids.dim() != 1:
+        return state  # BankState.parse says what is wrong
+    n = ids.numel()
+    if n == 0 or ((max_entries is None or n <= max_entries) and max_bytes is None):
+        return state
+    probe = copy.deepcopy(policy)
+    probe.load_state_dict({name[7:]: state[name] for name in state if name.startswith("policy.")})
+    order = list(probe.eviction_order())
+    if sorted(order) != sorted(ids.tolist()):
+        raise ValueError(f"the policy state tracks {len(order)} entries, not the bank's {n}.")
+    sizes = _entry_sizes(state, key_dim)
+    keep: set[int] = set()
+    total = 0
+    for entry_id in reversed(order):  # the last to be evicted are kept
+        size = sizes.get(entry_id, 0)
+        full = max_entries is not None and len(keep) >= max_entries
+        if full or (max_bytes is not None and total + size > max_bytes):
+            break
+        keep.add(entry_id)
+        total += size
+    if len(keep) == n:
+        return state
+    for entry_id in order:
+        if entry_id not in keep:
+            probe.on_remove(entry_id)
+    return _select(state, ids, keep, probe.state_dict())
+
+
+def _entry_sizes(state: Mapping[str, torch.Tensor], key_dim: int) -> dict[int, int]:
+    """Each entry's bytes as the bank will count them, from tensor sizes alone (no data read)."""
+    from .bank import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES
+
+    nbytes = getattr(state, "nbytes", None) or (lambda name: state[name].numel() * state[name].element_size())
+    sizes: dict[int, int] = {}
+    for name in state:
+        section, _, rest = name.partition(".")
+        entry_id = rest.partition(".")[0]
+        if section == "entry" and entry_id.isdigit():
+            key = int(entry_id)
+            sizes[key] = sizes.get(key, ENTRY_OVERHEAD_BYTES + 4 * key_dim) + nbytes(name) + TENSOR_OVERHEAD_BYTES
+    return sizes
+
+
+def _select(
+    state: Mapping[str, torch.Tensor], ids: torch.Tensor, keep: set[int], policy: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The rows and tensors of ``state`` that belong to the ``keep`` entries, with ``policy`` as the policy state."""
+    rows = torch.tensor([row for row, entry_id in enumerate(ids.tolist()) if entry_id in keep], dtype=torch.long)
+    out: dict[str, torch.Tensor] = {}
+    for name in ("ids", "digests", "has_digest", "namespaces"):
+        tensor = state.get(name)
+        if tensor is not None:
+            out[name] = tensor[rows] if tensor.dim() and tensor.shape[0] == ids.numel() else tensor
+    out.update({f"policy.{name}": tensor for name, tensor in policy.items()})
+    backend_ids, backend_keys = state.get("backend.ids"), state.get("backend.keys")
+    if backend_ids is not None and backend_keys is not None and backend_ids.shape[:1] == backend_keys.shape[:1]:
+        live = torch.tensor([int(i) in keep for i in backend_ids.tolist()], dtype=torch.bool)
+        out["backend.ids"], out["backend.keys"] = backend_ids[live], backend_keys[live]
+    for name in state:
+        section, _, rest = name.partition(".")
+        entry_id = rest.partition(".")[0]
+        if section == "backend" and name not in out:
+            out[name] = state[name]
+        elif section not in ("ids", "digests", "has_digest", "namespaces", "policy", "backend") and not (
+            section == "entry" and entry_id.isdigit() and int(entry_id) not in keep
+        ):
+            out[name] = state[name]  # survivors' tensors, and anything unexpected for BankState.parse to refuse
+    return out

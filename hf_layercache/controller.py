@@ -7,7 +7,7 @@ import copy
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -317,25 +317,26 @@ class LayerCacheController:
                 f"The layer cache in {directory} holds strategy {saved_strategy!r} entries; this model uses "
                 f"{self.config.strategy!r}."
             )
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in read_tensors(warm).items():
-            bank, sep, key = name.partition("/")
-            if not sep or bank not in self.banks:
-                raise LayerCacheFileError(
-                    f"The layer cache in {directory} has tensor {name!r} for an unknown bank; this model's banks "
-                    f"are {sorted(self.banks)}."
-                )
-            grouped.setdefault(bank, {})[key] = tensor
+        grouped = read_tensors(warm).by_bank()
+        unknown = sorted(set(grouped) - set(self.banks))
+        if unknown:
+            raise LayerCacheFileError(
+                f"The layer cache in {directory} has tensors for unknown bank {unknown[0]!r}; this model's banks "
+                f"are {sorted(self.banks)}."
+            )
         timing = check_timing(header.get("timing", {}), directory)
         self.replace_banks(grouped, f"The layer cache in {directory}")
         self.stats_.seed_timing(timing)
 
-    def replace_banks(self, states: dict[str, dict[str, torch.Tensor]], source: str) -> None:
-        """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced."""
+    def replace_banks(self, states: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
+        """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced. Each is
+        first cut to its bank's budget, so the entries a bank would evict right away are never read."""
+        states = dict(states)
         for stage in ("check", "load"):
             for bank_name, state in states.items():
                 try:
                     if stage == "check":
+                        states[bank_name] = state = dict(self.banks[bank_name].trim_state(state))
                         self.strategy.check_state(bank_name, state)
                     else:
                         self.banks[bank_name].load_state_dict(state)

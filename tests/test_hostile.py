@@ -157,3 +157,29 @@ def test_from_pretrained_refuses_an_unsigned_warm_cache_when_a_key_is_set(saved,
     monkeypatch.setenv(hf_layercache.integrity.ENV_VAR, SECRET)
     with pytest.raises(hf_layercache.LayerCacheIntegrityError, match="not signed"):
         transformers.AutoModel.from_pretrained(directory)
+
+
+def test_a_cache_far_larger_than_the_budget_loads_only_the_entries_the_policy_keeps(tmp_path, monkeypatch):
+    """Memory amplification (#16 item 4): 1,000 saved entries into max_entries=10 read only the 10 kept entries'
+    tensors (the most recently used, for LRU), and the bookkeeping of the other 990 never reaches the bank."""
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(max_entries=2000))
+    many, recent = tiny_batch("bert", batch=1000, seed=3), tiny_batch("bert", batch=10, seed=4)
+    run(model, many)
+    expected = run(model, recent)  # the 10 most recently used
+    model.layer_cache.save(tmp_path)
+    reads = []
+    real_read = hf_layercache.persistence.ShardTensors.__getitem__
+    monkeypatch.setattr(
+        hf_layercache.persistence.ShardTensors,
+        "__getitem__",
+        lambda self, name: reads.append(name) or real_read(self, name),
+    )
+    small = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(max_entries=10))
+    small.layer_cache.load(tmp_path)
+    entry_reads = {name.split(".")[2] for name in reads if name.startswith("encoder.layer/entry.")}
+    assert len(entry_reads) == 10  # of 1,000 entries, only the kept ones were read
+    assert small.layer_cache.banks["encoder.layer"].namespace_counts() == {
+        hf_layercache.request.namespace_tag("default"): 10
+    }
+    assert torch.equal(run(small, recent), expected)
+    assert small.layer_cache.stats()["total"]["misses"] == 0
