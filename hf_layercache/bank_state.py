@@ -75,7 +75,7 @@ def trim_state(
     A warm cache may hold far more than this bank may keep (saved under a larger budget, or crafted: 200,000 tiny
     entries). Loading it whole and evicting afterwards would allocate every entry first; here the sizes come from
     the shard headers (``state.nbytes(name)`` when ``state`` is the lazy mapping of
-    :func:`~hf_layercache.persistence.read_tensors`) and only the survivors are read. The bank still evicts after
+    :func:`~hf_layercache.shards.read_tensors`) and only the survivors are read. The bank still evicts after
     loading, by the sizes it really stores, so a trim that keeps too much never breaks the budget.
     """
     ids = state.get("ids")

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from .bank import CacheBank, Lookup
 from .config import LayerCacheConfig
 from .hooks import ForwardHook, HookRegistry
+from .identity import identity_differences, model_identity
 from .integrity import resolve_key
 from .layers import ArgumentBinder, select_layers
 from .persistence import (
@@ -24,14 +25,12 @@ from .persistence import (
     WarmCache,
     check_signature,
     check_timing,
-    identity_differences,
-    model_identity,
     open_cache,
-    read_tensors,
     write_cache,
 )
 from .registry import get_backend, get_policy, get_strategy
 from .request import RequestScope, current_scope, namespace_tag, open_scope
+from .shards import read_tensors
 from .stats import CacheStats, format_report
 from .weights import WeightsWatch
 

@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from safetensors import SafetensorError, safe_open
 
 from .config import CONFIG_NAME, parse_bytes
 from .integrity import sign, verify
@@ -55,7 +51,6 @@ INDEX_NAME = "layer_cache.safetensors.index.json"
 PREVIOUS_DIR = ".layer_cache_previous"
 SHARD_PATTERN = re.compile(r"layer_cache-(\d{5})-of-(\d{5})\.safetensors")
 _MAX_JSON_BYTES = 64 * 2**20
-_SAMPLES_PER_TENSOR = 4096
 
 
 class LayerCacheFileError(ValueError):
@@ -79,50 +74,6 @@ class LayerCacheVersionError(LayerCacheMismatchError):
         """The config it was saved with, to start a cache of the same kind cold."""
 
 
-# --- model identity -------------------------------------------------------------------------------------------------
-def _named_weights(model: torch.nn.Module):
-    """Parameters and buffers with their real values, also those accelerate offloaded to CPU or disk (meta)."""
-    for module_name, module in model.named_modules():
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for name, tensor in tensors:
-            if tensor.device.type == "meta" and weights_map is not None and name in weights_map:
-                tensor = weights_map[name]
-            yield f"{module_name}.{name}" if module_name else name, tensor
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """A blake2b over every weight's name, shape, dtype and an evenly strided sample of its values.
-
-    Sampling keeps this to milliseconds for large models while any fine-tune, merge or re-quantisation (which
-    changes most elements of the tensors it touches) changes the hash. Offloaded weights are read where they live.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(_named_weights(model), key=lambda item: item[0]):
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if tensor.device.type == "meta" or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR].float().cpu()
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
-    from .models import model_spec  # imports torch
-
-    config = getattr(model, "config", None)
-    dtype = getattr(model, "dtype", None)
-    return {
-        "class": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "num_layers": num_layers,
-        "hidden_size": model_spec(model).hidden_size,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "weights_hash": weights_hash(model),
-    }
-
-
 def check_timing(timing: Any, directory: str | os.PathLike) -> dict[str, dict[str, float]]:
     """The header's ``timing`` (per layer, ``{"rows": int, "seconds": float}`` computed by the process that filled the
     cache), refused unless it is exactly that: it feeds ``stats()["seconds_saved"]``."""
@@ -144,14 +95,6 @@ def check_timing(timing: Any, directory: str | os.PathLike) -> dict[str, dict[st
             "finite float >= 0}."
         )
     return timing
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences that make a saved cache unusable for the current model."""
-    keys = ("model_type", "num_layers", "hidden_size", "dtype", "weights_hash")
-    return [
-        f"{k}: cache has {saved.get(k)!r}, model has {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
-    ]
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
@@ -410,80 +353,3 @@ def open_cache(directory: str | os.PathLike) -> WarmCache:
             f"The layer cache in {directory} is damaged or half-saved; loading the previous save.", stacklevel=3
         )
         return WarmCache(previous, header)
-
-
-class ShardTensors(Mapping[str, "torch.Tensor"]):
-    """The tensors of an opened warm cache, each read from its shard when first asked for.
-
-    Names, shapes and dtypes come from the shard headers, so a bank trimmed to its budget on load
-    (:func:`~hf_layercache.bank_state.trim_state`) never reads, or allocates, the entries it drops."""
-
-    def __init__(self, warm: WarmCache):
-        self._where: dict[str, Any] = {}
-        for path in shard_files(warm.directory, warm.header):
-            try:
-                shard = safe_open(str(path), framework="pt", device="cpu")
-                names = list(shard.keys())
-            except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-                raise LayerCacheFileError(f"Cannot read layer cache shard {path}: {err}") from None
-            twice = [name for name in names if name in self._where]
-            if twice:
-                raise LayerCacheFileError(f"{path} repeats tensor {twice[0]!r} of another shard of the same cache.")
-            self._where.update(dict.fromkeys(names, (path, shard)))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        path, shard = self._where[name]
-        try:
-            return shard.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-            raise LayerCacheFileError(f"Cannot read tensor {name!r} of layer cache shard {path}: {err}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def nbytes(self, name: str) -> int:
-        """Bytes of tensor ``name``'s data, from its shard's header alone."""
-        tensor = self._where[name][1].get_slice(name)
-        return math.prod(tensor.get_shape()) * _DTYPE_BYTES.get(tensor.get_dtype(), 8)
-
-    def by_bank(self) -> dict[str, BankTensors]:
-        """The tensors grouped by bank (the part of each name before ``/``); a name without one raises."""
-        names: dict[str, list[str]] = {}
-        for name in self._where:
-            bank, sep, _ = name.partition("/")
-            if not sep:
-                raise LayerCacheFileError(f"Tensor {name!r} of a layer cache names no bank ('<bank>/<tensor>').")
-            names.setdefault(bank, []).append(name)
-        return {bank: BankTensors(self, bank, listed) for bank, listed in names.items()}
-
-
-class BankTensors(Mapping[str, "torch.Tensor"]):
-    """One bank's tensors of a :class:`ShardTensors`, named as the bank's ``state_dict`` names them."""
-
-    def __init__(self, tensors: ShardTensors, bank: str, names: list[str]):
-        self._tensors, self._prefix = tensors, f"{bank}/"
-        self._names = [name[len(self._prefix) :] for name in names]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._tensors[self._prefix + name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def nbytes(self, name: str) -> int:
-        return self._tensors.nbytes(self._prefix + name)
-
-
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2}
-_DTYPE_BYTES.update({"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8})
-
-
-def read_tensors(warm: WarmCache) -> ShardTensors:
-    """Every tensor of an opened warm cache, loaded on CPU when first read."""
-    return ShardTensors(warm)

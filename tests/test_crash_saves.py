@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hf_layercache import persistence
-from hf_layercache.persistence import CONFIG_NAME, open_cache, read_tensors, write_cache
+from hf_layercache.persistence import CONFIG_NAME, open_cache, write_cache
+from hf_layercache.shards import read_tensors
 
 CALLS = ("replace", "link", "unlink", "rmdir", "mkdir")
 

@@ -168,9 +168,9 @@ def test_a_cache_far_larger_than_the_budget_loads_only_the_entries_the_policy_ke
     expected = run(model, recent)  # the 10 most recently used
     model.layer_cache.save(tmp_path)
     reads = []
-    real_read = hf_layercache.persistence.ShardTensors.__getitem__
+    real_read = hf_layercache.shards.ShardTensors.__getitem__
     monkeypatch.setattr(
-        hf_layercache.persistence.ShardTensors,
+        hf_layercache.shards.ShardTensors,
         "__getitem__",
         lambda self, name: reads.append(name) or real_read(self, name),
     )
