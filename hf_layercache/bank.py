@@ -106,13 +106,16 @@ class CacheBank:
             raise RuntimeError(f"Bank {self.name!r} has no similarity backend.")
         with self._lock:
             if namespace is None:
-                return self.backend.search(keys, k)
+                found = self.backend.search(keys, k)
+                self._fit()  # a background rebuild swapped in by the search may have grown the index
+                return found
             wanted = min(k, self._tenants.get(namespace, 0))
             width = k
             while True:
                 scores, ids = self.backend.search(keys, min(width, len(self._entries)) or 1)
                 kept = [self._of_namespace(s, i, namespace, k) for s, i in zip(scores, ids, strict=True)]
                 if all(int((row[1] >= 0).sum()) >= wanted for row in kept) or width >= len(self._entries):
+                    self._fit()
                     return torch.stack([row[0] for row in kept]), torch.stack([row[1] for row in kept])
                 width *= 4
 
@@ -194,10 +197,11 @@ class CacheBank:
             self._value_bytes += nbytes
             if digest is not None:
                 self._by_digest[digest] = entry_id
+            self.policy.on_insert(entry_id, nbytes, cost)
             if key is not None and self.backend is not None:
                 self.backend.add(torch.tensor([entry_id]), key.reshape(1, -1))
-            self.policy.on_insert(entry_id, nbytes, cost)
-            return entry_id
+                self._fit()
+            return entry_id if entry_id in self._entries else None
 
     def remove(self, entry_id: int) -> None:
         with self._lock:
@@ -223,16 +227,29 @@ class CacheBank:
             self.policy.on_remove(entry_id)
 
     def _make_room(self, nbytes: int, incoming: int = 1) -> None:
-        """Evict until ``incoming`` more entries of ``nbytes`` fit the budget (``0, 0``: until the bank fits it)."""
-        while self._entries and (
-            (self.max_entries is not None and len(self._entries) + incoming > self.max_entries)
-            or (self.max_bytes is not None and self.nbytes + nbytes > self.max_bytes)
-        ):
-            needed = 0 if self.max_bytes is None else self.nbytes + nbytes - self.max_bytes
+        """Evict until ``incoming`` more entries of ``nbytes`` fit the budget (``0, 0``: until the bank fits it).
+
+        An index may hold bytes for removed keys (tombstones, an unbuilt buffer, spare slots) until it rebuilds, and
+        evicting live entries does not free those; so the backend first compacts, once, then eviction frees what is
+        still needed plus a sixteenth of the budget, so the next inserts fit without another round."""
+        if self._over(nbytes, incoming) and self.backend is not None and self.max_bytes is not None:
+            self.backend.compact()
+        while self._entries and self._over(nbytes, incoming):
+            needed = 0 if self.max_bytes is None else self.nbytes + nbytes - self.max_bytes + self.max_bytes // 16
             victims = [v for v in self.policy.victims(needed) if v in self._entries]
             if not victims:
                 raise RuntimeError(f"Policy {type(self.policy).__name__} named no existing entry to evict.")
             self._remove(victims)
+
+    def _over(self, nbytes: int, incoming: int) -> bool:
+        return (self.max_entries is not None and len(self._entries) + incoming > self.max_entries) or (
+            self.max_bytes is not None and self.nbytes + nbytes > self.max_bytes
+        )
+
+    def _fit(self) -> None:
+        """Back within the byte budget after the backend grew on its own (slots added, an index built or swapped)."""
+        if self.max_bytes is not None and self.nbytes > self.max_bytes:
+            self._make_room(0, incoming=0)
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()

@@ -85,6 +85,11 @@ class KeyStore:
         self.live_bits = np.packbits(live.cpu().numpy(), bitorder="little")
         self._slot_of = dict(zip(self.ids[live].tolist(), live.nonzero().squeeze(1).tolist(), strict=True))
 
+    def shrink(self) -> None:
+        """Drop the spare capacity past slot ``n`` (slots keep their numbers)."""
+        self.keys, self.ids = self.keys[: self.n].clone(), self.ids[: self.n].clone()
+        self.live_bits = self.live_bits[: self.n // 8 + 1].copy()
+
     def search(self, queries: torch.Tensor, k: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-``k`` over slots ``[start, n)`` for normalised ``queries``, padded with -inf / -1."""
         scores, ids = empty_result(queries.shape[0], k, self.device)
@@ -106,7 +111,7 @@ class KeyStore:
     def _reserve(self, n: int) -> None:
         if n <= len(self.ids):
             return
-        capacity = max(n, 2 * len(self.ids), 64)
+        capacity = max(n, len(self.ids) + len(self.ids) // 4, 64)  # 1.25x: a bounded jump against the budget
         keys = torch.empty(capacity, self.dim, device=self.device)
         ids = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         keys[: self.n], ids[: self.n] = self.keys[: self.n], self.ids[: self.n]
@@ -308,6 +313,18 @@ class IndexedBackend(Backend):
             return False
         self._start_rebuild()
         return True
+
+    def compact(self) -> None:
+        """Drop removed keys now, inline: renumber the slots while everything is in the exact buffer, else rebuild
+        the index from the live keys; then drop spare capacity."""
+        self.wait()
+        if self._store.n_dead:
+            live = self._store.live_slots()
+            if self._index is None:  # no index refers to slot numbers yet
+                self._store.keep(live)
+            else:
+                self._swap(self._build(self._store.keys[live].numpy()), live, self._store.n)
+        self._store.shrink()
 
     def _maybe_rebuild(self) -> None:
         if self._pending is None and self._store.n_dead + self._store.n - self._indexed > self._rebuild_after():

@@ -98,6 +98,9 @@ class AutoBackend(Backend):
     def nbytes(self) -> int:
         return self._inner.nbytes
 
+    def compact(self) -> None:
+        self._inner.compact()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._inner.state_dict()
 

@@ -48,6 +48,12 @@ class Backend(ABC):
         """Bytes held by the index (keys and structure), counted against the memory budget."""
         return 0
 
+    def compact(self) -> None:  # noqa: B027 - optional: an index without reclaimable space has nothing to do
+        """Release now, synchronously, what removed keys and spare capacity still hold (tombstones, buffers, slots).
+
+        A bank over its memory budget calls this before evicting more: an index that keeps removed keys until a
+        later rebuild would otherwise make every eviction free too little, and the bank would empty itself."""
+
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that rebuild the index with :meth:`load_state_dict` (tensors only, no Python objects)."""

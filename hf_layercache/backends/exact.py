@@ -16,8 +16,8 @@ class ExactBackend(Backend):
     The right choice while a bank is small: no build step, exact answers, and on a GPU a few thousand keys cost
     less than a kernel launch of the layer they stand in for. Its cost grows linearly with the number of keys (see
     docs/benchmarks.md), which is why ``"auto"`` moves to an approximate index past a measured size.
-    Keys are stored L2-normalised in float32 in slots that grow geometrically, so an insert does not copy the bank;
-    removed slots are masked until they outnumber a quarter of the live keys, then compacted away.
+    Keys are stored L2-normalised in float32 in slots that grow geometrically (1.25x), so an insert does not copy the
+    bank; removed slots are masked until they outnumber a quarter of the live keys, then compacted away.
     """
 
     def __init__(self, dim: int, metric: str = "cosine", device: torch.device | str = "cpu"):
@@ -51,6 +51,9 @@ class ExactBackend(Backend):
         ids, keys = checked_state(self, state)
         self._store = KeyStore(self.dim, self.device)
         self.add(ids, keys)
+
+    def compact(self) -> None:
+        self._store.keep(self._store.live_slots())
 
     def _compact_if_sparse(self) -> None:
         if 4 * self._store.n_dead > len(self._store):
