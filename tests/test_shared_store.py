@@ -401,3 +401,21 @@ def test_keys_name_model_strategy_bank_tenant_and_digest_values_are_safetensors_
     value = client.get(key)
     assert value.startswith(MAGIC + b"U")
     assert set(load(value[len(MAGIC) + 1 :])) == {"hidden", "layout", "kv_recorded"}
+
+
+def test_one_round_trip_per_batch_and_none_when_the_local_bank_has_everything(server):
+    client = server.client()
+    bert = hf_layercache.enable(tiny_model("bert"), _config(server))
+    llama = hf_layercache.enable(tiny_model("llama"), _config(server, "prefix", block_size=4))
+    rows = tiny_batch("bert", batch=4, length=9)
+    prompts = {"input_ids": torch.randint(3, 99, (3, 21))}
+    client.config_resetstat()
+    _run(bert, rows)
+    _run(llama, prompts)
+    assert client.info("commandstats")["cmdstat_mget"]["calls"] == 2  # 4 rows, then 3 rows of 6 blocks each
+    bert.layer_cache.shared.flush(10)
+    llama.layer_cache.shared.flush(10)
+    client.config_resetstat()
+    _run(bert, tiny_batch("bert", batch=4, length=9, seed=1))  # the same rows, another batch object
+    _run(llama, prompts)
+    assert "cmdstat_mget" not in client.info("commandstats")  # every entry was local: Redis is not asked

@@ -89,7 +89,7 @@ class SharedTier:
             try:
                 values, cost = decode(data, key, self._secret)
                 self._check(bank, digest, values, check)
-            except ValueError as err:
+            except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:  # whatever is wrong: a miss
                 refused += 1
                 self.client.warn_refused(key, str(err))
                 self.client.submit((key, None))
