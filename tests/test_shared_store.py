@@ -50,6 +50,8 @@ class RedisServer:
             try:
                 client.ping()
                 return
+            except redis.AuthenticationError:
+                return  # up, with a password
             except redis.ConnectionError:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
@@ -419,3 +421,28 @@ def test_one_round_trip_per_batch_and_none_when_the_local_bank_has_everything(se
     _run(bert, tiny_batch("bert", batch=4, length=9, seed=1))  # the same rows, another batch object
     _run(llama, prompts)
     assert "cmdstat_mget" not in client.info("commandstats")  # every entry was local: Redis is not asked
+
+
+def test_the_password_comes_from_the_environment_variable_password_env_names(monkeypatch):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer("--requirepass", "s3cret")
+    server.start()
+    try:
+        batch = tiny_batch("bert", batch=1)
+        monkeypatch.setenv("TEST_REDIS_PASSWORD", "s3cret")
+        kwargs = {"password_env": "TEST_REDIS_PASSWORD"}
+        a = hf_layercache.enable(tiny_model("bert"), _config(server, shared_store_kwargs=kwargs))
+        _run(a, batch)
+        a.layer_cache.shared.flush(10)
+        b = hf_layercache.enable(tiny_model("bert"), _config(server, shared_store_kwargs=kwargs))
+        _run(b, batch)
+        assert b.layer_cache.stats()["shared"]["shared_hits"] == 1
+        monkeypatch.setenv("TEST_REDIS_PASSWORD", "wrong")
+        c = hf_layercache.enable(tiny_model("bert"), _config(server, shared_store_kwargs=kwargs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(_run(c, batch), _uncached(c, batch))
+        assert c.layer_cache.stats()["shared"]["shared_errors"] >= 1  # refused by Redis: computed, counted
+    finally:
+        server.stop()

@@ -82,9 +82,14 @@ def _check_url(url: Any) -> None:
         raise ValueError(f"shared_store must be a URL string such as 'redis://localhost:6379/0', got {url!r}.")
     try:
         parts = urlsplit(url)
-        port = parts.port  # a non-numeric port raises here
+        parts.port  # noqa: B018 - a non-numeric port raises here
     except ValueError as err:
-        raise ValueError(f"shared_store={url!r} is not a valid URL: {err}.") from None
+        raise ValueError(f"shared_store is not a valid URL: {err}.") from None
+    if parts.password is not None or "password=" in parts.query:  # checked first: the messages below show the URL
+        raise ValueError(
+            "shared_store must not contain a password (the URL is saved with the config); put it in an environment "
+            "variable and name that in shared_store_kwargs={'password_env': 'REDIS_PASSWORD'}."
+        )
     if parts.scheme not in SCHEMES:
         raise ValueError(
             f"shared_store={url!r} has scheme {parts.scheme!r}; use one of {', '.join(s + '://' for s in SCHEMES)} "
@@ -94,9 +99,3 @@ def _check_url(url: Any) -> None:
         raise ValueError(f"shared_store={url!r} names no socket path; write 'unix:///path/to/redis.sock'.")
     if parts.scheme != "unix" and not parts.hostname:
         raise ValueError(f"shared_store={url!r} names no host; write e.g. 'redis://localhost:6379/0'.")
-    if parts.password is not None or "password=" in parts.query:
-        raise ValueError(
-            "shared_store must not contain a password (the URL is saved with the config); put it in an environment "
-            "variable and name that in shared_store_kwargs={'password_env': 'REDIS_PASSWORD'}."
-        )
-    del port
