@@ -109,7 +109,10 @@ def _uncached(model, batch: dict) -> torch.Tensor:
         ({"shared_store": "redis://h:1/0", "shared_store_kwargs": {"socket_timeout": -1}}, r"positive number"),
         ({"shared_store": "redis://h:1/0", "shared_store_kwargs": {"queue_size": 0}}, r"queue_size"),
         ({"shared_store_kwargs": {"ttl": 5}}, r"shared_store is None"),
-        ({"shared_store": "redis://h:1/0", "strategy": "semantic"}, r"supported by strategies \['exact', 'prefix'\]"),
+        (
+            {"shared_store": "redis://h:1/0", "strategy": "semantic"},
+            r"supported by strategies \[.*'exact'.*'prefix'.*\], not 'semantic'",
+        ),
         ({"shared_store": "redis://h:1/0", "strategy": "attention"}, r"similarity index that lives in the process"),
     ],
 )
@@ -150,7 +153,8 @@ def _replica(jobs: list[dict], tmp_path: Path) -> tuple[dict[str, torch.Tensor],
     out = tmp_path / "replica.safetensors"
     subprocess.run([sys.executable, str(HERE / "shared_replica.py"), str(tmp_path / "jobs.json"), str(out)], check=True)
     with safe_open(out, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict, json.loads(f.metadata()["report"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        return tensors, json.loads(f.metadata()["report"])
 
 
 def test_a_cold_process_serves_what_another_computed_exact_bit_identical_prefix_within_1e4(server, tmp_path):
@@ -373,20 +377,19 @@ def test_a_slow_redis_costs_a_time_out_once_per_retry_interval(server):
     kwargs = {"socket_timeout": 0.3, "retry_interval": 60}
     a = hf_layercache.enable(tiny_model("bert"), _config(server, shared_store_kwargs=kwargs))
     _run(a, batch)  # connects
+    a.layer_cache.shared.flush(10)
     server.process.send_signal(19)  # SIGSTOP: the server hangs, connections stay open
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            started = time.perf_counter()
             for seed in range(2, 12):
                 other = tiny_batch("bert", batch=1, seed=seed)
                 assert torch.equal(_run(a, other), _uncached(a, other))
-            elapsed = time.perf_counter() - started
     finally:
         server.process.send_signal(18)  # SIGCONT
     shared = a.layer_cache.stats()["shared"]
-    assert shared["shared_errors"] >= 1 and shared["shared_skipped"] >= 9
-    assert elapsed < 0.3 * 3 + 5  # one time-out (maybe one in the writer too), not ten
+    # one time-out on the request path (and perhaps one in the writer), then Redis is left alone: nine lookups skipped
+    assert 1 <= shared["shared_errors"] <= 2 and shared["shared_skipped"] >= 9
 
 
 def test_keys_name_model_strategy_bank_tenant_and_digest_values_are_safetensors_with_the_ttl(server):
