@@ -92,8 +92,9 @@ class ExactStrategy(StackStrategy):
         with_kv = cache is not None and arguments.get("use_cache", True) is not False
         digests = [hashlib.blake2b(key.digest + layer.stack.encode(), digest_size=32).digest() for key in keys]
         if self.controller.shared is not None:  # local misses may be in the replicas' Redis: one round trip
-            check = lambda _, values: self.check_entry(layer.stack, values)  # noqa: E731
-            self.controller.shared.fill(bank, digests, namespace, check)
+            self.controller.shared.fill(
+                bank, digests, namespace, lambda _digest, values: self.check_entry(layer.stack, values)
+            )
         found: dict[int, tuple[int, ExactEntry]] = {}
         for row, digest in enumerate(digests):
             entry_id = bank.find(digest)
