@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .registry import BACKENDS, FINGERPRINTS, POLICIES, STRATEGIES
+from .shared.settings import parse_settings
 
 CONFIG_NAME = "layer_cache_config.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -180,6 +181,20 @@ class LayerCacheConfig:
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
     with a KV cache always need equal lengths."""
 
+    # --- the shared tier of the exact and prefix strategies (declared in their config_fields; docs/shared.md) ---
+    shared_store: str | None = None
+    """A Redis that replicas share their ``exact`` and ``prefix`` entries through, as a URL:
+    ``redis://host:port/db``, ``rediss://`` for TLS, ``unix:///path/to/redis.sock``. The local bank stays the first
+    tier; a local miss asks Redis (one round trip per batch), computed entries are written to it in the background,
+    and any Redis trouble means computing as uncached. No password in the URL (it is saved with the config): see
+    ``password_env``. Needs ``pip install 'hf-layercache[redis]'``. ``None``: entries stay in this process."""
+
+    shared_store_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options of the shared store: ``socket_timeout`` and ``connect_timeout`` (seconds, default 0.25),
+    ``retry_interval`` (seconds Redis is left alone after an error, default 5), ``ttl`` (seconds, default ``None``:
+    Redis's ``maxmemory-policy`` evicts), ``password_env`` (the environment variable holding the password),
+    ``key_prefix`` (default ``"hf_layercache"``), ``queue_size`` (entries waiting to be written, default 256)."""
+
     integrity_key: str | None = field(default=None, repr=False)
     """Secret for HMAC-SHA256 signatures on saved caches (and shared-store values): saves sign the header and every
     shard, loads refuse unsigned or wrongly signed caches. ``None`` reads the ``HF_LAYERCACHE_INTEGRITY_KEY``
@@ -212,10 +227,24 @@ class LayerCacheConfig:
             raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
         if self.integrity_key is not None and (not isinstance(self.integrity_key, str) or not self.integrity_key):
             raise ValueError("integrity_key must be a non-empty string or None (then HF_LAYERCACHE_INTEGRITY_KEY).")
+        self._check_shared_store()
         if self.bank_device not in BANK_DEVICES:
             raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
         for name in STRATEGIES.names():  # each strategy validates the fields it declares, whichever is selected
             STRATEGIES.get(name).check_config(self)
+
+    def _check_shared_store(self) -> None:
+        if self.shared_store is None:
+            if self.shared_store_kwargs:
+                raise ValueError("shared_store_kwargs are given but shared_store is None; set shared_store to a URL.")
+            return
+        parse_settings(self.shared_store, self.shared_store_kwargs)  # the URL and options, without importing redis
+        sharing = [name for name in STRATEGIES.names() if "shared_store" in STRATEGIES.get(name).config_fields]
+        if self.strategy not in sharing:
+            raise ValueError(
+                f"shared_store is supported by strategies {sharing}, not {self.strategy!r}: its lookups search a "
+                "similarity index that lives in the process (docs/shared.md). Set shared_store=None."
+            )
 
     @staticmethod
     def _check_registered(field_name: str, value: Any, registry) -> None:

@@ -82,6 +82,13 @@ class LayerCacheController:
         self.owners = self._stack_owners()
         self.weights = WeightsWatch(self.owners)
         self._warned_autograd = False
+        self.shared = None
+        """The shared tier (:class:`~hf_layercache.shared.tier.SharedTier`) when ``shared_store`` is set: its
+        ``flush()`` waits for the background writes, ``close()`` ends them."""
+        if config.shared_store is not None:
+            from .shared.tier import SharedTier  # imports the redis client, only when asked for
+
+            self.shared = SharedTier(self)
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -253,7 +260,8 @@ class LayerCacheController:
 
     def stats(self) -> dict[str, Any]:
         """Per-layer lookups, hits, misses, bypassed rows and estimated seconds saved; per-bank entries and bytes;
-        entries per namespace (tenants this process has not served show as ``#<tag>``, e.g. from a warm cache)."""
+        entries per namespace (tenants this process has not served show as ``#<tag>``, e.g. from a warm cache);
+        ``"shared"``: the shared tier's counters (``shared_hits``, ``shared_errors``, ...; empty without one)."""
         report = self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
         names = {namespace_tag(name): name for name in self.tenants}
         namespaces: dict[str, dict[str, int]] = {}
@@ -262,6 +270,7 @@ class LayerCacheController:
                 entry = namespaces.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})
                 entry["entries"] += count
         report["namespaces"] = namespaces
+        report["shared"] = self.shared.report() if self.shared is not None else {}
         return report
 
     def format_stats(self) -> str:
@@ -274,6 +283,8 @@ class LayerCacheController:
         self.strategy.banks_replaced()
         self.strategy.reset_counters()
         self.stats_.reset()
+        if self.shared is not None:
+            self.shared.reset_counters()  # Redis's entries are other replicas' too: clear() never deletes them
 
     # --- persistence ----------------------------------------------------------------------------------------------
     @property

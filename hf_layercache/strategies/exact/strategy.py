@@ -28,6 +28,8 @@ class ExactStrategy(StackStrategy):
 
     intermediate_states_exact = False
 
+    config_fields = ("shared_store", "shared_store_kwargs")  # checked by the config itself (docs/shared.md)
+
     def attach(self) -> None:
         self.stacks: dict[str, list[CachedLayer]] = {}
         for layer in self.layers:
@@ -89,6 +91,10 @@ class ExactStrategy(StackStrategy):
         namespace = namespace_tag(scope.namespace)
         with_kv = cache is not None and arguments.get("use_cache", True) is not False
         digests = [hashlib.blake2b(key.digest + layer.stack.encode(), digest_size=32).digest() for key in keys]
+        if self.controller.shared is not None:  # local misses may be in the replicas' Redis: one round trip
+            self.controller.shared.fill(
+                bank, digests, namespace, lambda _digest, values: self.check_entry(layer.stack, values)
+            )
         found: dict[int, tuple[int, ExactEntry]] = {}
         for row, digest in enumerate(digests):
             entry_id = bank.find(digest)
@@ -135,4 +141,8 @@ class ExactStrategy(StackStrategy):
                 for position, writes in run.writes.items()
             }
             entry = ExactEntry(output[out_row], key.layout, run.with_kv, writes)
-            bank.put(entry.to_tensors(), digest=run.digests[row], cost=run.seconds_per_row, namespace=run.namespace)
+            entry_id = bank.put(
+                entry.to_tensors(), digest=run.digests[row], cost=run.seconds_per_row, namespace=run.namespace
+            )
+            if self.controller.shared is not None:  # written to the replicas' Redis in the background
+                self.controller.shared.write(bank, entry_id, run.digests[row], run.namespace, run.seconds_per_row)

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicLayer
 from ...bank import CacheBank
 from ...kv import CACHE_ARGUMENTS, find_cache
 from ...request import RequestScope, namespace_tag
+from ...shared.blocks import fetch_blocks
 from .block import BlockShape, PrefixBlock
 from .chain import chain_digests, chain_root, chain_step, common_prefix
 from .siblings import SiblingIndex
@@ -109,6 +110,8 @@ class RowLookup:
         root = chain_root(scope.namespace, self.block_size)
         namespace = namespace_tag(scope.namespace)
         rows = [self._row(ids[r], mask[r], positions[r] if positions is not None else None) for r in range(batch)]
+        if self.controller.shared is not None:  # blocks the replicas computed, in one round trip (docs/shared.md)
+            fetch_blocks(self, rows, root, namespace)
         for row in rows:
             if row.tokens is not None:
                 self._lookup(row, root, namespace)

@@ -33,7 +33,7 @@ class PrefixStrategy(RowLookup, Strategy):
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
 
-    config_fields = ("block_size",)
+    config_fields = ("block_size", "shared_store", "shared_store_kwargs")  # the shared ones: docs/shared.md
 
     @classmethod
     def check_config(cls, config: LayerCacheConfig) -> None:
@@ -216,6 +216,8 @@ class PrefixStrategy(RowLookup, Strategy):
             )
             cost = seconds_per_token * block.size
             entry_id = self.bank.put(entry.to_tensors(), digest=block.digest, cost=cost, namespace=namespace)
+            if self.controller.shared is not None:  # written to the replicas' Redis in the background
+                self.controller.shared.write(self.bank, entry_id, block.digest, namespace, cost)
             if entry_id is not None:
                 self.siblings.add(block.parent, entry_id, tokens)
         self.siblings.sweep_if_large(self.bank.__contains__, len(self.bank))
