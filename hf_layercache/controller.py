@@ -54,8 +54,7 @@ class RequestHook(ForwardHook):
             self.binder = ArgumentBinder(self.original)
         arguments = self.binder.bind(args, kwargs)
         scope = RequestScope(self.controller.current_namespace, self.controller.bypass_reason(module, arguments))
-        if len(self.controller.tenants) < _MAX_TENANT_NAMES:
-            self.controller.tenants.setdefault(scope.namespace, None)
+        self.controller.remember_tenant(scope.namespace)
         with open_scope(scope):
             if scope.bypass_reason is not None:
                 return self.original(*args, **kwargs)
@@ -74,10 +73,13 @@ class LayerCacheController:
         self.stats_ = CacheStats([layer.name for layer in self.layers])
         self._local = threading.local()
         self._identity: dict[str, Any] | None = None
+        self._tenant_lock = threading.Lock()
         self.hooks = HookRegistry()
         """Every attachment to the model; ``detach`` removes them all."""
         self.strategy = get_strategy(config.strategy)(self)
-        self.tenants: dict[str, None] = {config.namespace: None}
+        self.tenants: dict[str, list[int]] = {config.namespace: [0, 0]}
+        """Per tenant name this process served (at most ``_MAX_TENANT_NAMES``): its ``[hits, misses]``, counted like
+        the per-layer totals of ``stats()``."""
         """Namespaces this process has served (in order), to name the tenant tags the banks hold."""
         self.owners = self._stack_owners()
         self.weights = WeightsWatch(self.owners)
@@ -251,8 +253,22 @@ class LayerCacheController:
         if bank is not None:
             bank.record(lookup)
         hits, misses = units if units is not None else (len(lookup.served), lookup.missed)
+        layers = list(layers)
         for layer in layers:
             self.stats_.record_lookup(layer, hits, misses)
+        scope = current_scope()
+        tenant = self.tenants.get(scope.namespace if scope is not None else self.config.namespace)
+        if tenant is not None:
+            with self._tenant_lock:
+                tenant[0] += hits * len(layers)
+                tenant[1] += misses * len(layers)
+
+    def remember_tenant(self, namespace: str) -> None:
+        """Count ``namespace``'s lookups from now on, unless ``_MAX_TENANT_NAMES`` names are known already (a client
+        sending endless namespaces must not grow this without bound)."""
+        if namespace not in self.tenants and len(self.tenants) < _MAX_TENANT_NAMES:
+            with self._tenant_lock:
+                self.tenants.setdefault(namespace, [0, 0])
 
     @property
     def banks(self) -> dict[str, CacheBank]:
@@ -260,11 +276,18 @@ class LayerCacheController:
 
     def stats(self) -> dict[str, Any]:
         """Per-layer lookups, hits, misses, bypassed rows and estimated seconds saved; per-bank entries and bytes;
-        entries per namespace (tenants this process has not served show as ``#<tag>``, e.g. from a warm cache);
+        entries, hits and misses per namespace (tenants this process has not served show as ``#<tag>``, with entries
+        only, e.g. from a warm cache);
         ``"shared"``: the shared tier's counters (``shared_hits``, ``shared_errors``, ...; empty without one)."""
         report = self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
-        names = {namespace_tag(name): name for name in self.tenants}
-        namespaces: dict[str, dict[str, int]] = {}
+        with self._tenant_lock:
+            traffic = {name: tuple(counts) for name, counts in self.tenants.items()}
+        names = {namespace_tag(name): name for name in traffic}
+        namespaces: dict[str, dict[str, int]] = {
+            name: {"entries": 0, "hits": hits, "misses": misses}
+            for name, (hits, misses) in traffic.items()
+            if hits or misses
+        }
         for bank in self.banks.values():
             for tag, count in bank.namespace_counts().items():
                 entry = namespaces.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})
@@ -283,6 +306,9 @@ class LayerCacheController:
         self.strategy.banks_replaced()
         self.strategy.reset_counters()
         self.stats_.reset()
+        with self._tenant_lock:
+            for counts in self.tenants.values():
+                counts[:] = [0, 0]
         if self.shared is not None:
             self.shared.reset_counters()  # Redis's entries are other replicas' too: clear() never deletes them
 

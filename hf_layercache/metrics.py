@@ -29,9 +29,11 @@ metric                                       labels                  from ``stat
 ``hf_layercache_invalidations_total``        (``model`` only)        ``total["invalidations"]``
 ===========================================  ======================  ==============================================
 
-The report has no per-namespace (tenant) counters, so no metric has a ``namespace`` label, and it counts no
-evictions, so none is exported; a bank's ``entries`` gauge falling while lookups go on shows them. Sums over layers
-are PromQL's job (``sum by (model) (rate(hf_layercache_hits_total[5m]))``); the hit rate is hits over lookups.
+Per tenant (``namespace`` label): ``hf_layercache_namespace_entries`` (gauge), ``hf_layercache_namespace_hits_total``
+and ``hf_layercache_namespace_misses_total`` (summed over layers, for tenants this process served). The report
+counts no evictions, so none is exported; a bank's ``entries`` gauge falling while lookups go on shows them. Sums
+over layers are PromQL's job (``sum by (model) (rate(hf_layercache_hits_total[5m]))``); the hit rate is hits over
+lookups.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ class LayerCacheCollector:
                 families["bytes"].add_metric([model, bank], b["bytes"])
             for namespace, n in report.get("namespaces", {}).items():
                 families["namespace_entries"].add_metric([model, namespace], n["entries"])
+                if "hits" in n:
+                    families["namespace_hits"].add_metric([model, namespace], n["hits"])
+                    families["namespace_misses"].add_metric([model, namespace], n["misses"])
             families["invalidations"].add_metric([model], report["total"]["invalidations"])
         return list(families.values())
 
@@ -162,6 +167,12 @@ class LayerCacheCollector:
             "Entries a tenant holds across the model's banks ('#<tag>' for tenants this process has not served).",
             labels=["model", "namespace"],
         )
+        for kind in ("hits", "misses"):
+            families[f"namespace_{kind}"] = core.CounterMetricFamily(
+                f"{_PREFIX}_namespace_{kind}",
+                f"Lookups of a tenant's requests that were {kind}, summed over layers (tenants this process served).",
+                labels=["model", "namespace"],
+            )
         families["invalidations"] = core.CounterMetricFamily(
             f"{_PREFIX}_invalidations",
             "Times every entry was dropped because the weights changed under the cache.",

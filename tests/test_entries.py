@@ -192,3 +192,29 @@ def test_other_tenants_entries_never_crowd_out_a_tenants_own_nearest_entry(backe
     scores, ids = bank.search(query[None], k=4, namespace=1)
     assert ids[0].tolist() == [own, -1, -1, -1] and scores[0, 0] > 0.5
     assert bank.namespace_counts() == {1: 1, 2: 40}
+
+
+def test_stats_count_hits_and_misses_per_tenant():
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(namespace="tenant-a"))
+    batch = tiny_batch("bert", batch=3)
+    with torch.no_grad():
+        model(**batch)
+        model(**batch)  # tenant-a's repeat: served
+        with model.layer_cache.namespace("tenant-b"):
+            model(**batch)  # the same rows, another tenant: computed
+    per_tenant, total = model.layer_cache.stats()["namespaces"], model.layer_cache.stats()["total"]
+    layers = len(model.layer_cache.layers)
+    assert per_tenant["tenant-a"]["hits"] == 3 * layers and per_tenant["tenant-b"]["hits"] == 0
+    assert per_tenant["tenant-b"]["misses"] == per_tenant["tenant-a"]["misses"] == 3 * layers
+    assert sum(t["hits"] for t in per_tenant.values()) == total["hits"]
+    assert sum(t["misses"] for t in per_tenant.values()) == total["misses"]
+    from prometheus_client import CollectorRegistry
+
+    from hf_layercache.metrics import LayerCacheCollector
+
+    registry = CollectorRegistry()
+    registry.register(LayerCacheCollector(model, name="m"))
+    labels = {"model": "m", "namespace": "tenant-a"}
+    assert registry.get_sample_value("hf_layercache_namespace_hits_total", labels) == 3 * layers
+    model.layer_cache.clear()
+    assert model.layer_cache.stats()["namespaces"] == {}
