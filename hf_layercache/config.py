@@ -152,9 +152,12 @@ class LayerCacheConfig:
     fingerprint_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the fingerprint class, e.g. ``{"dim": 128}`` or ``{"layers": 2}`` for ``probe``."""
 
-    verify_fraction: float = 0.02
-    """Fraction (0 to 1) of approximate hits checked by computing the layer anyway; the measured error goes to the
-    policy's ``on_error`` and to ``stats()``, and the computed result is served. 0 trusts similarity alone."""
+    verify_fraction: float | None = None
+    """Fraction (0 to 1) of hits checked by computing the layer anyway; the computed result is served. ``semantic``:
+    the measured error goes to the policy's ``on_error`` and to ``stats()``. ``exact``: a hit whose stored output
+    disagrees with the computed one (a poisoned or stale entry) is replaced, counted in ``stats()``
+    (``audited_unacceptable``) and warned about once. ``None``: the strategy's default, 0.02 for ``semantic``, 0 for
+    ``exact`` (lossless by construction; set it to catch entries loaded from an unsigned cache in use)."""
 
     max_error_rate: float | None = None
     """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is

@@ -183,3 +183,26 @@ def test_a_cache_far_larger_than_the_budget_loads_only_the_entries_the_policy_ke
     }
     assert torch.equal(run(small, recent), expected)
     assert small.layer_cache.stats()["total"]["misses"] == 0
+
+
+def test_verify_fraction_catches_a_poisoned_exact_entry_in_use_and_replaces_it(saved):
+    """#16 item 1: a well-formed poisoned entry (an attacker's constant, digests recomputed) in an unsigned cache is
+    served by default; with ``verify_fraction`` the hits drawn are computed anyway, and an entry that disagrees is
+    dropped, replaced by the computed output, counted and warned about."""
+    directory, batch = saved
+    rewrite(directory, lambda t: t["encoder.layer/entry.0.hidden"].fill_(0.5))
+    reference = run(tiny_model("bert"), batch)
+
+    trusting = hf_layercache.enable(tiny_model("bert"))
+    trusting.layer_cache.load(directory)
+    assert not torch.equal(run(trusting, batch), reference)  # what the default serves from a poisoned file
+    assert trusting.layer_cache.stats()["total"]["verified"] == 0  # lossless strategies verify nothing by default
+
+    checking = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(verify_fraction=1.0))
+    checking.layer_cache.load(directory)
+    with pytest.warns(UserWarning, match="disagrees with the layer"):
+        assert torch.equal(run(checking, batch), reference)
+    layer = checking.layer_cache.stats()["layers"][checking.layer_cache.layers[-1].name]
+    assert layer["audited"] == 3 and layer["audited_unacceptable"] == 1  # the poisoned row, not the other two
+    checking.layer_cache.config.verify_fraction = 0.0
+    assert torch.equal(run(checking, batch), reference)  # the replaced entry now serves the truth

@@ -72,6 +72,14 @@ class Strategy(ABC):
         change the call, e.g. compute only a suffix; the default runs it unchanged."""
         return original(**arguments)
 
+    default_verify_fraction: ClassVar[float] = 0.0
+    """The share of hits verified when the config's ``verify_fraction`` is ``None``."""
+
+    @property
+    def verify_fraction(self) -> float:
+        configured = self.config.verify_fraction
+        return self.default_verify_fraction if configured is None else float(configured)
+
     def reset_counters(self) -> None:  # noqa: B027 - optional hook
         """Reset counters the strategy keeps beside ``stats()`` (called by ``clear()``)."""
 

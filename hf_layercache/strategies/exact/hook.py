@@ -31,6 +31,8 @@ class StackRun:
     namespace: int
     writes: dict[int, list[KVWrite]] = field(default_factory=dict)
     seconds_per_row: float = 0.0
+    audits: dict[int, tuple[int, ExactEntry]] = field(default_factory=dict)
+    """Rows that hit but are computed anyway (``verify_fraction``), with the entry the computed output must match."""
 
     @property
     def batch(self) -> int:

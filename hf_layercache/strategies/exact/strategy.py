@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import random
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +30,7 @@ class ExactStrategy(StackStrategy):
 
     intermediate_states_exact = False
 
-    config_fields = ("shared_store", "shared_store_kwargs")  # checked by the config itself (docs/shared.md)
+    config_fields = ("shared_store", "shared_store_kwargs", "verify_fraction")  # checked by the config / semantic
 
     def attach(self) -> None:
         self.stacks: dict[str, list[CachedLayer]] = {}
@@ -44,6 +46,8 @@ class ExactStrategy(StackStrategy):
             self.new_bank(stack, layers[-1].device, n_banks=len(self.stacks) + 1)
         request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks=len(self.stacks) + 1)
         self.request_path = RequestPath(request_bank, self.controller.model, self.controller.owners)
+        self._draws = random.Random(0)  # which hits verify_fraction checks; seeded, so runs repeat
+        self._warned_disagreement = False
         for layers in self.stacks.values():
             for position, layer in enumerate(layers):
                 self.hooks.replace_forward(
@@ -61,7 +65,8 @@ class ExactStrategy(StackStrategy):
         signature = self.request_path.signature(arguments) if keys else None
         if signature is None:
             return original(**arguments)
-        served = self.request_path.serve(keys, scope.namespace, signature)
+        verifying = self.verify_fraction > 0 and self._draws.random() < self.verify_fraction
+        served = None if verifying else self.request_path.serve(keys, scope.namespace, signature)
         if served is not None:
             output, lookup = served
             self.controller.record_lookup(lookup, self.request_path.bank, [layer.name for layer in self.layers])
@@ -103,6 +108,7 @@ class ExactStrategy(StackStrategy):
                 entry = ExactEntry.from_tensors(values)
                 if self._fits(entry, keys[row], hidden) and (entry.kv_recorded or not with_kv):
                     found[row] = (entry_id, entry)
+        audits = {row: found.pop(row) for row in list(found) if self._draws.random() < self.verify_fraction}
         split = not with_kv and rows_splittable(arguments, layer.spec, len(digests))
         if found and len(found) < len(digests) and not split:
             found = {}  # the layers cannot compute a sub-batch: every row computes
@@ -110,7 +116,30 @@ class ExactStrategy(StackStrategy):
         lookup = Lookup(served=[(entry_id, 1.0) for entry_id, _ in found.values()], missed=len(misses))
         self.controller.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]])
         hits = {row: entry for row, (_, entry) in found.items()}
-        return StackRun(digests, keys, hits, misses, split, with_kv, namespace)
+        return StackRun(digests, keys, hits, misses, split, with_kv, namespace, audits=audits)
+
+    def _audit(self, layer: CachedLayer, audit: tuple[int, ExactEntry], key: RowKey, computed: torch.Tensor) -> bool:
+        """Whether a hit drawn for verification holds what the layer just computed for it. One that does not (a
+        poisoned or stale entry) is dropped, so the computed output replaces it, and is reported."""
+        entry_id, entry = audit
+        same_layout = entry.layout == key.layout
+        stored = (entry.hidden if same_layout else entry.hidden[entry.real]).float()
+        fresh = (computed if same_layout else computed[key.columns]).float()
+        stored = stored.to(fresh.device)
+        agrees = stored.shape == fresh.shape and torch.allclose(stored, fresh, rtol=1e-4, atol=1e-5)
+        error = ((stored - fresh).norm() / fresh.norm().clamp_min(1e-12)).item() if stored.shape == fresh.shape else 1.0
+        self.controller.stats_.record_error(layer.name, error, acceptable=agrees, explored=False)
+        if not agrees:
+            self.banks[layer.stack].remove(entry_id)
+            if not self._warned_disagreement:
+                self._warned_disagreement = True
+                warnings.warn(
+                    f"An exact cache entry of {layer.stack!r} disagrees with the layer it stands for (relative error "
+                    f"{error:.3g}): it was dropped and the computed output served. Entries loaded from an unsigned "
+                    "warm cache may have been altered; see integrity_key in docs/reliability.md.",
+                    stacklevel=2,
+                )
+        return agrees
 
     @staticmethod
     def _fits(entry: ExactEntry, key: RowKey, hidden: torch.Tensor) -> bool:
@@ -132,6 +161,8 @@ class ExactStrategy(StackStrategy):
         bank = self.banks[layer.stack]
         for out_row, row in zip(out_rows, rows if rows is not None else out_rows, strict=True):
             key = run.keys[row]
+            if row in run.audits and self._audit(layer, run.audits[row], key, output[out_row]):
+                continue  # the stored entry reproduced the layer: keep it (and its place in the policy)
             real = key.columns if key.free else slice(None)  # a layout-bound row keeps its writes whole
             writes = {
                 position: [

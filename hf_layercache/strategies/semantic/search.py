@@ -83,7 +83,7 @@ class EntrySearch:
         partial = 0 < len(candidates) < run.batch
         if partial and (run.with_kv or not rows_splittable(arguments, slot.layer.spec, run.batch)):
             return {}
-        fraction = self.config.verify_fraction
+        fraction = self.verify_fraction
         for candidate in candidates.values():
             if self.error_bound is not None:
                 tau = self.error_bound.exploration_probability(

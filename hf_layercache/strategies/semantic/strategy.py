@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, ResidualReuse, StateReuse, StackStrategy):
     """Approximate layer reuse for similar inputs; see the package docstring and docs/semantic.md."""
 
+    default_verify_fraction = 0.02
+
     config_fields = (
         "reuse",
         "fingerprint_kwargs",
@@ -44,6 +46,8 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
             raise ValueError(f"reuse={config.reuse!r} is not allowed; use 'residual' or 'state'.")
         for name in ("verify_fraction", "max_unaligned"):
             value = getattr(config, name)
+            if value is None and name == "verify_fraction":
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
         rate = config.max_error_rate
