@@ -261,6 +261,7 @@ class LayerCacheController:
                 entry = namespaces.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})
                 entry["entries"] += count
         report["namespaces"] = namespaces
+        report.update(self.strategy.report())
         return report
 
     def format_stats(self) -> str:

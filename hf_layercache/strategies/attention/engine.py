@@ -4,7 +4,7 @@ each request row, serve ``A @ V`` with its corrections, compute and store the mi
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,8 +12,10 @@ from torch import nn
 from ...bank import CacheBank, Lookup
 from ...layers import CachedLayer
 from ...request import RequestScope
-from .eager import eager_attention, grouped_matmul, masked_scores
+from .eager import grouped_matmul, masked_scores
 from .entry import AttentionEntry
+from .function import WEIGHTS, default_attention
+from .gate import DEFAULT, Gate
 from .positions import _Positions
 from .rows import _distance, _Reuse, _Row
 
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
 
 # keys of the request scope's state: written by the strategy (``begin_request``, ``patterns``), read here
 _PREFILL = "attention.prefill"
-_WEIGHTS = "attention.weights"
 _NAMESPACE = "attention.namespace"
 _PATTERNS = "attention.patterns"
 _CANDIDATES = 2
@@ -53,6 +54,8 @@ class CachedAttention:
         """Least cosine of the pooled lookup keys for an entry to be considered."""
         self.tolerance = strategy.config.attention_position_tolerance
         """Largest relative change of a position's states for its row (query) or column (key) to be reused."""
+        self.gate = Gate(strategy.config.attention_gate_interval)
+        """Per length bucket, whether this layer caches or runs the model's default attention."""
 
     def __call__(
         self,
@@ -64,12 +67,37 @@ class CachedAttention:
         mask: torch.Tensor | None,
         scaling: float,
         softcap: float | None,
+        kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         stats = self.strategy.controller.stats_
         keep = _keep_mask(module, mask, query.shape[-2], key.shape[-2])
+        arguments = (scope, module, query, key, value, mask, scaling, softcap, kwargs)
         if keep is None or not scope.state.get(_PREFILL, False) or query.shape[-2] != key.shape[-2]:
             stats.record_bypass(self.layer.name, query.shape[0])
-            return eager_attention(module, query, key, value, mask, scaling, softcap=softcap)
+            return default_attention(self.strategy.default_implementation, *arguments)
+        want_maps = scope.state.get(WEIGHTS, False)
+        length = key.shape[-2]
+        if not want_maps and self.gate.route(length) == DEFAULT:  # the cache cannot gain here: no bookkeeping
+            start = time.perf_counter()
+            out = default_attention(self.strategy.default_implementation, *arguments)
+            self.gate.record_default(length, query.shape[0], time.perf_counter() - start)
+            stats.record_bypass(self.layer.name, query.shape[0])
+            return out
+        return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
+
+    def _cached(
+        self,
+        scope: RequestScope,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        keep: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        want_maps: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached path: look up, serve the hits, compute and store the misses; its costs go to the gate."""
+        start = time.perf_counter()
         keep = keep.expand(query.shape[0], 1, -1, -1)
         patterns = self.strategy.patterns(scope, keep)
         rows = [
@@ -77,18 +105,25 @@ class CachedAttention:
             for b in range(query.shape[0])
         ]
         keys = self.strategy.lookup_keys(query, key)
-        want_maps = scope.state.get(_WEIGHTS, False)
+        searched = len(self.bank) > 0
         reuses = self._reuses(scope, rows, keys)
         lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
         self.strategy.controller.record_lookup(lookup, self.bank, [self.layer.name])
+        looked_up = time.perf_counter()
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
+        served = time.perf_counter()
         misses = [b for b in range(len(rows)) if b not in outputs]
         seconds = self._compute(scope, query, key, keep, rows, keys, misses, outputs)
-        stats.record_compute(self.layer.name, len(misses), seconds)
+        self.strategy.controller.stats_.record_compute(self.layer.name, len(misses), seconds)
+        computed = time.perf_counter()
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
-        if not want_maps:
-            return output, None
-        return output, torch.stack([outputs[b][1] for b in range(len(rows))])
+        maps = torch.stack([outputs[b][1] for b in range(len(rows))]) if want_maps else None
+        if not want_maps:  # the maps cost extra: such calls say nothing about the usual cost
+            overhead = looked_up - start + time.perf_counter() - computed
+            self.gate.record_cached(
+                key.shape[-2], len(rows), len(reuses), searched, overhead, served - looked_up, computed - served
+            )
+        return output, maps
 
     # --- hits -------------------------------------------------------------------------------------------------------
     def _reuses(self, scope: RequestScope, rows: list[_Row], keys: torch.Tensor) -> dict[int, _Reuse]:
