@@ -12,13 +12,17 @@ it competes with.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 CACHED, DEFAULT = "cached", "default"
 _ALPHA = 0.3
 """Weight of a new measurement in the moving averages (about the last five calls count)."""
 _WARMUP = 3
 """Cached calls a bucket measures before deciding: when it is new, and after a probe found reuse again."""
+_DEFAULT_SAMPLES = 5
+"""The default's cost is the fastest of its last this many measurements (a preempted call must not make the default
+look slow: the gate errs towards the default). A new bucket measures it twice before caching (the first call of a
+shape is slower)."""
 
 
 @dataclass
@@ -36,6 +40,7 @@ class GateBucket:
     bypassed: int = 0
     """Rows that ran the default attention because of this gate."""
     default_seconds: float | None = None
+    default_samples: list[float] = field(default_factory=list)
     hit_seconds: float | None = None
     """A hit row on the cached path: its share of lookup and checks, and serving it."""
     miss_seconds: float | None = None
@@ -84,7 +89,7 @@ class Gate:
         with self._lock:
             bucket = self.buckets.setdefault(self.bucket_of(length), GateBucket())
             bucket.calls += 1
-            if bucket.default_seconds is None:
+            if len(bucket.default_samples) < 2:
                 return DEFAULT  # measure what the cache competes with first
             if bucket.state == "learning":
                 return CACHED
@@ -103,7 +108,8 @@ class Gate:
         with self._lock:
             bucket = self.buckets[self.bucket_of(length)]
             bucket.bypassed += rows
-            bucket.default_seconds = _average(bucket.default_seconds, seconds / rows)
+            bucket.default_samples = [*bucket.default_samples[1 - _DEFAULT_SAMPLES :], seconds / rows]
+            bucket.default_seconds = min(bucket.default_samples)
             bucket.decide()
 
     def record_cached(

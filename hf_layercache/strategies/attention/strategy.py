@@ -174,21 +174,25 @@ class AttentionStrategy(Strategy):
         return candidates[picks.flip(0)]
 
     def reset_counters(self) -> None:
-        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
-        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
+        self.reuse = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0}
+        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`, and of the heads they
+        computed exactly because their maps moved (failed verification)."""
         for cached in self.cached.values():  # the reuse the gates measured went with the entries
             cached.gate.reset()
 
-    def report(self) -> dict[str, Any]:
-        """``stats()["attention_gate"]``: per layer and length bucket, the gate's state and measurements."""
-        return {"attention_gate": {name: cached.gate.report() for name, cached in self.cached.items()}}
-
-    def count_reuse(self, recomputed: int, length: int) -> None:
-        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns."""
+    def count_reuse(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int) -> None:
+        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns, and ``heads`` of
+        ``n_heads`` heads."""
         with self._lock:
             self.reuse["hits"] += 1
             self.reuse["recomputed"] += recomputed
             self.reuse["length"] += length
+            self.reuse["heads_recomputed"] += 0 if heads is None else len(heads)
+            self.reuse["heads"] += n_heads
+
+    def report(self) -> dict[str, Any]:
+        """``stats()["attention_gate"]``: per layer and length bucket, the gate's state and measurements."""
+        return {"attention_gate": {name: cached.gate.report() for name, cached in self.cached.items()}}
 
     @property
     def recomputed_fraction(self) -> float:
