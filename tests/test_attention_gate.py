@@ -7,7 +7,7 @@ from tiny import tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.strategies.attention.gate import CACHED, DEFAULT, Gate
+from hf_layercache.strategies.attention.gate import CACHED, DEFAULT, MEASURED, Gate
 
 
 def run(model, batch):
@@ -104,20 +104,21 @@ def test_gate_decides_from_measured_cost_and_reuse():
     gate = Gate(interval=4)
     assert gate.bucket_of(12) == 16 and gate.bucket_of(512) == 512 and gate.bucket_of(513) == 1024
     for seconds in (3.0, 1.0):  # first: measure the default, twice (the fastest counts)
-        assert gate.route(500) == DEFAULT
+        assert gate.route(500, 1) == MEASURED
         gate.record_default(500, rows=1, seconds=seconds)
     for hits in (0, 1, 1):  # learning: a miss (into an empty bank), then two hits at half the default's cost
-        assert gate.route(500) == CACHED
+        assert gate.route(500, 1) == CACHED
         gate.record_cached(500, 1, hits, searched=hits > 0, overhead=0.1, serve=0.4, compute=2.0)
     bucket = gate.buckets[512]
     assert bucket.state == "on" and bucket.reuse == 1.0  # the empty-bank miss says nothing about reuse
-    assert [gate.route(500) for _ in range(4)] == [CACHED, CACHED, CACHED, DEFAULT]  # on: re-measures the default
+    assert [gate.route(500, 1) for _ in range(4)] == [CACHED, CACHED, CACHED, MEASURED]  # on: re-measures the default
     for _ in range(3):  # the traffic stops repeating: misses at 2.1 s against a default of 1 s
         gate.record_cached(500, 1, 0, searched=True, overhead=0.1, serve=0.0, compute=2.0)
     assert bucket.state == "off"
-    assert [gate.route(500) for _ in range(4)] == [DEFAULT, DEFAULT, DEFAULT, CACHED]  # off: probes
+    # off: the default, timed once per interval, and a probe
+    assert [gate.route(500, 1) for _ in range(4)] == [MEASURED, DEFAULT, DEFAULT, CACHED]
     gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=0.4, compute=0.0)  # the probe hit
-    assert bucket.state == "learning" and bucket.probes == 1
-    assert gate.route(500) == CACHED
+    assert bucket.state == "learning" and bucket.probes == 1 and bucket.bypassed == 6
+    assert gate.route(500, 1) == CACHED
     with pytest.raises(ValueError, match="attention_gate_interval"):
         LayerCacheConfig(strategy="attention", attention_gate_interval=-1)

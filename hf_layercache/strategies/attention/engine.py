@@ -15,7 +15,7 @@ from ...request import RequestScope
 from .eager import key_major_attention, repeat_kv
 from .entry import AttentionEntry
 from .function import WEIGHTS, default_attention
-from .gate import DEFAULT, Gate
+from .gate import CACHED, MEASURED, Gate
 from .positions import _Positions
 from .rows import _distance, _Reuse, _Row
 
@@ -70,19 +70,20 @@ class CachedAttention:
         softcap: float | None,
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        stats = self.strategy.controller.stats_
-        keep = _keep_mask(module, mask, query.shape[-2], key.shape[-2])
         arguments = (scope, module, query, key, value, mask, scaling, softcap, kwargs)
-        if keep is None or not scope.state.get(_PREFILL, False) or query.shape[-2] != key.shape[-2]:
-            stats.record_bypass(self.layer.name, query.shape[0])
+        rows, length = query.shape[0], key.shape[-2]
+        if not scope.state.get(_PREFILL, False) or query.shape[-2] != length:
+            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
             return default_attention(self.strategy.default_implementation, *arguments)
         want_maps = scope.state.get(WEIGHTS, False)
-        length = key.shape[-2]
-        if not want_maps and self.gate.route(length) == DEFAULT:  # the cache cannot gain here: no bookkeeping
+        route = CACHED if want_maps else self.gate.route(length, rows)
+        keep = _keep_mask(module, mask, query.shape[-2], length) if route == CACHED else None
+        if keep is None:  # the cache cannot gain here (or cannot take this mask): no bookkeeping
             start = time.perf_counter()
             out = default_attention(self.strategy.default_implementation, *arguments)
-            self.gate.record_default(length, query.shape[0], time.perf_counter() - start)
-            stats.record_bypass(self.layer.name, query.shape[0])
+            if route == MEASURED:
+                self.gate.record_default(length, rows, time.perf_counter() - start)
+            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
             return out
         return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict, dataclass, field
 
-CACHED, DEFAULT = "cached", "default"
+CACHED, DEFAULT, MEASURED = "cached", "default", "measured default"
+"""Routes: the cached path; the default attention; the default attention, timed for the gate."""
 _ALPHA = 0.3
 """Weight of a new measurement in the moving averages (about the last five calls count)."""
 _WARMUP = 3
@@ -82,32 +83,36 @@ class Gate:
     def bucket_of(length: int) -> int:
         return 1 << max(length - 1, 0).bit_length()
 
-    def route(self, length: int) -> str:
-        """The path of the next call of this length: :data:`CACHED` or :data:`DEFAULT`."""
+    def route(self, length: int, rows: int) -> str:
+        """The path of the next call of this length, for ``rows`` request rows: :data:`CACHED`, :data:`DEFAULT`, or
+        :data:`MEASURED` (the default, to be timed with :meth:`record_default`: while learning, when caching
+        re-measures it, and once per interval while off; other default calls cost no bookkeeping)."""
         if self.interval == 0:
             return CACHED
         with self._lock:
             bucket = self.buckets.setdefault(self.bucket_of(length), GateBucket())
             bucket.calls += 1
             if len(bucket.default_samples) < 2:
-                return DEFAULT  # measure what the cache competes with first
+                bucket.bypassed += rows
+                return MEASURED  # measure what the cache competes with first
             if bucket.state == "learning":
                 return CACHED
             bucket.since_switch += 1
             if bucket.since_switch < self.interval:
-                return CACHED if bucket.state == "on" else DEFAULT
+                if bucket.state == "on":
+                    return CACHED
+                bucket.bypassed += rows
+                return MEASURED if bucket.since_switch == 1 else DEFAULT
             bucket.since_switch = 0
             if bucket.state == "off":
                 bucket.probes += 1
                 return CACHED
-            return DEFAULT
+            bucket.bypassed += rows
+            return MEASURED
 
     def record_default(self, length: int, rows: int, seconds: float) -> None:
-        if self.interval == 0:
-            return
         with self._lock:
             bucket = self.buckets[self.bucket_of(length)]
-            bucket.bypassed += rows
             bucket.default_samples = [*bucket.default_samples[1 - _DEFAULT_SAMPLES :], seconds / rows]
             bucket.default_seconds = min(bucket.default_samples)
             bucket.decide()
