@@ -15,7 +15,13 @@ cached and eager embeddings (last hidden states averaged over the ticket window:
 text in every request and carries no label), and a logistic-regression probe trained on uncached embeddings of the
 warm-up phrasings, evaluated on eager and cached embeddings of the measured requests.
 
+The Amdahl bounds: against eager, the end-to-end speed-up if ``softmax(QK^T)`` (what a hit saves) cost nothing
+(its share timed inside eager attention); against sdpa, if the whole attention cost nothing. The "varied" workload
+(every document its own order of the same real sentences, so no frame repeats) checks the floor: the gate must keep
+the default config at sdpa's speed where nothing is reusable.
+
     python benchmarks/attention.py [--models minilm smollm2] [--lengths 128 256 512] [--requests 24] [--threads 1]
+        [--workloads templated varied] [--whole-map]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +41,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformers import AttentionInterface, AutoModel, AutoTokenizer
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, attention_forward
+from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, attention_forward, repeat_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from real_models import smollm2_path
@@ -150,18 +158,28 @@ def ticket_requests(count: int, held_out: bool, seed: int) -> list[Request]:
 
 
 def template_text(template: int) -> str:
-    """The fixed part of a template: its introduction and its ordering of the policy text (long enough for 512)."""
+    """The fixed part of a template: its introduction and its ordering of the policy text (long enough for 1024)."""
     order = POLICY[template * 7 :] + POLICY[: template * 7]
-    return INTROS[template] + " " + " ".join(order * 3)
+    return INTROS[template] + " " + " ".join(order * 6)
 
 
-def encode(tokenizer, requests: list[Request], length: int) -> list[dict[str, torch.Tensor]]:
+def varied_text(seed: int) -> str:
+    """A document without a fixed frame: the policy sentences in an order of its own (the floor's workload: real
+    text, nothing at the same positions as in another request)."""
+    order = list(POLICY) * 6
+    random.Random(seed).shuffle(order)
+    return " ".join(order)
+
+
+def encode(tokenizer, requests: list[Request], length: int, varied: bool = False) -> list[dict[str, torch.Tensor]]:
     """One right-padded batch of exactly ``length`` tokens per request: the template's text cut to
-    ``length - TICKET_TOKENS`` tokens (so it sits at the same positions in every request), then the ticket."""
+    ``length - TICKET_TOKENS`` tokens (so it sits at the same positions in every request), then the ticket.
+    ``varied``: each request's document is its own shuffle of the policy text instead (no shared frame)."""
     head, tail = _special_tokens(tokenizer)
     out = []
-    for request in requests:
-        fixed = tokenizer(template_text(request.template), add_special_tokens=False)["input_ids"]
+    for i, request in enumerate(requests):
+        text = varied_text(zlib.crc32(f"{i} {request.ticket}".encode())) if varied else template_text(request.template)
+        fixed = tokenizer(text, add_special_tokens=False)["input_ids"]
         ticket = tokenizer(" " + request.ticket, add_special_tokens=False)["input_ids"]
         budget = TICKET_TOKENS - len(head) - len(tail)
         ids = head + fixed[: length - TICKET_TOKENS] + ticket[:budget] + tail
@@ -205,14 +223,35 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
-def eager_model(path: str) -> tuple[torch.nn.Module, Timed]:
-    """The model with its own eager attention function, timed (registered under a benchmark-only name)."""
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    attention = next(m for m in model.modules() if type(m).__name__.endswith(("SelfAttention", "Attention")))
-    timed = Timed(sys.modules[type(attention).__module__].eager_attention_forward)
-    name = f"timed_eager_{model.config.model_type}"
+class TimedEager(Timed):
+    """Eager attention (the models' own math, GQA heads repeated), timing ``softmax(QK^T * scaling + mask)`` apart:
+    the part a hit can save, for the Amdahl bound."""
+
+    def __init__(self):
+        super().__init__(self._eager)
+        self.scores_seconds = 0.0
+
+    def _eager(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        start = time.perf_counter()
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        groups = query.shape[1] // key.shape[1]
+        weights = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        self.scores_seconds += time.perf_counter() - start
+        output = torch.matmul(weights, repeat_kv(value, groups))
+        return output.transpose(1, 2).contiguous(), weights
+
+
+def timed_model(path: str, implementation: str) -> tuple[torch.nn.Module, Timed]:
+    """The model with its own eager (``TimedEager``) or sdpa attention, timed (registered under a benchmark-only
+    name)."""
+    model = AutoModel.from_pretrained(path, attn_implementation=implementation).eval()
+    timed = TimedEager() if implementation == "eager" else Timed(sdpa_attention_forward)
+    name = f"timed_{implementation}_{model.config.model_type}"
     AttentionInterface.register(name, timed)
-    AttentionMaskInterface.register(name, eager_mask)
+    AttentionMaskInterface.register(name, eager_mask if implementation == "eager" else sdpa_mask)
     model.set_attn_implementation(name)
     return model, timed
 
@@ -244,20 +283,23 @@ def embed_batched(model: torch.nn.Module, batches: list[dict], size: int = 8) ->
     return torch.cat(out)
 
 
-def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args: argparse.Namespace) -> list[dict]:
+def measure(
+    name: str, length: int, workload: str, variants: dict[str, LayerCacheConfig], args: argparse.Namespace
+) -> list[dict]:
     """One row per cached configuration in ``variants``, all timed against the same eager and sdpa runs."""
     path = model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eager, eager_timer = eager_model(path)
-    sdpa = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    eager, eager_timer = timed_model(path, "eager")
+    sdpa, sdpa_timer = timed_model(path, "sdpa")
     cached = {label: hf_layercache.enable(AutoModel.from_pretrained(path).eval(), c) for label, c in variants.items()}
     cached_timer = Timed(attention_forward)
     AttentionInterface.register(ATTN_IMPLEMENTATION, cached_timer)  # enable() registered the plain function
     train_requests = ticket_requests(args.train, held_out=False, seed=0)
     test_requests = ticket_requests(args.requests, held_out=True, seed=1)
-    train, test = encode(tokenizer, train_requests, length), encode(tokenizer, test_requests, length)
+    varied = workload == "varied"
+    train, test = encode(tokenizer, train_requests, length, varied), encode(tokenizer, test_requests, length, varied)
 
     train_x = embed_batched(sdpa, train)  # uncached embeddings (sdpa computes what eager does, faster)
     for model in cached.values():
@@ -267,7 +309,8 @@ def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args:
         label: (model.layer_cache.stats()["total"], dict(model.layer_cache.strategy.reuse))
         for label, model in cached.items()
     }
-    runners = [("eager", eager, eager_timer), ("sdpa", sdpa, None)]
+    runners = [("eager", eager, eager_timer), ("sdpa", sdpa, sdpa_timer)]
+    scores_before = eager_timer.scores_seconds
     runners += [(label, model, cached_timer) for label, model in cached.items()]
     rows: dict[str, list] = {label: [] for label, _, _ in runners}
     all_hit: dict[str, list] = {label: [] for label in cached}
@@ -279,6 +322,7 @@ def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args:
             if label in cached and model.layer_cache.stats()["total"]["hits"] - hits == len(model.layer_cache.layers):
                 all_hit[label].append(rows[label][-1][1])
 
+    eager_scores_ms = (eager_timer.scores_seconds - scores_before) / len(test) * 1e3  # mean per request
     labels = [r.label for r in train_requests], [r.label for r in test_requests]
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x.numpy(), labels[0])
     eager_x = torch.stack([r[2] for r in rows["eager"]])
@@ -296,12 +340,23 @@ def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args:
         reuse = model.layer_cache.strategy.reuse
         lookups = stats["lookups"] - stats_before["lookups"]
         reused_length = reuse["length"] - reuse_before["length"]
+        calls = len(test) * len(model.layer_cache.layers)
         results.append(
             {
                 "model": name,
                 "length": length,
+                "workload": workload,
                 "config": label,
+                "gate_bypassed": (stats["bypassed"] - stats_before["bypassed"]) / calls,
+                # per request, sdpa's time over the cached model's (same request, back to back): robust to the
+                # machine's load drifting between requests
+                "paired_vs_sdpa": statistics.median(
+                    s[0] / c[0] for s, c in zip(rows["sdpa"], rows[label], strict=True)
+                ),
+                "eager_scores_ms": eager_scores_ms,
+                "sdpa_attention_ms": median("sdpa", 1),
                 "eager_ms": median("eager", 0),
+                "eager_mean_ms": statistics.mean(r[0] for r in rows["eager"]) * 1e3,
                 "cached_ms": median(label, 0),
                 "sdpa_ms": median("sdpa", 0),
                 "eager_attention_ms": median("eager", 1),
@@ -313,7 +368,7 @@ def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args:
                 if reused_length
                 else float("nan"),
                 "cosine_mean": float(cosine.mean()),
-                "cosine_min": float(cosine.min()),
+                "cosine_p1": float(torch.quantile(cosine, 0.01)),
                 "eager_accuracy": float((eager_pred == labels[1]).mean()),
                 "cached_accuracy": float((cached_pred == labels[1]).mean()),
                 "agreement": float((eager_pred == cached_pred).mean()),
@@ -327,21 +382,26 @@ def measure(name: str, length: int, variants: dict[str, LayerCacheConfig], args:
 
 def report(results: list[dict]) -> str:
     lines = [
-        "| model | L | config | layer hit rate | recomputed rows+cols | attention ms: eager / cached (all-hit "
-        "requests) | attention speed-up (all-hit) | end to end ms: eager / cached / sdpa | end-to-end speed-up "
-        "(vs sdpa) | cosine mean (min) | probe accuracy eager -> cached | predictions unchanged |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | L | workload | config | layer calls bypassed by the gate | layer hit rate | recomputed rows+cols "
+        "| attention ms: eager / sdpa / cached (all-hit requests) | end to end ms: eager / sdpa / cached | "
+        "speed-up vs eager | vs sdpa (paired median) | Amdahl bound vs eager (QK^T+softmax share) | "
+        "bound vs sdpa (attention share) | cosine mean (p1) | probe accuracy eager -> cached |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        eager_att, cached_att, hit_att = r["eager_attention_ms"], r["cached_attention_ms"], r["all_hit_attention_ms"]
+        share = r["eager_scores_ms"] / r["eager_mean_ms"]
+        sdpa_share = r["sdpa_attention_ms"] / r["sdpa_ms"]
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['config']} | {r['hit_rate']:.0%} | {r['recomputed']:.0%} | "
-            f"{eager_att:.1f} / {cached_att:.1f} ({hit_att:.1f}, {r['all_hit_requests']}/{r['requests']}) | "
-            f"{eager_att / cached_att:.2f}x ({eager_att / hit_att:.2f}x) | "
-            f"{r['eager_ms']:.0f} / {r['cached_ms']:.0f} / {r['sdpa_ms']:.0f} | "
-            f"{r['eager_ms'] / r['cached_ms']:.2f}x ({r['sdpa_ms'] / r['cached_ms']:.2f}x) | "
-            f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | "
-            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} | {r['agreement']:.0%} |"
+            f"| {r['model']} | {r['length']} | {r['workload']} | {r['config']} | {r['gate_bypassed']:.0%} | "
+            f"{r['hit_rate']:.0%} | {r['recomputed']:.0%} | "
+            f"{r['eager_attention_ms']:.1f} / {r['sdpa_attention_ms']:.1f} / {r['cached_attention_ms']:.1f} "
+            f"({r['all_hit_attention_ms']:.1f}, {r['all_hit_requests']}/{r['requests']}) | "
+            f"{r['eager_ms']:.0f} / {r['sdpa_ms']:.0f} / {r['cached_ms']:.0f} | "
+            f"{r['eager_ms'] / r['cached_ms']:.2f}x | {r['sdpa_ms'] / r['cached_ms']:.2f}x "
+            f"({r['paired_vs_sdpa']:.2f}x) | "
+            f"{1 / (1 - share):.2f}x ({share:.0%}) | {1 / (1 - sdpa_share):.2f}x ({sdpa_share:.0%}) | "
+            f"{r['cosine_mean']:.4f} ({r['cosine_p1']:.4f}) | "
+            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} |"
         )
     return "\n".join(lines)
 
@@ -356,8 +416,14 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.85)
     parser.add_argument("--position-tolerance", type=float, default=LayerCacheConfig.attention_position_tolerance)
     parser.add_argument(
-        "--no-whole-map", dest="whole_map", action="store_false", help="skip the row of whole-map reuse (the paper's)"
+        "--workloads",
+        nargs="+",
+        default=["templated", "varied"],
+        choices=["templated", "varied"],
+        help="templated: a fixed frame around the ticket; varied: every document its own order of the text (the "
+        "floor: nothing to reuse), measured with the default config only",
     )
+    parser.add_argument("--whole-map", action="store_true", help="add the row of whole-map reuse (the paper's)")
     parser.add_argument("--max-error", type=float, default=LayerCacheConfig.attention_max_error)
     parser.add_argument("--max-memory", default="4GB")
     parser.add_argument(
@@ -383,17 +449,21 @@ def main() -> None:
         attention_max_error=args.max_error,
         max_memory=args.max_memory,
     )
+    # the mechanism without the gate: every prefill call takes the cached path
+    always = LayerCacheConfig.from_dict({**default.to_dict(), "attention_gate_interval": 0})
     # AttnCache as published: the nearest map is served whole (the new mask still applied), nothing is verified
     whole = LayerCacheConfig.from_dict(
-        {**default.to_dict(), "attention_position_tolerance": 1e9, "attention_verify_rows": 0}
+        {**always.to_dict(), "attention_position_tolerance": 1e9, "attention_verify_rows": 0}
     )
-    variants = {"default": default, "whole map": whole} if args.whole_map else {"default": default}
+    variants = {"default": default, "no gate": always} | ({"whole map": whole} if args.whole_map else {})
     results = []
     for name in args.models:
         for length in args.lengths:
-            start = time.perf_counter()
-            results += measure(name, length, variants, args)
-            print(f"{name} L={length}: {time.perf_counter() - start:.0f} s", flush=True)
+            for workload in args.workloads:
+                start = time.perf_counter()
+                chosen = variants if workload == "templated" else {"default": default}
+                results += measure(name, length, workload, chosen, args)
+                print(f"{name} L={length} {workload}: {time.perf_counter() - start:.0f} s", flush=True)
     print(report(results))
 
 

@@ -135,6 +135,13 @@ class LayerCacheConfig:
     """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones,
     in any head; a candidate above it is a miss. Lower is stricter."""
 
+    attention_gate_interval: int = 16
+    """Calls between the attention strategy's gate probes. Per layer and length bucket, the gate measures what a
+    hit, a miss and the model's default attention (sdpa) cost here, and the recent reuse rate; where caching is not
+    expected to be faster, the layer runs the default attention with no bookkeeping and takes the cached path once
+    every this many calls, to notice reusable traffic (while caching, it runs the default as often, to keep
+    measuring it). ``0``: no gate, every prefill call takes the cached path."""
+
     # --- declared and validated by the prefix strategy (PrefixStrategy.config_fields) ---
     block_size: int = 16
     """Tokens per block of the ``prefix`` strategy. A prompt is cut into blocks, each keyed by everything before

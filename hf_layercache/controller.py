@@ -294,6 +294,7 @@ class LayerCacheController:
                 entry["entries"] += count
         report["namespaces"] = namespaces
         report["shared"] = self.shared.report() if self.shared is not None else {}
+        report.update(self.strategy.report())
         return report
 
     def format_stats(self) -> str:

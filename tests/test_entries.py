@@ -57,7 +57,7 @@ def entries():
         ),
         "attention": (
             AttentionEntry(
-                torch.rand(2, 5, 5), torch.randn(2, 5), torch.ones(5, 5, dtype=torch.bool), *torch.randn(2, 2, 5, 4)
+                torch.rand(2, 5, 5), torch.randn(2, 5), torch.ones(5, 5, dtype=torch.bool), *torch.randn(4, 2, 5, 4)
             ),
             {"heads": 2},
         ),

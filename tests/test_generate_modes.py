@@ -39,7 +39,7 @@ STRATEGIES = {
     # approximate ones, configured so that an identical prompt hits and a prompt never seen does not
     "semantic_state": dict(strategy="semantic", reuse="state", threshold=0.95, verify_fraction=0.0),
     "semantic_residual": dict(strategy="semantic", reuse="residual", threshold=0.95, verify_fraction=0.0),
-    "attention": dict(strategy="attention", threshold=0.95),
+    "attention": dict(strategy="attention", threshold=0.95, attention_gate_interval=0),  # the gate: tested apart
 }
 ARCHS = [*DECODERS, "t5"]
 

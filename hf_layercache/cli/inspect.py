@@ -53,6 +53,7 @@ BUILTIN_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
         "attention_position_tolerance",
         "attention_verify_rows",
         "attention_max_error",
+        "attention_gate_interval",
     ),
 }
 """The fields each built-in strategy reads beyond :data:`COMMON_FIELDS`, for this command, which must not import the

@@ -83,6 +83,10 @@ class Strategy(ABC):
     def reset_counters(self) -> None:  # noqa: B027 - optional hook
         """Reset counters the strategy keeps beside ``stats()`` (called by ``clear()``)."""
 
+    def report(self) -> dict[str, Any]:
+        """Sections the strategy adds to ``stats()`` (the attention strategy: its gates); none by default."""
+        return {}
+
     def saved_banks(self) -> list[str]:
         """The banks a warm cache holds: all of them, unless some only derive from the others."""
         return list(self.banks)

@@ -29,9 +29,33 @@ def masked_scores(
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         return scores
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return scores + mask[..., : key.shape[-2]]
+    return scores.add_(_additive(mask, scores.dtype)[..., : key.shape[-2]])
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention's additive one (0 or the dtype's minimum). Adding it, rather than a
+    ``masked_fill`` with the boolean mask broadcast over heads, is several times faster on a CPU."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def key_major_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention's scores and softmax weights, both key-major: (batch, heads, L_key, L_query), the transpose
+    of ``masked_scores`` and ``attention_scores``, computed in that layout (the attention strategy stores maps
+    key-major, and transposing a map costs more than computing it so)."""
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    scores = torch.matmul(key, query.transpose(-1, -2)).mul_(scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores.add_(_additive(mask, scores.dtype).transpose(-1, -2))
+    return scores, nn.functional.softmax(scores, dim=-2, dtype=torch.float32).to(query.dtype)
 
 
 def attention_scores(

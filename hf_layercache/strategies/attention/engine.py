@@ -4,7 +4,7 @@ each request row, serve ``A @ V`` with its corrections, compute and store the mi
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,8 +12,10 @@ from torch import nn
 from ...bank import CacheBank, Lookup
 from ...layers import CachedLayer
 from ...request import RequestScope
-from .eager import eager_attention, grouped_matmul, masked_scores
+from .eager import key_major_attention, repeat_kv
 from .entry import AttentionEntry
+from .function import WEIGHTS, default_attention
+from .gate import CACHED, MEASURED, Gate
 from .positions import _Positions
 from .rows import _distance, _Reuse, _Row
 
@@ -22,12 +24,12 @@ if TYPE_CHECKING:
 
 # keys of the request scope's state: written by the strategy (``begin_request``, ``patterns``), read here
 _PREFILL = "attention.prefill"
-_WEIGHTS = "attention.weights"
 _NAMESPACE = "attention.namespace"
 _PATTERNS = "attention.patterns"
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
-"""A candidate that would recompute more rows and columns than this fraction of the length is a miss instead."""
+"""A candidate that would recompute more rows and columns than this fraction of the length, or more heads than this
+fraction of them, is a miss instead."""
 _MAX_MOVED_WEIGHT = 0.5
 """A reused row whose stored weight on changed columns exceeds this is computed exactly instead."""
 
@@ -53,6 +55,8 @@ class CachedAttention:
         """Least cosine of the pooled lookup keys for an entry to be considered."""
         self.tolerance = strategy.config.attention_position_tolerance
         """Largest relative change of a position's states for its row (query) or column (key) to be reused."""
+        self.gate = Gate(strategy.config.attention_gate_interval)
+        """Per length bucket, whether this layer caches or runs the model's default attention."""
 
     def __call__(
         self,
@@ -64,12 +68,38 @@ class CachedAttention:
         mask: torch.Tensor | None,
         scaling: float,
         softcap: float | None,
+        kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        stats = self.strategy.controller.stats_
-        keep = _keep_mask(module, mask, query.shape[-2], key.shape[-2])
-        if keep is None or not scope.state.get(_PREFILL, False) or query.shape[-2] != key.shape[-2]:
-            stats.record_bypass(self.layer.name, query.shape[0])
-            return eager_attention(module, query, key, value, mask, scaling, softcap=softcap)
+        arguments = (scope, module, query, key, value, mask, scaling, softcap, kwargs)
+        rows, length = query.shape[0], key.shape[-2]
+        if not scope.state.get(_PREFILL, False) or query.shape[-2] != length:
+            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
+            return default_attention(self.strategy.default_implementation, *arguments)
+        want_maps = scope.state.get(WEIGHTS, False)
+        route = CACHED if want_maps else self.gate.route(length, rows)
+        keep = _keep_mask(module, mask, query.shape[-2], length) if route == CACHED else None
+        if keep is None:  # the cache cannot gain here (or cannot take this mask): no bookkeeping
+            start = time.perf_counter()
+            out = default_attention(self.strategy.default_implementation, *arguments)
+            if route == MEASURED:
+                self.gate.record_default(length, rows, time.perf_counter() - start)
+            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
+            return out
+        return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
+
+    def _cached(
+        self,
+        scope: RequestScope,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        keep: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        want_maps: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached path: look up, serve the hits, compute and store the misses; its costs go to the gate."""
+        start = time.perf_counter()
         keep = keep.expand(query.shape[0], 1, -1, -1)
         patterns = self.strategy.patterns(scope, keep)
         rows = [
@@ -77,18 +107,25 @@ class CachedAttention:
             for b in range(query.shape[0])
         ]
         keys = self.strategy.lookup_keys(query, key)
-        want_maps = scope.state.get(_WEIGHTS, False)
+        searched = len(self.bank) > 0
         reuses = self._reuses(scope, rows, keys)
         lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
         self.strategy.controller.record_lookup(lookup, self.bank, [self.layer.name])
+        looked_up = time.perf_counter()
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
+        served = time.perf_counter()
         misses = [b for b in range(len(rows)) if b not in outputs]
         seconds = self._compute(scope, query, key, keep, rows, keys, misses, outputs)
-        stats.record_compute(self.layer.name, len(misses), seconds)
+        self.strategy.controller.stats_.record_compute(self.layer.name, len(misses), seconds)
+        computed = time.perf_counter()
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
-        if not want_maps:
-            return output, None
-        return output, torch.stack([outputs[b][1] for b in range(len(rows))])
+        maps = torch.stack([outputs[b][1] for b in range(len(rows))]) if want_maps else None
+        if not want_maps:  # the maps cost extra: such calls say nothing about the usual cost
+            overhead = looked_up - start + time.perf_counter() - computed
+            self.gate.record_cached(
+                key.shape[-2], len(rows), len(reuses), searched, overhead, served - looked_up, computed - served
+            )
+        return output, maps
 
     # --- hits -------------------------------------------------------------------------------------------------------
     def _reuses(self, scope: RequestScope, rows: list[_Row], keys: torch.Tensor) -> dict[int, _Reuse]:
@@ -102,14 +139,17 @@ class CachedAttention:
             if reuse is None:
                 continue
             self._rescore(reuse, row)
-            error = self._verify(reuse, row)
-            if error is not None:
+            errors = self._verify(reuse, row)
+            if errors is not None:
+                error = float(errors.max())
                 acceptable = error <= self.strategy.max_error
                 self.strategy.controller.stats_.record_error(self.layer.name, error, acceptable, explored=True)
-            if error is not None and error > self.strategy.max_error:
-                self.bank.record_error(reuse.entry_id, error)
-                continue
-            self.strategy.count_reuse(reuse.recomputed, row.length)
+                failed = (errors > self.strategy.max_error).nonzero().flatten()
+                if len(failed) > len(errors) * _MAX_RECOMPUTED:  # most heads moved: the map is not this input's
+                    self.bank.record_error(reuse.entry_id, error)
+                    continue
+                reuse.heads = failed if len(failed) else None  # heads whose maps moved are computed exactly
+            self.strategy.count_reuse(reuse.recomputed, row.length, reuse.heads, len(row.query))
             found[b] = reuse
         return found
 
@@ -136,7 +176,10 @@ class CachedAttention:
         # columns carry no weight unless the masks differ there
         changed_rows = (_distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
         changed_rows &= row.pattern.live
-        changed_columns = (_distance(row.key, entry.key) > row.key_limits) & row.pattern.live
+        # a column is served from the stored map and the stored output while its key and value stayed put
+        moved = _distance(row.key, entry.key) > row.key_limits
+        moved |= _distance(row.value, entry.value) > row.value_limits
+        changed_columns = moved & row.pattern.live
         stored_keep = entry.mask.to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
@@ -157,7 +200,9 @@ class CachedAttention:
             return
         lse = reuse.entry.lse.to(row.query.device)
         weights = row.column_weights(reuse.columns, lse)
-        stored = reuse.columns.take(reuse.entry.map, 2).to(device=row.query.device, dtype=torch.float32)
+        # (heads, L, columns): a transposed view of the key-major map's contiguous rows
+        stored = reuse.columns.take(reuse.entry.map, 1).to(device=row.query.device, dtype=torch.float32)
+        stored = stored.transpose(1, 2)
         reuse.stored_columns = stored
         moved = stored.sum(-1)
         ratio = 1.0 - moved + weights.sum(-1)
@@ -169,9 +214,9 @@ class CachedAttention:
             ratio = torch.where(valid, ratio, torch.ones_like(ratio))
         reuse.column_weights, reuse.ratio = weights, ratio
 
-    def _verify(self, reuse: _Reuse, row: _Row) -> float | None:
-        """Largest total variation distance between the served and the exactly computed map, over a few reused rows
-        of live positions, every head (``None`` when verification is off or every such row is computed anyway)."""
+    def _verify(self, reuse: _Reuse, row: _Row) -> torch.Tensor | None:
+        """Per head, the largest total variation distance between the served and the exactly computed map over a
+        few reused rows of live positions (``None`` when verification is off or every such row is computed)."""
         reused = row.pattern.live.clone()
         reused[reuse.rows.index] = False
         checked = self.strategy.verify_rows(reused.nonzero().flatten())
@@ -179,26 +224,35 @@ class CachedAttention:
             return None
         checked = _Positions(checked)
         exact = row.exact_rows(checked).float()
-        return float(0.5 * (exact - reuse.served_rows(checked.index)).abs().sum(-1).max())
+        return 0.5 * (exact - reuse.served_rows(checked.index)).abs().sum(-1).amax(-1)
 
     @staticmethod
     def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``A' @ V`` for one request row, (heads, L, d): the stored ``A @ V`` plus corrections of rank ``changed``.
-        The corrected map itself is only built when ``output_attentions`` asks for it."""
-        stored = reuse.entry.map.to(device=row.query.device, dtype=row.query.dtype)
-        output = grouped_matmul(stored, row.value)
-        if len(reuse.columns):
-            delta = (reuse.column_weights - reuse.stored_columns).to(row.value.dtype)
-            output = grouped_matmul(delta, reuse.columns.take(row.value, 1)).add_(output)
-            output.div_(reuse.ratio[..., None].to(row.value.dtype))
-        exact = row.exact_rows(reuse.rows) if len(reuse.rows) else None
-        if exact is not None:
-            reuse.rows.put(output, 1, grouped_matmul(exact, row.value))
+        """``A' @ V`` for one request row, (heads, L, d), without a full ``A @ V``: the stored output, corrected at
+        the changed columns (``(O - A[:, C] V_old[C] + W'[:, C] V[C]) / r``), the changed rows and the heads that
+        failed verification computed exactly (with sdpa where it applies). The corrected map itself is only built
+        when ``output_attentions`` asks for it."""
+        device, dtype = row.query.device, row.query.dtype
+        output = reuse.entry.output.to(device=device, dtype=dtype, copy=True)
+        if len(reuse.columns):  # in place: fresh (heads, L, d) temporaries cost page faults on a CPU
+            new_values = repeat_kv(reuse.columns.take(row.value, 1)[None], row.groups)[0]
+            old_values = reuse.columns.take(reuse.entry.value, 1).to(device=device, dtype=dtype)
+            old_values = repeat_kv(old_values[None], row.groups)[0]
+            output.baddbmm_(reuse.column_weights.to(dtype), new_values)
+            output.baddbmm_(reuse.stored_columns.to(dtype), old_values, alpha=-1.0)
+            output.div_(reuse.ratio[..., None].to(dtype))
+        if len(reuse.rows):
+            reuse.rows.put(output, 1, row.exact_outputs(reuse.rows))
+        heads = reuse.heads
+        if heads is not None:
+            output.index_copy_(0, heads, row.exact_head_outputs(heads))
         if not want_map:
             return output, None
-        full = reuse.served_rows(torch.arange(row.length, device=row.query.device)).to(row.query.dtype)
-        if exact is not None:
-            reuse.rows.put(full, 1, exact)
+        full = reuse.served_rows(torch.arange(row.length, device=device)).to(dtype)
+        if len(reuse.rows):
+            reuse.rows.put(full, 1, row.exact_rows(reuse.rows))
+        if heads is not None:
+            full.index_copy_(0, heads, row.exact_head_maps(heads))
         return output, full
 
     # --- misses -----------------------------------------------------------------------------------------------------
@@ -219,15 +273,16 @@ class CachedAttention:
         start = time.perf_counter()
         index = torch.tensor(misses, device=query.device)
         first = rows[misses[0]]
-        scores = masked_scores(query[index], key[index], keep[index], first.scaling, first.softcap)
-        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        scores, weights = key_major_attention(query[index], key[index], keep[index], first.scaling, first.softcap)
         for i, b in enumerate(misses):
-            outputs[b] = (grouped_matmul(weights[i], rows[b].value), weights[i])
+            value = repeat_kv(rows[b].value[None], first.groups)[0]
+            outputs[b] = (torch.matmul(weights[i].transpose(1, 2), value), weights[i].transpose(1, 2))
         seconds = time.perf_counter() - start
         # log-normaliser from the softmax already computed: lse = max score - log(max weight), two reductions
-        lse = scores.amax(-1).float() - weights.amax(-1).float().log()
+        lse = scores.amax(-2).float() - weights.amax(-2).float().log()
         for i, b in enumerate(misses):
-            entry = AttentionEntry(weights[i], lse[i], rows[b].keep, rows[b].query, rows[b].key)
+            row = rows[b]
+            entry = AttentionEntry(weights[i], lse[i], row.keep, row.query, row.key, row.value, outputs[b][0])
             self.bank.put(
                 entry.to_tensors(), key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE]
             )

@@ -8,7 +8,7 @@ import torch
 
 from ...entries import StoredEntry, refuse_unknown, require
 
-_FIELDS = frozenset({"map", "lse", "mask", "query", "key"})
+_FIELDS = frozenset({"map", "lse", "mask", "query", "key", "value", "output"})
 
 
 @dataclass
@@ -17,7 +17,9 @@ class AttentionEntry(StoredEntry):
     positions moved (see :class:`~.engine.CachedAttention`)."""
 
     map: torch.Tensor
-    """(heads, L, L) softmax attention weights."""
+    """(heads, L, L) softmax attention weights, stored key-major: ``map[h, k, q]`` is query ``q``'s weight on key
+    ``k``. A hit reads the columns of the changed keys, which this layout keeps contiguous (gathering them from a
+    query-major map costs more than the arithmetic on them)."""
     lse: torch.Tensor
     """(heads, L) float32 log-normaliser of each row."""
     mask: torch.Tensor
@@ -26,6 +28,11 @@ class AttentionEntry(StoredEntry):
     """(heads, L, head_dim) query states."""
     key: torch.Tensor
     """(kv_heads, L, head_dim) key states."""
+    value: torch.Tensor
+    """(kv_heads, L, head_dim) value states."""
+    output: torch.Tensor
+    """(heads, L, head_dim) ``map @ value``: a hit whose values moved at few positions corrects it at those
+    positions instead of recomputing ``map @ value`` (a full ``L^2`` pass, as costly as a fused sdpa kernel)."""
 
     @property
     def length(self) -> int:
@@ -34,12 +41,21 @@ class AttentionEntry(StoredEntry):
     def to_tensors(self) -> dict[str, torch.Tensor]:
         # the normaliser is stored as its bits: storage_dtype must not round it
         lse = self.lse.float().view(torch.int32)
-        return {"map": self.map, "lse": lse, "mask": self.mask, "query": self.query, "key": self.key}
+        return {
+            "map": self.map,
+            "lse": lse,
+            "mask": self.mask,
+            "query": self.query,
+            "key": self.key,
+            "value": self.value,
+            "output": self.output,
+        }
 
     @classmethod
     def from_tensors(cls, values: dict[str, torch.Tensor]) -> AttentionEntry:
         lse = values["lse"].view(torch.float32)
-        return cls(values["map"], lse, values["mask"], values["query"], values["key"])
+        fields = ("map", "mask", "query", "key", "value", "output")
+        return cls(**{name: values[name] for name in fields}, lse=lse)
 
     @classmethod
     def validate(cls, values: dict[str, torch.Tensor], heads: int | None = None) -> None:
@@ -52,5 +68,7 @@ class AttentionEntry(StoredEntry):
         require(values, "lse", torch.int32, (heads, length))
         require(values, "mask", torch.bool, (length, length))
         require(values, "query", None, (heads, length, None))
-        require(values, "key", None, (None, length, None))
+        key = require(values, "key", None, (None, length, None))
+        value = require(values, "value", None, (key.shape[0], length, None))
+        require(values, "output", None, (heads, length, value.shape[-1]))
         refuse_unknown(values, _FIELDS, "an attention entry")

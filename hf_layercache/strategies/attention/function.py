@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ...request import current_scope
+from ...request import RequestScope, current_scope
 from .eager import eager_attention
 
 ATTN_IMPLEMENTATION = "hf_layercache"
@@ -39,6 +40,11 @@ _KNOWN_KWARGS = frozenset(
 
 _MODULE_ATTR = "_layer_cache_attention"
 """Instance attribute of a cached attention module: its :class:`CachedAttention` (set through the hook registry)."""
+WEIGHTS = "attention.weights"
+"""Key of the request scope's state: whether the request asked for the attention maps (``output_attentions``)."""
+_SKIPPED_MASKS = "attention.sdpa_skipped_masks"
+"""Key of the request scope's state: signatures of the masks for which sdpa's own mask function would have returned
+``None`` (no padding, plain causal), so the default path can give sdpa what the model would have given it."""
 _users = 0
 """Models whose cache has the attention functions registered; the last to detach unregisters them."""
 _users_lock = threading.Lock()
@@ -65,9 +71,43 @@ def _unregister_functions() -> None:
 def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
     """The mask function registered beside the attention: always a ``(batch, 1, q, kv)`` boolean mask (``True``
     attends). It never returns ``None`` (sdpa's shortcut for "causal" or "no padding"), so every call sees the real
-    pattern, which the cached path applies to stored maps."""
+    pattern, which the cached path applies to stored maps. When sdpa's mask function would have skipped the mask,
+    the request scope remembers it: the default path then calls sdpa exactly as the model does (``None``)."""
+    mask = sdpa_mask(*args, **kwargs)  # what the model's own sdpa path gets; the full mask unless it is skipped
+    if mask is not None:
+        return mask
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    scope = current_scope()
+    if scope is not None:
+        scope.state.setdefault(_SKIPPED_MASKS, set()).add(_signature(mask))
+    return mask
+
+
+def _signature(mask: torch.Tensor) -> tuple:
+    return mask.data_ptr(), tuple(mask.shape), mask.stride()
+
+
+def default_attention(
+    implementation: str,
+    scope: RequestScope,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own attention, as it ran before ``enable()``, for inference calls the cache does not take (decode
+    steps, layers the gate turned off): sdpa with the mask sdpa would have had, when that was the implementation and
+    neither maps (``output_attentions``) nor soft-capping (which sdpa lacks) are asked for; eager math otherwise."""
+    if implementation != "sdpa" or scope.state.get(WEIGHTS, False) or softcap is not None:
+        return eager_attention(module, query, key, value, mask, scaling, softcap=softcap)
+    if mask is not None and _signature(mask) in scope.state.get(_SKIPPED_MASKS, ()):
+        mask = None
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
 
 
 def attention_forward(
@@ -89,9 +129,9 @@ def attention_forward(
             f"model. Allowed extra arguments: {sorted(_KNOWN_KWARGS)}. Use another strategy for this model."
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    softcap = kwargs.get("softcap")
+    softcap = kwargs.pop("softcap", None)
     cached = module.__dict__.get(_MODULE_ATTR)
     scope = current_scope()
     if cached is None or scope is None or scope.bypass_reason is not None or module.training or dropout:
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, softcap)
-    return cached(scope, module, query, key, value, attention_mask, scaling, softcap)
+    return cached(scope, module, query, key, value, attention_mask, scaling, softcap, kwargs)

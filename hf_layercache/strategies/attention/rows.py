@@ -7,8 +7,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .eager import attention_scores, masked_scores
+from .eager import attention_scores, grouped_matmul, masked_scores, repeat_kv
 from .entry import AttentionEntry
 from .positions import _Pattern, _Positions
 
@@ -47,6 +48,39 @@ class _Row:
         """Per position, the distance from a stored key beyond which the position's column counts as changed."""
         return self.tolerance * _norms(self.key)
 
+    @functools.cached_property
+    def value_limits(self) -> torch.Tensor:
+        """Per position, the distance from a stored value beyond which the position's column counts as changed."""
+        return self.tolerance * _norms(self.value)
+
+    @property
+    def groups(self) -> int:
+        return self.query.shape[0] // self.key.shape[0]
+
+    def exact_outputs(self, rows: _Positions) -> torch.Tensor:
+        """Exact attention outputs of the query rows ``rows``: (heads, n, d), through sdpa where it computes the
+        same thing (no soft-capping, no query without any key to attend to)."""
+        query = rows.take(self.query, 1)
+        keep = None if self.pattern.full else rows.take(self.keep, 0)
+        if self.softcap is not None or (keep is not None and not bool(keep.any(-1).all())):
+            return grouped_matmul(self.exact_rows(rows), self.value)
+        return _sdpa(query, self.key, self.value, keep, self.scaling)
+
+    def exact_head_maps(self, heads: torch.Tensor) -> torch.Tensor:
+        """Exact maps of the query heads ``heads``: (n, L, L)."""
+        keep = None if self.pattern.full else self.keep[None, None]
+        key = self.key.index_select(0, heads // self.groups)
+        return attention_scores(self.query.index_select(0, heads)[None], key[None], keep, self.scaling, self.softcap)[0]
+
+    def exact_head_outputs(self, heads: torch.Tensor) -> torch.Tensor:
+        """Exact attention outputs of the query heads ``heads``, every row: (n, L, d)."""
+        value = self.value.index_select(0, heads // self.groups)
+        if self.softcap is not None or bool(self.pattern.empty.any()):
+            return torch.matmul(self.exact_head_maps(heads), value)
+        key = self.key.index_select(0, heads // self.groups)
+        keep = None if self.pattern.full else self.keep
+        return _sdpa(self.query.index_select(0, heads), key, value, keep, self.scaling)
+
     def exact_rows(self, rows: _Positions) -> torch.Tensor:
         """Exact attention rows ``rows``: (heads, n, L)."""
         keep = None if self.pattern.full else rows.take(self.keep, 0)[None, None]
@@ -56,10 +90,18 @@ class _Row:
         """``exp(S[:, c] - lse)`` for the keys ``columns``, 0 where masked: (heads, L, n) float32.
 
         The exponent is clamped to +-80 (weights below e^-80 of the normaliser are negligible): torch's ``exp`` is
-        many times slower on the very negative scores of masked positions and on subnormal results."""
-        scores = masked_scores(self.query[None], columns.take(self.key, 1)[None], None, self.scaling, self.softcap)[0]
-        weights = (scores.float() - lse[..., None]).clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
-        return weights if self.pattern.full else weights.masked_fill_(~columns.take(self.keep, 1), 0.0)
+        many times slower on the very negative scores of masked positions and on subnormal results. Computed in
+        place after one fused ``baddbmm``: on a CPU, every fresh (heads, L, n) temporary costs page faults."""
+        key = repeat_kv(columns.take(self.key, 1)[None], self.groups)[0]
+        if self.softcap is None and self.query.dtype == torch.float32:
+            bias = lse.to(torch.float32)[..., None].neg().expand(-1, -1, key.shape[1])
+            weights = torch.baddbmm(bias, self.query, key.transpose(-1, -2), alpha=self.scaling)
+        else:
+            weights = masked_scores(self.query[None], key[None], None, self.scaling, self.softcap)[0].float()
+            weights.sub_(lse[..., None])
+        weights.clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
+        # a multiply, not masked_fill_: a broadcast boolean fill is several times slower on a CPU
+        return weights if self.pattern.full else weights.mul_(columns.take(self.keep, 1).to(weights.dtype))
 
 
 @dataclass
@@ -78,6 +120,8 @@ class _Reuse:
     """The stored map's weights on the changed columns, (heads, L, columns), float32."""
     ratio: torch.Tensor | None = None
     """New normaliser / stored normaliser, (heads, L), float32."""
+    heads: torch.Tensor | None = None
+    """Query heads whose verified rows were too far from exact: computed exactly, every row (``None``: none)."""
 
     @property
     def recomputed(self) -> int:
@@ -85,11 +129,23 @@ class _Reuse:
 
     def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
-        served = self.entry.map.index_select(1, rows).float()  # a copy: written below
+        served = self.entry.map.index_select(2, rows).transpose(1, 2).float().contiguous()  # a copy: written below
         if len(self.columns):
             self.columns.put(served, 2, self.column_weights.index_select(1, rows))
             served = served / self.ratio[:, rows, None]
         return served
+
+
+def _sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Fused attention of one request row's heads, (heads, n, d) against (kv_heads, L, d); ``keep`` (n, L) or
+    ``None`` (every key)."""
+    mask = None if keep is None else keep[None, None]
+    out = nn.functional.scaled_dot_product_attention(
+        query[None], key[None], value[None], attn_mask=mask, scale=scaling, enable_gqa=query.shape[0] != key.shape[0]
+    )
+    return out[0]
 
 
 def _norms(states: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ from ...models import dispatches_attention
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import Strategy
-from .engine import _NAMESPACE, _PATTERNS, _PREFILL, _WEIGHTS, CachedAttention
+from .engine import _NAMESPACE, _PATTERNS, _PREFILL, CachedAttention
 from .entry import AttentionEntry
-from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, _register_functions, _unregister_functions
+from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, WEIGHTS, _register_functions, _unregister_functions
 from .positions import _Pattern
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class AttentionStrategy(Strategy):
         "attention_position_tolerance",
         "attention_verify_rows",
         "attention_max_error",
+        "attention_gate_interval",
     )
 
     @classmethod
@@ -67,6 +68,11 @@ class AttentionStrategy(Strategy):
         rows = config.attention_verify_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")
+        interval = config.attention_gate_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(
+                f"attention_gate_interval must be a non-negative int (0: no gate, always cache), got {interval!r}."
+            )
         error = config.attention_max_error
         if isinstance(error, bool) or not isinstance(error, int | float) or not 0.0 <= error <= 1.0:
             raise ValueError(f"attention_max_error must be a total variation distance in [0, 1], got {error!r}.")
@@ -78,12 +84,16 @@ class AttentionStrategy(Strategy):
         self._projections: dict[tuple, torch.Tensor] = {}
         self._heads: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.cached: dict[str, CachedAttention] = {}
+        self.default_implementation = "eager"
+        """The attention implementation the model had before ``enable()``: what runs where the cache does not."""
         self.reset_counters()
 
     # --- wiring -----------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         model = self.controller.model
         modules = [self._attention_module(layer) for layer in self.layers]
+        self.default_implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         self.hooks.call(f"AttentionInterface[{ATTN_IMPLEMENTATION!r}]", _register_functions, _unregister_functions)
         for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
             bank = self.new_bank(
@@ -91,6 +101,7 @@ class AttentionStrategy(Strategy):
             )
             self._heads[layer.name] = _heads(module)
             cached = CachedAttention(self, layer, bank, self.config.threshold_for(position))
+            self.cached[layer.name] = cached
             self.hooks.set_attribute(module, _MODULE_ATTR, cached)
         for config in _attention_configs(model):  # what set_attn_implementation changes, restored on removal
             self.hooks.set_attribute(config, "_attn_implementation_internal", config._attn_implementation_internal)
@@ -123,7 +134,7 @@ class AttentionStrategy(Strategy):
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         config = getattr(self.controller.model, "config", None)
         scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
-        scope.state[_WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
+        scope.state[WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
         scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
 
     # --- keys -------------------------------------------------------------------------------------------------------
@@ -163,15 +174,25 @@ class AttentionStrategy(Strategy):
         return candidates[picks.flip(0)]
 
     def reset_counters(self) -> None:
-        self.reuse = {"hits": 0, "recomputed": 0, "length": 0}
-        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`."""
+        self.reuse = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0}
+        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`, and of the heads they
+        computed exactly because their maps moved (failed verification)."""
+        for cached in self.cached.values():  # the reuse the gates measured went with the entries
+            cached.gate.reset()
 
-    def count_reuse(self, recomputed: int, length: int) -> None:
-        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns."""
+    def count_reuse(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int) -> None:
+        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns, and ``heads`` of
+        ``n_heads`` heads."""
         with self._lock:
             self.reuse["hits"] += 1
             self.reuse["recomputed"] += recomputed
             self.reuse["length"] += length
+            self.reuse["heads_recomputed"] += 0 if heads is None else len(heads)
+            self.reuse["heads"] += n_heads
+
+    def report(self) -> dict[str, Any]:
+        """``stats()["attention_gate"]``: per layer and length bucket, the gate's state and measurements."""
+        return {"attention_gate": {name: cached.gate.report() for name, cached in self.cached.items()}}
 
     @property
     def recomputed_fraction(self) -> float:

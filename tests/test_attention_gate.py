@@ -1,0 +1,124 @@
+"""The attention strategy's gate: where caching cannot gain, layers run the model's own attention (sdpa) with no
+bookkeeping, bit for bit; probes notice reusable traffic; the decision rule itself on given measurements."""
+
+import pytest
+import torch
+from tiny import tiny_batch, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.attention.gate import CACHED, DEFAULT, MEASURED, Gate
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def gates(model):
+    return model.layer_cache.stats()["attention_gate"]
+
+
+def padded(arch, seed):
+    batch = tiny_batch(arch, batch=2, length=12, seed=seed)
+    batch["attention_mask"][1, -4:] = 0
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_without_reuse_the_gate_runs_the_models_own_sdpa_with_no_bookkeeping(arch):
+    requests = [tiny_batch(arch, batch=2, length=12, seed=s) for s in range(8)] + [padded(arch, 9)]
+    plain = tiny_model(arch)
+    assert plain.config._attn_implementation == "sdpa"
+    expected = [run(plain, batch) for batch in requests]
+    model = hf_layercache.enable(plain, LayerCacheConfig(strategy="attention", attention_gate_interval=1000))
+    try:
+        outputs = [run(model, batch) for batch in requests]
+        layers = len(model.layer_cache.layers)
+        # the first two calls of the bucket: the default, measured; then three cached calls (misses: nothing
+        # repeats), after which the measured costs say no, and the layer runs sdpa: every later call is bypassed
+        for name, buckets in gates(model).items():
+            bucket = buckets[16]
+            assert bucket["state"] == "off", name
+            assert bucket["cached_calls"] == 3 and bucket["probes"] == 0
+            assert bucket["bypassed"] == 2 * (len(requests) - 3)
+            assert bucket["reuse"] == 0.0 and bucket["miss_seconds"] > bucket["default_seconds"] > 0
+        stats = model.layer_cache.stats()["total"]
+        assert stats["bypassed"] == 2 * (len(requests) - 3) * layers
+        assert stats["lookups"] == 2 * 3 * layers and stats["hits"] == 0
+        entries = stats["entries"]
+        run(model, requests[0])
+        assert model.layer_cache.stats()["total"]["entries"] == entries  # bypassed: nothing looked up or stored
+        gated = [0, 1, *range(5, len(requests))]
+        for i in gated:  # the requests the gate sent to sdpa: sdpa's own result, bit for bit
+            assert torch.equal(outputs[i], expected[i])
+        for i in (2, 3, 4):  # the cached ones: eager math, to float rounding
+            torch.testing.assert_close(outputs[i], expected[i], rtol=0, atol=1e-5)
+    finally:
+        hf_layercache.disable(model)
+    assert plain.config._attn_implementation == "sdpa"
+    assert all(torch.equal(run(plain, b), e) for b, e in zip(requests, expected, strict=True))
+
+
+def test_a_probe_that_finds_reuse_takes_the_cached_path_again():
+    batch = tiny_batch("bert", batch=1, length=12)
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="attention", attention_gate_interval=4))
+    try:
+        for seed in range(5):  # two default calls, three cached ones: all misses, so the gate turns off
+            run(model, tiny_batch("bert", batch=1, length=12, seed=100 + seed))
+        assert {b[16]["state"] for b in gates(model).values()} == {"off"}
+        hits = model.layer_cache.stats()["total"]["hits"]
+        for _ in range(11):  # the same request over and over: reusable traffic
+            run(model, batch)
+        layers = len(model.layer_cache.layers)
+        for bucket in (b[16] for b in gates(model).values()):
+            assert bucket["probes"] == 2 and bucket["reuse"] == 1.0
+        # the 4th call (a probe) stored the request, the 8th (a probe) hit it: the gate measured the cached path
+        # again for three more calls (9th to 11th), which hit too
+        assert model.layer_cache.stats()["total"]["hits"] - hits == 4 * layers
+    finally:
+        hf_layercache.disable(model)
+
+
+def test_clear_forgets_the_gates_and_interval_zero_always_caches():
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="attention"))
+    try:
+        run(model, tiny_batch("bert", batch=1))
+        assert all(buckets for buckets in gates(model).values())
+        model.layer_cache.clear()
+        assert all(not buckets for buckets in gates(model).values())
+    finally:
+        hf_layercache.disable(model)
+    always = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="attention", attention_gate_interval=0))
+    try:
+        for _ in range(3):
+            run(always, tiny_batch("bert", batch=1))
+        stats = always.layer_cache.stats()
+        assert stats["total"]["bypassed"] == 0 and stats["total"]["hits"] == 2 * len(always.layer_cache.layers)
+        assert all(not buckets for buckets in stats["attention_gate"].values())
+    finally:
+        hf_layercache.disable(always)
+
+
+def test_gate_decides_from_measured_cost_and_reuse():
+    gate = Gate(interval=4)
+    assert gate.bucket_of(12) == 16 and gate.bucket_of(512) == 512 and gate.bucket_of(513) == 1024
+    for seconds in (3.0, 1.0):  # first: measure the default, twice (the fastest counts)
+        assert gate.route(500, 1) == MEASURED
+        gate.record_default(500, rows=1, seconds=seconds)
+    for hits in (0, 1, 1):  # learning: a miss (into an empty bank), then two hits at half the default's cost
+        assert gate.route(500, 1) == CACHED
+        gate.record_cached(500, 1, hits, searched=hits > 0, overhead=0.1, serve=0.4, compute=2.0)
+    bucket = gate.buckets[512]
+    assert bucket.state == "on" and bucket.reuse == 1.0  # the empty-bank miss says nothing about reuse
+    assert [gate.route(500, 1) for _ in range(4)] == [CACHED, CACHED, CACHED, MEASURED]  # on: re-measures the default
+    for _ in range(3):  # the traffic stops repeating: misses at 2.1 s against a default of 1 s
+        gate.record_cached(500, 1, 0, searched=True, overhead=0.1, serve=0.0, compute=2.0)
+    assert bucket.state == "off"
+    # off: the default, timed once per interval, and a probe
+    assert [gate.route(500, 1) for _ in range(4)] == [MEASURED, DEFAULT, DEFAULT, CACHED]
+    gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=0.4, compute=0.0)  # the probe hit
+    assert bucket.state == "learning" and bucket.probes == 1 and bucket.bypassed == 6
+    assert gate.route(500, 1) == CACHED
+    with pytest.raises(ValueError, match="attention_gate_interval"):
+        LayerCacheConfig(strategy="attention", attention_gate_interval=-1)
