@@ -103,7 +103,10 @@ def _text_config(module: nn.Module) -> Any:
 def _check_decoder(model: nn.Module, base: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) or getattr(_text_config(base), "add_cross_attention", False):
-        return f"{type(model).__name__} is an encoder-decoder or has cross-attention: its states depend on more than the prefix."
+        return (
+            f"{type(model).__name__} is an encoder-decoder or has cross-attention: its states depend on more than "
+            "the prefix."
+        )
     attention = [m for m in base.modules() if hasattr(m, "is_causal")]
     if not attention or not all(m.is_causal is True for m in attention):
         return (
@@ -161,13 +164,16 @@ def _check_rope(model: nn.Module, base: nn.Module) -> PrefixSupport | None:
     if not types & _LENGTH_DEPENDENT_ROPE:
         return None
     original = getattr(config, "original_max_position_embeddings", None) or next(
-        (p["original_max_position_embeddings"] for p in (nested or [parameters]) if p.get("original_max_position_embeddings")),
+        (
+            p["original_max_position_embeddings"]
+            for p in (nested or [parameters])
+            if p.get("original_max_position_embeddings")
+        ),
         getattr(config, "max_position_embeddings", None),
     )
-    reason = (
-        f"{type(model).__name__} scales its rotary frequencies by the call's length ({', '.join(sorted(types & _LENGTH_DEPENDENT_ROPE))}) beyond "
-        f"{original} positions"
-    )
+    scalings = ", ".join(sorted(types & _LENGTH_DEPENDENT_ROPE))
+    name = type(model).__name__
+    reason = f"{name} scales its rotary frequencies by the call's length ({scalings}) beyond {original} positions"
     return PrefixSupport(original, reason)
 
 

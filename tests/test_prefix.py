@@ -458,3 +458,32 @@ def test_smollm2_logits_generate_and_pipeline(smollm2):
     out = generator(prompts[0], max_new_tokens=3, do_sample=False)
     assert out == plain_generator(prompts[0], max_new_tokens=3, do_sample=False)
     assert totals(model)["hits"] > hits
+
+
+# --- pooled block storage -----------------------------------------------------------------------------------------
+def test_pooled_slots_are_reused_and_a_reused_slot_is_never_served_as_its_old_block():
+    model = cached("llama", max_entries=2)
+    bank = model.layer_cache.strategy.bank
+    model(input_ids=tokens(2 * BLOCK, seed=80)[None])  # two blocks: slots 0 and 1
+    old_id, old = bank.items()[0]
+    old_key = old["key"]
+    model(input_ids=tokens(BLOCK, seed=81)[None])  # evicts one block and takes its slot
+    assert len(bank) == 2 and len(bank._free) == len(bank._slabs["key"]) - 2
+    assert not bank.serves(old_id, old_key) or bank.get(old_id)["key"] is old_key
+    for entry_id, values in bank.items():
+        assert bank.serves(entry_id, values["key"])
+        assert values["key"].untyped_storage().data_ptr() == bank._slabs["key"].untyped_storage().data_ptr()
+    state = bank.state_dict()  # saved as the entries' own tensors
+    pointers = [t.untyped_storage().data_ptr() for name, t in state.items() if name.endswith(".key")]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_a_partial_block_is_charged_its_whole_slot():
+    model = cached("llama")
+    bank = model.layer_cache.strategy.bank
+    model(input_ids=tokens(BLOCK + 1, seed=82)[None])  # one full block, one of a single token
+    charged = sum(e.nbytes for e in bank._entries.values())
+    partial = next(values for _, values in bank.items() if values["tokens"].numel() == 1)
+    data = sum(partial[name].numel() * partial[name].element_size() for name in ("key", "value", "hidden"))
+    assert data * BLOCK == bank.slot_bytes(torch.float32)
+    assert bank.nbytes - charged == bank.slot_bytes(torch.float32) - data

@@ -168,4 +168,3 @@ def merge_caches(runs: list[PrefixRun], order: torch.Tensor, cache: Any, config:
         index = order.to(keys[0].device)
         cache.update(torch.cat(keys).index_select(0, index), torch.cat(values).index_select(0, index), i)
     return cache
-

@@ -18,6 +18,7 @@ from ..base import Strategy
 from .block import BlockShape, PrefixBlock
 from .call import GroupCall, PrefixRun, group_arguments, merge_caches, merge_outputs
 from .layout import Group, plan
+from .pool import PooledBank
 from .rows import Row, RowLookup
 from .siblings import SiblingIndex
 
@@ -47,7 +48,10 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
         self.block_size = self.config.block_size
         spec = model_spec(self.owner)
         self.shape = BlockShape(len(self.layers), spec.kv_heads, spec.head_dim, spec.hidden_size, self.block_size)
-        self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
+        name = self.layers[0].stack
+        if name not in self.banks:  # kept (warm) when the strategy is attached again
+            self.banks[name] = PooledBank(self.controller.build_bank(name, self.layers[-1].device, 1), self.shape)
+        self.bank = self.banks[name]
         self.siblings = SiblingIndex()
         if self.owner is not model:
             self.hooks.forward_hook(self.owner, self._splice_hook)
@@ -94,24 +98,43 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
             self._record(rows, time.perf_counter() - start)
             return output
         namespace = namespace_tag(scope.namespace)
-        if len(groups) == 1:
-            output, _ = self._run_group(scope, original, arguments, rows, groups[0], namespace)
+        batch = len(rows)
+        calls = (
+            [arguments]
+            if len(groups) == 1
+            else [group_arguments(arguments, torch.tensor(g.rows), batch) for g in groups]
+        )
+        runs = self._prepare_all(calls, rows, groups)
+        if runs is None:  # a block was evicted and its slot reused since the lookup: compute, never serve it
+            for row in rows:
+                row.reused, row.pending = 0, []
+            output = original(**arguments)
         else:
-            output = self._run_groups(scope, original, arguments, rows, groups, namespace)
+            outputs = [self._run(scope, original, call, run, namespace) for call, run in zip(calls, runs, strict=True)]
+            output = outputs[0] if len(runs) == 1 else self._merge(arguments, outputs, runs, groups)
         self._record(rows, time.perf_counter() - start)
         return output
 
-    def _run_group(
+    def _prepare_all(self, calls: list[dict[str, Any]], rows: list[Row], groups: list[Group]) -> list[PrefixRun] | None:
+        """Every group's prefix cache, gathered before any group stores (a store may evict a block another group
+        reuses, and hand its slot to a new one); ``None`` when a looked-up block is no longer the bank's."""
+        dtype = self.controller.model.dtype
+        with self.bank.reading():
+            for row in rows:
+                used = zip(row.used(self.block_size), row.entries, strict=False)
+                if not all(self.bank.serves(entry_id, block.key) for entry_id, block in used):
+                    return None
+            return [self._prepare(call, rows, group, dtype) for call, group in zip(calls, groups, strict=True)]
+
+    def _run(
         self,
         scope: RequestScope,
         original: Callable[..., Any],
         arguments: dict[str, Any],
-        rows: list[Row],
-        group: Group,
+        run: PrefixRun,
         namespace: int,
-    ) -> tuple[Any, PrefixRun]:
-        """One call for the group's rows (``arguments`` are theirs), its blocks stored."""
-        run = self._prepare(arguments, rows, group, self.controller.model.dtype)
+    ) -> Any:
+        """One group's call (``arguments`` are its rows'), the caller's layout restored, its blocks stored."""
         scope.state[_RUN] = run
         start = time.perf_counter()
         output = original(**self._suffix_arguments(arguments, run, cache_parameter(original)))
@@ -122,27 +145,12 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
         if run.hidden is None:
             raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
         self._restore(run)
-        computed = sum(rows[r].length - rows[r].reused for r in group.rows)
+        computed = sum(run.rows[r].length - run.rows[r].reused for r in run.group.rows)
         self._store(run, namespace, seconds / max(computed, 1))
-        return output, run
+        return output
 
-    def _run_groups(
-        self,
-        scope: RequestScope,
-        original: Callable[..., Any],
-        arguments: dict[str, Any],
-        rows: list[Row],
-        groups: list[Group],
-        namespace: int,
-    ) -> Any:
-        """One call per group, merged back into the batch's output and cache (rows in the caller's order)."""
-        batch = len(rows)
-        outputs, runs = [], []
-        for group in groups:
-            index = torch.tensor(group.rows)
-            output, run = self._run_group(scope, original, group_arguments(arguments, index, batch), rows, group, namespace)
-            outputs.append(output)
-            runs.append(run)
+    def _merge(self, arguments: dict[str, Any], outputs: list[Any], runs: list[PrefixRun], groups: list[Group]) -> Any:
+        """The groups' outputs and caches as the batch's, rows in the caller's order."""
         order = torch.argsort(torch.tensor([r for group in groups for r in group.rows]))
         cache = None
         if runs[0].keep_cache:
