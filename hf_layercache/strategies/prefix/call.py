@@ -72,19 +72,27 @@ class GroupCall:
         of the row's blocks, concatenated: no work per block beyond listing them."""
         shape, split = self.shape, group.split
         options = {"dtype": dtype, "device": self.bank.device}
-        keys = torch.zeros((shape.n_layers, len(group.rows), shape.kv_heads, split, shape.head_dim), **options)
-        values = torch.zeros_like(keys)
-        hidden = torch.zeros((len(group.rows), split, shape.hidden_size), **options)
+        if len(group.rows) == 1 and rows[group.rows[0]].reused == split:  # one row, no pads: its blocks as they are
+            keys, values, hidden = (t.to(**options) for t in self._row_states(rows[group.rows[0]]))
+            return keys[:, None], values[:, None], hidden[None]
+        keys = torch.empty((shape.n_layers, len(group.rows), shape.kv_heads, split, shape.head_dim), **options)
+        values = torch.empty_like(keys)
+        hidden = torch.empty((len(group.rows), split, shape.hidden_size), **options)
         for i, r in enumerate(group.rows):
             row = rows[r]
-            if not row.reused:
-                continue
-            entries = row.entries[: -(-row.reused // self.block_size)]
             start = split - row.reused
-            keys[:, i, :, start:] = torch.cat([e.key for e in entries], dim=2)[:, :, : row.reused]
-            values[:, i, :, start:] = torch.cat([e.value for e in entries], dim=2)[:, :, : row.reused]
-            hidden[i, start:] = torch.cat([e.hidden for e in entries])[: row.reused]
+            keys[:, i, :, :start], values[:, i, :, :start], hidden[i, :start] = 0, 0, 0
+            if row.reused:
+                keys[:, i, :, start:], values[:, i, :, start:], hidden[i, start:] = self._row_states(row)
         return keys, values, hidden
+
+    def _row_states(self, row: Row) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A row's reused keys, values ``(layer, head, token, dim)`` and hidden states, one copy each."""
+        entries = row.entries[: -(-row.reused // self.block_size)]
+        n = row.reused
+        keys = torch.cat([e.key for e in entries], dim=2)[:, :, :n]
+        values = torch.cat([e.value for e in entries], dim=2)[:, :, :n]
+        return keys, values, torch.cat([e.hidden for e in entries])[:n]
 
     @staticmethod
     def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun, cache_name: str) -> dict[str, Any]:
