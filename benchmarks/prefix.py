@@ -217,7 +217,7 @@ def _continuous(plain, cached, shared: torch.Tensor, queries: list[torch.Tensor]
     try:
         start = time.perf_counter()
         results = plain.generate_batch(
-            prompts, greedy, ContinuousBatchingConfig(allow_block_sharing=True), record_timestamps=True
+            prompts, greedy, ContinuousBatchingConfig(allow_block_sharing=True), record_timestamps=True, warmup=False
         )
         wall = time.perf_counter() - start
         firsts = [r.timestamps[0] - start for r in results.values() if r.timestamps]
