@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers as tf
 from real_models import smollm2_path
-from tiny import VOCAB, tiny_model
+from tiny import DECODER_FAMILIES, VOCAB, tiny_decoder, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig, LayerCacheFileError
@@ -86,7 +86,7 @@ def test_logits_equal_uncached_for_every_prefix_length(arch, pads, shared, reuse
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_rows_with_different_prefix_lengths_share_one_call(arch):
+def test_left_padded_rows_with_different_prefix_lengths_each_reuse_all_they_have(arch):
     plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
     preamble = tokens(3 * BLOCK, seed=3)
     model(input_ids=preamble[None])  # blocks 0-2 cached
@@ -98,8 +98,8 @@ def test_left_padded_rows_with_different_prefix_lengths_share_one_call(arch):
     batch = left_padded(rows)
     before = totals(model)
     out = logits(model, batch)
-    # split = min(0 + 12, 7 + 4, 8 + 0) = 8: the rows reuse 8, 1 and 0 tokens
-    assert (totals(model)["hits"] - before["hits"]) // len(model.layer_cache.layers) == 8 + 1 + 0
+    # every row reuses all it has cached: 12, 4 and 0 tokens (the cold row is computed in a call of its own)
+    assert (totals(model)["hits"] - before["hits"]) // len(model.layer_cache.layers) == 12 + 4 + 0
     assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
     again = logits(model, batch)  # now every row's blocks are cached
     assert_close_on_real_tokens(again, logits(plain, batch), batch["attention_mask"])
@@ -142,8 +142,9 @@ def test_left_padding_without_position_ids_computes_padded_rows_whole():
     for _ in range(2):
         out = logits(model, batch)
         torch.testing.assert_close(out, logits(plain, batch), rtol=0, atol=1e-4)  # pad positions included
-    # the padded row is computed whole, pad columns too, as uncached computes them: so is the batch (one split)
-    assert totals(model)["hits"] == 0
+    # the padded row is computed whole (in a call of its own), pad columns too, as uncached computes them; the
+    # unpadded one reuses all it cached the first time (less its last token)
+    assert totals(model)["hits"] == (2 * BLOCK + 2) * 3
 
 
 def test_base_model_tuple_output_and_use_cache_false():
@@ -175,6 +176,90 @@ def test_unknown_inputs_and_decode_steps_pass_through_unchanged():
         reference = plain(input_ids=ids[:, :1], past_key_values=plain(input_ids=ids).past_key_values).logits
     torch.testing.assert_close(step, reference, rtol=0, atol=1e-4)
     assert totals(model)["bypassed"] == (2 * BLOCK + 1) * 3
+
+
+# --- decoder families, per-row reuse -------------------------------------------------------------------------------
+def with_first(first, rest):
+    """``rest`` after a chosen first token: a query that parts from every other one at its first token."""
+    return torch.cat([torch.tensor([first]), rest])
+
+
+def enabled(model, **config):
+    return hf_layercache.enable(model, LayerCacheConfig(**{"strategy": "prefix", "block_size": BLOCK, **config}))
+
+
+def without_positions(batch):
+    return {k: v for k, v in batch.items() if k != "position_ids"}  # generate derives them itself
+
+
+@pytest.mark.parametrize("family", list(DECODER_FAMILIES))
+def test_every_decoder_family_gives_the_uncached_logits_and_tokens(family):
+    """Supported by capability: each family's causal LM, rows of one preamble with queries of different lengths
+    (each row reuses the whole preamble, the shorter row's prefix laid into the cache beside the longer one's)."""
+    plain, model = tiny_decoder(family), enabled(tiny_decoder(family))
+    layers = len(model.layer_cache.layers)
+    preamble = tokens(3 * BLOCK + 1, seed=40)
+    model(input_ids=torch.cat([preamble, with_first(3, tokens(1, seed=41))])[None])  # stores the preamble
+    batch = left_padded(
+        [torch.cat([preamble, with_first(4, tokens(1, seed=42))]), torch.cat([preamble, with_first(5, tokens(5, 43))])]
+    )
+    hits = totals(model)["hits"]
+    out = logits(model, batch)
+    assert (totals(model)["hits"] - hits) // layers == 2 * len(preamble)
+    assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
+    hits = totals(model)["hits"]
+    greedy = {"max_new_tokens": 5, "do_sample": False}
+    generated = model.generate(**without_positions(batch), **greedy)
+    assert torch.equal(generated, plain.generate(**without_positions(batch), **greedy))
+    assert totals(model)["hits"] - hits >= 2 * len(preamble) * layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_cold_row_costs_the_warm_rows_nothing(arch):
+    """A batch of 8 under dynamic padding (left, as generate pads decoders), 7 rows on a cached preamble with
+    queries of 1-7 tokens and one row the cache has never seen: every warm row reuses its whole preamble."""
+    plain, model = tiny_model(arch, tf.AutoModelForCausalLM), cached(arch)
+    layers = len(model.layer_cache.layers)
+    preamble = tokens(3 * BLOCK + 1, seed=50)
+    model(input_ids=torch.cat([preamble, torch.tensor([3])])[None])
+    warm = [torch.cat([preamble, with_first(4 + q, tokens(q, seed=51 + q))]) for q in range(7)]
+    cold = with_first(int(preamble[0]) % 90 + 5, tokens(11, seed=60))
+    batch = left_padded([*warm[:3], cold, *warm[3:]])
+    before = totals(model)
+    out = logits(model, batch)
+    after = totals(model)
+    assert (after["hits"] - before["hits"]) // layers == 7 * len(preamble)
+    assert (after["misses"] - before["misses"]) // layers == sum(q + 1 for q in range(7)) + len(cold)
+    assert_close_on_real_tokens(out, logits(plain, batch), batch["attention_mask"])
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    generated = model.generate(**without_positions(batch), **greedy)
+    assert torch.equal(generated, plain.generate(**without_positions(batch), **greedy))
+
+
+def test_calls_wider_than_a_sliding_window_are_computed_whole():
+    """Mistral with a 12-token window: calls of up to 11 columns reuse (the window then covers everything), wider
+    ones are computed whole, and both give the uncached logits."""
+    plain, model = (tiny_decoder("mistral", {"sliding_window": 12}) for _ in range(2))
+    model = enabled(model)
+    assert model.layer_cache.strategy.support.max_length == 11
+    short, wide = tokens(10, seed=70), tokens(16, seed=71)
+    for ids in (short, short, wide, wide):
+        before = totals(model)
+        out = logits(model, {"input_ids": ids[None]})
+        torch.testing.assert_close(out, logits(plain, {"input_ids": ids[None]}), rtol=0, atol=1e-4)
+    assert totals(model)["hits"] == 9 * 3 and totals(model)["bypassed"] - before["bypassed"] == 16 * 3
+
+
+def test_rotary_scaling_by_call_length_limits_reuse_to_the_unscaled_length():
+    rope = {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}
+    plain = tiny_decoder("llama", {**rope, "max_position_embeddings": 16})
+    model = enabled(tiny_decoder("llama", {**rope, "max_position_embeddings": 16}))
+    assert model.layer_cache.strategy.support.max_length == 16
+    assert "dynamic" in model.layer_cache.strategy.support.reason
+    for ids in (tokens(12, seed=72), tokens(12, seed=72), tokens(20, seed=73), tokens(20, seed=73)):
+        out = logits(model, {"input_ids": ids[None]})
+        torch.testing.assert_close(out, logits(plain, {"input_ids": ids[None]}), rtol=0, atol=1e-4)
+    assert totals(model)["hits"] == 11 * 3 and totals(model)["bypassed"] == 2 * 20 * 3
 
 
 # --- keys, tenants, budget, storage -------------------------------------------------------------------------------
@@ -302,9 +387,9 @@ def test_warm_cache_round_trip_and_refusal_of_bad_entries(tmp_path):
 @pytest.mark.parametrize(
     ("arch", "head", "message"),
     [
-        ("bert", tf.AutoModel, "causal decoders"),
-        ("t5", tf.AutoModelForSeq2SeqLM, "causal decoders"),
-        ("gemma3", tf.AutoModelForCausalLM, "causal decoders"),
+        ("bert", tf.AutoModel, "not a causal decoder"),
+        ("t5", tf.AutoModelForSeq2SeqLM, "encoder-decoder"),
+        ("gemma3", tf.AutoModelForCausalLM, "sliding-window layers of 4 tokens"),
         ("llama", tf.AutoModelForSequenceClassification, "LlamaForSequenceClassification"),
     ],
 )
@@ -373,3 +458,32 @@ def test_smollm2_logits_generate_and_pipeline(smollm2):
     out = generator(prompts[0], max_new_tokens=3, do_sample=False)
     assert out == plain_generator(prompts[0], max_new_tokens=3, do_sample=False)
     assert totals(model)["hits"] > hits
+
+
+# --- pooled block storage -----------------------------------------------------------------------------------------
+def test_pooled_slots_are_reused_and_a_reused_slot_is_never_served_as_its_old_block():
+    model = cached("llama", max_entries=2)
+    bank = model.layer_cache.strategy.bank
+    model(input_ids=tokens(2 * BLOCK, seed=80)[None])  # two blocks: slots 0 and 1
+    old_id, old = bank.items()[0]
+    old_key = old["key"]
+    model(input_ids=tokens(BLOCK, seed=81)[None])  # evicts one block and takes its slot
+    assert len(bank) == 2 and len(bank._free) == len(bank._slabs["key"]) - 2
+    assert not bank.serves(old_id, old_key) or bank.get(old_id)["key"] is old_key
+    for entry_id, values in bank.items():
+        assert bank.serves(entry_id, values["key"])
+        assert values["key"].untyped_storage().data_ptr() == bank._slabs["key"].untyped_storage().data_ptr()
+    state = bank.state_dict()  # saved as the entries' own tensors
+    pointers = [t.untyped_storage().data_ptr() for name, t in state.items() if name.endswith(".key")]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_a_partial_block_is_charged_its_whole_slot():
+    model = cached("llama")
+    bank = model.layer_cache.strategy.bank
+    model(input_ids=tokens(BLOCK + 1, seed=82)[None])  # one full block, one of a single token
+    charged = sum(e.nbytes for e in bank._entries.values())
+    partial = next(values for _, values in bank.items() if values["tokens"].numel() == 1)
+    data = sum(partial[name].numel() * partial[name].element_size() for name in ("key", "value", "hidden"))
+    assert data * BLOCK == bank.slot_bytes(torch.float32)
+    assert bank.nbytes - charged == bank.slot_bytes(torch.float32) - data

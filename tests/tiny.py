@@ -60,6 +60,37 @@ ARCHITECTURES = list(CONFIGS)
 DECODERS = ["gpt2", "llama", "qwen2", "gemma3"]
 
 
+def _decoder_families() -> dict[str, tf.PreTrainedConfig]:
+    """Causal decoders of the families people serve, for the prefix strategy: windows wider than the tests' prompts
+    (Mistral's and Gemma 3's sliding layers then attend to everything, as in their first thousands of tokens)."""
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    sizes = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37)
+    decoder = dict(common, **sizes, num_key_value_heads=2)
+    return {
+        "llama": tf.LlamaConfig(**decoder),
+        "mistral": tf.MistralConfig(**decoder, sliding_window=48),
+        "qwen2": tf.Qwen2Config(**decoder),
+        "qwen3": tf.Qwen3Config(**decoder, head_dim=8),
+        "gemma3": tf.Gemma3TextConfig(**decoder, head_dim=8, sliding_window=48),
+        "phi3": tf.Phi3Config(**decoder),
+        "smollm3": tf.SmolLM3Config(**decoder),
+        "olmo2": tf.Olmo2Config(**decoder),
+        "granite": tf.GraniteConfig(**decoder),
+        "gpt_neox": tf.GPTNeoXConfig(**common, **sizes),
+        "gpt2": tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common),
+    }
+
+
+DECODER_FAMILIES = _decoder_families()
+
+
+def tiny_decoder(family: str, config: dict | None = None, seed: int = 0) -> tf.PreTrainedModel:
+    """A tiny random causal LM of ``family`` (:data:`DECODER_FAMILIES`), with ``config`` overrides."""
+    torch.manual_seed(seed)
+    base = DECODER_FAMILIES[family]
+    return tf.AutoModelForCausalLM.from_config(type(base)(**{**base.to_dict(), **(config or {})})).eval()
+
+
 def tiny_model(arch: str, head: type | None = None, seed: int = 0) -> tf.PreTrainedModel:
     torch.manual_seed(seed)
     cls = head or tf.AutoModel

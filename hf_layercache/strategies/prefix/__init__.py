@@ -15,14 +15,12 @@ How it works:
   hang on the last block it found (complete ones, and the partial last blocks of earlier prompts) for the one that
   shares the most leading tokens with its next block: reuse is token-exact, as in a radix tree, while keys stay
   per block. A shared preamble that ends mid-block is reused to its last token.
-* **One split column for the batch.** The batch is computed as one rectangle: columns ``[0, split)`` come from the
-  cache, columns ``[split, L)`` are computed for every row. Row ``r`` with ``first_r`` leading pad columns and
-  ``cached_r`` cached tokens allows ``split <= first_r + cached_r``, so ``split`` is the minimum over rows (and at
-  most ``L - 1``: one column is always computed). Row ``r`` then reuses ``split - first_r`` tokens (pad columns of
-  the cache are zeros, masked like the pads of an uncached run). With left padding (what ``generate`` does) a
-  shorter row's extra pads count towards its allowance, so rows of different lengths and prefixes share one call;
-  its cost is that a row with little cached beside rows with much cached limits what all of them reuse.
-* **Outputs.** The suffix runs with ``input_ids[:, split:]``, the full attention mask, ``position_ids[:, split:]``
+* **Every row reuses all it has cached** (:mod:`.layout`). A call computes one rectangle, columns ``[split, L)``
+  of every row, after a cache holding ``[0, split)``. A row whose cached prefix ends later than ``split`` has it
+  laid into the cache to end at ``split`` (its positions come from ``position_ids``; the mask hides the columns it
+  left) and written back to its own columns after the call. Rows that cannot share a rectangle so (a cold row
+  beside warm ones) or would widen it by more than a call costs are computed in calls of their own, merged back.
+* **Outputs.** The suffix runs with ``input_ids[:, split:]``, the group's attention mask, ``position_ids[:, split:]``
   and a ``DynamicCache`` holding the prefix. The base model's suffix output is spliced behind the cached hidden
   states of the prefix, so heads (``lm_head``) see full-length states: logits of every position equal uncached
   ones, and ``logits_to_keep`` / ``generate`` work unchanged. Storing the final hidden states (``hidden_size`` per
@@ -42,7 +40,10 @@ Statistics count token positions: a hit is a reused real token, a miss a compute
 
 Where each part lives: :mod:`.chain` (block digests and hash chains), :mod:`.siblings` (the index of cached blocks
 under each parent, for token-granular matching), :mod:`.rows` (a request's rows: what each holds, what the cache has
-of it, what to store), :mod:`.strategy` (the model gate, the suffix call, gather, splice, store, persistence checks).
+of it, what to store), :mod:`.layout` (which rows share a call, where each row's prefix sits in it), :mod:`.call`
+(one group's gather, suffix call, splice and layout restore), :mod:`.pool` (the bank whose blocks live in slots of
+preallocated slabs), :mod:`.strategy` (the model gate, groups, store, persistence checks). Which models are served is
+model knowledge: :func:`hf_layercache.models.prefix_support`.
 """
 
 from .chain import chain_digests, chain_root, chain_step

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ...bank import CacheBank
 from ...kv import CACHE_ARGUMENTS, find_cache
@@ -62,19 +62,6 @@ class Row:
         """Entry ids of the blocks this call reuses (``found`` then ``tail``, as far as :attr:`reused` reaches)."""
         ids = [*self.found, *([self.tail[0]] if self.tail else [])]
         return ids[: math.ceil(self.reused / block_size)]
-
-
-@dataclass
-class PrefixRun:
-    """One prefill: the split column, the cache it starts from, and what the base model's call produced."""
-
-    rows: list[Row]
-    split: int
-    cache: DynamicCache
-    prefix_hidden: torch.Tensor | None
-    keep_cache: bool
-    hidden: torch.Tensor | None = None
-    """The base model's full-length final hidden states, once its call has returned."""
 
 
 class RowLookup:
@@ -181,11 +168,12 @@ def _is_data(value: Any) -> bool:
 
 
 def _fillable(cache: Any) -> bool:
-    """``None`` or an empty ``DynamicCache`` of full-attention layers: the caches a prefix can be put into."""
+    """``None`` or an empty ``DynamicCache`` of full-attention (or sliding-window) layers: the caches a prefix
+    can be put into."""
     if cache is None:
         return True
     return (
         isinstance(cache, DynamicCache)
         and cache.get_seq_length() == 0
-        and all(type(layer) is DynamicLayer for layer in cache.layers)
+        and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
     )

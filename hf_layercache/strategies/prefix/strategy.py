@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import PreTrainedModel
 
 from ...bank import BankState, Lookup
-from ...kv import cache_parameter, find_cache, without_cache
-from ...models import model_spec, prefix_heads
+from ...kv import cache_parameter, find_cache
+from ...models import model_spec, prefix_support
 from ...registry import register_strategy
 from ...request import RequestScope, current_scope, namespace_tag
 from ..base import Strategy
 from .block import BlockShape, PrefixBlock
-from .rows import PrefixRun, Row, RowLookup
+from .call import GroupCall, PrefixRun, group_arguments, merge_caches, merge_outputs
+from .layout import Group, plan
+from .pool import PooledBank
+from .rows import Row, RowLookup
 from .siblings import SiblingIndex
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ _RUN = "prefix.run"
 
 
 @register_strategy("prefix")
-class PrefixStrategy(RowLookup, Strategy):
+class PrefixStrategy(RowLookup, GroupCall, Strategy):
     """Lossless: the longest cached prefix of each row is reused, only the suffix is computed."""
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
@@ -47,127 +48,114 @@ class PrefixStrategy(RowLookup, Strategy):
         self.block_size = self.config.block_size
         spec = model_spec(self.owner)
         self.shape = BlockShape(len(self.layers), spec.kv_heads, spec.head_dim, spec.hidden_size, self.block_size)
-        self.bank = self.new_bank(self.layers[0].stack, self.layers[-1].device, n_banks=1)
+        name = self.layers[0].stack
+        if name not in self.banks:  # kept (warm) when the strategy is attached again
+            self.banks[name] = PooledBank(self.controller.build_bank(name, self.layers[-1].device, 1), self.shape)
+        self.bank = self.banks[name]
         self.siblings = SiblingIndex()
         if self.owner is not model:
             self.hooks.forward_hook(self.owner, self._splice_hook)
 
     def _check_model(self, model: torch.nn.Module) -> PreTrainedModel:
-        """The base model owning the layer stack; ``ValueError`` for anything prefix reuse cannot serve exactly."""
-        config = getattr(model, "config", None)
-        name = type(model).__name__
-        model_type = getattr(config, "model_type", None)
-        alternative = "Use strategy='exact' to reuse whole repeated requests instead."
-        supported = prefix_heads()
-        if getattr(config, "is_encoder_decoder", False) or model_type not in supported:
-            raise ValueError(
-                f"strategy='prefix' reuses prompt prefixes of causal decoders ({', '.join(supported)}); "
-                f"{name} (model_type {model_type!r}) is not one of them. {alternative}"
-            )
-        if name not in supported[model_type]:
-            raise ValueError(
-                f"strategy='prefix' supports {', '.join(supported[model_type])} for model_type "
-                f"{model_type!r}, not {name}: its head may read input_ids, which prefix reuse shortens. {alternative}"
-            )
+        """The base model owning the layer stack; ``ValueError`` for anything prefix reuse cannot serve exactly (the
+        capabilities it needs are model knowledge: :func:`hf_layercache.models.prefix_support`)."""
         stacks = {layer.stack for layer in self.layers}
         modules = dict(model.named_modules())
         stack = next(iter(stacks))
+        owner = modules.get(stack.rpartition(".")[0], model) if len(stacks) == 1 else model
+        try:
+            self.support = prefix_support(model, owner)
+        except ValueError as error:
+            raise ValueError(
+                f"strategy='prefix' cannot reuse prompt prefixes of {type(model).__name__} exactly: {error} "
+                "Use strategy='exact' to reuse whole repeated requests instead."
+            ) from None
         if len(stacks) != 1 or len(self.layers) != len(modules[stack]):
             raise ValueError(
                 f"strategy='prefix' reuses the key/value states of every layer of one stack, but the selected layers "
                 f"are {[layer.name for layer in self.layers]}; leave layers=None."
             )
-        owner = modules.get(stack.rpartition(".")[0], model)
-        if getattr(owner.config, "add_cross_attention", False) or any(DynamicCache(config=owner.config).is_sliding):
+        if self.support.max_length is not None and self.support.max_length < self.config.block_size:
             raise ValueError(
-                f"strategy='prefix' needs full causal self-attention in every layer; {name} has cross-attention or "
-                f"sliding-window layers. {alternative}"
+                f"strategy='prefix' cannot reuse prompt prefixes of {type(model).__name__}: "
+                f"{self.support.reason}, and calls of up to {self.support.max_length} tokens hold less than one "
+                f"block (block_size {self.config.block_size}). Use a smaller block_size, or strategy='exact'."
             )
         return owner
 
     # --- one request ----------------------------------------------------------------------------------------------
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
         rows = self._rows(scope, arguments)
-        if rows is None:
+        width = arguments["input_ids"].shape[1] if rows is not None else 0
+        if rows is None or (self.support.max_length is not None and width > self.support.max_length):
             for layer in self.layers:
                 self.controller.stats_.record_bypass(layer.name, _token_count(arguments))
             return original(**arguments)
-        split = self._split(rows, arguments["input_ids"].shape[1])
-        if split == 0 and not any(row.pending for row in rows):
-            start = time.perf_counter()  # nothing to reuse, nothing to store: the plain call, counted
-            output = original(**arguments)
+        groups = plan(rows, width, self.block_size)
+        start = time.perf_counter()
+        if len(groups) == 1 and groups[0].split == 0 and not any(row.pending for row in rows):
+            output = original(**arguments)  # nothing to reuse, nothing to store: the plain call, counted
             self._record(rows, time.perf_counter() - start)
             return output
-        run = self._prepare(arguments, rows, split)
+        namespace = namespace_tag(scope.namespace)
+        batch = len(rows)
+        calls = (
+            [arguments]
+            if len(groups) == 1
+            else [group_arguments(arguments, torch.tensor(g.rows), batch) for g in groups]
+        )
+        runs = self._prepare_all(calls, rows, groups)
+        if runs is None:  # a block was evicted and its slot reused since the lookup: compute, never serve it
+            for row in rows:
+                row.reused, row.pending = 0, []
+            output = original(**arguments)
+        else:
+            outputs = [self._run(scope, original, call, run, namespace) for call, run in zip(calls, runs, strict=True)]
+            output = outputs[0] if len(runs) == 1 else self._merge(arguments, outputs, runs, groups)
+        self._record(rows, time.perf_counter() - start)
+        return output
+
+    def _prepare_all(self, calls: list[dict[str, Any]], rows: list[Row], groups: list[Group]) -> list[PrefixRun] | None:
+        """Every group's prefix cache, gathered before any group stores (a store may evict a block another group
+        reuses, and hand its slot to a new one); ``None`` when a looked-up block is no longer the bank's."""
+        dtype = self.controller.model.dtype
+        with self.bank.reading():
+            for row in rows:
+                used = zip(row.used(self.block_size), row.entries, strict=False)
+                if not all(self.bank.serves(entry_id, block.key) for entry_id, block in used):
+                    return None
+            return [self._prepare(call, rows, group, dtype) for call, group in zip(calls, groups, strict=True)]
+
+    def _run(
+        self,
+        scope: RequestScope,
+        original: Callable[..., Any],
+        arguments: dict[str, Any],
+        run: PrefixRun,
+        namespace: int,
+    ) -> Any:
+        """One group's call (``arguments`` are its rows'), the caller's layout restored, its blocks stored."""
         scope.state[_RUN] = run
         start = time.perf_counter()
         output = original(**self._suffix_arguments(arguments, run, cache_parameter(original)))
         seconds = time.perf_counter() - start
+        scope.state.pop(_RUN, None)
         if self.owner is self.controller.model:
             output = self._splice(output, run)
         if run.hidden is None:
             raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
-        computed = sum(row.length - row.reused for row in rows)
-        self._store(run, namespace_tag(scope.namespace), seconds / max(computed, 1))
-        self._record(rows, seconds)
+        self._restore(run)
+        computed = sum(run.rows[r].length - run.rows[r].reused for r in run.group.rows)
+        self._store(run, namespace, seconds / max(computed, 1))
         return output
 
-    def _split(self, rows: list[Row], length: int) -> int:
-        """The first computed column: every row must have cached all its real tokens before it. A row that may not
-        reuse (its positions do not fit) is computed whole, pad columns included, as uncached computes them."""
-        limits = [
-            row.first + row.cached(self.block_size) if row.tokens is not None else 0 for row in rows if row.length
-        ]
-        split = max(0, min([length - 1, *limits]))
-        for row in rows:
-            row.reused = min(max(0, split - row.first), row.length)
-        return split
-
-    def _prepare(self, arguments: dict[str, Any], rows: list[Row], split: int) -> PrefixRun:
-        """The cache the suffix continues from, filled with the reused prefix of every row."""
-        cache = find_cache(arguments)
-        if cache is None:
-            cache = DynamicCache(config=self.owner.config)
-        use_cache = arguments.get("use_cache")
-        keep_cache = bool(use_cache if use_cache is not None else getattr(self.owner.config, "use_cache", True))
-        if split == 0:
-            return PrefixRun(rows, 0, cache, None, keep_cache)
-        keys, values, hidden = self._gather(rows, split)
-        for i, layer in enumerate(self.layers):
-            cache.update(keys[i].to(layer.device), values[i].to(layer.device), i)
-        return PrefixRun(rows, split, cache, hidden, keep_cache)
-
-    def _gather(self, rows: list[Row], split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values (layer, batch, head, column, dim) and final hidden states of columns ``[0, split)``.
-
-        Pad columns are zeros: the attention mask hides them, as it hides the pads of an uncached run.
-        """
-        options = {"dtype": self.controller.model.dtype, "device": self.bank.device}
-        shape = self.shape
-        keys = torch.empty((shape.n_layers, len(rows), shape.kv_heads, split, shape.head_dim), **options)
-        values = torch.empty_like(keys)
-        hidden = torch.empty((len(rows), split, shape.hidden_size), **options)
-        for r, row in enumerate(rows):
-            pads = split - row.reused  # a row's reused tokens end at the split column
-            keys[:, r, :, :pads], values[:, r, :, :pads], hidden[r, :pads] = 0, 0, 0
-            for b in range(math.ceil(row.reused / self.block_size)):
-                entry = row.entries[b]
-                start = pads + b * self.block_size
-                width = min(self.block_size, split - start)
-                keys[:, r, :, start : start + width] = entry.key[:, :, :width]
-                values[:, r, :, start : start + width] = entry.value[:, :, :width]
-                hidden[r, start : start + width] = entry.hidden[:width]
-        return keys, values, hidden
-
-    @staticmethod
-    def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun, cache_name: str) -> dict[str, Any]:
-        """The call for the suffix columns, continuing from the prefix cache (under the name ``forward`` uses)."""
-        suffix = without_cache(arguments)
-        suffix[cache_name] = run.cache
-        suffix["input_ids"] = arguments["input_ids"][:, run.split :]
-        if arguments.get("position_ids") is not None:
-            suffix["position_ids"] = arguments["position_ids"][..., run.split :]
-        return suffix
+    def _merge(self, arguments: dict[str, Any], outputs: list[Any], runs: list[PrefixRun], groups: list[Group]) -> Any:
+        """The groups' outputs and caches as the batch's, rows in the caller's order."""
+        order = torch.argsort(torch.tensor([r for group in groups for r in group.rows]))
+        cache = None
+        if runs[0].keep_cache:
+            cache = merge_caches(runs, order, find_cache(arguments), self.owner.config, self.shape.n_layers)
+        return merge_outputs(outputs, runs, order, cache)
 
     # --- output ---------------------------------------------------------------------------------------------------
     def _splice_hook(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -178,21 +166,6 @@ class PrefixStrategy(RowLookup, Strategy):
             return None
         return self._splice(output, run)
 
-    def _splice(self, output: Any, run: PrefixRun) -> Any:
-        """The base model's output with the cached prefix states in front of the computed suffix states."""
-        suffix = output[0]
-        full = suffix
-        if run.prefix_hidden is not None:
-            full = torch.cat([run.prefix_hidden.to(device=suffix.device, dtype=suffix.dtype), suffix], dim=1)
-        run.hidden = full
-        if isinstance(output, ModelOutput):
-            values = dict(output.items())
-            values[next(iter(values))] = full
-            if not run.keep_cache:  # uncached, use_cache=False returns no cache
-                values = {k: v for k, v in values.items() if v is not run.cache}
-            return type(output)(**values)
-        return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
-
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     def _store(self, run: PrefixRun, namespace: int, seconds_per_token: float) -> None:
         """Put every row's pending blocks in the bank, chain tails first, and index them under their parents."""
@@ -200,7 +173,7 @@ class PrefixStrategy(RowLookup, Strategy):
             return  # the model did not leave the states we expect: store nothing rather than guess
         layers = run.cache.layers[: self.shape.n_layers]
         stored: set[bytes] = set()
-        pending = [(r, row, block) for r, row in enumerate(run.rows) for block in row.pending]
+        pending = [(i, run.rows[r], block) for i, r in enumerate(run.group.rows) for block in run.rows[r].pending]
         for r, row, block in reversed(pending):
             if block.digest in stored or self.bank.find(block.digest) is not None:
                 continue
