@@ -82,11 +82,15 @@ class LayerCacheConfig:
     """Extra keyword arguments for the policy class, e.g. ``{"half_life": 1000}`` for staleness."""
 
     fingerprint: str | None = None
-    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose."""
+    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose (``semantic``:
+    ``"minhash"``, token overlap, which on real documents never matched unrelated ones; see docs/semantic.md)."""
 
     threshold: float | list[float] = 0.85
-    """Minimum cosine similarity for an approximate hit, one float or one per cached layer. Higher is stricter;
-    exact strategies ignore it."""
+    """Minimum similarity for an approximate hit, one float or one per cached layer; higher is stricter, exact
+    strategies ignore it. Its meaning is the fingerprint's: with ``semantic``'s default ``"minhash"`` it is the share
+    of token pairs (bigrams) two inputs have in common, their Jaccard similarity, checked exactly before a hit is
+    served (0.85: a 100-token text with a few numbers changed or a greeting added hits; one changed word in a
+    20-token sentence does not); with the embedding fingerprints, the cosine of their keys."""
 
     layers: list[int] | list[str] | str | None = None
     """Which layers are cached. ``None``: every layer found automatically. A list of ints: indices into the found

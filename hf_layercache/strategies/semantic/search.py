@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...bank import CacheBank, Lookup
+from ...fingerprints import Fingerprint
 from ...layers import rows_splittable
 from ...verified import ErrorBound
 from .alignment import align_tokens
@@ -33,6 +34,7 @@ class EntrySearch:
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
+    fingerprint: Fingerprint
     _draws: torch.Generator
 
     # --- finding entries ------------------------------------------------------------------------------------------
@@ -55,10 +57,22 @@ class EntrySearch:
                 values = bank.get(entry_id, run.namespace)
                 entry = SemanticEntry.from_tensors(values) if values is not None else None
                 index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
-                if index is not None:
+                if index is None:
+                    continue
+                score = self._confirmed(run, row, entry, score)
+                if score >= threshold - _TOLERANCE:
                     found[row] = Candidate(entry_id, slot.layer.name, entry, index, score)
                     break
         return found, best
+
+    def _confirmed(self, run: SemanticRun, row: int, entry: SemanticEntry, estimate: float) -> float:
+        """The fingerprint's exact similarity for the pair when it has one (MinHash: the Jaccard similarity of
+        the token shingles, for the estimate the key gave), else the key's similarity."""
+        tokens = run.tokens[row]
+        if tokens is None or entry.tokens.numel() == 0:
+            return estimate
+        exact = self.fingerprint.confirm(tokens, entry.tokens.tolist())
+        return estimate if exact is None else exact
 
     def _usable(
         self, run: SemanticRun, row: int, entry: SemanticEntry, kind: str, threshold: float
