@@ -35,7 +35,7 @@ import torch
 from hf_layercache import LayerCacheConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import corpus  # the sibling module  # noqa: E402
+import corpus  # the sibling module
 
 LOW_FIDELITY = 0.95
 CONFIGS = {

@@ -167,7 +167,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
         semantic = LayerCacheConfig(strategy="semantic")  # its defaults: what a user who only names it gets
         row = _semantic_row(model, semantic, original, similar, args.repeats)
-        note = f"originals cached, similar texts sent; {default_fingerprint()} fingerprint, threshold {semantic.threshold}"
+        key = f"{default_fingerprint()} fingerprint, threshold {semantic.threshold}"
+        note = f"originals cached, similar texts sent; {key}"
         rows.append(("similar pass", "semantic", row, note))
     print(
         f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {_count(args.repeats, 'repeat')}, "
