@@ -98,8 +98,8 @@ class EntrySearch:
         if partial and (run.with_kv or not rows_splittable(arguments, slot.layer.spec, run.batch)):
             return {}
         fraction = self.config.verify_fraction
-        for candidate in candidates.values():
-            if self.error_bound is not None:
+        for row, candidate in candidates.items():
+            if self.error_bound is not None and not self._reproduces(run, row, candidate):
                 tau = self.error_bound.exploration_probability(
                     candidate.bank, candidate.entry_id, candidate.entry.observations, candidate.score
                 )
@@ -109,6 +109,13 @@ class EntrySearch:
             for candidate in candidates.values():  # a KV cache computes the whole batch or none of it
                 candidate.audit = not candidate.explore
         return candidates
+
+    @staticmethod
+    def _reproduces(run: SemanticRun, row: int, candidate: Candidate) -> bool:
+        """Whether serving the candidate gives what the layer would compute: an entry of the row's own tokens (same
+        digest, so same namespace) while the row's state is still exact. ``max_error_rate`` serves it unexplored:
+        there is no error to bound, and exploring it would spend a full computation to learn nothing."""
+        return run.exact[row] and candidate.entry.source == run.digests[row]
 
     def _draw(self) -> float:
         return float(torch.rand(1, generator=self._draws))
