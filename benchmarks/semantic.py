@@ -41,6 +41,8 @@ LOW_FIDELITY = 0.95
 CONFIGS = {
     "default": {},
     "mean_embedding 0.85 (old default)": {"fingerprint": "mean_embedding", "threshold": 0.85},
+    "max_unaligned 0.05": {"max_unaligned": 0.05},
+    "max_unaligned 0.2 (before)": {"max_unaligned": 0.2},
     "minhash 0.7": {"threshold": 0.7},
     "minhash 0.8": {"threshold": 0.8},
     "minhash 0.9": {"threshold": 0.9},
