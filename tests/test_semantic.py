@@ -368,12 +368,14 @@ def test_entries_stored_under_inference_mode_can_be_updated_and_cleared_outside_
     ``clear()`` runs outside it, where in-place updates of inference tensors are refused. Banks own normal tensors."""
     model = tiny_model("bert")
     batch = tiny_batch("bert", batch=1)
-    config = semantic(backend=backend, max_error_rate=0.05, verify_fraction=0.0)
+    config = semantic(backend=backend, max_error_rate=0.05, verify_fraction=0.0, threshold=0.0)
     hf_layercache.enable(model, config)
     with torch.inference_mode():
         run(model, batch)
-    for _ in range(3):  # explored: the verdict is recorded in place in the entry stored under inference mode
-        run(model, batch)
+    for offset in range(3):  # explored: the verdict is recorded in place in an entry stored under inference mode
+        changed = {k: v.clone() for k, v in batch.items()}
+        changed["input_ids"][:, 2] = (changed["input_ids"][:, 2] + 1 + offset) % (VOCAB - 3) + 3
+        run(model, changed)
     assert model.layer_cache.stats()["total"]["explored"] == 3
     with torch.inference_mode():
         run(model, one_token_changed(batch))
