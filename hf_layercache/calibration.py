@@ -36,6 +36,7 @@ from .kv import without_cache
 from .layers import ArgumentBinder, CachedLayer, select_layers
 from .registry import get_fingerprint
 from .strategies.semantic import align_tokens
+from .strategies.semantic.strategy import default_fingerprint
 
 _MIN_PAIRS = 5
 """Pairs a threshold must be supported by; fewer and the layer stays at 1.0."""
@@ -81,7 +82,7 @@ def calibrate(
     if len({layer.stack for layer in layers}) != 1:
         raise ValueError("calibrate handles models whose cached layers form one stack; select one with `layers`.")
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(model)
-    fingerprint = get_fingerprint(base.fingerprint or "mean_embedding")(**base.fingerprint_kwargs)
+    fingerprint = get_fingerprint(base.fingerprint or default_fingerprint())(**base.fingerprint_kwargs)
     traces = _trace(model, layers, tokenizer, texts, max_length, progress)
     budget = (1.0 - target) / (len(layers) if base.reuse == "residual" else 1)
     thresholds = []
@@ -165,7 +166,8 @@ def _pairs(
             other = traces[j]
             value = other.outputs[rank] - other.inputs[rank] if residual else other.outputs[rank]
             replaced = trace.inputs[rank] + value[index] if residual else value[index]
-            sims.append(float(similarity[i, j]))
+            exact = fingerprint.confirm(trace.tokens, other.tokens)  # what the strategy serves by, when it has one
+            sims.append(float(similarity[i, j]) if exact is None else exact)
             errors.append(_end_to_end_error(trace, layers, rank, replaced))
             break
     return torch.tensor(sims), torch.tensor(errors)

@@ -83,11 +83,15 @@ class LayerCacheConfig:
     """Extra keyword arguments for the policy class, e.g. ``{"half_life": 1000}`` for staleness."""
 
     fingerprint: str | None = None
-    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose."""
+    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose (``semantic``:
+    ``"minhash"``, token overlap, which on real documents never matched unrelated ones; see docs/semantic.md)."""
 
     threshold: float | list[float] = 0.85
-    """Minimum cosine similarity for an approximate hit, one float or one per cached layer. Higher is stricter;
-    exact strategies ignore it."""
+    """Minimum similarity for an approximate hit, one float or one per cached layer; higher is stricter, exact
+    strategies ignore it. Its meaning is the fingerprint's: with ``semantic``'s default ``"minhash"`` it is the share
+    of token pairs (bigrams) two inputs have in common, their Jaccard similarity, checked exactly before a hit is
+    served (0.85: a 100-token text with a few numbers changed or a greeting added hits; one changed word in a
+    20-token sentence does not); with the embedding fingerprints, the cosine of their keys."""
 
     layers: list[int] | list[str] | str | None = None
     """Which layers are cached. ``None``: every layer found automatically. A list of ints: indices into the found
@@ -186,10 +190,12 @@ class LayerCacheConfig:
     have served and the computed one (the row's real tokens flattened together, at the layer where it is served) is
     at least this (-1 to 1)."""
 
-    max_unaligned: float = 0.2
+    max_unaligned: float = 0.08
     """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
-    with a KV cache always need equal lengths."""
+    with a KV cache always need equal lengths. A token without a counterpart is served a neighbour's state, so this
+    bounds the invented share of a hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference
+    id appended to a 70-token one (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
     # --- the shared tier of the exact and prefix strategies (declared in their config_fields; docs/shared.md) ---
     shared_store: str | None = None

@@ -60,6 +60,12 @@ class Fingerprint:
     uses_embeddings: bool = True
     """False when the key depends on the token ids alone: one key then serves every layer of a request."""
 
+    def confirm(self, new: list[int], old: list[int]) -> float | None:
+        """The exact similarity the key estimates, from the two rows' token ids, or ``None`` when the key is the
+        similarity itself. The strategy serves an entry only when this too reaches the threshold, so an estimate's
+        noise never decides a hit."""
+        return None
+
     def __call__(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, embeddings: torch.Tensor
     ) -> torch.Tensor:
@@ -139,8 +145,14 @@ class MinHash(Fingerprint):
     Each of ``num_perm`` universal hash functions keeps its minimum over the row's shingles (runs of ``shingle``
     token ids; rows shorter than that use their tokens). Two rows agree on a slot with probability equal to their
     Jaccard similarity; a slot is then written as one pseudo-random sign of its minimum, so equal slots add +1 and
-    unequal ones average 0, and the cosine of the keys is an unbiased Jaccard estimate. It sees tokens only, not
-    meaning: a paraphrase with other words scores low, a reordering of the same words high.
+    unequal ones average 0, and the cosine of the keys is an unbiased Jaccard estimate (standard deviation about
+    ``sqrt(J (1 - J) / num_perm)``: 0.02 at J = 0.85). :meth:`confirm` computes the exact Jaccard similarity from
+    the token ids, which the strategy checks before serving. It sees tokens only, not meaning: a paraphrase with
+    other words scores low, a reordering of the same words high, and one changed word in a sentence of n tokens
+    costs about ``4 / n`` of it (two shingles lost, two gained).
+
+    The semantic strategy's default: on real documents, unrelated texts share almost no token pairs (Jaccard under
+    0.1), while resends with a changed number or an added greeting keep most of theirs (docs/semantic.md).
     """
 
     uses_embeddings = False
@@ -167,6 +179,15 @@ class MinHash(Fingerprint):
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu").bool()
         keys = torch.stack([self._row(row[m]) for row, m in zip(ids, mask, strict=True)])
         return keys.to(embeddings.device)
+
+    def confirm(self, new: list[int], old: list[int]) -> float:
+        """The exact Jaccard similarity of the two rows' shingle sets."""
+        a, b = self._shingles(new), self._shingles(old)
+        return len(a & b) / len(a | b) if a or b else 1.0
+
+    def _shingles(self, tokens: list[int]) -> set[tuple[int, ...]]:
+        n = min(self.shingle, max(1, len(tokens)))
+        return set(zip(*(tokens[i:] for i in range(n)), strict=False))
 
     def _row(self, tokens: torch.Tensor) -> torch.Tensor:
         n = min(self.shingle, max(1, tokens.numel()))

@@ -152,6 +152,10 @@ class ErrorBound:
         self._pooled: dict[str, deque[tuple[float, bool]]] = {}
         self._seen: dict[str, int] = {}
         """Observations recorded per bank since it started (the layer fit is refreshed from this count)."""
+        self._log_likelihood: dict[str, np.ndarray] = {}
+        """Per bank, the log-likelihood of its pooled observations over the grid, kept as a running sum (each
+        observation adds its term, and the one it pushes out of the pool takes its term back), so refreshing the
+        layer fit never refits thousands of observations."""
         self._fits: dict[str, tuple[int, Fit]] = {}
         self._entry_fits: dict[tuple[str, int, int], Fit | None] = {}
         """Recent entries' own fits, keyed by their observation count (a fit changes only with a new observation)."""
@@ -200,7 +204,12 @@ class ErrorBound:
         with self._lock:
             if observations is not None:
                 add_observation(observations, similarity, acceptable)
-            self._pooled.setdefault(bank, deque(maxlen=POOLED_CAPACITY)).append((similarity, acceptable))
+            pooled = self._pooled.setdefault(bank, deque(maxlen=POOLED_CAPACITY))
+            total = self._log_likelihood.setdefault(bank, np.zeros(_T.shape))
+            if len(pooled) == pooled.maxlen:
+                total -= _term(*pooled[0])
+            pooled.append((similarity, acceptable))
+            total += _term(similarity, acceptable)
             self._seen[bank] = self._seen.get(bank, 0) + 1
 
     def rebuild(self, bank: str, observations: list[torch.Tensor]) -> None:
@@ -212,21 +221,33 @@ class ErrorBound:
                 pooled.extend(zip(s.tolist(), (y > 0).tolist(), strict=True))
         with self._lock:
             self._pooled[bank] = pooled
+            self._log_likelihood[bank] = _pooled_log_likelihood(pooled)
             self._fits.pop(bank, None)
             self._entry_fits.clear()
             self._seen[bank] = len(pooled)
 
     def _layer_fit(self, bank: str) -> Fit | None:
-        """The fit over the layer's pooled observations, refreshed after every 5% (at least 8) new ones."""
+        """The fit over the layer's pooled observations, refreshed whenever it has gained some (cheap: the
+        log-likelihood is kept up to date by :meth:`observe`)."""
         with self._lock:
             pooled, seen = self._pooled.get(bank), self._seen.get(bank, 0)
             if pooled is None or len(pooled) < MIN_OBSERVATIONS:
                 return None
             cached = self._fits.get(bank)
-            if cached is not None and seen - cached[0] < max(8, len(pooled) // 20):
+            if cached is not None and cached[0] == seen:
                 return cached[1]
-            s, y = (np.array(column, dtype=np.float64) for column in zip(*pooled, strict=True))
-        fit = Fit.of(s, y)
-        with self._lock:
+            fit = Fit(self._log_likelihood[bank].copy())
             self._fits[bank] = (seen, fit)
         return fit
+
+
+def _term(similarity: float, acceptable: bool) -> np.ndarray:
+    """One observation's log-likelihood over the grid, its similarity rounded as :func:`log_likelihood` does."""
+    return log_likelihood(np.array([similarity]), np.array([float(acceptable)]))
+
+
+def _pooled_log_likelihood(pooled: deque[tuple[float, bool]]) -> np.ndarray:
+    if not pooled:
+        return np.zeros(_T.shape)
+    s, y = (np.array(column, dtype=np.float64) for column in zip(*pooled, strict=True))
+    return log_likelihood(s, y)

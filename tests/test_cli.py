@@ -19,6 +19,7 @@ import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.cli import CLIError, describe_cache, format_cache, main, read_texts
 from hf_layercache.cli.inspect import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
+from hf_layercache.cli.measure import LOW_FIDELITY, _fidelity, low_fidelity_warning
 from hf_layercache.persistence import FORMAT_VERSION
 
 TEXTS = [
@@ -125,7 +126,8 @@ def test_non_utf8_data_is_refused(tmp_path):
 def test_demo_shows_a_cold_a_repeated_and_a_similar_pass(model_dir, capsys):
     assert main(["demo", "--model", str(model_dir), "--repeats", "2"]) == 0
     rows = {}
-    for line in capsys.readouterr().out.splitlines():
+    out = capsys.readouterr().out
+    for line in out.splitlines():
         fields = line.split()
         if len(fields) > 4 and fields[1] == "pass":
             rows[(fields[0], fields[2])] = fields
@@ -140,8 +142,18 @@ def test_demo_shows_a_cold_a_repeated_and_a_similar_pass(model_dir, capsys):
     assert float(rows[("repeated", "exact")][8]) > 0.9999 and float(rows[("repeated", "exact")][9]) > 0.999
     assert (("similar", "semantic") in rows) == ("semantic" in hf_layercache.available_strategies())
     if ("similar", "semantic") in rows:
-        mean, lowest = float(rows[("similar", "semantic")][8]), float(rows[("similar", "semantic")][9])
+        mean, lowest = float(rows[("similar", "semantic")][8]), float(rows[("similar", "semantic")][9].rstrip("!"))
         assert -1 <= lowest <= mean <= 1 + 1e-6
+        assert ("warning: similar pass (semantic)" in out) == (lowest < LOW_FIDELITY)
+
+
+def test_low_fidelity_is_flagged_with_the_lowest_value():
+    cached, uncached = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0]] * 3)
+    fidelity = _fidelity(cached, uncached)
+    assert fidelity["low"] == 1 and fidelity["min"] == pytest.approx(0.7071, abs=1e-4)
+    warning = low_fidelity_warning("similar pass", fidelity, 3)
+    assert "1 of 3 texts" in warning and "lowest 0.707" in warning
+    assert low_fidelity_warning("repeated pass", _fidelity(uncached, uncached), 3) is None
 
 
 @pytest.mark.parametrize(

@@ -124,3 +124,26 @@ def test_keys_are_identical_in_another_process():
     embeddings = torch.randn(2, 9, 600, generator=g)
     for fingerprint in (MeanEmbedding(), MinHash(), SimHash(), Probe()):
         assert torch.equal(fingerprint(ids, None, embeddings), torch.tensor(theirs[type(fingerprint).__name__]))
+
+
+def test_minhash_confirms_with_the_exact_jaccard_similarity_of_its_shingles():
+    fingerprint = MinHash(shingle=2)
+    old = [1, 2, 3, 4, 5, 6]
+    new = [1, 2, 3, 9, 5, 6]  # one token changed: pairs (3, 4) and (4, 5) lost, (3, 9) and (9, 5) gained
+    assert fingerprint.confirm(new, old) == pytest.approx(3 / 7)
+    assert fingerprint.confirm(old, list(old)) == 1.0
+    assert fingerprint.confirm([1, 2], [3, 4]) == 0.0
+    assert fingerprint.confirm([7], [7]) == 1.0  # shorter than a shingle: the tokens themselves
+    assert MeanEmbedding().confirm(new, old) is None  # an embedding key is its own similarity
+
+
+def test_minhash_estimate_is_close_to_the_exact_jaccard_on_long_rows():
+    g = torch.Generator().manual_seed(1)
+    old = torch.randint(3, 5000, (120,), generator=g)
+    new = old.clone()
+    new[[10, 50, 90]] = torch.tensor([1, 2, 3])  # a few tokens changed in a long document
+    fingerprint = MinHash()
+    keys = torch.nn.functional.normalize(fingerprint(torch.stack([old, new]), None, torch.zeros(2, 120, 8)), dim=-1)
+    exact = fingerprint.confirm(new.tolist(), old.tolist())
+    assert 0.85 < exact < 0.95
+    assert float(keys[0] @ keys[1]) == pytest.approx(exact, abs=0.1)  # 256 slots: standard deviation about 0.02

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..integration import disable, enable
 from .common import CLIError, cache_config, load_model, model_directory, output_directory
 from .data import read_texts, tokenize
-from .measure import _counters, _fidelity, _hit_rates, _overall, _timed, pooled
+from .measure import LOW_FIDELITY, _counters, _fidelity, _hit_rates, _overall, _timed, low_fidelity_warning, pooled
 from .plots import _pyplot, write_plots
 
 LOSSLESS = ("exact", "prefix")
@@ -90,6 +90,11 @@ def run_bench(args: argparse.Namespace) -> int:
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(_bench_table(runs))
+    for r in runs:
+        what = f"threshold {r['threshold']}, pass {r['pass']}" if r["threshold"] is not None else f"pass {r['pass']}"
+        warning = low_fidelity_warning(what, r["fidelity"], len(texts))
+        if warning is not None:
+            print(warning)
     print(f"wrote {out / 'results.json'} and {', '.join(results['plots'])}")
     return 0
 
@@ -122,13 +127,13 @@ def _bench_results(args, path: Path, texts: list[str], model, runs: list[dict]) 
 def _bench_table(runs: list[dict]) -> str:
     lines = [
         f"{'threshold':>9} {'pass':>4} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} "
-        f"{'fidelity mean':>13} {'min':>7}"
+        f"{'fidelity mean':>13} {'min':>8} {f'< {LOW_FIDELITY}':>6}"
     ]
     for r in runs:
         threshold = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
         lines.append(
             f"{threshold:>9} {r['pass']:>4} {r['hit_rate']:>8.1%} {r['uncached_seconds']:>8.2f}s "
             f"{r['cached_seconds']:>8.2f}s {r['speed_ratio']:>6.2f}x {r['fidelity']['mean']:>13.5f} "
-            f"{r['fidelity']['min']:>7.4f}"
+            f"{r['fidelity']['min']:>7.4f}{'!' if r['fidelity']['low'] else ' '} {r['fidelity']['low']:>6}"
         )
     return "\n".join(lines)

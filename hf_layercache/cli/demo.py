@@ -13,7 +13,7 @@ from ..config import LayerCacheConfig
 from ..integration import disable, enable
 from ..registry import available_strategies
 from .common import CLIError, library, load_model, model_directory
-from .measure import _counters, _fidelity, _overall, _timed, pooled
+from .measure import LOW_FIDELITY, _counters, _fidelity, _overall, _timed, low_fidelity_warning, pooled
 
 DEMO_TEXTS = [
     "The cat sat on the mat near the door.",
@@ -163,9 +163,12 @@ def run_demo(args: argparse.Namespace) -> int:
         ("similar pass", "exact", near, "one word changed per text: exact keys differ, so it misses"),
     ]
     if "semantic" in available_strategies():
+        from ..strategies.semantic.strategy import default_fingerprint
+
         semantic = LayerCacheConfig(strategy="semantic")  # its defaults: what a user who only names it gets
         row = _semantic_row(model, semantic, original, similar, args.repeats)
-        note = f"originals cached, similar texts sent; threshold {semantic.threshold}"
+        key = f"{default_fingerprint()} fingerprint, threshold {semantic.threshold}"
+        note = f"originals cached, similar texts sent; {key}"
         rows.append(("similar pass", "semantic", row, note))
     print(
         f"hf-layercache demo: {name}, {len(DEMO_TEXTS)} texts per pass, medians of {_count(args.repeats, 'repeat')}, "
@@ -175,8 +178,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         "speed = uncached time / cached time (same model under bypass()), the median over the repeats, their lowest "
         "and highest under range; fidelity = cosine similarity of each text's mean-pooled output to the uncached one, "
-        "mean and lowest over the texts"
+        f"mean and lowest over the texts (! marks a lowest under {LOW_FIDELITY})"
     )
+    for name, strategy, summary, _ in rows:
+        warning = low_fidelity_warning(f"{name} ({strategy})", summary, len(DEMO_TEXTS))
+        if warning is not None:
+            print(warning)
     note = noise_note(rows, args.repeats)
     if note is not None:
         print(note)
@@ -192,12 +199,12 @@ def _count(n: int, noun: str) -> str:
 def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
     lines = [
         f"{'pass':<14} {'strategy':<9} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} {'range':>11} "
-        f"{'fidelity mean':>13} {'min':>6}  note"
+        f"{'fidelity mean':>13} {'min':>7}  note"
     ]
     for name, strategy, m, note in rows:
         spread = f"{m['speed_min']:.1f}-{m['speed_max']:.1f}x" + ("!" if m["noisy"] else " ")
         lines.append(
             f"{name:<14} {strategy:<9} {m['hit_rate']:>8.0%} {m['uncached'] * 1e3:>7.1f}ms {m['cached'] * 1e3:>7.1f}ms "
-            f"{m['speed']:>6.1f}x {spread:>11} {m['mean']:>13.4f} {m['min']:>6.3f}  {note}"
+            f"{m['speed']:>6.1f}x {spread:>11} {m['mean']:>13.4f} {m['min']:>6.3f}{'!' if m['low'] else ' '}  {note}"
         )
     return "\n".join(lines)

@@ -42,7 +42,23 @@ def pooled(output: Any, attention_mask: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+LOW_FIDELITY = 0.95
+"""Fidelity under which a text's cached output is flagged: a mean can hide a few wrong answers."""
+
+
 def _fidelity(cached: torch.Tensor, uncached: torch.Tensor) -> dict[str, float]:
-    """Mean and lowest cosine similarity between cached and uncached pooled outputs, one per text."""
+    """Mean and lowest cosine similarity between cached and uncached pooled outputs, one per text, and how many
+    texts fell below :data:`LOW_FIDELITY`."""
     cosine = torch.cosine_similarity(cached.float(), uncached.float())
-    return {"mean": cosine.mean().item(), "min": cosine.min().item()}
+    return {"mean": cosine.mean().item(), "min": cosine.min().item(), "low": int((cosine < LOW_FIDELITY).sum())}
+
+
+def low_fidelity_warning(what: str, fidelity: dict[str, float], texts: int) -> str | None:
+    """The warning printed when some text's cached output fell below :data:`LOW_FIDELITY`, else ``None``."""
+    if not fidelity["low"]:
+        return None
+    return (
+        f"warning: {what}: {fidelity['low']} of {texts} texts served below fidelity {LOW_FIDELITY} (lowest "
+        f"{fidelity['min']:.3f}): those answers are not the uncached ones. Raise the threshold, or use max_error_rate "
+        "(docs/semantic.md)."
+    )

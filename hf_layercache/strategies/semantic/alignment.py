@@ -17,13 +17,16 @@ def on_device(index: Index, device: torch.device) -> Index:
 def align_tokens(new: list[int], old: list[int], max_unaligned: float) -> Index | None:
     """For each position of ``new``, the position of ``old`` whose cached value it takes, or ``None``.
 
-    Equal lengths map position to position (a typo or a swapped word keeps everything else in place). Otherwise a
-    diff over token ids maps equal runs one to one, replaced runs proportionally, and inserted tokens to the
-    preceding old token; if more than ``max_unaligned`` of ``new`` has no counterpart, there is no alignment.
+    Equal lengths map position to position (a typo or a swapped word keeps everything else in place), unless more
+    than ``max_unaligned`` of the positions hold other tokens: then the content may have shifted (a word put in
+    front, another dropped at the end), and the diff decides. Otherwise a diff over token ids maps equal runs one to
+    one, replaced runs proportionally, and inserted tokens to the preceding old token; if more than
+    ``max_unaligned`` of ``new`` has no counterpart, there is no alignment.
     """
     if len(new) == len(old):
-        return slice(None)
-    if not old or not new or max_unaligned <= 0:
+        if max_unaligned <= 0 or sum(a != b for a, b in zip(new, old, strict=True)) <= max_unaligned * len(new):
+            return slice(None)
+    elif not old or not new or max_unaligned <= 0:
         return None
     index, unaligned = [0] * len(new), 0
     matcher = difflib.SequenceMatcher(None, new, old, autojunk=False)

@@ -39,7 +39,8 @@ class ResidualReuse:
             pos = on_device(run.positions[row], hidden.device)
             delta = candidate.entry.value.to(device=hidden.device, dtype=hidden.dtype)
             out[row, pos] = hidden[row, pos] + delta[on_device(candidate.index, delta.device)]
-            run.exact[row] = False
+            # the row's own entry on its exact state reproduces the layer (see EntrySearch._reproduces)
+            run.exact[row] = run.exact[row] and candidate.entry.source == run.digests[row]
         if run.with_kv and served:  # all rows are served together (see _choose)
             entries = [served[r].entry for r in range(run.batch)]
             replay_kv_writes(find_cache(arguments), self._batch_writes(run, entries))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...bank import CacheBank, Lookup
+from ...fingerprints import Fingerprint
 from ...layers import rows_splittable
 from ...verified import ErrorBound
 from .alignment import align_tokens
@@ -33,6 +34,7 @@ class EntrySearch:
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
+    fingerprint: Fingerprint
     _draws: torch.Generator
 
     # --- finding entries ------------------------------------------------------------------------------------------
@@ -55,10 +57,22 @@ class EntrySearch:
                 values = bank.get(entry_id, run.namespace)
                 entry = SemanticEntry.from_tensors(values) if values is not None else None
                 index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
-                if index is not None:
+                if index is None:
+                    continue
+                score = self._confirmed(run, row, entry, score)
+                if score >= threshold - _TOLERANCE:
                     found[row] = Candidate(entry_id, slot.layer.name, entry, index, score)
                     break
         return found, best
+
+    def _confirmed(self, run: SemanticRun, row: int, entry: SemanticEntry, estimate: float) -> float:
+        """The fingerprint's exact similarity for the pair when it has one (MinHash: the Jaccard similarity of
+        the token shingles, for the estimate the key gave), else the key's similarity."""
+        tokens = run.tokens[row]
+        if tokens is None or entry.tokens.numel() == 0:
+            return estimate
+        exact = self.fingerprint.confirm(tokens, entry.tokens.tolist())
+        return estimate if exact is None else exact
 
     def _usable(
         self, run: SemanticRun, row: int, entry: SemanticEntry, kind: str, threshold: float
@@ -84,8 +98,8 @@ class EntrySearch:
         if partial and (run.with_kv or not rows_splittable(arguments, slot.layer.spec, run.batch)):
             return {}
         fraction = self.verify_fraction
-        for candidate in candidates.values():
-            if self.error_bound is not None:
+        for row, candidate in candidates.items():
+            if self.error_bound is not None and not self._reproduces(run, row, candidate):
                 tau = self.error_bound.exploration_probability(
                     candidate.bank, candidate.entry_id, candidate.entry.observations, candidate.score
                 )
@@ -95,6 +109,13 @@ class EntrySearch:
             for candidate in candidates.values():  # a KV cache computes the whole batch or none of it
                 candidate.audit = not candidate.explore
         return candidates
+
+    @staticmethod
+    def _reproduces(run: SemanticRun, row: int, candidate: Candidate) -> bool:
+        """Whether serving the candidate gives what the layer would compute: an entry of the row's own tokens (same
+        digest, so same namespace) while the row's state is still exact. ``max_error_rate`` serves it unexplored:
+        there is no error to bound, and exploring it would spend a full computation to learn nothing."""
+        return run.exact[row] and candidate.entry.source == run.digests[row]
 
     def _draw(self) -> float:
         return float(torch.rand(1, generator=self._draws))

@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from ...config import LayerCacheConfig
 
 
+DEFAULT_FINGERPRINT = "minhash"
+"""The fingerprint ``fingerprint=None`` resolves to."""
+
+
+def default_fingerprint() -> str:
+    return DEFAULT_FINGERPRINT
+
+
 @register_strategy("semantic")
 class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, ResidualReuse, StateReuse, StackStrategy):
     """Approximate layer reuse for similar inputs; see the package docstring and docs/semantic.md."""
@@ -73,7 +81,7 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
         if kwargs or config.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
-            name = config.fingerprint or "mean_embedding"
+            name = config.fingerprint or DEFAULT_FINGERPRINT
             try:
                 get_fingerprint(name)(**kwargs)
             except TypeError as err:
@@ -82,7 +90,7 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
     def __init__(self, controller):
         super().__init__(controller)
         self.reuse = self.config.reuse
-        self.fingerprint: Fingerprint = get_fingerprint(self.config.fingerprint or "mean_embedding")(
+        self.fingerprint: Fingerprint = get_fingerprint(self.config.fingerprint or DEFAULT_FINGERPRINT)(
             **self.config.fingerprint_kwargs
         )
         # Residual hits leave each layer's output the state the rest of the model computed from, as honest as the
