@@ -4,7 +4,8 @@ A value is ``MAGIC``, then ``b"S"`` and the 64 hex digits of an HMAC-SHA256 (:mo
 the Redis key and the payload, or ``b"U"`` when the writer had no key, then the payload. Signing the Redis key too
 means a valid value copied under another key (another tenant's, another model's) is refused like a forged one.
 A reader with a key refuses unsigned or wrongly signed values; one without a key trusts Redis as it trusts the
-weights beside it. The payload is safetensors (never pickle); its metadata holds the entry's measured cost.
+weights beside it. The payload is safetensors bytes (tensors only, nothing executable); its metadata holds the
+entry's measured cost.
 """
 
 from __future__ import annotations
