@@ -1,7 +1,7 @@
 """Warm caches on disk: ``layer_cache_config.json`` plus safetensors shards, written atomically, read defensively.
 
-Files (fixed format, version 3: 1 kept the tenant in each entry, 2 in each bank, 3 adds the values and output to
-attention entries), beside the model's own files:
+Files (fixed format, version 4: 1 kept the tenant in each entry, 2 in each bank, 3 added the values and output to
+attention entries, 4 drops their maps), beside the model's own files:
 
 * ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks", "timing", "files"}``; ``model`` is
   the identity of the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of
@@ -46,7 +46,7 @@ from .integrity import sign, verify
 if TYPE_CHECKING:  # torch is imported where tensors are handled: reading headers (hf-layercache inspect) needs none
     import torch
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 WEIGHTS_NAME = "layer_cache.safetensors"
 INDEX_NAME = "layer_cache.safetensors.index.json"
 PREVIOUS_DIR = ".layer_cache_previous"

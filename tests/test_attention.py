@@ -10,7 +10,8 @@ from tiny import tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, boolean_mask
+from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, boolean_mask, repeat_kv
+from hf_layercache.strategies.attention.eager import attention_scores, attention_with_lse, masked_scores
 
 ARCHITECTURES = ["bert", "distilbert", "gpt2", "llama", "qwen2", "gemma3"]  # llama, qwen2, gemma3: GQA (4 / 2 heads)
 ATOL = 1e-5
@@ -187,6 +188,25 @@ def test_a_longer_request_than_the_stored_one_is_exact(enable):
     assert_maps_close(out.attentions, expected.attentions)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_miss_computes_output_and_normaliser_as_eager_attention_does(kv_heads):
+    """What a miss stores: through sdpa's fused CPU kernel where it applies, else eager math; either way the output,
+    the log-normaliser and (asked for) the map of eager attention, GQA and padding included."""
+    query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, kv_heads, 9, 8), torch.randn(2, kv_heads, 9, 8)
+    keep = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    keep[1, ..., 6:] = False  # right padding
+    scores = masked_scores(query, key, keep, 0.3)
+    for rows in (keep, keep.clone().index_fill_(2, torch.tensor([0]), False)):  # then a query with nothing to attend
+        output, lse, maps = attention_with_lse(query, key, value, rows, 0.3)
+        expected = attention_scores(query, key, rows, 0.3)
+        assert maps is None
+        torch.testing.assert_close(output, torch.matmul(expected, repeat_kv(value, 4 // kv_heads)), atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse, masked_scores(query, key, rows, 0.3).logsumexp(-1), atol=ATOL, rtol=1e-6)
+    _, lse, maps = attention_with_lse(query, key, value, keep, 0.3, weights=True)
+    torch.testing.assert_close(maps, attention_scores(query, key, keep, 0.3), atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=ATOL, rtol=1e-6)
+
+
 def test_registered_mask_function_always_gives_a_boolean_mask():
     mask = boolean_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4, dtype=torch.bool))
     assert mask.dtype == torch.bool and tuple(mask.shape) == (2, 1, 4, 4)  # sdpa would return None here
@@ -266,7 +286,7 @@ def test_storage_dtype_float16_is_close(enable):
     run(model, batch)
     served = run(model, batch).last_hidden_state
     assert totals(model)["hits"] > 0
-    assert model.layer_cache.banks["layers.0"].get(0)["map"].dtype == torch.float16
+    assert model.layer_cache.banks["layers.0"].get(0)["query"].dtype == torch.float16
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-3)
 
 
@@ -285,7 +305,7 @@ def test_warm_cache_round_trip_and_damaged_entries_are_refused(tmp_path, enable)
     with pytest.raises(ValueError, match="'lse'"):
         warm.layer_cache.strategy.check_state("layers.0", state)
     state = model.layer_cache.banks["layers.0"].state_dict()
-    state["entry.0.map"] = state["entry.0.map"][:2]
+    state["entry.0.lse"] = state["entry.0.lse"][:2]
     with pytest.raises(ValueError, match="heads"):
         warm.layer_cache.strategy.check_state("layers.0", state)
 

@@ -71,11 +71,14 @@ def test_a_probe_that_finds_reuse_takes_the_cached_path_again():
         for _ in range(11):  # the same request over and over: reusable traffic
             run(model, batch)
         layers = len(model.layer_cache.layers)
-        for bucket in (b[16] for b in gates(model).values()):
-            assert bucket["probes"] == 2 and bucket["reuse"] == 1.0
-        # the 4th call (a probe) stored the request, the 8th (a probe) hit it: the gate measured the cached path
-        # again for three more calls (9th to 11th), which hit too
-        assert model.layer_cache.stats()["total"]["hits"] - hits == 4 * layers
+        buckets = [b[16] for b in gates(model).values()]
+        assert all(bucket["probes"] == 2 and bucket["reuse"] == 1.0 for bucket in buckets)
+        # the 4th call (a probe) stored the request, the 8th (a probe) hit it and decided from what that hit cost:
+        # a layer whose hit beat the default took the cached path for the 9th to 11th calls, which hit too
+        for bucket in buckets:
+            assert (bucket["state"] == "on") == (bucket["expected_seconds"] < bucket["default_seconds"])
+        on = sum(bucket["state"] == "on" for bucket in buckets)
+        assert model.layer_cache.stats()["total"]["hits"] - hits == layers + 3 * on
     finally:
         hf_layercache.disable(model)
 
@@ -117,8 +120,12 @@ def test_gate_decides_from_measured_cost_and_reuse():
     assert bucket.state == "off"
     # off: the default, timed once per interval, and a probe
     assert [gate.route(500, 1) for _ in range(4)] == [MEASURED, DEFAULT, DEFAULT, CACHED]
-    gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=0.4, compute=0.0)  # the probe hit
-    assert bucket.state == "learning" and bucket.probes == 1 and bucket.bypassed == 6
+    gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=2.9, compute=0.0)  # a hit dearer than sdpa
+    assert bucket.state == "off" and bucket.probes == 1 and bucket.bypassed == 6 and bucket.reuse == 1.0
+    assert bucket.hit_seconds == pytest.approx(0.7 * 0.5 + 0.3 * 3.0)  # averaged with the hits measured before
+    assert [gate.route(500, 1) for _ in range(4)] == [MEASURED, DEFAULT, DEFAULT, CACHED]  # no learning phase
+    gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=0.2, compute=0.0)  # hits got cheaper
+    assert bucket.state == "on" and bucket.probes == 2  # the probe itself decided
     assert gate.route(500, 1) == CACHED
     with pytest.raises(ValueError, match="attention_gate_interval"):
         LayerCacheConfig(strategy="attention", attention_gate_interval=-1)

@@ -56,9 +56,7 @@ def entries():
             {"hidden_size": 8},
         ),
         "attention": (
-            AttentionEntry(
-                torch.rand(2, 5, 5), torch.randn(2, 5), torch.ones(5, 5, dtype=torch.bool), *torch.randn(4, 2, 5, 4)
-            ),
+            AttentionEntry(torch.randn(2, 5), torch.ones(5, 5, dtype=torch.bool), *torch.randn(4, 2, 5, 4)),
             {"heads": 2},
         ),
         "prefix": (

@@ -40,22 +40,37 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def key_major_attention(
+def attention_with_lse(
     query: torch.Tensor,
     key: torch.Tensor,
-    mask: torch.Tensor,
+    value: torch.Tensor,
+    keep: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention's scores and softmax weights, both key-major: (batch, heads, L_key, L_query), the transpose
-    of ``masked_scores`` and ``attention_scores``, computed in that layout (the attention strategy stores maps
-    key-major, and transposing a map costs more than computing it so)."""
-    key = repeat_kv(key, query.shape[1] // key.shape[1])
-    scores = torch.matmul(key, query.transpose(-1, -2)).mul_(scaling)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores.add_(_additive(mask, scores.dtype).transpose(-1, -2))
-    return scores, nn.functional.softmax(scores, dim=-2, dtype=torch.float32).to(query.dtype)
+    weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Softmax attention with what a stored entry needs: the outputs (batch, heads, L, d), the float32
+    log-normalisers (batch, heads, L) and, when ``weights`` asks (``output_attentions``), the maps (batch, heads,
+    L, L). ``keep`` is the (batch, 1, L, L) boolean mask.
+
+    On a CPU, without soft-capping, maps or a query with nothing to attend to, this is the fused kernel sdpa itself
+    dispatches to there, which returns the normaliser beside the output without materialising the map (several
+    times cheaper than eager math at long lengths); eager math otherwise."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    fused = _FUSED_CPU is not None and query.device.type == "cpu" and not weights and softcap is None
+    if fused and bool(keep.any(-1).all()):
+        mask = _additive(keep, query.dtype)
+        output, lse = _FUSED_CPU(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
+        return output, lse.float(), None
+    scores = masked_scores(query, key, keep, scaling, softcap)
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    maps = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(maps, value), lse, maps if weights else None
+
+
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+"""sdpa's CPU kernel, the one op of torch that returns the log-normaliser with the output (``None`` where absent)."""
 
 
 def attention_scores(

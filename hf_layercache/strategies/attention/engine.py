@@ -12,7 +12,7 @@ from torch import nn
 from ...bank import CacheBank, Lookup
 from ...layers import CachedLayer
 from ...request import RequestScope
-from .eager import key_major_attention, repeat_kv
+from .eager import attention_with_lse, repeat_kv
 from .entry import AttentionEntry
 from .function import WEIGHTS, default_attention
 from .gate import CACHED, MEASURED, Gate
@@ -115,7 +115,7 @@ class CachedAttention:
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
         served = time.perf_counter()
         misses = [b for b in range(len(rows)) if b not in outputs]
-        seconds = self._compute(scope, query, key, keep, rows, keys, misses, outputs)
+        seconds = self._compute(scope, query, key, value, keep, rows, keys, misses, outputs, want_maps)
         self.strategy.controller.stats_.record_compute(self.layer.name, len(misses), seconds)
         computed = time.perf_counter()
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
@@ -170,7 +170,7 @@ class CachedAttention:
     def _plan(self, entry_id: int, similarity: float, entry: AttentionEntry, row: _Row) -> _Reuse | None:
         """Which rows and columns of the stored map must be recomputed for this request row; ``None`` when the entry
         does not fit (other heads or length) or more than half of the map would be."""
-        if tuple(entry.map.shape) != (row.query.shape[0], row.length, row.length):
+        if entry.query.shape[:2] != row.query.shape[:2] or entry.key.shape[0] != row.key.shape[0]:
             return None
         # positions no query attends to (padding) influence nothing: their rows are served as stored, and their
         # columns carry no weight unless the masks differ there
@@ -200,9 +200,7 @@ class CachedAttention:
             return
         lse = reuse.entry.lse.to(row.query.device)
         weights = row.column_weights(reuse.columns, lse)
-        # (heads, L, columns): a transposed view of the key-major map's contiguous rows
-        stored = reuse.columns.take(reuse.entry.map, 1).to(device=row.query.device, dtype=torch.float32)
-        stored = stored.transpose(1, 2)
+        stored = row.stored_column_weights(reuse.entry, reuse.columns)
         reuse.stored_columns = stored
         moved = stored.sum(-1)
         ratio = 1.0 - moved + weights.sum(-1)
@@ -224,7 +222,7 @@ class CachedAttention:
             return None
         checked = _Positions(checked)
         exact = row.exact_rows(checked).float()
-        return 0.5 * (exact - reuse.served_rows(checked.index)).abs().sum(-1).amax(-1)
+        return 0.5 * (exact - reuse.served_rows(row, checked.index)).abs().sum(-1).amax(-1)
 
     @staticmethod
     def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,7 +246,7 @@ class CachedAttention:
             output.index_copy_(0, heads, row.exact_head_outputs(heads))
         if not want_map:
             return output, None
-        full = reuse.served_rows(torch.arange(row.length, device=device)).to(dtype)
+        full = reuse.served_rows(row, torch.arange(row.length, device=device)).to(dtype)
         if len(reuse.rows):
             reuse.rows.put(full, 1, row.exact_rows(reuse.rows))
         if heads is not None:
@@ -261,28 +259,30 @@ class CachedAttention:
         scope: RequestScope,
         query: torch.Tensor,
         key: torch.Tensor,
+        value: torch.Tensor,
         keep: torch.Tensor,
         rows: list[_Row],
         keys: torch.Tensor,
         misses: list[int],
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+        want_maps: bool,
     ) -> float:
-        """Exact attention of the missed rows only (a sub-batch), their maps stored. Returns the seconds it took."""
+        """Exact attention of the missed rows only (a sub-batch), their entries stored. Returns the seconds it
+        took."""
         if not misses:
             return 0.0
         start = time.perf_counter()
         index = torch.tensor(misses, device=query.device)
         first = rows[misses[0]]
-        scores, weights = key_major_attention(query[index], key[index], keep[index], first.scaling, first.softcap)
+        output, lse, weights = attention_with_lse(
+            query[index], key[index], value[index], keep[index], first.scaling, first.softcap, want_maps
+        )
         for i, b in enumerate(misses):
-            value = repeat_kv(rows[b].value[None], first.groups)[0]
-            outputs[b] = (torch.matmul(weights[i].transpose(1, 2), value), weights[i].transpose(1, 2))
+            outputs[b] = (output[i], None if weights is None else weights[i])
         seconds = time.perf_counter() - start
-        # log-normaliser from the softmax already computed: lse = max score - log(max weight), two reductions
-        lse = scores.amax(-2).float() - weights.amax(-2).float().log()
         for i, b in enumerate(misses):
             row = rows[b]
-            entry = AttentionEntry(weights[i], lse[i], row.keep, row.query, row.key, row.value, outputs[b][0])
+            entry = AttentionEntry(lse[i], row.keep, row.query, row.key, row.value, output[i])
             self.bank.put(
                 entry.to_tensors(), key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE]
             )

@@ -1,4 +1,5 @@
-"""The attention entry: one request row's softmax map of one layer, with what a later request compares it by."""
+"""The attention entry: what one request row's softmax attention of one layer left to reuse, and what a later
+request compares it by."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import torch
 
 from ...entries import StoredEntry, refuse_unknown, require
 
-_FIELDS = frozenset({"map", "lse", "mask", "query", "key", "value", "output"})
+_FIELDS = frozenset({"lse", "mask", "query", "key", "value", "output"})
 
 
 @dataclass
 class AttentionEntry(StoredEntry):
-    """A stored map ``A = exp(S - lse)`` and the states it was computed from, so a later row can tell which of its
-    positions moved (see :class:`~.engine.CachedAttention`)."""
+    """The states a map ``A = exp(S - lse)`` was computed from, its log-normaliser and its output, so a later row
+    can tell which of its positions moved (see :class:`~.engine.CachedAttention`).
 
-    map: torch.Tensor
-    """(heads, L, L) softmax attention weights, stored key-major: ``map[h, k, q]`` is query ``q``'s weight on key
-    ``k``. A hit reads the columns of the changed keys, which this layout keeps contiguous (gathering them from a
-    query-major map costs more than the arithmetic on them)."""
+    The map itself is not stored: ``A[h, q, k] = exp(query[h, q] . key[k] * scaling - lse[h, q])`` where ``mask``
+    allows it, and a hit needs it only on the few keys that changed and the few rows it verifies, so it recomputes
+    those from the stored states. Storing it would cost ``L / head_dim`` times the memory of everything else, and
+    materialising it on a miss costs several times a fused attention kernel."""
+
     lse: torch.Tensor
     """(heads, L) float32 log-normaliser of each row."""
     mask: torch.Tensor
@@ -31,18 +33,17 @@ class AttentionEntry(StoredEntry):
     value: torch.Tensor
     """(kv_heads, L, head_dim) value states."""
     output: torch.Tensor
-    """(heads, L, head_dim) ``map @ value``: a hit whose values moved at few positions corrects it at those
-    positions instead of recomputing ``map @ value`` (a full ``L^2`` pass, as costly as a fused sdpa kernel)."""
+    """(heads, L, head_dim) ``A @ value``: a hit whose keys or values moved at few positions corrects it at those
+    positions instead of recomputing ``A @ value`` (a full ``L^2`` pass, as costly as a fused sdpa kernel)."""
 
     @property
     def length(self) -> int:
-        return self.map.shape[-1]
+        return self.lse.shape[-1]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         # the normaliser is stored as its bits: storage_dtype must not round it
         lse = self.lse.float().view(torch.int32)
         return {
-            "map": self.map,
             "lse": lse,
             "mask": self.mask,
             "query": self.query,
@@ -54,21 +55,20 @@ class AttentionEntry(StoredEntry):
     @classmethod
     def from_tensors(cls, values: dict[str, torch.Tensor]) -> AttentionEntry:
         lse = values["lse"].view(torch.float32)
-        fields = ("map", "mask", "query", "key", "value", "output")
+        fields = ("mask", "query", "key", "value", "output")
         return cls(**{name: values[name] for name in fields}, lse=lse)
 
     @classmethod
     def validate(cls, values: dict[str, torch.Tensor], heads: int | None = None) -> None:
-        stored = require(values, "map", None, (None, None, None))
-        if heads and stored.shape[0] != heads:
-            raise ValueError(f"'map' has {stored.shape[0]} heads; this layer has {heads}.")
-        heads, length = stored.shape[0], stored.shape[1]
-        if stored.shape[2] != length:
-            raise ValueError(f"'map' must be square in its last two dimensions; found {tuple(stored.shape)}.")
-        require(values, "lse", torch.int32, (heads, length))
+        lse = require(values, "lse", torch.int32, (None, None))
+        if heads and lse.shape[0] != heads:
+            raise ValueError(f"'lse' has {lse.shape[0]} heads; this layer has {heads}.")
+        heads, length = lse.shape
         require(values, "mask", torch.bool, (length, length))
-        require(values, "query", None, (heads, length, None))
-        key = require(values, "key", None, (None, length, None))
+        query = require(values, "query", None, (heads, length, None))
+        key = require(values, "key", None, (None, length, query.shape[-1]))
+        if key.shape[0] == 0 or heads % key.shape[0]:
+            raise ValueError(f"'key' has {key.shape[0]} heads, which must divide the {heads} query heads.")
         value = require(values, "value", None, (key.shape[0], length, None))
         require(values, "output", None, (heads, length, value.shape[-1]))
         refuse_unknown(values, _FIELDS, "an attention entry")

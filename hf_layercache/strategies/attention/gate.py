@@ -2,7 +2,7 @@
 (sdpa), decided from what each path measurably costs here and how often requests recently reused a map.
 
 Why: a hit saves ``QK^T`` and the softmax, but the bookkeeping around it (lookup key, search, what moved,
-verification) and a miss (eager attention plus storing the map) cost more than a fused sdpa kernel on short
+verification) and a miss (the attention plus storing its entry) cost more than a fused sdpa kernel on short
 sequences or on traffic that is never similar. Where the cached path cannot gain, the layer runs the model's own
 attention with no bookkeeping at all, and takes the cached path once every ``attention_gate_interval`` calls (a
 probe) to notice when traffic becomes reusable; while caching, it runs the default as often to keep measuring what
@@ -19,7 +19,7 @@ CACHED, DEFAULT, MEASURED = "cached", "default", "measured default"
 _ALPHA = 0.3
 """Weight of a new measurement in the moving averages (about the last five calls count)."""
 _WARMUP = 3
-"""Cached calls a bucket measures before deciding: when it is new, and after a probe found reuse again."""
+"""Cached calls a new bucket measures before deciding."""
 _DEFAULT_SAMPLES = 5
 """The default's cost is the fastest of its last this many measurements (a preempted call must not make the default
 look slow: the gate errs towards the default). A new bucket measures it twice before caching (the first call of a
@@ -48,7 +48,7 @@ class GateBucket:
     """A missed row on the cached path: its share of lookup and checks, computing it, and storing its map."""
     reuse: float | None = None
     """Moving average of the fraction of rows that hit, on cached calls that had entries to look in (a miss into an
-    empty bank says nothing about the traffic). Restarted when a probe finds reuse again."""
+    empty bank says nothing about the traffic). Restarted when a probe finds reuse again: the traffic changed."""
     since_switch: int = 0
     """Calls since the last probe (off) or re-measurement of the default (on)."""
 
@@ -132,8 +132,10 @@ class Gate:
                 bucket.hit_seconds = _average(bucket.hit_seconds, share + serve / hits)
             if rows - hits:
                 bucket.miss_seconds = _average(bucket.miss_seconds, share + compute / (rows - hits))
-            if bucket.state == "off" and hits:  # a probe found reuse: measure again before deciding
-                bucket.state, bucket.warmup, bucket.reuse = "learning", _WARMUP, None
+            # a probe that found reuse decides at once from what it measured, with no second learning phase: where
+            # hits are found but cost more than the default, every probe would otherwise pay for three cached calls
+            if bucket.state == "off" and hits:
+                bucket.reuse = None
             elif bucket.state == "learning":
                 bucket.warmup -= 1
             if searched:

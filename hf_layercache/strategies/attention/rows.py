@@ -87,21 +87,35 @@ class _Row:
         return attention_scores(rows.take(self.query, 1)[None], self.key[None], keep, self.scaling, self.softcap)[0]
 
     def column_weights(self, columns: _Positions, lse: torch.Tensor) -> torch.Tensor:
-        """``exp(S[:, c] - lse)`` for the keys ``columns``, 0 where masked: (heads, L, n) float32.
-
-        The exponent is clamped to +-80 (weights below e^-80 of the normaliser are negligible): torch's ``exp`` is
-        many times slower on the very negative scores of masked positions and on subnormal results. Computed in
-        place after one fused ``baddbmm``: on a CPU, every fresh (heads, L, n) temporary costs page faults."""
+        """``exp(S[:, c] - lse)`` of this row's states for the keys ``columns``, 0 where masked: (heads, L, n)
+        float32."""
         key = repeat_kv(columns.take(self.key, 1)[None], self.groups)[0]
-        if self.softcap is None and self.query.dtype == torch.float32:
-            bias = lse.to(torch.float32)[..., None].neg().expand(-1, -1, key.shape[1])
-            weights = torch.baddbmm(bias, self.query, key.transpose(-1, -2), alpha=self.scaling)
-        else:
-            weights = masked_scores(self.query[None], key[None], None, self.scaling, self.softcap)[0].float()
-            weights.sub_(lse[..., None])
-        weights.clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
-        # a multiply, not masked_fill_: a broadcast boolean fill is several times slower on a CPU
-        return weights if self.pattern.full else weights.mul_(columns.take(self.keep, 1).to(weights.dtype))
+        keep = None if self.pattern.full else columns.take(self.keep, 1)
+        return _shifted_weights(self.query, key, lse, keep, self.scaling, self.softcap)
+
+    def stored_column_weights(self, entry: AttentionEntry, columns: _Positions) -> torch.Tensor:
+        """The stored map's weights on the keys ``columns``, recomputed from the entry's states and normaliser:
+        (heads, L, n) float32."""
+        key = repeat_kv(columns.take(self._stored(entry.key), 1)[None], self.groups)[0]
+        keep = columns.take(entry.mask.to(self.keep.device), 1)
+        return _shifted_weights(
+            self._stored(entry.query), key, self._stored(entry.lse), keep, self.scaling, self.softcap
+        )
+
+    def stored_rows(self, entry: AttentionEntry, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of the stored map, recomputed from the entry's states and normaliser: (heads, n, L)
+        float32."""
+        query = self._stored(entry.query).index_select(1, rows)
+        key = repeat_kv(self._stored(entry.key)[None], self.groups)[0]
+        lse = self._stored(entry.lse).index_select(1, rows)
+        keep = entry.mask.to(self.keep.device).index_select(0, rows)
+        return _shifted_weights(query, key, lse, keep, self.scaling, self.softcap)
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An entry's states on this row's device, in its dtype (a storage dtype may be narrower); a normaliser
+        stays float32."""
+        dtype = torch.float32 if tensor.dtype == torch.float32 else self.query.dtype
+        return tensor.to(device=self.query.device, dtype=dtype)
 
 
 @dataclass
@@ -127,13 +141,39 @@ class _Reuse:
     def recomputed(self) -> int:
         return len(self.rows) + len(self.columns)
 
-    def served_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def served_rows(self, row: _Row, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
-        served = self.entry.map.index_select(2, rows).transpose(1, 2).float().contiguous()  # a copy: written below
+        served = row.stored_rows(self.entry, rows)
         if len(self.columns):
             self.columns.put(served, 2, self.column_weights.index_select(1, rows))
             served = served / self.ratio[:, rows, None]
         return served
+
+
+def _shifted_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    keep: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``exp(query key^T * scaling - lse)``, 0 where ``keep`` is False: (heads, n, m) float32 for ``query``
+    (heads, n, d), ``key`` (heads, m, d) with its GQA heads repeated, ``lse`` (heads, n) and ``keep`` (n, m) or
+    ``None`` (every key).
+
+    The exponent is clamped to +-80 (weights below e^-80 of the normaliser are negligible): torch's ``exp`` is
+    many times slower on the very negative scores of masked positions and on subnormal results. Computed in
+    place after one fused ``baddbmm``: on a CPU, every fresh (heads, n, m) temporary costs page faults."""
+    if softcap is None and query.dtype == torch.float32:
+        bias = lse.to(torch.float32)[..., None].neg().expand(-1, -1, key.shape[1])
+        weights = torch.baddbmm(bias, query, key.transpose(-1, -2), alpha=scaling)
+    else:
+        weights = masked_scores(query[None], key[None], None, scaling, softcap)[0].float()
+        weights.sub_(lse[..., None])
+    weights.clamp_(-_EXP_LIMIT, _EXP_LIMIT).exp_()
+    # a multiply, not masked_fill_: a broadcast boolean fill is several times slower on a CPU
+    return weights if keep is None else weights.mul_(keep.to(weights.dtype))
 
 
 def _sdpa(
@@ -150,7 +190,7 @@ def _sdpa(
 
 def _norms(states: torch.Tensor) -> torch.Tensor:
     """(heads, L, d) -> (L,): the length of each position's states over all heads."""
-    return states.float().square().sum((0, 2)).sqrt()
+    return torch.linalg.vector_norm(states, dim=(0, 2), dtype=torch.float32)
 
 
 def _distance(states: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
