@@ -7,8 +7,9 @@ slots (customer name, city, product, and an issue phrase whose category is the l
 technical, account), right-padded to exactly ``length`` tokens: AttnCache's one-length alignment. The cache is
 warmed with some requests; the measured ones use issue phrasings never seen before.
 
-Per model and sequence length, in one process: an eager-attention model, a cached model and an sdpa model from the
-same weights run every measured request in rotating order; medians of the end-to-end forward time and of the time
+Per model and sequence length, in one process: an eager-attention model, the cached models, an sdpa model and a
+second sdpa model (the control: how far two identical models' ratio strays from 1 on this machine in this run) from
+the same weights run every measured request in rotating order; medians of the end-to-end forward time and of the time
 spent inside the attention function (eager's own function and the cached one are both timed by a wrapper). The
 "all-hit" figure is the median attention time of the requests that hit in every layer. Fidelity: cosine between the
 cached and eager embeddings (last hidden states averaged over the ticket window: the template before it is the same
@@ -244,12 +245,12 @@ class TimedEager(Timed):
         return output.transpose(1, 2).contiguous(), weights
 
 
-def timed_model(path: str, implementation: str) -> tuple[torch.nn.Module, Timed]:
+def timed_model(path: str, implementation: str, tag: str = "") -> tuple[torch.nn.Module, Timed]:
     """The model with its own eager (``TimedEager``) or sdpa attention, timed (registered under a benchmark-only
-    name)."""
+    name, ``tag`` telling apart two models of one implementation)."""
     model = AutoModel.from_pretrained(path, attn_implementation=implementation).eval()
     timed = TimedEager() if implementation == "eager" else Timed(sdpa_attention_forward)
-    name = f"timed_{implementation}_{model.config.model_type}"
+    name = f"timed_{implementation}{tag}_{model.config.model_type}"
     AttentionInterface.register(name, timed)
     AttentionMaskInterface.register(name, eager_mask if implementation == "eager" else sdpa_mask)
     model.set_attn_implementation(name)
@@ -293,6 +294,7 @@ def measure(
         tokenizer.pad_token = tokenizer.eos_token
     eager, eager_timer = timed_model(path, "eager")
     sdpa, sdpa_timer = timed_model(path, "sdpa")
+    control, control_timer = timed_model(path, "sdpa", tag="_control")  # the same again: the run's own noise
     cached = {label: hf_layercache.enable(AutoModel.from_pretrained(path).eval(), c) for label, c in variants.items()}
     cached_timer = Timed(attention_forward)
     AttentionInterface.register(ATTN_IMPLEMENTATION, cached_timer)  # enable() registered the plain function
@@ -309,7 +311,7 @@ def measure(
         label: (model.layer_cache.stats()["total"], dict(model.layer_cache.strategy.reuse))
         for label, model in cached.items()
     }
-    runners = [("eager", eager, eager_timer), ("sdpa", sdpa, sdpa_timer)]
+    runners = [("eager", eager, eager_timer), ("sdpa", sdpa, sdpa_timer), ("control", control, control_timer)]
     scores_before = eager_timer.scores_seconds
     runners += [(label, model, cached_timer) for label, model in cached.items()]
     rows: dict[str, list] = {label: [] for label, _, _ in runners}
@@ -331,6 +333,11 @@ def measure(
     def median(label: str, column: int) -> float:
         return statistics.median(r[column] for r in rows[label]) * 1e3
 
+    def paired(label: str) -> float:
+        """Per request, sdpa's time over ``label``'s (same request, back to back): robust to the machine's load
+        drifting between requests."""
+        return statistics.median(s[0] / c[0] for s, c in zip(rows["sdpa"], rows[label], strict=True))
+
     results = []
     for label, model in cached.items():
         cached_x = torch.stack([r[2] for r in rows[label]])
@@ -348,11 +355,10 @@ def measure(
                 "workload": workload,
                 "config": label,
                 "gate_bypassed": (stats["bypassed"] - stats_before["bypassed"]) / calls,
-                # per request, sdpa's time over the cached model's (same request, back to back): robust to the
-                # machine's load drifting between requests
-                "paired_vs_sdpa": statistics.median(
-                    s[0] / c[0] for s, c in zip(rows["sdpa"], rows[label], strict=True)
-                ),
+                "paired_vs_sdpa": paired(label),
+                # a second sdpa model: how far two identical runs differ here (what a ratio near 1 can resolve)
+                "control_vs_sdpa": median("sdpa", 0) / median("control", 0),
+                "control_paired": paired("control"),
                 "eager_scores_ms": eager_scores_ms,
                 "sdpa_attention_ms": median("sdpa", 1),
                 "eager_ms": median("eager", 0),
@@ -385,8 +391,9 @@ def report(results: list[dict]) -> str:
         "| model | L | workload | config | layer calls bypassed by the gate | layer hit rate | recomputed rows+cols "
         "| attention ms: eager / sdpa / cached (all-hit requests) | end to end ms: eager / sdpa / cached | "
         "speed-up vs eager | vs sdpa (paired median) | Amdahl bound vs eager (QK^T+softmax share) | "
-        "bound vs sdpa (attention share) | cosine mean (p1) | probe accuracy eager -> cached |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "bound vs sdpa (attention share) | cosine mean (p1) | probe accuracy eager -> cached | "
+        "control: sdpa vs sdpa again (paired) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         share = r["eager_scores_ms"] / r["eager_mean_ms"]
@@ -401,7 +408,8 @@ def report(results: list[dict]) -> str:
             f"({r['paired_vs_sdpa']:.2f}x) | "
             f"{1 / (1 - share):.2f}x ({share:.0%}) | {1 / (1 - sdpa_share):.2f}x ({sdpa_share:.0%}) | "
             f"{r['cosine_mean']:.4f} ({r['cosine_p1']:.4f}) | "
-            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} |"
+            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} | "
+            f"{r['control_vs_sdpa']:.2f}x ({r['control_paired']:.2f}x) |"
         )
     return "\n".join(lines)
 
