@@ -143,8 +143,9 @@ class LayerCacheConfig:
     """Calls between the attention strategy's gate probes. Per layer and length bucket, the gate measures what a
     hit, a miss and the model's default attention (sdpa) cost here, and the recent reuse rate; where caching is not
     expected to be faster, the layer runs the default attention with no bookkeeping and takes the cached path once
-    every this many calls, to notice reusable traffic (while caching, it runs the default as often, to keep
-    measuring it). ``0``: no gate, every prefill call takes the cached path."""
+    every this many calls, to notice reusable traffic (up to 8 times as many after probes that found no reuse;
+    while caching, it runs the default once per this many calls, to keep measuring it). ``0``: no gate, every
+    prefill call takes the cached path."""
 
     # --- declared and validated by the prefix strategy (PrefixStrategy.config_fields) ---
     block_size: int = 16

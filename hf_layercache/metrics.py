@@ -27,7 +27,11 @@ metric                                       labels                  from ``stat
 ``hf_layercache_entries``                    ``bank``                ``banks[bank]["entries"]`` (gauge)
 ``hf_layercache_bytes``                      ``bank``                ``banks[bank]["bytes"]`` (gauge)
 ``hf_layercache_invalidations_total``        (``model`` only)        ``total["invalidations"]``
+``hf_layercache_shared_hits_total``, ...     (``model`` only)        ``shared``: one counter per shared-tier count
 ===========================================  ======================  ==============================================
+
+The shared tier (``shared_store``, Redis) exports ``hf_layercache_shared_{hits,misses,refused,skipped,errors,
+bytes_read,bytes_written,dropped}_total``, for models that have one.
 
 Per tenant (``namespace`` label): ``hf_layercache_namespace_entries`` (gauge), ``hf_layercache_namespace_hits_total``
 and ``hf_layercache_namespace_misses_total`` (summed over layers, for tenants this process served). The report
@@ -54,6 +58,16 @@ _LAYER_COUNTERS = (  # (stats key, metric name without the prefix and _total, he
     ("bypassed", "bypassed", "Rows that ran uncached because of the request (bypass(), output_attentions, ...)."),
     ("audited", "audited", "Verified approximate hits that would have been served (a sample of served hits)."),
     ("audited_unacceptable", "audited_unacceptable", "Audited hits judged unacceptable by the acceptance criterion."),
+)
+_SHARED_COUNTERS = (  # (stats()["shared"] key, help)
+    ("shared_hits", "Entries a local miss found in the shared store and served."),
+    ("shared_misses", "Entries asked of the shared store that it did not have or had in a refused form."),
+    ("shared_refused", "Values found in the shared store but refused (unparsable, wrong shapes, NaN/Inf, signature)."),
+    ("shared_skipped", "Entries not asked of the shared store because its breaker was open after an error."),
+    ("shared_errors", "Errors of the shared store: connection errors, time-outs, refused commands."),
+    ("shared_bytes_read", "Bytes of values read from the shared store."),
+    ("shared_bytes_written", "Bytes of values written to the shared store."),
+    ("shared_dropped", "Computed entries not written to the shared store: its queue was full or it was down."),
 )
 
 
@@ -135,6 +149,9 @@ class LayerCacheCollector:
                     families["namespace_hits"].add_metric([model, namespace], n["hits"])
                     families["namespace_misses"].add_metric([model, namespace], n["misses"])
             families["invalidations"].add_metric([model], report["total"]["invalidations"])
+            for key, value in report.get("shared", {}).items():
+                if key in families:
+                    families[key].add_metric([model], value)
         return list(families.values())
 
     def _families(self) -> dict[str, Any]:
@@ -178,6 +195,8 @@ class LayerCacheCollector:
             "Times every entry was dropped because the weights changed under the cache.",
             labels=["model"],
         )
+        for key, help_ in _SHARED_COUNTERS:
+            families[key] = core.CounterMetricFamily(f"{_PREFIX}_{key}", help_, labels=["model"])
         return families
 
 

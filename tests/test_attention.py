@@ -174,6 +174,22 @@ def test_the_new_requests_mask_is_applied_to_a_stored_map(arch, first, padding, 
     assert_maps_close([m[0][:, real] for m in out.attentions], [m[0][:, real] for m in expected.attentions])
 
 
+def test_rows_stored_as_left_padding_are_computed_when_they_become_real(enable):
+    ids = tiny_batch("llama", batch=1, length=16)["input_ids"]
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = reference("llama", full)
+    model = enable("llama", attention_position_tolerance=0.0)
+    run(model, {"input_ids": ids, "attention_mask": padded})  # stored: three queries with nothing to attend to
+    out = run(model, full, output_attentions=True)
+    # the first layer sees the same states at every position and reuses the entry; the rows that attended nothing
+    # when stored have no normaliser, so they are computed
+    assert layer_hits(model, "layers.0") == 1
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=ATOL)
+    assert_maps_close(out.attentions, expected.attentions)
+
+
 def test_a_longer_request_than_the_stored_one_is_exact(enable):
     ids = tiny_batch("bert", batch=1, length=10)["input_ids"]
     short = torch.ones_like(ids)
@@ -196,12 +212,16 @@ def test_a_miss_computes_output_and_normaliser_as_eager_attention_does(kv_heads)
     keep = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
     keep[1, ..., 6:] = False  # right padding
     scores = masked_scores(query, key, keep, 0.3)
-    for rows in (keep, keep.clone().index_fill_(2, torch.tensor([0]), False)):  # then a query with nothing to attend
+    left = keep.clone()
+    left[1, ..., :2] = False  # left padding: the first two queries of row 1 have nothing to attend to
+    for rows in (keep, left):
         output, lse, maps = attention_with_lse(query, key, value, rows, 0.3)
-        expected = attention_scores(query, key, rows, 0.3)
+        expected = attention_scores(query, key, rows, 0.3)  # eager: a uniform row where nothing is attended
         assert maps is None
         torch.testing.assert_close(output, torch.matmul(expected, repeat_kv(value, 4 // kv_heads)), atol=ATOL, rtol=0)
-        torch.testing.assert_close(lse, masked_scores(query, key, rows, 0.3).logsumexp(-1), atol=ATOL, rtol=1e-6)
+        live = rows.any(-1).expand_as(lse)  # an empty row's normaliser is never used
+        want = masked_scores(query, key, rows, 0.3).logsumexp(-1)
+        torch.testing.assert_close(lse[live], want[live], atol=ATOL, rtol=1e-6)
     _, lse, maps = attention_with_lse(query, key, value, keep, 0.3, weights=True)
     torch.testing.assert_close(maps, attention_scores(query, key, keep, 0.3), atol=ATOL, rtol=0)
     torch.testing.assert_close(lse, scores.logsumexp(-1), atol=ATOL, rtol=1e-6)

@@ -68,13 +68,14 @@ def test_a_probe_that_finds_reuse_takes_the_cached_path_again():
             run(model, tiny_batch("bert", batch=1, length=12, seed=100 + seed))
         assert {b[16]["state"] for b in gates(model).values()} == {"off"}
         hits = model.layer_cache.stats()["total"]["hits"]
-        for _ in range(11):  # the same request over and over: reusable traffic
+        for _ in range(15):  # the same request over and over: reusable traffic
             run(model, batch)
         layers = len(model.layer_cache.layers)
         buckets = [b[16] for b in gates(model).values()]
         assert all(bucket["probes"] == 2 and bucket["reuse"] == 1.0 for bucket in buckets)
-        # the 4th call (a probe) stored the request, the 8th (a probe) hit it and decided from what that hit cost:
-        # a layer whose hit beat the default took the cached path for the 9th to 11th calls, which hit too
+        # the 4th call (a probe) stored the request and found no reuse, so the next probe came 8 calls later: the
+        # 12th hit it and decided from what that hit cost; a layer whose hit beat the default took the cached path
+        # for the 13th to 15th calls, which hit too
         for bucket in buckets:
             assert (bucket["state"] == "on") == (bucket["expected_seconds"] < bucket["default_seconds"])
         on = sum(bucket["state"] == "on" for bucket in buckets)
@@ -115,9 +116,9 @@ def test_gate_decides_from_measured_cost_and_reuse():
     bucket = gate.buckets[512]
     assert bucket.state == "on" and bucket.reuse == 1.0  # the empty-bank miss says nothing about reuse
     assert [gate.route(500, 1) for _ in range(4)] == [CACHED, CACHED, CACHED, MEASURED]  # on: re-measures the default
-    for _ in range(3):  # the traffic stops repeating: misses at 2.1 s against a default of 1 s
+    for _ in range(2):  # the traffic stops repeating: misses at 2.1 s against a default of 1 s
         gate.record_cached(500, 1, 0, searched=True, overhead=0.1, serve=0.0, compute=2.0)
-    assert bucket.state == "off"
+    assert bucket.state == "off" and bucket.idle_probes == 0
     # off: the default, timed once per interval, and a probe
     assert [gate.route(500, 1) for _ in range(4)] == [MEASURED, DEFAULT, DEFAULT, CACHED]
     gate.record_cached(500, 1, 1, searched=True, overhead=0.1, serve=2.9, compute=0.0)  # a hit dearer than sdpa
@@ -129,3 +130,32 @@ def test_gate_decides_from_measured_cost_and_reuse():
     assert gate.route(500, 1) == CACHED
     with pytest.raises(ValueError, match="attention_gate_interval"):
         LayerCacheConfig(strategy="attention", attention_gate_interval=-1)
+
+
+def test_probes_that_find_no_reuse_come_ever_more_rarely():
+    gate = Gate(interval=2)
+    for _ in range(2):
+        gate.route(100, 1)
+        gate.record_default(100, rows=1, seconds=1.0)
+    for _ in range(3):  # learning: misses at twice the default
+        assert gate.route(100, 1) == CACHED
+        gate.record_cached(100, 1, 0, searched=True, overhead=0.0, serve=0.0, compute=2.0)
+    bucket = gate.buckets[128]
+    assert bucket.state == "off"
+
+    def calls_to_next_probe():
+        calls = 1
+        while gate.route(100, 1) != CACHED:
+            calls += 1
+        return calls
+
+    waits = []
+    for _ in range(5):
+        waits.append(calls_to_next_probe())
+        gate.record_cached(100, 1, 0, searched=True, overhead=0.0, serve=0.0, compute=2.0)  # no reuse again
+    assert waits == [2, 4, 8, 16, 16]  # doubling, up to 8 intervals
+    waits = []
+    for hits in (1, 0):  # a probe that hits (but costs more than the default): back to one interval
+        waits.append(calls_to_next_probe())
+        gate.record_cached(100, 1, hits, searched=True, overhead=0.0, serve=2.0, compute=2.0)
+    assert waits == [16, 2] and bucket.state == "off" and bucket.idle_probes == 1

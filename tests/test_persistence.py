@@ -193,12 +193,14 @@ def test_unknown_config_keys_warn_but_load(warm_dir):
     assert torch.equal(run(warm, batch), reference)
 
 
-def test_an_explicit_config_of_another_strategy_starts_cold(warm_dir):
+def test_an_explicit_config_of_another_strategy_starts_cold(warm_dir, monkeypatch):
     directory, _, _ = warm_dir
 
     class Other(hf_layercache.strategies.ExactStrategy):
         pass
 
+    # registered through the public call, removed after the test (the registry has no unregister)
+    monkeypatch.setattr(hf_layercache.registry.STRATEGIES, "_classes", dict(hf_layercache.registry.STRATEGIES._classes))
     hf_layercache.register_strategy("exact-copy", Other)
     with pytest.warns(UserWarning, match="starting cold"):
         model = tf.AutoModel.from_pretrained(directory, layer_cache=LayerCacheConfig(strategy="exact-copy"))

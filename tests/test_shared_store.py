@@ -281,6 +281,14 @@ def test_a_flushed_redis_is_a_miss_then_filled_again(server):
     c = hf_layercache.enable(tiny_model("bert"), _config(server))
     _run(c, batch)
     assert c.layer_cache.stats()["shared"]["shared_hits"] == 3
+    prometheus = pytest.importorskip("prometheus_client")
+    from hf_layercache.metrics import LayerCacheCollector
+
+    registry = prometheus.CollectorRegistry()
+    registry.register(LayerCacheCollector({"b": b, "c": c}))
+    assert registry.get_sample_value("hf_layercache_shared_hits_total", {"model": "c"}) == 3
+    assert registry.get_sample_value("hf_layercache_shared_misses_total", {"model": "b"}) == 3
+    assert registry.get_sample_value("hf_layercache_shared_bytes_read_total", {"model": "c"}) > 0
 
 
 def _poisons(value: bytes, key: str) -> dict[str, bytes]:

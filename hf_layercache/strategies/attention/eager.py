@@ -53,13 +53,16 @@ def attention_with_lse(
     log-normalisers (batch, heads, L) and, when ``weights`` asks (``output_attentions``), the maps (batch, heads,
     L, L). ``keep`` is the (batch, 1, L, L) boolean mask.
 
-    On a CPU, without soft-capping, maps or a query with nothing to attend to, this is the fused kernel sdpa itself
-    dispatches to there, which returns the normaliser beside the output without materialising the map (several
-    times cheaper than eager math at long lengths); eager math otherwise."""
+    On a CPU, without soft-capping or maps, this is the fused kernel sdpa itself dispatches to there, which returns
+    the normaliser beside the output without materialising the map (several times cheaper than eager math at long
+    lengths); eager math otherwise. A query with nothing to attend to (left padding) gets eager's output either way,
+    the mean of the values; its normaliser is meaningless (the cached path recomputes such rows)."""
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    fused = _FUSED_CPU is not None and query.device.type == "cpu" and not weights and softcap is None
-    if fused and bool(keep.any(-1).all()):
+    if _FUSED_CPU is not None and query.device.type == "cpu" and not weights and softcap is None:
+        empty = ~keep.any(-1, keepdim=True)  # (batch, 1, L, 1)
+        if bool(empty.any()):  # eager's uniform row: a zero query over every key (the fused kernel gives NaN)
+            query, keep = query.masked_fill(empty, 0.0), keep | empty
         mask = _additive(keep, query.dtype)
         output, lse = _FUSED_CPU(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
         return output, lse.float(), None

@@ -173,14 +173,15 @@ class CachedAttention:
         if entry.query.shape[:2] != row.query.shape[:2] or entry.key.shape[0] != row.key.shape[0]:
             return None
         # positions no query attends to (padding) influence nothing: their rows are served as stored, and their
-        # columns carry no weight unless the masks differ there
+        # columns carry no weight unless the masks differ there. A stored row that attended nothing has no
+        # normaliser to rescore against: computed where it is live now.
+        stored_keep = entry.mask.to(row.keep.device)
         changed_rows = (_distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
-        changed_rows &= row.pattern.live
+        changed_rows = (changed_rows | ~stored_keep.any(-1)) & row.pattern.live
         # a column is served from the stored map and the stored output while its key and value stayed put
         moved = _distance(row.key, entry.key) > row.key_limits
         moved |= _distance(row.value, entry.value) > row.value_limits
         changed_columns = moved & row.pattern.live
-        stored_keep = entry.mask.to(row.keep.device)
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
         reuse = _Reuse(

@@ -20,6 +20,10 @@ _ALPHA = 0.3
 """Weight of a new measurement in the moving averages (about the last five calls count)."""
 _WARMUP = 3
 """Cached calls a new bucket measures before deciding."""
+_BACKOFF = 3
+"""While off, each probe that finds no reuse doubles the calls to the next one, up to ``2**_BACKOFF`` intervals: on
+traffic that never repeats, probes (a miss costs several defaults on short sequences) fade to a fraction of a
+percent. A probe that hits, or caching turning on, goes back to one interval."""
 _DEFAULT_SAMPLES = 5
 """The default's cost is the fastest of its last this many measurements (a preempted call must not make the default
 look slow: the gate errs towards the default). A new bucket measures it twice before caching (the first call of a
@@ -38,6 +42,8 @@ class GateBucket:
     """Cached calls left to measure before the next decision (``learning``)."""
     probes: int = 0
     """Cached calls taken while off, to re-measure reuse."""
+    idle_probes: int = 0
+    """Probes in a row that found no reuse (each doubles the wait for the next, see ``_BACKOFF``)."""
     bypassed: int = 0
     """Rows that ran the default attention because of this gate."""
     default_seconds: float | None = None
@@ -67,6 +73,8 @@ class GateBucket:
         if self.warmup > 0 or expected is None or self.default_seconds is None:
             return
         self.state = "on" if expected < self.default_seconds else "off"
+        if self.state == "on":
+            self.idle_probes = 0
 
 
 class Gate:
@@ -98,7 +106,8 @@ class Gate:
             if bucket.state == "learning":
                 return CACHED
             bucket.since_switch += 1
-            if bucket.since_switch < self.interval:
+            wait = self.interval if bucket.state == "on" else self.interval << min(bucket.idle_probes, _BACKOFF)
+            if bucket.since_switch < wait:
                 if bucket.state == "on":
                     return CACHED
                 bucket.bypassed += rows
@@ -134,8 +143,10 @@ class Gate:
                 bucket.miss_seconds = _average(bucket.miss_seconds, share + compute / (rows - hits))
             # a probe that found reuse decides at once from what it measured, with no second learning phase: where
             # hits are found but cost more than the default, every probe would otherwise pay for three cached calls
-            if bucket.state == "off" and hits:
-                bucket.reuse = None
+            if bucket.state == "off":
+                bucket.idle_probes = 0 if hits else bucket.idle_probes + 1
+                if hits:
+                    bucket.reuse = None
             elif bucket.state == "learning":
                 bucket.warmup -= 1
             if searched:
