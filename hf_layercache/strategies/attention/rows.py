@@ -98,24 +98,21 @@ class _Row:
         (heads, L, n) float32."""
         key = repeat_kv(columns.take(self._stored(entry.key), 1)[None], self.groups)[0]
         keep = columns.take(entry.mask.to(self.keep.device), 1)
-        return _shifted_weights(
-            self._stored(entry.query), key, self._stored(entry.lse), keep, self.scaling, self.softcap
-        )
+        lse = entry.lse.to(self.query.device)
+        return _shifted_weights(self._stored(entry.query), key, lse, keep, self.scaling, self.softcap)
 
     def stored_rows(self, entry: AttentionEntry, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the stored map, recomputed from the entry's states and normaliser: (heads, n, L)
         float32."""
         query = self._stored(entry.query).index_select(1, rows)
         key = repeat_kv(self._stored(entry.key)[None], self.groups)[0]
-        lse = self._stored(entry.lse).index_select(1, rows)
+        lse = entry.lse.to(self.query.device).index_select(1, rows)
         keep = entry.mask.to(self.keep.device).index_select(0, rows)
         return _shifted_weights(query, key, lse, keep, self.scaling, self.softcap)
 
-    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An entry's states on this row's device, in its dtype (a storage dtype may be narrower); a normaliser
-        stays float32."""
-        dtype = torch.float32 if tensor.dtype == torch.float32 else self.query.dtype
-        return tensor.to(device=self.query.device, dtype=dtype)
+    def _stored(self, states: torch.Tensor) -> torch.Tensor:
+        """An entry's states on this row's device and in its dtype (``storage_dtype`` may differ)."""
+        return states.to(device=self.query.device, dtype=self.query.dtype)
 
 
 @dataclass
