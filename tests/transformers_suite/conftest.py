@@ -58,9 +58,14 @@ else:
     from hf_layercache.integration import enable as _enable_function
 
     STRATEGY = os.environ.get("HF_LAYERCACHE_REFEREE_STRATEGY", "none")
-    if STRATEGY not in ("none", "exact", "prefix"):
-        raise pytest.UsageError(f"HF_LAYERCACHE_REFEREE_STRATEGY={STRATEGY!r}: use none, exact or prefix")
-    DEFAULT_OVERRIDES = {"prefix": {"block_size": 2}}
+    if STRATEGY not in ("none", "exact", "prefix", "attention"):
+        raise pytest.UsageError(f"HF_LAYERCACHE_REFEREE_STRATEGY={STRATEGY!r}: use none, exact, prefix or attention")
+    # attention: lossless (only bit-identical positions reused) and every prefill call cached, so the referee
+    # checks the mechanism itself, not the gate's choice of sdpa
+    DEFAULT_OVERRIDES = {
+        "prefix": {"block_size": 2},
+        "attention": {"attention_position_tolerance": 0.0, "attention_gate_interval": 0},
+    }
     OVERRIDES = {
         **DEFAULT_OVERRIDES.get(STRATEGY, {}),
         **json.loads(os.environ.get("HF_LAYERCACHE_REFEREE_CONFIG") or "{}"),

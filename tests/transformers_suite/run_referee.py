@@ -8,7 +8,10 @@ Every mode runs ``pytest`` on ``tests/transformers_suite`` (see conftest.py ther
 * ``none``: no cache, every architecture -- the reference;
 * ``exact``: ``strategy="exact"`` on every model the tests build, every architecture;
 * ``prefix``: ``strategy="prefix"`` on the decoders (GPT-2, Llama, Qwen2, Gemma3); models it refuses run uncached
-  and are counted as refused.
+  and are counted as refused;
+* ``attention``: ``strategy="attention"``, lossless (``attention_position_tolerance=0``) and without the gate
+  (``attention_gate_interval=0``: every prefill call takes the cached path), every architecture but T5 (whose
+  relative position bias it refuses at the first call).
 
 A test that passes uncached must pass in every cached mode, unless ``known_differences.json`` lists it (test id ->
 reason; an id may be prefixed with ``<mode>:`` to apply to one mode only). Otherwise this exits 1 and prints each
@@ -40,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ARCHS = ("bert", "distilbert", "roberta", "t5", "gpt2", "llama", "qwen2", "gemma3")
 DECODERS = ("gpt2", "llama", "qwen2", "gemma3")
-MODES = {"none": ARCHS, "exact": ARCHS, "prefix": DECODERS}
+MODES = {"none": ARCHS, "exact": ARCHS, "prefix": DECODERS, "attention": tuple(a for a in ARCHS if a != "t5")}
 TEST_DEPENDENCIES = {"parameterized": "parameterized", "pytest_timeout": "pytest-timeout"}
 """Imported by test_modeling_common.py / needed for --timeout, and not dependencies of the library."""
 
@@ -198,7 +201,9 @@ def allowed(allowlist: dict[str, str], mode: str, test_id: str) -> str | None:
 # --- main ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="none,exact,prefix", help="comma-separated, from none, exact, prefix")
+    parser.add_argument(
+        "--modes", default="none,exact,prefix,attention", help="comma-separated, from none, exact, prefix, attention"
+    )
     parser.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="pytest processes at once")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per test (pytest-timeout)")
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         job["keyword"] = args.keyword
     # longest first: cached modes are slower than none, prefix covers half the architectures
-    weight = {"exact": 3, "none": 2, "prefix": 1}
+    weight = {"exact": 3, "attention": 3, "none": 2, "prefix": 1}
     jobs.sort(key=lambda j: (-weight[j["mode"]] * len(j["archs"]), j["name"]))
     print(f"{len(jobs)} pytest runs, {args.jobs} at a time, results in {out}", flush=True)
     threads = 1 if args.jobs > 1 else max(1, (os.cpu_count() or 1))

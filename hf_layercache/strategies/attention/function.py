@@ -33,6 +33,16 @@ _KNOWN_KWARGS = frozenset(
         "encoder_hidden_states",
         "encoder_attention_mask",
         "token_type_ids",
+        # what transformers passes down every layer's **kwargs: loss arguments, and packed-sequence boundaries for
+        # flash-attention kernels, which the mask already carries for mask-based attention
+        "shift_labels",
+        "num_items_in_batch",
+        "output_router_logits",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
     }
 )
 """Keyword arguments of attention functions that do not change the math beyond the mask. Any other one with a value
