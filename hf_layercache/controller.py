@@ -16,9 +16,10 @@ from transformers import PreTrainedModel
 from .bank import CacheBank, Lookup
 from .config import LayerCacheConfig
 from .hooks import ForwardHook, HookRegistry
-from .identity import identity_differences, model_identity
-from .integrity import resolve_key
+from .identity import ModelIdentity, forward_config
+from .integrity import ENV_VAR, resolve_key
 from .layers import ArgumentBinder, select_layers
+from .models import model_spec
 from .persistence import (
     LayerCacheFileError,
     LayerCacheMismatchError,
@@ -32,7 +33,7 @@ from .registry import get_backend, get_policy, get_strategy
 from .request import RequestScope, current_scope, namespace_tag, open_scope
 from .shards import read_tensors
 from .stats import CacheStats, format_report
-from .weights import WeightsWatch
+from .watch import ModelWatch
 
 ATTRIBUTE = "layer_cache"
 _MAX_TENANT_NAMES = 10_000
@@ -53,12 +54,10 @@ class RequestHook(ForwardHook):
         if self.binder is None:
             self.binder = ArgumentBinder(self.original)
         arguments = self.binder.bind(args, kwargs)
-        scope = RequestScope(self.controller.current_namespace, self.controller.bypass_reason(module, arguments))
-        self.controller.remember_tenant(scope.namespace)
+        scope = self.controller.new_scope(module, arguments)
         with open_scope(scope):
             if scope.bypass_reason is not None:
                 return self.original(*args, **kwargs)
-            self.controller.drop_stale_entries()
             self.controller.strategy.begin_request(scope, arguments)
             return self.controller.strategy.forward_request(scope, self.original, arguments)
 
@@ -70,9 +69,10 @@ class LayerCacheController:
         self.model = model
         self.config = config
         self.layers = select_layers(model, config.layers)
+        self.spec = model_spec(model)
         self.stats_ = CacheStats([layer.name for layer in self.layers])
         self._local = threading.local()
-        self._identity: dict[str, Any] | None = None
+        self._identity: ModelIdentity | None = None
         self._tenant_lock = threading.Lock()
         self.hooks = HookRegistry()
         """Every attachment to the model; ``detach`` removes them all."""
@@ -80,9 +80,11 @@ class LayerCacheController:
         self.tenants: dict[str, list[int]] = {config.namespace: [0, 0]}
         """Per tenant name this process served (at most ``_MAX_TENANT_NAMES``): its ``[hits, misses]``, counted like
         the per-layer totals of ``stats()``."""
-        """Namespaces this process has served (in order), to name the tenant tags the banks hold."""
+        self._key_spaces: dict[int, str] = {}
+        """The tags of the key spaces tenants used with adapters active, to their tenant's name (for ``stats()``)."""
         self.owners = self._stack_owners()
-        self.weights = WeightsWatch(self.owners)
+        self.watch = ModelWatch(model, self.owners)
+        """Notices every change of the model's function between requests, and reads the active adapters."""
         self._warned_autograd = False
         self.shared = None
         """The shared tier (:class:`~hf_layercache.shared.tier.SharedTier`) when ``shared_store`` is set: its
@@ -96,6 +98,8 @@ class LayerCacheController:
     def attach(self) -> None:
         try:
             self.strategy.attach()
+            self.hooks.call("ModelWatch (.data writes, registrations)", self.watch.attach, self.watch.detach)
+            self.watch.mark()  # the model as the strategy left it (the attention strategy selects its function)
             for module in [self.model, *(m for m in self.owners if m is not self.model)]:
                 self.hooks.replace_forward(module, RequestHook(self))
         except BaseException:
@@ -181,6 +185,26 @@ class LayerCacheController:
     def current_namespace(self) -> str:
         return getattr(self._local, "namespace", None) or self.config.namespace
 
+    def new_scope(self, module: torch.nn.Module, arguments: dict[str, Any]) -> RequestScope:
+        """The scope of a request to ``module``: why it bypasses the cache, or the key space it uses (its tenant's,
+        and the active adapter set's). Entries made for a function the model no longer computes are dropped first."""
+        tenant = self.current_namespace
+        self.remember_tenant(tenant)
+        reason = self.bypass_reason(module, arguments)
+        if reason is not None:
+            return RequestScope(tenant, bypass_reason=reason, tenant=tenant)
+        self.drop_stale_entries()
+        adapters = self.watch.adapter_keys()
+        if adapters is None:
+            return RequestScope(tenant, bypass_reason="a mixed-adapter batch (adapter_names)", tenant=tenant)
+        inside, outside = adapters
+        if not inside:
+            return RequestScope(tenant, tenant=tenant, head_key=outside)
+        namespace = f"{tenant}\x1f{inside}"
+        if len(self._key_spaces) < _MAX_TENANT_NAMES:
+            self._key_spaces.setdefault(namespace_tag(namespace), tenant)
+        return RequestScope(namespace, tenant=tenant, head_key=outside)
+
     def bypass_reason(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
         """Why a request must run uncached, or ``None``."""
         config = getattr(module, "config", None)
@@ -188,7 +212,7 @@ class LayerCacheController:
             return "bypass()"
         if module.training:
             return "training mode"
-        if torch.is_grad_enabled() and (self.weights.requires_grad() or _inputs_require_grad(arguments)):
+        if torch.is_grad_enabled() and (self.watch.requires_grad() or _inputs_require_grad(arguments)):
             self._warn_autograd()
             return "autograd"
         wants_maps = arguments.get("output_attentions", getattr(config, "output_attentions", False))
@@ -210,13 +234,26 @@ class LayerCacheController:
             )
 
     def drop_stale_entries(self) -> None:
-        """Drop every entry when the weights changed since the entries were computed (see ``weights.py``)."""
-        if self.weights.changed():
-            for bank in self.banks.values():
-                bank.clear()
-            self.strategy.banks_replaced()
-            self._identity = None
-            self.stats_.record_invalidation()
+        """Drop every entry when the model's function changed since the entries were computed (``watch.py``)."""
+        change = self.watch.changed()
+        if change == "heads":
+            self.strategy.heads_changed()
+        elif change == "model":
+            self._invalidate()
+
+    def weights_changed(self) -> None:
+        """Drop every entry: the model's function changed by a route the cache cannot see (tensor memory written
+        without torch, e.g. through numpy or a C extension). Every torch route is noticed by itself (``watch.py``)."""
+        self.watch.mark()
+        self.watch.forget()
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        for bank in self.banks.values():
+            bank.clear()
+        self.strategy.banks_replaced()
+        self._identity = None
+        self.stats_.record_invalidation()
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
@@ -257,7 +294,7 @@ class LayerCacheController:
         for layer in layers:
             self.stats_.record_lookup(layer, hits, misses)
         scope = current_scope()
-        tenant = self.tenants.get(scope.namespace if scope is not None else self.config.namespace)
+        tenant = self.tenants.get(scope.tenant if scope is not None else self.config.namespace)
         if tenant is not None:
             with self._tenant_lock:
                 tenant[0] += hits * len(layers)
@@ -282,7 +319,7 @@ class LayerCacheController:
         report = self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
         with self._tenant_lock:
             traffic = {name: tuple(counts) for name, counts in self.tenants.items()}
-        names = {namespace_tag(name): name for name in traffic}
+        names = {**self._key_spaces, **{namespace_tag(name): name for name in traffic}}
         namespaces: dict[str, dict[str, int]] = {
             name: {"entries": 0, "hits": hits, "misses": misses}
             for name, (hits, misses) in traffic.items()
@@ -315,18 +352,32 @@ class LayerCacheController:
 
     # --- persistence ----------------------------------------------------------------------------------------------
     @property
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> ModelIdentity:
+        """What the entries belong to (``identity.py``) as of the last check of the model (each request, ``save``,
+        ``load``)."""
         if self._identity is None:
-            self._identity = model_identity(self.model, len(self.layers))
+            dtype = getattr(self.model, "dtype", None)
+            self._identity = ModelIdentity(
+                model_class=type(self.model).__name__,
+                model_type=getattr(getattr(self.model, "config", None), "model_type", None),
+                num_layers=len(self.layers),
+                hidden_size=self.spec.hidden_size,
+                dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
+                weights_hash=self.watch.digest(),
+                config=forward_config(getattr(self.model, "config", None)),
+                adapters={name: self.watch.adapter_digest(name) for name in self.watch.adapters()},
+                storage_dtype=self.config.storage_dtype,
+            )
         return self._identity
 
     def save(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write ``layer_cache_config.json`` and the safetensors shard(s) of every saved bank into ``directory``."""
+        self.drop_stale_entries()  # the identity saved must describe the model as it is now
         banks = {name: self.banks[name] for name in self.strategy.saved_banks()}
         tensors = {f"{name}/{key}": t for name, bank in banks.items() for key, t in bank.state_dict().items()}
         header = {
             "config": self.config.to_dict(),
-            "model": self.identity,
+            "model": self.identity.to_dict(),
             "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in banks.items()},
             "timing": self.stats_.timing(),
         }
@@ -335,13 +386,19 @@ class LayerCacheController:
     def load(self, directory: str | os.PathLike | WarmCache) -> None:
         """Replace every bank's content with the warm cache in ``directory`` (or one already opened with
         :func:`~hf_layercache.persistence.open_cache`), after checking it fits this model."""
-        self.drop_stale_entries()  # the identity below must describe the weights as they are now
+        self.drop_stale_entries()  # the identity compared must describe the model as it is now
         warm = directory if isinstance(directory, WarmCache) else open_cache(directory)
         directory, header = warm.directory, warm.header
         key = resolve_key(self.config.integrity_key)
         if key is not None:
             check_signature(directory, header, key)
-        differences = identity_differences(header["model"], self.identity)
+        elif "signature" in header:
+            warnings.warn(
+                f"The layer cache in {directory} is signed, but no integrity key is set, so its signature was NOT "
+                f"checked: its entries are trusted unverified. Set {ENV_VAR} (or integrity_key) to check it.",
+                stacklevel=3,
+            )
+        differences = ModelIdentity.from_dict(header["model"]).differences(self.identity)
         if differences:
             raise LayerCacheMismatchError(
                 f"The layer cache in {directory} was saved for another model ({header['model'].get('class')}): "
@@ -380,7 +437,6 @@ class LayerCacheController:
                 except (KeyError, ValueError, RuntimeError, IndexError) as err:
                     raise LayerCacheFileError(f"{source}, bank {bank_name!r}: {err}") from None
         self.strategy.banks_replaced()
-        self.weights.mark()
 
 
 def _inputs_require_grad(arguments: dict[str, Any]) -> bool:

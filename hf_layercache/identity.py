@@ -1,65 +1,213 @@
-"""Which model a warm cache belongs to: the identity saved in its header and compared on load.
+"""What an entry belongs to: the identity of the computation that made it, one definition for every user.
 
-A cache is only valid for the weights that filled it. The identity records the class, ``model_type``, layer count,
-hidden size, dtype and a hash of the weights; :func:`identity_differences` names what differs.
+An entry is valid only for the function that computed it. :class:`ModelIdentity` names everything that determines
+that function, as LMCache's ``CacheEngineKey`` names model, format and content:
+
+* the model's class, ``model_type``, cached layer count, hidden size and dtype;
+* ``weights_hash``: an xxh3-128 digest over the name, shape, dtype and *every byte* of every parameter and buffer
+  that belongs to no adapter (a sample would miss a fine-tune that retrained five rows of an embedding);
+* ``config``: every field of the model's config that affects the forward pass (bookkeeping, generation-only,
+  training-only and output-selection fields are left out: they change no computed value), plus the kind of attention
+  function (:func:`attention_kind`: transformers' kernels are one kind, a custom registered function another);
+* ``adapters``: a digest of each adapter's weights (PEFT, or transformers' adapter API, which uses PEFT's layers).
+  Which adapters are *active* is not part of the identity: entries are kept per active adapter set instead (the
+  request's key space, see :mod:`hf_layercache.adapters`), so switching adapters does not throw entries away;
+* ``storage_dtype``: the cache's own output-affecting field (entries rounded to another dtype serve other values).
+
+Warm-cache headers store it (:meth:`ModelIdentity.to_dict`), loads compare it (:meth:`ModelIdentity.differences`
+names each field that differs, config fields one by one), and the shared tier keys Redis on :meth:`ModelIdentity.key`.
+In-process, :class:`~hf_layercache.watch.ModelWatch` notices every change of these parts between requests and the
+controller computes the identity again.
+
+The digest reads each tensor's bytes in place (a copy only for tensors off the CPU or not contiguous) and runs at
+memory speed (docs/benchmarks.md gives the measured ms per GB); it is computed when first needed and kept until the
+model changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import xxhash
 
-_SAMPLES_PER_TENSOR = 4096
+DIGEST = "xxh3-128"
+_SOFTMAX_KERNELS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
+
+_IGNORED_CONFIG_FIELDS = frozenset(
+    {
+        # bookkeeping
+        "_name_or_path",
+        "_commit_hash",
+        "architectures",
+        "transformers_version",
+        "tokenizer_class",
+        "finetuning_task",
+        "task_specific_params",
+        "id2label",
+        "label2id",
+        "problem_type",  # chooses the loss only
+        "dtype",  # the identity's own field, read from the weights
+        "torch_dtype",
+        # what the call returns, not what it computes (requests asking for maps or states bypass where needed)
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_cache",
+        # initialisation and generation only
+        "initializer_range",
+        "initializer_factor",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "num_beams",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "num_return_sequences",
+        "early_stopping",
+        "bad_words_ids",
+        # chunking the feed-forward along the sequence computes the same rows
+        "chunk_size_feed_forward",
+    }
+)
 
 
-def _named_weights(model: torch.nn.Module):
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """Everything that determines an entry's values (see the module docstring); JSON in warm-cache headers."""
+
+    model_class: str
+    model_type: str | None
+    num_layers: int
+    hidden_size: int
+    dtype: str | None
+    weights_hash: str
+    """``xxh3-128:<hex>`` over every non-adapter parameter and buffer, all bytes."""
+    config: dict[str, Any]
+    """The config fields that affect the forward pass, JSON-compatible."""
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per adapter name, the digest of its weights."""
+    storage_dtype: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["class"] = data.pop("model_class")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        """The identity a header recorded (fields it lacks, from older releases, read as ``None``/empty)."""
+        return cls(
+            model_class=data.get("class"),
+            model_type=data.get("model_type"),
+            num_layers=data.get("num_layers"),
+            hidden_size=data.get("hidden_size"),
+            dtype=data.get("dtype"),
+            weights_hash=data.get("weights_hash"),
+            config=data.get("config") if isinstance(data.get("config"), dict) else {},
+            adapters=data.get("adapters") if isinstance(data.get("adapters"), dict) else {},
+            storage_dtype=data.get("storage_dtype"),
+        )
+
+    def key(self) -> str:
+        """A digest of the whole identity but the adapters (entries carry their adapter set in their key space), for
+        keys shared between processes."""
+        described = {k: v for k, v in self.to_dict().items() if k != "adapters"}
+        text = json.dumps(described, sort_keys=True, default=str).encode()
+        return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+    def differences(self, current: ModelIdentity) -> list[str]:
+        """Human-readable differences that make entries made by ``self`` (a saved cache) wrong for ``current``."""
+        found = [
+            f"{name}: cache has {getattr(self, attribute)!r}, model has {getattr(current, attribute)!r}"
+            for name, attribute in (
+                ("class", "model_class"),
+                ("model_type", "model_type"),
+                ("num_layers", "num_layers"),
+                ("hidden_size", "hidden_size"),
+                ("dtype", "dtype"),
+                ("weights_hash", "weights_hash"),
+            )
+            if getattr(self, attribute) != getattr(current, attribute)
+        ]
+        for name in sorted(set(self.config) | set(current.config)):
+            saved, now = self.config.get(name, "<unset>"), current.config.get(name, "<unset>")
+            if saved != now:
+                found.append(f"config.{name}: cache has {saved!r}, model has {now!r}")
+        if self.storage_dtype != current.storage_dtype:
+            found.append(
+                f"storage_dtype: cache has {self.storage_dtype!r}, this config has {current.storage_dtype!r} (entries "
+                "stored in another dtype serve other values)"
+            )
+        return found
+
+
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``xxh3-128:<hex>`` over each tensor's name, shape, dtype and bytes, in name order."""
+    h = xxhash.xxh3_128()
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        h.update(f"{len(name)}:{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        for chunk in _byte_chunks(tensor):
+            h.update(chunk)
+    return f"{DIGEST}:{h.hexdigest()}"
+
+
+def _byte_chunks(tensor: torch.Tensor, chunk_bytes: int = 256 * 2**20) -> Iterator[memoryview]:
+    """The tensor's bytes, in place where they can be (a contiguous CPU tensor), else copied to the CPU a chunk at a
+    time (so hashing a GPU model never holds a second copy of it). Meta tensors have none."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return
+    flat = tensor.detach().reshape(-1)
+    per_chunk = max(1, chunk_bytes // flat.element_size())
+    for start in range(0, flat.numel(), per_chunk):
+        part = flat[start : start + per_chunk]
+        if part.device.type != "cpu":
+            part = part.cpu()
+        yield memoryview(part.contiguous().view(torch.uint8).numpy())
+
+
+def affects_forward(field: str) -> bool:
+    """Whether a config field may change what the forward pass computes (dropout does nothing in inference)."""
+    return field not in _IGNORED_CONFIG_FIELDS and "dropout" not in field and not field.startswith("_attn_implementation")
+
+
+def forward_config(config: Any) -> dict[str, Any]:
+    """The fields of a transformers config that affect the forward pass, JSON-compatible, sub-configs nested."""
+    if config is None:
+        return {}
+    fields = {name: value for name, value in config.to_dict().items() if affects_forward(name)}
+    fields["attn_implementation"] = attention_kind(getattr(config, "_attn_implementation", None))
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def attention_kind(implementation: str | None) -> str | None:
+    """``"softmax"`` for transformers' own kernels, which compute the same exact attention and differ by rounding
+    only (as one kernel does between batch shapes: the lossless tolerance covers it), else the name: a registered
+    custom function may compute anything."""
+    base = implementation.removeprefix("paged|") if isinstance(implementation, str) else implementation
+    return "softmax" if base in _SOFTMAX_KERNELS or base is None else implementation
+
+
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and buffers with their real values, also those accelerate offloaded to CPU or disk (meta)."""
     for module_name, module in model.named_modules():
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        tensors = list(module._parameters.items()) + list(module._buffers.items())
         for name, tensor in tensors:
+            if tensor is None:
+                continue
             if tensor.device.type == "meta" and weights_map is not None and name in weights_map:
                 tensor = weights_map[name]
             yield f"{module_name}.{name}" if module_name else name, tensor
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """A blake2b over every weight's name, shape, dtype and an evenly strided sample of its values.
-
-    Sampling keeps this to milliseconds for large models while any fine-tune, merge or re-quantisation (which
-    changes most elements of the tensors it touches) changes the hash. Offloaded weights are read where they live.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(_named_weights(model), key=lambda item: item[0]):
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if tensor.device.type == "meta" or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR].float().cpu()
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_identity(model: torch.nn.Module, num_layers: int) -> dict[str, Any]:
-    from .models import model_spec  # imports torch
-
-    config = getattr(model, "config", None)
-    dtype = getattr(model, "dtype", None)
-    return {
-        "class": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "num_layers": num_layers,
-        "hidden_size": model_spec(model).hidden_size,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "weights_hash": weights_hash(model),
-    }
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences that make a saved cache unusable for the current model."""
-    keys = ("model_type", "num_layers", "hidden_size", "dtype", "weights_hash")
-    return [
-        f"{k}: cache has {saved.get(k)!r}, model has {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
-    ]

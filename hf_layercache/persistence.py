@@ -1,11 +1,13 @@
 """Warm caches on disk: ``layer_cache_config.json`` plus safetensors shards, written atomically, read defensively.
 
-Files (fixed format, version 4: 1 kept the tenant in each entry, 2 in each bank, 3 added the values and output to
-attention entries, 4 drops their maps), beside the model's own files:
+Files (fixed format, version 5: 1 kept the tenant in each entry, 2 in each bank, 3 added the values and output to
+attention entries, 4 dropped their maps, 5 identifies the model by every byte of its weights, its forward config
+and its adapters), beside the model's own files:
 
 * ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks", "timing", "files"}``; ``model`` is
-  the identity of the model the cache was filled by (class, model_type, layer count, hidden size, dtype, a hash of
-  the weights); ``timing`` the rows each layer computed and the seconds they took (what a hit saves).
+  the identity of the model the cache was filled by (:class:`~hf_layercache.identity.ModelIdentity`: class,
+  model_type, layer count, hidden size, dtype, a digest of every byte of the weights, the forward config fields, the
+  adapters' digests, ``storage_dtype``); ``timing`` the rows each layer computed and the seconds they took (what a hit saves).
 * ``layer_cache.safetensors``, or ``layer_cache-00001-of-0000N.safetensors`` with
   ``layer_cache.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {tensor: file}}``) as
   transformers shards its checkpoints. Tensor names are ``<bank>/<tensor>``.
@@ -46,7 +48,7 @@ from .integrity import sign, verify
 if TYPE_CHECKING:  # torch is imported where tensors are handled: reading headers (hf-layercache inspect) needs none
     import torch
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 WEIGHTS_NAME = "layer_cache.safetensors"
 INDEX_NAME = "layer_cache.safetensors.index.json"
 PREVIOUS_DIR = ".layer_cache_previous"

@@ -20,8 +20,14 @@ _local = threading.local()
 @dataclass
 class RequestScope:
     namespace: str
+    """The key space the request's entries live in: its tenant's, plus the active adapter set's when one is active
+    in the cached stacks (entries of one adapter set never serve another)."""
     bypass_reason: str | None = None
     """Why this request runs uncached (``None``: it may use the cache)."""
+    tenant: str = ""
+    """The tenant's own namespace name (what ``stats()`` counts under)."""
+    head_key: str = ""
+    """The active adapter set of adapter layers outside the stacks' owners (heads): whole-model outputs depend on it."""
     state: dict[str, Any] = field(default_factory=dict)
     """The strategy's state for this forward pass (e.g. which rows hit in each layer stack)."""
 

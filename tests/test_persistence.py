@@ -35,7 +35,7 @@ def test_save_pretrained_writes_the_fixed_files(warm_dir):
     assert "layer_cache.safetensors" in names and "layer_cache_config.json" in names
     assert not [n for n in names if n.endswith(".tmp")]
     header = json.loads((directory / "layer_cache_config.json").read_text())
-    assert header["format_version"] == hf_layercache.persistence.FORMAT_VERSION == 4
+    assert header["format_version"] == hf_layercache.persistence.FORMAT_VERSION == 5
     assert header["config"]["strategy"] == "exact"
     assert header["model"]["model_type"] == "bert" and header["model"]["num_layers"] == 3
     assert header["banks"]["encoder.layer"]["entries"] == 3

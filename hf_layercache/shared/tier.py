@@ -6,8 +6,9 @@ into the local bank, where the strategy's own lookup then finds it. :meth:`Share
 strategy just computed and stored for the background writer.
 
 A Redis key is ``<key_prefix>:v1:<model>:<strategy>:<bank>:<namespace tag>:<digest>``. ``<model>`` hashes what an
-entry's meaning depends on beyond its digest: the model identity warm caches record (class, model type, hidden size,
-dtype, a hash of the weights), the cached layers, the strategy and its fields (``block_size``), ``storage_dtype``.
+entry's meaning depends on beyond its digest: the model identity warm caches record (:mod:`hf_layercache.identity`:
+class, dtype, every byte of the weights, the forward config, ``storage_dtype``), the cached layers, the strategy and
+its fields (``block_size``). The active adapter set is part of the namespace tag (the request's key space).
 So two models, two layer selections or two tenants never meet, and new weights start a fresh key space.
 """
 
@@ -55,10 +56,9 @@ class SharedTier:
             config = controller.config
             fields = type(controller.strategy).config_fields
             described = {
-                "identity": identity,
+                "identity": identity.key(),
                 "layers": [layer.name for layer in controller.layers],
                 "strategy": config.strategy,
-                "storage_dtype": config.storage_dtype,
                 "fields": {name: getattr(config, name) for name in fields if not name.startswith("shared_store")},
             }
             text = json.dumps(described, sort_keys=True, default=str).encode()
@@ -115,7 +115,7 @@ class SharedTier:
         """``ValueError`` unless the value is an entry this model could have stored: the strategy's check of its
         fields and shapes, every float in the dtype the bank stores, and no NaN or infinity."""
         check(digest, values)
-        dtype = bank.storage_dtype or getattr(torch, str(self._controller.identity.get("dtype")), None)
+        dtype = bank.storage_dtype or getattr(torch, str(self._controller.identity.dtype), None)
         for name, tensor in values.items():
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 raise ValueError(f"{name!r} is {tensor.dtype}; this model's entries hold {dtype}")

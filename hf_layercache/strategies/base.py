@@ -91,6 +91,9 @@ class Strategy(ABC):
         """The banks a warm cache holds: all of them, unless some only derive from the others."""
         return list(self.banks)
 
+    def heads_changed(self) -> None:  # noqa: B027 - optional hook
+        """A head's weights (outside the stacks' owners) changed: drop what depends on whole-model outputs."""
+
     def banks_replaced(self) -> None:  # noqa: B027 - optional hook
         """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
 

@@ -11,9 +11,8 @@ entries, in a bank of its own. A call is answered here when:
   length, first real column): a field that does not run along the sequence (a pooled output, a classifier's
   logits, the logits of ``logits_to_keep``) may depend on where the pads are. Other layouts take the layer-stack
   path, which places the real tokens;
-* the weights of the whole model are the ones the entries were computed with: the controller watches the models
-  owning the stacks (and clears every bank when they change); a head computes after the cached stack, so its
-  weights are watched here.
+* the model computes the function the entries were computed with: the controller watches the whole model, heads
+  included (and clears every bank when it changes), and adapters active in the heads are part of the signature.
 
 Entries are made from the output of any call that fits (hits included: their outputs are exact) and live in memory
 only, within the memory budget: they are not saved with a warm cache, whose first repeated call refills them from
@@ -33,7 +32,6 @@ from ...bank import CacheBank, Lookup
 from ...entries import StoredEntry, refuse_unknown, require
 from ...kv import find_cache
 from ...request import namespace_tag
-from ...weights import WeightsWatch
 from .digests import RowKey
 
 BANK = "request"
@@ -67,17 +65,17 @@ class RequestEntry(StoredEntry):
 class RequestPath:
     """The fast path of one model (see the module docstring)."""
 
-    def __init__(self, bank: CacheBank, model: torch.nn.Module, owners: list[torch.nn.Module]):
+    def __init__(self, bank: CacheBank, model: torch.nn.Module):
         self.bank = bank
-        self.weights = WeightsWatch([model], beside=owners)
         self.model_name = type(model).__name__
         self._outputs: dict[bytes, tuple[type[ModelOutput], dict[str, tuple[torch.dtype, torch.device]]]] = {}
         """Per call signature (its plain arguments), the output class its entries rebuild and its fields, with the
         dtype and device each had (the bank may store them in ``storage_dtype`` or elsewhere)."""
 
-    def signature(self, arguments: dict[str, Any]) -> bytes | None:
-        """A digest of the call's plain arguments, or ``None`` when some argument is neither a tensor nor plain
-        (a cache object, a callable) or the call fills a KV cache: such calls always run."""
+    def signature(self, arguments: dict[str, Any], head_key: str) -> bytes | None:
+        """A digest of the call's plain arguments and the adapters active in the heads (``head_key``), or ``None``
+        when some argument is neither a tensor nor plain (a cache object, a callable) or the call fills a KV cache:
+        such calls always run."""
         if find_cache(arguments) is not None:
             return None
         plain = {}
@@ -87,11 +85,12 @@ class RequestPath:
             if not isinstance(value, _PLAIN):
                 return None
             plain[name] = value
-        return hashlib.blake2b(repr((self.model_name, sorted(plain.items()))).encode(), digest_size=16).digest()
+        described = repr((self.model_name, head_key, sorted(plain.items())))
+        return hashlib.blake2b(described.encode(), digest_size=16).digest()
 
     def serve(self, keys: list[RowKey], namespace: str, signature: bytes) -> tuple[ModelOutput, Lookup] | None:
         """The call's output rebuilt from its rows' entries, or ``None`` unless every row has one in its layout."""
-        if self._stale() or signature not in self._outputs:
+        if signature not in self._outputs:
             return None
         output_type, names = self._outputs[signature]
         tag = namespace_tag(namespace)
@@ -117,7 +116,6 @@ class RequestPath:
         batch = len(keys)
         if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in output.values()):
             return
-        self._stale()
         names = {name: (t.dtype, t.device) for name, t in output.items()}
         self._outputs[signature] = (type(output), names)
         tag = namespace_tag(namespace)
@@ -128,15 +126,6 @@ class RequestPath:
     def clear(self) -> None:
         self.bank.clear()
         self._outputs.clear()
-        self.weights.mark()
-
-    def _stale(self) -> bool:
-        """Clear everything when a weight of the model outside the stacks' owners (a head) changed since the entries
-        were made."""
-        if self.weights.changed():
-            self.clear()
-            return True
-        return False
 
     @staticmethod
     def _digest(key: RowKey, signature: bytes) -> bytes:

@@ -19,7 +19,7 @@ from ..base import StackStrategy
 from .digests import RowKey, row_keys
 from .entry import ExactEntry
 from .hook import ExactLayerHook, StackRun
-from .request import BANK, RequestPath
+from .request import BANK, RequestEntry, RequestPath
 
 _ROWS = "exact.rows"
 
@@ -45,7 +45,7 @@ class ExactStrategy(StackStrategy):
                 )
             self.new_bank(stack, layers[-1].device, n_banks=len(self.stacks) + 1)
         request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks=len(self.stacks) + 1)
-        self.request_path = RequestPath(request_bank, self.controller.model, self.controller.owners)
+        self.request_path = RequestPath(request_bank, self.controller.model)
         self._draws = random.Random(0)  # which hits verify_fraction checks; seeded, so runs repeat
         self._warned_disagreement = False
         for layers in self.stacks.values():
@@ -62,7 +62,7 @@ class ExactStrategy(StackStrategy):
         """A call whose every row was answered before in the same layout is answered from the request bank
         (:mod:`.request`), without running the model; any other runs, its output kept for next time."""
         keys: list[RowKey] | None = scope.state.get(_ROWS)
-        signature = self.request_path.signature(arguments) if keys else None
+        signature = self.request_path.signature(arguments, scope.head_key) if keys else None
         if signature is None:
             return original(**arguments)
         verifying = self.verify_fraction > 0 and self._draws.random() < self.verify_fraction
@@ -80,6 +80,9 @@ class ExactStrategy(StackStrategy):
 
     def banks_replaced(self) -> None:
         self.request_path.clear()
+
+    def heads_changed(self) -> None:
+        self.request_path.clear()  # whole-model outputs; the stacks' entries stay valid
 
     def start_run(
         self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
@@ -147,7 +150,10 @@ class ExactStrategy(StackStrategy):
         return entry.layout[2] == key.layout[2] and entry.hidden.shape[-1] == hidden.shape[-1]
 
     def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        ExactEntry.validate(values, hidden_size=self.controller.identity.get("hidden_size"))
+        if bank_name == BANK:  # a copied model's request bank (copy.deepcopy); warm caches do not save it
+            RequestEntry.validate(values)
+            return
+        ExactEntry.validate(values, hidden_size=self.controller.spec.hidden_size)
 
     def store(
         self,

@@ -113,7 +113,7 @@ class EntryStore:
     error_bound: ErrorBound | None
 
     def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        SemanticEntry.validate(values, hidden_size=self.controller.identity.get("hidden_size"))
+        SemanticEntry.validate(values, hidden_size=self.controller.spec.hidden_size)
 
     def _store(
         self,

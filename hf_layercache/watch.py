@@ -1,0 +1,319 @@
+"""Noticing, before every request, that the model's function changed under the cache.
+
+Entries are valid only for the computation that made them (:mod:`hf_layercache.identity`). A model changes function
+by many routes, and none of them tells the cache, so :class:`ModelWatch` checks what each route leaves behind:
+
+* **in-place writes** (an optimizer step, ``load_state_dict``, ``p.add_``): every in-place op bumps the tensor's
+  version counter;
+* **writes through ``.data``** (``p.data.copy_(w)``, ``p.data += delta``: how PEFT merges LoRA weights and how EMA
+  loops update): ``.data`` returns a tensor with a version counter *of its own*, so nothing on the parameter moves.
+  While the cache is attached, each watched tensor's class is swapped for a subclass (same name, no other behaviour)
+  whose ``.data`` returns ``detach()``, which shares the counter: such writes bump the version like any other;
+* **replaced tensors** (``p.data = t``, ``.to(dtype)``, ``.half()``, a move, ``load_state_dict(assign=True)``,
+  accelerate swapping ``_parameters`` entries): another tensor object or data pointer;
+* **new or replaced modules, parameters and buffers** (PEFT injecting or merging-and-unloading LoRA layers,
+  ``add_adapter``, ``load_adapter``, a user replacing a submodule): torch's global registration hooks count every
+  registration, and a count that moved makes the watch scan the model again. Modules and tensors that belong to an
+  adapter (a new adapter added beside the others) do not invalidate: adapters select key spaces (below);
+* **the config**: an attribute of the model's config (or a sub-config) reassigned, e.g. by
+  ``set_attn_implementation``.
+
+Comparing ``(id, version, data pointer)`` of every tensor and a shallow snapshot of the config reads no tensor data:
+tens of microseconds per request. What stays invisible is tensor memory written without torch (through numpy or a C
+extension): call ``model.layer_cache.weights_changed()`` after such writes, and ``verify_fraction`` lets the lossless
+strategies catch an entry that disagrees.
+
+The watch also reads the active adapter set per request (:mod:`hf_layercache.adapters`), separately for the adapter
+layers inside the stacks' owners (which every entry depends on) and outside them (heads: only whole-model outputs
+depend on those), and digests the weights (:meth:`ModelWatch.digest`) for the identity.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from transformers import PreTrainedConfig
+
+from .adapters import AdapterLayers, adapter_prefixes, is_adapter_layer
+from .identity import affects_forward, attention_kind, named_tensors, tensor_digest
+
+Change = Literal["model", "heads"]
+
+# --- counting registrations (process-wide, while any watch is attached) ------------------------------------------
+_registrations = 0
+_handles: list[Any] = []
+_users = 0
+
+
+def _count_registration(*_args: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def start_counting() -> None:
+    """Install torch's global registration hooks (modules, parameters, buffers) for the first attached watch."""
+    global _users
+    if _users == 0:
+        _handles.extend(
+            register(_count_registration)
+            for register in (
+                torch_module.register_module_module_registration_hook,
+                torch_module.register_module_parameter_registration_hook,
+                torch_module.register_module_buffer_registration_hook,
+            )
+        )
+    _users += 1
+
+
+def stop_counting() -> None:
+    """Remove the global hooks after the last watch detached."""
+    global _users
+    _users -= 1
+    if _users == 0:
+        while _handles:
+            _handles.pop().remove()
+
+
+# --- .data that shares the version counter ---------------------------------------------------------------------
+_WATCHED: dict[type, type] = {}
+_ORIGINAL: dict[type, type] = {}
+
+
+def _data_get(self: torch.Tensor) -> torch.Tensor:
+    return self.detach()
+
+
+def _data_set(self: torch.Tensor, value: torch.Tensor) -> None:
+    torch._C.TensorBase.data.__set__(self, value)
+
+
+def _watched_class(cls: type) -> type:
+    """``cls`` with a ``.data`` that shares the tensor's version counter; same name, so checks by name still pass."""
+    if cls not in _WATCHED:
+        namespace = {"data": property(_data_get, _data_set), "__module__": cls.__module__}
+        namespace["__torch_function__"] = torch._C._disabled_torch_function_impl  # ops return plain tensors
+        watched = type(cls.__name__, (cls,), namespace)
+        _WATCHED[cls], _ORIGINAL[watched] = watched, cls
+    return _WATCHED[cls]
+
+
+def _is_watchable(tensor: torch.Tensor) -> bool:
+    cls = type(tensor)
+    return cls in _ORIGINAL or cls is torch.Tensor or cls is nn.Parameter
+
+
+class ModelWatch:
+    """Whether ``model``'s function changed since :meth:`mark`, and its active adapter sets (module docstring)."""
+
+    def __init__(self, model: nn.Module, owners: Iterable[nn.Module]):
+        self.model = model
+        self._owner_modules = {id(module) for owner in owners for module in owner.modules()}
+        self._swapped: list[weakref.ref] = []
+        self._attached = False
+        self._digests: dict[str, str] = {}
+        self._adapter_keys: dict[tuple, str] = {}
+        self._scan()
+        self.mark()
+
+    # --- attaching ------------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Make ``.data`` writes visible on every watched tensor and count registrations; :meth:`detach` undoes."""
+        start_counting()
+        self._attached = True
+        self._swap_classes()
+
+    def detach(self) -> None:
+        stop_counting()
+        self._attached = False
+        for ref in self._swapped:
+            tensor = ref()
+            if tensor is not None and type(tensor) in _ORIGINAL:
+                tensor.__class__ = _ORIGINAL[type(tensor)]
+        self._swapped.clear()
+
+    def _swap_classes(self) -> None:
+        for slot in self._all_slots():
+            for tensor in slot.values():
+                if tensor is not None and type(tensor) not in _ORIGINAL and _is_watchable(tensor):
+                    tensor.__class__ = _watched_class(type(tensor))
+                    self._swapped.append(weakref.ref(tensor))
+
+    # --- scanning -------------------------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        """Find every module's tensor slots (in the stacks' owners or in the heads), the adapter layers and which
+        tensors belong to which adapter."""
+        self._registrations = _registrations
+        self._slots: dict[bool, list[dict[str, torch.Tensor | None]]] = {True: [], False: []}
+        self._paths: dict[bool, list[str]] = {True: [], False: []}
+        structure: list[tuple[str, type]] = []
+        adapter_layers: dict[bool, list[nn.Module]] = {True: [], False: []}
+        prefixes: dict[str, str] = {}
+        for path, module in self.model.named_modules():
+            body = id(module) in self._owner_modules
+            if is_adapter_layer(module):
+                adapter_layers[body].append(module)
+                prefixes.update(adapter_prefixes(path, module))
+            if _adapter_of(path, prefixes) is None:
+                structure.append((path, type(module)))
+            for slot in (module._parameters, module._buffers):
+                if slot:
+                    self._slots[body].append(slot)
+                    self._paths[body].append(path)
+        self._structure = tuple(structure)
+        self._prefixes = prefixes
+        self.inside, self.outside = AdapterLayers(adapter_layers[True]), AdapterLayers(adapter_layers[False])
+        if self._attached:
+            self._swap_classes()
+
+    def _all_slots(self) -> list[dict[str, torch.Tensor | None]]:
+        return self._slots[True] + self._slots[False]
+
+    def _tensors(self) -> dict[str, tuple[bool, tuple[int, int, int]]]:
+        """Each tensor's part (body or head) and ``(id, version, data pointer)`` by path; an adapter's tensors under
+        ``<adapter>|<path>``."""
+        found = {}
+        for body in (True, False):
+            for path, slot in zip(self._paths[body], self._slots[body], strict=True):
+                for name, tensor in slot.items():
+                    if tensor is not None:
+                        full = f"{path}.{name}" if path else name
+                        adapter = _adapter_of(full, self._prefixes)
+                        found[f"{adapter}|{full}" if adapter else full] = (body, _state(tensor))
+        return found
+
+    def _signature(self, body: bool) -> tuple[tuple[int, int, int], ...]:
+        return tuple(_state(t) for slot in self._slots[body] for t in slot.values() if t is not None)
+
+    # --- the per-request check ------------------------------------------------------------------------------------
+    def changed(self) -> Change | None:
+        """What changed since the last call or :meth:`mark`: ``"model"`` (every entry is stale), ``"heads"`` (only
+        a head's tensors: whole-model outputs are stale, the stacks' entries are not) or ``None``."""
+        change = self._rescan() if self._registrations != _registrations else None
+        if change is None:
+            config = _config_state(self._config)
+            if config != self._config_at_mark or self._signature(True) != self._signature_at_mark[True]:
+                change = "model"
+            elif self._signature(False) != self._signature_at_mark[False]:
+                change = "heads"
+        if change is not None:
+            self.mark()
+            self.forget()
+        return change
+
+    def _rescan(self) -> Change | None:
+        """Scan again after registrations; adapters added beside the others (or removed) change nothing here: they
+        have key spaces of their own."""
+        before_structure, before = self._structure, self._tensors_at_mark
+        self._scan()
+        self.forget()  # an adapter's digest may be new, and so the keys
+        now = self._tensors()
+        adapters = {key.split("|", 1)[0] for key in now if "|" in key}
+        before = {k: v for k, v in before.items() if "|" not in k or k.split("|", 1)[0] in adapters}
+        now = {k: v for k, v in now.items() if "|" not in k or k in before}
+        if self._structure != before_structure:
+            return "model"
+        moved = [now.get(k, before.get(k)) for k in before.keys() | now.keys() if now.get(k) != before.get(k)]
+        if moved:
+            return "model" if any(body for body, _ in moved) else "heads"
+        self.mark()
+        return None
+
+    def forget(self) -> None:
+        """Drop the digests and adapter keys computed so far (the tensors changed)."""
+        self._digests.clear()
+        self._adapter_keys.clear()
+
+    def mark(self) -> None:
+        """Take the model as it is now as the one the entries belong to."""
+        if self._registrations != _registrations:
+            self._scan()
+        self._signature_at_mark = {body: self._signature(body) for body in (True, False)}
+        self._tensors_at_mark = self._tensors()
+        self._config_at_mark = _config_state(self._config)
+
+    @property
+    def _config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    def requires_grad(self) -> bool:
+        """True when some parameter of the stacks' owners requires a gradient (a served entry would have none; a
+        head being trained computes after the served states)."""
+        return any(p is not None and p.requires_grad for slot in self._slots[True] for p in slot.values())
+
+    # --- adapters and digests -------------------------------------------------------------------------------------
+    def adapter_keys(self) -> tuple[str, str] | None:
+        """The key spaces of the active adapter sets inside the stacks' owners and outside them (``""``: no adapter
+        active), or ``None`` while a mixed-adapter batch runs (rows with different adapters)."""
+        inside = self.inside.state() if self.inside else ()
+        outside = self.outside.state() if self.outside else ()
+        if inside is None or outside is None:
+            return None
+        return self._adapter_key(self.inside, inside), self._adapter_key(self.outside, outside)
+
+    def _adapter_key(self, layers: AdapterLayers, state: tuple) -> str:
+        if not state:
+            return ""
+        if state not in self._adapter_keys:
+            self._adapter_keys[state] = layers.key(state, self.adapter_digest)
+        return self._adapter_keys[state]
+
+    def digest(self) -> str:
+        """The digest of every tensor that belongs to no adapter (all bytes; kept until the model changes)."""
+        if "" not in self._digests:
+            self._digests[""] = tensor_digest(
+                (name, tensor) for name, tensor in self._named_tensors() if _adapter_of(name, self._prefixes) is None
+            )
+        return self._digests[""]
+
+    def adapter_digest(self, adapter: str) -> str:
+        """The digest of one adapter's tensors (small: only those are read)."""
+        if adapter not in self._digests:
+            self._digests[adapter] = tensor_digest(
+                (name, tensor) for name, tensor in self._named_tensors() if _adapter_of(name, self._prefixes) == adapter
+            )
+        return self._digests[adapter]
+
+    def adapters(self) -> list[str]:
+        """Every adapter name the model holds."""
+        return sorted(set(self._prefixes.values()))
+
+    def _named_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return named_tensors(self.model)
+
+
+def _state(tensor: torch.Tensor) -> tuple[int, int, int]:
+    if tensor.is_meta:  # offloaded: accelerate swaps in a new meta tensor after each forward; the data lives in
+        return 0, 0, 0  # its weights map, which is not written in place
+    return id(tensor), tensor._version, tensor.data_ptr()
+
+
+def _adapter_of(path: str, prefixes: dict[str, str]) -> str | None:
+    """The adapter whose container holds ``path`` (a module or tensor path), if any."""
+    if not prefixes:
+        return None
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        adapter = prefixes.get(".".join(parts[:end]))
+        if adapter is not None:
+            return adapter
+    return None
+
+
+def _config_state(config: Any) -> list[tuple[str, Any]]:
+    """A shallow snapshot of a config's attributes that may affect the forward pass, sub-configs expanded
+    (reassignments show; values mutated inside a dict do not)."""
+    if config is None:
+        return []
+    state = [
+        (name, _config_state(value) if isinstance(value, PreTrainedConfig) else value)
+        for name, value in vars(config).items()
+        if affects_forward(name)
+    ]
+    state.append(("attention", attention_kind(getattr(config, "_attn_implementation", None))))
+    return state
