@@ -47,7 +47,7 @@ def adapter_prefixes(path: str, layer: nn.Module) -> Iterator[tuple[str, str]]:
 
 def _layer_state(layer: nn.Module) -> tuple:
     available = set(layer._get_available_adapters()) if hasattr(layer, "_get_available_adapters") else None
-    active = () if layer.disable_adapters else tuple(a for a in layer.active_adapters if available is None or a in available)
+    active = () if layer.disable_adapters else tuple(a for a in layer.active_adapters if a in (available or {a}))
     settings = []
     for name in getattr(layer, "other_param_names", ()):
         values = getattr(layer, name, None)

@@ -180,7 +180,8 @@ def _byte_chunks(tensor: torch.Tensor, chunk_bytes: int = 256 * 2**20) -> Iterat
 
 def affects_forward(field: str) -> bool:
     """Whether a config field may change what the forward pass computes (dropout does nothing in inference)."""
-    return field not in _IGNORED_CONFIG_FIELDS and "dropout" not in field and not field.startswith("_attn_implementation")
+    ignored = field in _IGNORED_CONFIG_FIELDS or field.startswith("_attn_implementation")  # see attention_kind
+    return not ignored and "dropout" not in field
 
 
 def forward_config(config: Any) -> dict[str, Any]:

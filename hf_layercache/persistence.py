@@ -7,7 +7,8 @@ and its adapters), beside the model's own files:
 * ``layer_cache_config.json``: ``{"format_version", "config", "model", "banks", "timing", "files"}``; ``model`` is
   the identity of the model the cache was filled by (:class:`~hf_layercache.identity.ModelIdentity`: class,
   model_type, layer count, hidden size, dtype, a digest of every byte of the weights, the forward config fields, the
-  adapters' digests, ``storage_dtype``); ``timing`` the rows each layer computed and the seconds they took (what a hit saves).
+  adapters' digests, ``storage_dtype``); ``timing`` the rows each layer computed and the seconds they took (what a
+  hit saves).
 * ``layer_cache.safetensors``, or ``layer_cache-00001-of-0000N.safetensors`` with
   ``layer_cache.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {tensor: file}}``) as
   transformers shards its checkpoints. Tensor names are ``<bank>/<tensor>``.

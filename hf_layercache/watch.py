@@ -37,7 +37,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
-
 from transformers import PreTrainedConfig
 
 from .adapters import AdapterLayers, adapter_prefixes, is_adapter_layer
