@@ -36,18 +36,19 @@ def is_adapter_layer(module: nn.Module) -> bool:
 
 def adapter_prefixes(path: str, layer: nn.Module) -> Iterator[tuple[str, str]]:
     """``(tensor path prefix, adapter name)`` of each per-adapter container entry of the adapter layer at ``path``."""
-    for container_name in getattr(layer, "adapter_layer_names", ()):
+    names = (*getattr(layer, "adapter_layer_names", ()), *getattr(layer, "other_param_names", ()))
+    for container_name in names:  # other_param_names holds per-adapter modules too (LoRA's dropout)
         container: Any = layer
         for part in container_name.split("."):
             container = getattr(container, part, None)
-        if isinstance(container, nn.ModuleDict | nn.ParameterDict | dict):
+        if isinstance(container, nn.ModuleDict | nn.ParameterDict):
             for adapter in container:
                 yield f"{path}.{container_name}.{adapter}" if path else f"{container_name}.{adapter}", str(adapter)
 
 
 def _layer_state(layer: nn.Module) -> tuple:
-    available = set(layer._get_available_adapters()) if hasattr(layer, "_get_available_adapters") else None
-    active = () if layer.disable_adapters else tuple(a for a in layer.active_adapters if a in (available or {a}))
+    held = set(layer._get_available_adapters()) if hasattr(layer, "_get_available_adapters") else None
+    active = () if layer.disable_adapters else tuple(a for a in layer.active_adapters if held is None or a in held)
     settings = []
     for name in getattr(layer, "other_param_names", ()):
         values = getattr(layer, name, None)

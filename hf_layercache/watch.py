@@ -12,9 +12,10 @@ by many routes, and none of them tells the cache, so :class:`ModelWatch` checks 
 * **replaced tensors** (``p.data = t``, ``.to(dtype)``, ``.half()``, a move, ``load_state_dict(assign=True)``,
   accelerate swapping ``_parameters`` entries): another tensor object or data pointer;
 * **new or replaced modules, parameters and buffers** (PEFT injecting or merging-and-unloading LoRA layers,
-  ``add_adapter``, ``load_adapter``, a user replacing a submodule): torch's global registration hooks count every
-  registration, and a count that moved makes the watch scan the model again. Modules and tensors that belong to an
-  adapter (a new adapter added beside the others) do not invalidate: adapters select key spaces (below);
+  ``add_adapter``, ``load_adapter``, a user replacing a submodule): torch's global registration hooks report every
+  registration, and one on a module of the model makes the watch scan the model again before the next request.
+  Modules and tensors that belong to an adapter (a new adapter added beside the others) do not invalidate: adapters
+  select key spaces (below);
 * **the config**: an attribute of the model's config (or a sub-config) reassigned, e.g. by
   ``set_attn_implementation``.
 
@@ -44,37 +45,34 @@ from .identity import affects_forward, attention_kind, named_tensors, tensor_dig
 
 Change = Literal["model", "heads"]
 
-# --- counting registrations (process-wide, while any watch is attached) ------------------------------------------
-_registrations = 0
+# --- noticing registrations (process-wide hooks, while any watch is attached) ------------------------------------
+_attached: weakref.WeakSet[ModelWatch] = weakref.WeakSet()
 _handles: list[Any] = []
-_users = 0
 
 
-def _count_registration(*_args: Any) -> None:
-    global _registrations
-    _registrations += 1
+def _notice_registration(parent: nn.Module, *_args: Any) -> None:
+    for watch in list(_attached):
+        watch.notice(parent)
 
 
-def start_counting() -> None:
-    """Install torch's global registration hooks (modules, parameters, buffers) for the first attached watch."""
-    global _users
-    if _users == 0:
+def _start_noticing(watch: ModelWatch) -> None:
+    """Install torch's global registration hooks (modules, parameters, buffers) with the first attached watch."""
+    if not _attached:
         _handles.extend(
-            register(_count_registration)
+            register(_notice_registration)
             for register in (
                 torch_module.register_module_module_registration_hook,
                 torch_module.register_module_parameter_registration_hook,
                 torch_module.register_module_buffer_registration_hook,
             )
         )
-    _users += 1
+    _attached.add(watch)
 
 
-def stop_counting() -> None:
+def _stop_noticing(watch: ModelWatch) -> None:
     """Remove the global hooks after the last watch detached."""
-    global _users
-    _users -= 1
-    if _users == 0:
+    _attached.discard(watch)
+    if not _attached:
         while _handles:
             _handles.pop().remove()
 
@@ -112,23 +110,25 @@ class ModelWatch:
 
     def __init__(self, model: nn.Module, owners: Iterable[nn.Module]):
         self.model = model
-        self._owner_modules = {id(module) for owner in owners for module in owner.modules()}
+        self._owners = list(owners)
         self._swapped: list[weakref.ref] = []
         self._attached = False
         self._digests: dict[str, str] = {}
         self._adapter_keys: dict[tuple, str] = {}
+        self.scans = 0
+        """How often the model was scanned: at construction, then after registrations on its modules only."""
         self._scan()
         self.mark()
 
     # --- attaching ------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         """Make ``.data`` writes visible on every watched tensor and count registrations; :meth:`detach` undoes."""
-        start_counting()
+        _start_noticing(self)
         self._attached = True
         self._swap_classes()
 
     def detach(self) -> None:
-        stop_counting()
+        _stop_noticing(self)
         self._attached = False
         for ref in self._swapped:
             tensor = ref()
@@ -147,14 +147,18 @@ class ModelWatch:
     def _scan(self) -> None:
         """Find every module's tensor slots (in the stacks' owners or in the heads), the adapter layers and which
         tensors belong to which adapter."""
-        self._registrations = _registrations
+        self._rescan_due = False
+        self.scans += 1
         self._slots: dict[bool, list[dict[str, torch.Tensor | None]]] = {True: [], False: []}
         self._paths: dict[bool, list[str]] = {True: [], False: []}
         structure: list[tuple[str, type]] = []
         adapter_layers: dict[bool, list[nn.Module]] = {True: [], False: []}
         prefixes: dict[str, str] = {}
+        in_owners = {id(module) for owner in self._owners for module in owner.modules()}
+        self._module_ids = set()
         for path, module in self.model.named_modules():
-            body = id(module) in self._owner_modules
+            self._module_ids.add(id(module))
+            body = id(module) in in_owners
             if is_adapter_layer(module):
                 adapter_layers[body].append(module)
                 prefixes.update(adapter_prefixes(path, module))
@@ -169,6 +173,12 @@ class ModelWatch:
         self.inside, self.outside = AdapterLayers(adapter_layers[True]), AdapterLayers(adapter_layers[False])
         if self._attached:
             self._swap_classes()
+
+    def notice(self, parent: nn.Module) -> None:
+        """A module, parameter or buffer was registered on ``parent``: scan again if it is one of the model's
+        (``model.layers[:n]`` builds a new ``ModuleList`` every forward: a module of no model, ignored)."""
+        if id(parent) in self._module_ids:
+            self._rescan_due = True
 
     def _all_slots(self) -> list[dict[str, torch.Tensor | None]]:
         return self._slots[True] + self._slots[False]
@@ -193,7 +203,7 @@ class ModelWatch:
     def changed(self) -> Change | None:
         """What changed since the last call or :meth:`mark`: ``"model"`` (every entry is stale), ``"heads"`` (only
         a head's tensors: whole-model outputs are stale, the stacks' entries are not) or ``None``."""
-        change = self._rescan() if self._registrations != _registrations else None
+        change = self._rescan() if self._rescan_due else None
         if change is None:
             config = _config_state(self._config)
             if config != self._config_at_mark or self._signature(True) != self._signature_at_mark[True]:
@@ -230,7 +240,7 @@ class ModelWatch:
 
     def mark(self) -> None:
         """Take the model as it is now as the one the entries belong to."""
-        if self._registrations != _registrations:
+        if self._rescan_due:
             self._scan()
         self._signature_at_mark = {body: self._signature(body) for body in (True, False)}
         self._tensors_at_mark = self._tensors()

@@ -157,6 +157,36 @@ def _replica(jobs: list[dict], tmp_path: Path) -> tuple[dict[str, torch.Tensor],
         return tensors, json.loads(f.metadata()["report"])
 
 
+@pytest.mark.parametrize("change", ["none", "five embedding rows", "layer_norm_eps"])
+def test_a_replica_with_other_weights_or_config_shares_nothing(server, tmp_path, change):
+    """Redis keys carry the whole identity (#28): a fine-tune of five embedding rows or another epsilon is another
+    model. ``none`` is the positive control: the same weights and config share every row."""
+    bert = hf_layercache.enable(tiny_model("bert"), _config(server))
+    batch = tiny_batch("bert", batch=3, length=9)
+    _run(bert, batch)
+    assert bert.layer_cache.shared.flush(10)
+    other = tiny_model("bert")
+    if change == "five embedding rows":
+        with torch.no_grad():
+            other.get_input_embeddings().weight[-5:] += 0.01
+    elif change == "layer_norm_eps":
+        other.config.layer_norm_eps = 1e-3
+    other.save_pretrained(tmp_path / "other")
+    save_file(batch, tmp_path / "batch.safetensors")
+    jobs = [
+        {
+            "name": "b",
+            "model": f"dir:{tmp_path / 'other'}",
+            "config": _config(server),
+            "inputs": str(tmp_path / "batch.safetensors"),
+        }
+    ]
+    outputs, report = _replica(jobs, tmp_path)
+    assert report["b"]["shared_hits"] == (3 if change == "none" else 0)
+    if change == "none":
+        assert torch.equal(outputs["b.out"], _run(bert, batch))
+
+
 def test_a_cold_process_serves_what_another_computed_exact_bit_identical_prefix_within_1e4(server, tmp_path):
     bert = hf_layercache.enable(tiny_model("bert"), _config(server))
     llama = hf_layercache.enable(tiny_model("llama"), _config(server, "prefix", block_size=4))

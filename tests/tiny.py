@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers as tf
 
@@ -95,7 +97,7 @@ def tiny_model(arch: str, head: type | None = None, seed: int = 0) -> tf.PreTrai
     torch.manual_seed(seed)
     cls = head or tf.AutoModel
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    return build(CONFIGS[arch]).eval()
+    return build(copy.deepcopy(CONFIGS[arch])).eval()  # a config of its own: strategies may change it
 
 
 def tiny_batch(arch: str, batch: int = 3, length: int = 7, seed: int = 1, padding: str = "right") -> dict:

@@ -1,0 +1,383 @@
+"""An entry serves only the computation that made it: adapters, weights by any route, configs, storage dtypes (#28).
+
+Every test changes the model's function by a route users take, then checks the next request against the same model
+run uncached. PEFT and transformers' adapter API are the real libraries, on tiny random models.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+from tiny import CONFIGS, tiny_batch, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig, LayerCacheMismatchError
+from hf_layercache.persistence import LayerCacheIntegrityError
+
+peft = pytest.importorskip("peft", reason="the [dev] extra installs peft")
+
+STRATEGIES = ["exact", "prefix", "semantic", "attention"]
+TOLERANCE = 1e-4
+PROMPT = {"input_ids": torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(3))}
+
+
+def lora(**kwargs) -> peft.LoraConfig:
+    return peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **kwargs})
+
+
+def causal(strategy: str = "exact", seed: int = 0, **config) -> tf.PreTrainedModel:
+    model = tiny_model("llama", tf.AutoModelForCausalLM, seed=seed)
+    return hf_layercache.enable(model, LayerCacheConfig(strategy=strategy, **config))
+
+
+def run(model, batch=PROMPT) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(**batch)
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
+def uncached(cache_owner, model, batch=PROMPT) -> torch.Tensor:
+    with cache_owner.layer_cache.bypass():
+        return run(model, batch)
+
+
+def served_right(cache_owner, model, batch=PROMPT) -> float:
+    """Run twice (the second may hit) and return the largest difference from the uncached output."""
+    run(model, batch)
+    return (run(model, batch) - uncached(cache_owner, model, batch)).abs().max().item()
+
+
+def hits(model) -> int:
+    return model.layer_cache.stats()["total"]["hits"]
+
+
+def two_adapters(strategy: str):
+    base = causal(strategy)
+    model = peft.get_peft_model(base, lora(), adapter_name="tone")
+    model.add_adapter("mood", lora())
+    return base, model.eval()
+
+
+# --- PEFT adapters ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_switching_adapters_serves_each_its_own_outputs_and_comes_back_warm(strategy):
+    base, model = two_adapters(strategy)
+    outputs = {}
+    for name in ("tone", "mood"):
+        model.set_adapter(name)
+        assert served_right(base, model) <= TOLERANCE
+        outputs[name] = run(model)
+    assert (outputs["tone"] - outputs["mood"]).abs().max() > 0.01  # the adapters do compute different functions
+    model.set_adapter("tone")
+    before = hits(base)
+    assert (run(model) - outputs["tone"]).abs().max() <= TOLERANCE
+    if strategy in ("exact", "prefix", "semantic"):
+        assert hits(base) > before, "a -> b -> a reuses a's entries"
+
+
+@pytest.mark.parametrize("strategy", ["exact", "prefix"])
+def test_the_cache_enabled_after_the_adapters_sees_them_too(strategy):
+    model = peft.get_peft_model(tiny_model("llama", tf.AutoModelForCausalLM), lora(), adapter_name="tone")
+    model.add_adapter("mood", lora())
+    inner = hf_layercache.enable(model.base_model.model, LayerCacheConfig(strategy=strategy))
+    model.eval()
+    for name in ("tone", "mood", "tone"):
+        model.set_adapter(name)
+        assert served_right(inner, model) <= TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_disable_adapter_serves_the_base_model(strategy):
+    base, model = two_adapters(strategy)
+    assert served_right(base, model) <= TOLERANCE
+    with model.disable_adapter():
+        assert served_right(base, model) <= TOLERANCE
+        without = run(model)
+    assert (without - run(model)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("route", ["merge_adapter", "unmerge_adapter", "merge_and_unload", "scale"])
+def test_merging_and_scaling_never_serve_stale(route):
+    base, model = two_adapters("exact")
+    assert served_right(base, model) <= TOLERANCE
+    if route == "merge_and_unload":
+        model = model.merge_and_unload()
+    else:
+        model.merge_adapter()
+        if route == "unmerge_adapter":
+            assert served_right(base, model) <= TOLERANCE
+            model.unmerge_adapter()
+        elif route == "scale":
+            model.unmerge_adapter()
+            run(model)
+            for module in model.modules():
+                if hasattr(module, "set_scale"):
+                    module.set_scale("tone", 3.0)
+    assert served_right(base, model) <= TOLERANCE
+
+
+def test_adapter_weights_loaded_later_are_seen():
+    base, model = two_adapters("exact")
+    assert served_right(base, model) <= TOLERANCE
+    other = peft.get_peft_model(tiny_model("llama", tf.AutoModelForCausalLM), lora(), adapter_name="tone")
+    peft.set_peft_model_state_dict(
+        model, peft.get_peft_model_state_dict(other, adapter_name="tone"), adapter_name="tone"
+    )
+    assert served_right(base, model) <= TOLERANCE
+
+
+def test_adding_and_deleting_adapters_keeps_the_others_entries():
+    base, model = two_adapters("exact")
+    model.set_adapter("tone")
+    expected = run(model)
+    model.add_adapter("new", lora())
+    model.delete_adapter("mood")
+    before = hits(base)
+    assert torch.equal(run(model), expected) and hits(base) > before  # a's entries survived
+    model.set_adapter("new")
+    assert served_right(base, model) <= TOLERANCE
+
+
+def test_a_mixed_adapter_batch_runs_uncached():
+    base, model = two_adapters("exact")
+    model.set_adapter("tone")
+    run(model)
+    names = ["tone", "mood"]
+    with torch.inference_mode():
+        mixed = model(**PROMPT, adapter_names=names).logits
+        with base.layer_cache.bypass():
+            reference = model(**PROMPT, adapter_names=names).logits
+    assert (mixed - reference).abs().max() <= TOLERANCE
+
+
+def test_prefix_blocks_are_shared_only_across_adapters_that_leave_the_stacks_alone():
+    base = causal("prefix", block_size=4)
+    head_only = dict(target_modules=["lm_head"])
+    model = peft.get_peft_model(base, lora(**head_only), adapter_name="tone").eval()
+    model.add_adapter("mood", lora(**head_only))
+    model.add_adapter("new", lora())
+    for name in ("tone", "mood"):
+        model.set_adapter(name)
+        before = hits(base)
+        assert served_right(base, model) <= TOLERANCE
+    assert hits(base) > before, "b reuses a's blocks: neither touches the decoder layers"
+    model.set_adapter("new")
+    run(model)
+    first = base.layer_cache.stats()["total"]
+    assert first["misses"] > 0
+    assert served_right(base, model) <= TOLERANCE
+
+
+# --- transformers' own adapter API ------------------------------------------------------------------------------------
+@pytest.mark.skipif(
+    tuple(int(part) for part in peft.__version__.split(".")[:2]) < (0, 22),
+    reason="transformers 5's adapter API needs PEFT >= 0.22 (it raises otherwise)",
+)
+def test_transformers_adapter_api_switches_disables_and_loads(tmp_path):
+    donor = peft.get_peft_model(tiny_model("llama", tf.AutoModelForCausalLM, seed=7), lora(), adapter_name="saved")
+    donor.save_pretrained(tmp_path / "adapter")
+    model = causal("exact")
+    model.add_adapter(lora(), adapter_name="tone")
+    model.add_adapter(lora(), adapter_name="mood")
+    for name in ("tone", "mood"):
+        model.set_adapter(name)
+        assert served_right(model, model) <= TOLERANCE
+    model.disable_adapters()
+    assert served_right(model, model) <= TOLERANCE
+    model.enable_adapters()
+    model.load_adapter(str(tmp_path / "adapter" / "saved"), adapter_name="loaded")
+    model.set_adapter("loaded")
+    assert served_right(model, model) <= TOLERANCE
+
+
+# --- weights changed by any route -------------------------------------------------------------------------------------
+def _write(model, route: str) -> None:
+    weight = model.model.layers[0].mlp.up_proj.weight
+    if route == ".data.copy_":
+        weight.data.copy_(torch.randn_like(weight))
+    elif route == ".data +=":
+        weight.data += 0.5
+    elif route == "held .data":
+        model._held.mul_(2.0)
+    elif route == ".data =":
+        weight.data = torch.randn_like(weight)
+    elif route == "load_state_dict(assign=True)":
+        other = tiny_model("llama", tf.AutoModelForCausalLM, seed=9).state_dict()
+        model.load_state_dict(other, assign=True)
+    elif route == "to(float64)":
+        model.to(torch.float64)
+    elif route == "replaced submodule":
+        model.model.layers[1].mlp.act_fn = torch.nn.ReLU()
+    elif route == "buffer .data":
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.data.mul_(2.0)
+    else:
+        raise AssertionError(route)
+
+
+ROUTES = [
+    ".data.copy_",
+    ".data +=",
+    "held .data",
+    ".data =",
+    "load_state_dict(assign=True)",
+    "to(float64)",
+    "replaced submodule",
+    "buffer .data",
+]
+
+
+@pytest.mark.parametrize("strategy", ["exact", "prefix"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_no_route_of_changing_the_weights_serves_stale(route, strategy):
+    model = causal(strategy)
+    model._held = model.model.layers[0].mlp.up_proj.weight.data  # taken before, written after (EMA loops do)
+    stale = run(model)
+    assert (run(model) - stale).abs().max() <= TOLERANCE and hits(model) > 0
+    _write(model, route)
+    fresh = run(model)
+    if route == "to(float64)":
+        assert fresh.dtype == torch.float64  # the same function to 1e-7, in another dtype
+    else:
+        assert (fresh - stale).abs().max() > 1e-3, "the route does change the function"
+    assert (fresh - uncached(model, model)).abs().max() <= TOLERANCE
+    assert model.layer_cache.stats()["total"]["invalidations"] >= 1
+
+
+def test_disable_restores_the_tensor_classes_and_data():
+    model = tiny_model("llama", tf.AutoModelForCausalLM)
+    classes = {name: type(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    hf_layercache.enable(model, LayerCacheConfig(strategy="exact"))
+    assert type(model.lm_head.weight) is not torch.nn.Parameter  # watched: .data shares the version counter
+    assert isinstance(model.lm_head.weight, torch.nn.Parameter)
+    hf_layercache.disable(model)
+    assert {name: type(t) for name, t in [*model.named_parameters(), *model.named_buffers()]} == classes
+    version = model.lm_head.weight._version
+    model.lm_head.weight.data.add_(1.0)
+    assert model.lm_head.weight._version == version  # torch's own .data again
+
+
+def test_requests_never_rescan_the_model():
+    model = causal("exact")  # Llama's forward slices its layer list: a new ModuleList every call, of no model
+    run(model)
+    scans = model.layer_cache.watch.scans
+    for _ in range(3):
+        run(model, tiny_batch("llama"))
+    assert model.layer_cache.watch.scans == scans
+    model.model.layers[0].mlp.act_fn = torch.nn.ReLU()
+    run(model)
+    assert model.layer_cache.watch.scans == scans + 1
+
+
+def test_memory_written_without_torch_is_caught_by_verification_and_dropped_by_weights_changed():
+    model = causal("exact", verify_fraction=1.0)
+    stale = run(model)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    weight.detach().numpy()[:] += 0.5  # no torch op: no version counter moves
+    assert model.layer_cache.stats()["total"]["invalidations"] == 0
+    with pytest.warns(UserWarning, match="disagrees"):
+        checked = run(model)
+    assert (checked - uncached(model, model)).abs().max() <= TOLERANCE
+    assert (checked - stale).abs().max() > 1e-3
+    model.layer_cache.weights_changed()
+    assert model.layer_cache.stats()["total"]["invalidations"] == 1
+    assert model.layer_cache.stats()["total"]["entries"] == 0
+
+
+# --- the identity: every byte, the config, the storage dtype ----------------------------------------------------------
+def _fine_tuned_rows(model, rows=5) -> None:
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-rows:] += 0.01
+
+
+def test_five_retrained_embedding_rows_change_the_identity(tmp_path):
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact"))
+    before = model.layer_cache.identity
+    run(model, tiny_batch("bert"))
+    model.save_pretrained(tmp_path)
+    tuned = tiny_model("bert")
+    _fine_tuned_rows(tuned)
+    hf_layercache.enable(tuned, LayerCacheConfig(strategy="exact"))
+    assert tuned.layer_cache.identity.weights_hash != before.weights_hash
+    with pytest.raises(LayerCacheMismatchError, match="weights_hash"):
+        tuned.layer_cache.load(tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value"), [("layer_norm_eps", 1e-3), ("hidden_act", "relu")])
+def test_a_config_that_computes_otherwise_refuses_the_cache_naming_the_field(tmp_path, field, value):
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact"))
+    run(model, tiny_batch("bert"))
+    model.save_pretrained(tmp_path)
+    other_config = tf.BertConfig(**{**CONFIGS["bert"].to_dict(), field: value})
+    other = tf.BertModel(other_config).eval()
+    other.load_state_dict(tiny_model("bert").state_dict())
+    hf_layercache.enable(other, LayerCacheConfig(strategy="exact"))
+    assert other.layer_cache.identity.weights_hash == model.layer_cache.identity.weights_hash
+    with pytest.raises(LayerCacheMismatchError, match=f"config.{field}"):
+        other.layer_cache.load(tmp_path)
+
+
+def test_bookkeeping_fields_and_the_attention_kernel_are_not_the_identity():
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact"))
+    identity = model.layer_cache.identity
+    model.config.architectures = ["SomethingElse"]
+    model.config.id2label = {0: "x", 1: "y"}
+    model.set_attn_implementation("sdpa")
+    run(model, tiny_batch("bert"))
+    assert model.layer_cache.stats()["total"]["invalidations"] == 0
+    assert model.layer_cache.identity.key() == identity.key()
+
+
+def test_a_rounded_cache_never_loads_into_a_lossless_config(tmp_path):
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact", storage_dtype="float16"))
+    run(model, tiny_batch("bert"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(LayerCacheMismatchError, match="storage_dtype"):
+        tf.AutoModel.from_pretrained(tmp_path, layer_cache=LayerCacheConfig(strategy="exact"))
+    restored = tf.AutoModel.from_pretrained(tmp_path)  # its own saved config: float16 by choice
+    assert restored.layer_cache.config.storage_dtype == "float16"
+    assert restored.layer_cache.stats()["total"]["entries"] > 0
+
+
+def test_a_signed_cache_loaded_without_a_key_says_it_was_not_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_LAYERCACHE_INTEGRITY_KEY", raising=False)
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact", integrity_key="secret"))
+    run(model, tiny_batch("bert"))
+    model.save_pretrained(tmp_path)
+    saved = (tmp_path / "layer_cache_config.json").read_text()
+    assert "secret" not in saved and json.loads(saved)["signature"]
+    with pytest.warns(UserWarning, match="NOT checked"):
+        tf.AutoModel.from_pretrained(tmp_path)
+    header = json.loads(saved)
+    header["banks"]["encoder.layer"]["entries"] += 1  # tampered
+    (tmp_path / "layer_cache_config.json").write_text(json.dumps(header))
+    monkeypatch.setenv("HF_LAYERCACHE_INTEGRITY_KEY", "secret")  # the key found in the environment is used
+    with pytest.raises(LayerCacheIntegrityError, match="does not match"):
+        tf.AutoModel.from_pretrained(tmp_path)
+
+
+# --- copies -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_deepcopy_of_a_used_model_gives_an_independent_cache(strategy, arch):
+    if strategy == "prefix" and arch == "bert":
+        pytest.skip("prefix reuse is for causal decoders")
+    head = tf.AutoModelForCausalLM if arch == "llama" else None
+    gate = {"attention_gate_interval": 0} if strategy == "attention" else {}  # store from the first call on
+    model = hf_layercache.enable(tiny_model(arch, head), LayerCacheConfig(strategy=strategy, **gate))
+    batch = tiny_batch(arch)
+    run(model, batch)
+    twin = copy.deepcopy(model)
+    assert twin.layer_cache is not model.layer_cache
+    assert twin.layer_cache.stats()["total"]["entries"] == model.layer_cache.stats()["total"]["entries"]
+    expected = run(model, batch)  # what the original serves from its entries
+    assert (run(twin, batch) - expected).abs().max() <= TOLERANCE
+    twin.layer_cache.clear()
+    assert model.layer_cache.stats()["total"]["entries"] > 0
+    with torch.no_grad():
+        twin.get_input_embeddings().weight.mul_(2.0)
+    assert (run(model, batch) - expected).abs().max() <= TOLERANCE  # the original's weights and cache are its own
