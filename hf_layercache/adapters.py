@@ -47,14 +47,29 @@ def adapter_prefixes(path: str, layer: nn.Module) -> Iterator[tuple[str, str]]:
 
 
 def _layer_state(layer: nn.Module) -> tuple:
+    """What the layer's forward reads about adapters, as it is stored (read per request: no interpretation here)."""
+    active = layer._active_adapter
+    scaling = getattr(layer, "scaling", None)
+    return (
+        active if isinstance(active, str) else tuple(active),
+        layer._disable_adapters,
+        tuple(getattr(layer, "merged_adapters", ())),
+        tuple(scaling.items()) if isinstance(scaling, dict) else (),
+    )
+
+
+def _effective(layer: nn.Module, state: tuple) -> tuple[tuple[str, ...], tuple[str, ...], tuple]:
+    """The adapters the layer's forward applies (active, held, not disabled), the merged ones, their settings."""
+    active, disabled, merged, _ = state
     held = set(layer._get_available_adapters()) if hasattr(layer, "_get_available_adapters") else None
-    active = () if layer.disable_adapters else tuple(a for a in layer.active_adapters if held is None or a in held)
+    names = (active,) if isinstance(active, str) else active
+    applied = () if disabled else tuple(a for a in names if held is None or a in held)
     settings = []
     for name in getattr(layer, "other_param_names", ()):
         values = getattr(layer, name, None)
         if isinstance(values, dict):
-            settings.append(tuple(values.get(a) if isinstance(values.get(a), _PLAIN) else "?" for a in active))
-    return active, tuple(getattr(layer, "merged_adapters", ())), tuple(settings)
+            settings.append(tuple(values.get(a) if isinstance(values.get(a), _PLAIN) else "?" for a in applied))
+    return applied, merged, tuple(settings)
 
 
 class AdapterLayers:
@@ -77,11 +92,13 @@ class AdapterLayers:
         return tuple(states)
 
     def key(self, state: tuple, digest_of: Callable[[str], str]) -> str:
-        """A stable name for an active adapter set: its state and the digest of each active adapter's weights
-        (``digest_of(name)``); ``""`` when no adapter is active anywhere (the base model's own key space)."""
-        active = sorted({adapter for active, _, _ in state for adapter in active})
-        merged = sorted({adapter for _, merged, _ in state for adapter in merged})
+        """A stable name for the active adapter set a :meth:`state` describes: what each layer applies, with the
+        digest of each adapter's weights (``digest_of(name)``); ``""`` when no adapter is applied anywhere (the base
+        model's own key space). Computed once per state (the watch keeps them)."""
+        effective = tuple(_effective(layer, layer_state) for layer, layer_state in zip(self.layers, state, strict=True))
+        active = sorted({adapter for applied, _, _ in effective for adapter in applied})
+        merged = sorted({adapter for _, merged, _ in effective for adapter in merged})
         if not active and not merged:
             return ""
-        text = repr((state, [(a, digest_of(a)) for a in active], [(a, digest_of(a)) for a in merged]))
+        text = repr((effective, [(a, digest_of(a)) for a in active], [(a, digest_of(a)) for a in merged]))
         return "adapters:" + ",".join(active) + ":" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()

@@ -168,8 +168,11 @@ class LayerCacheConfig:
     """Fraction (0 to 1) of hits checked by computing the layer anyway; the computed result is served. ``semantic``:
     the measured error goes to the policy's ``on_error`` and to ``stats()``. ``exact``: a hit whose stored output
     disagrees with the computed one (a poisoned or stale entry) is replaced, counted in ``stats()``
-    (``audited_unacceptable``) and warned about once. ``None``: the strategy's default, 0.02 for ``semantic``, 0 for
-    ``exact`` (lossless by construction; set it to catch entries loaded from an unsigned cache in use)."""
+    (``audited_unacceptable``) and warned about once. ``prefix``: that share of calls that would reuse blocks is
+    computed whole, and each block's stored final states are compared with the computed ones; a block that disagrees
+    is dropped with the rest of its chain, counted and warned about once. ``None``: the strategy's default, 0.02 for
+    ``semantic``, 0 for ``exact`` and ``prefix`` (lossless by construction; set it to catch entries loaded from an
+    unsigned cache, or weights written without torch)."""
 
     max_error_rate: float | None = None
     """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is

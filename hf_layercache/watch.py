@@ -31,6 +31,7 @@ depend on those), and digests the weights (:meth:`ModelWatch.digest`) for the id
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -86,7 +87,13 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
     return self.detach()
 
 
+_data_assignments = 0
+"""``.data = t`` on any watched tensor (the one replacement that keeps the tensor object): the fast check's cue."""
+
+
 def _data_set(self: torch.Tensor, value: torch.Tensor) -> None:
+    global _data_assignments
+    _data_assignments += 1
     torch._C.TensorBase.data.__set__(self, value)
 
 
@@ -137,7 +144,7 @@ class ModelWatch:
         self._swapped.clear()
 
     def _swap_classes(self) -> None:
-        for slot in self._all_slots():
+        for slot in self._every_slot:
             for tensor in slot.values():
                 if tensor is not None and type(tensor) not in _ORIGINAL and _is_watchable(tensor):
                     tensor.__class__ = _watched_class(type(tensor))
@@ -169,6 +176,7 @@ class ModelWatch:
                     self._slots[body].append(slot)
                     self._paths[body].append(path)
         self._structure = tuple(structure)
+        self._every_slot = self._slots[True] + self._slots[False]
         self._prefixes = prefixes
         self.inside, self.outside = AdapterLayers(adapter_layers[True]), AdapterLayers(adapter_layers[False])
         if self._attached:
@@ -179,9 +187,6 @@ class ModelWatch:
         (``model.layers[:n]`` builds a new ``ModuleList`` every forward: a module of no model, ignored)."""
         if id(parent) in self._module_ids:
             self._rescan_due = True
-
-    def _all_slots(self) -> list[dict[str, torch.Tensor | None]]:
-        return self._slots[True] + self._slots[False]
 
     def _tensors(self) -> dict[str, tuple[bool, tuple[int, int, int]]]:
         """Each tensor's part (body or head) and ``(id, version, data pointer)`` by path; an adapter's tensors under
@@ -203,6 +208,8 @@ class ModelWatch:
     def changed(self) -> Change | None:
         """What changed since the last call or :meth:`mark`: ``"model"`` (every entry is stale), ``"heads"`` (only
         a head's tensors: whole-model outputs are stale, the stacks' entries are not) or ``None``."""
+        if not self._rescan_due and self._unchanged_at_a_glance():
+            return None
         change = self._rescan() if self._rescan_due else None
         if change is None:
             config = _config_state(self._config)
@@ -213,6 +220,8 @@ class ModelWatch:
         if change is not None:
             self.mark()
             self.forget()
+        else:
+            self._glance = self._glance_now()  # e.g. a bookkeeping field moved: glance from here on
         return change
 
     def _rescan(self) -> Change | None:
@@ -245,6 +254,28 @@ class ModelWatch:
         self._signature_at_mark = {body: self._signature(body) for body in (True, False)}
         self._tensors_at_mark = self._tensors()
         self._config_at_mark = _config_state(self._config)
+        self._glance = self._glance_now()
+
+    def _glance_now(self) -> tuple[int, list, list[int], list[dict]]:
+        """What the fast check compares: ``.data`` assignments, the tensor objects, their versions and the configs'
+        attribute dicts (shallow copies; their values compare by identity first, so this costs microseconds)."""
+        tensors = [t for slot in self._every_slot for t in slot.values()]
+        versions = [t._version for t in tensors if t is not None]
+        self._config_objects = _configs(self._config)  # a sub-config replaced shows in its parent's attributes
+        return _data_assignments, tensors, versions, [dict(vars(c)) for c in self._config_objects]
+
+    def _unchanged_at_a_glance(self) -> bool:
+        """Nothing moved since :meth:`mark` (no scan, no per-tensor tuples): the common case, read in a few
+        microseconds per hundred tensors. Anything else takes the full comparison, which decides."""
+        assignments, tensors, versions, configs = self._glance
+        if assignments != _data_assignments:
+            return False
+        now = [t for slot in self._every_slot for t in slot.values()]
+        if len(now) != len(tensors) or any(map(operator.is_not, now, tensors)):
+            return False
+        if [t._version for t in now if t is not None] != versions:
+            return False
+        return [vars(c) for c in self._config_objects] == configs
 
     @property
     def _config(self) -> Any:
@@ -312,6 +343,16 @@ def _adapter_of(path: str, prefixes: dict[str, str]) -> str | None:
         if adapter is not None:
             return adapter
     return None
+
+
+def _configs(config: Any) -> list[Any]:
+    """A config and its sub-configs."""
+    if config is None:
+        return []
+    return [
+        config,
+        *(c for value in vars(config).values() if isinstance(value, PreTrainedConfig) for c in _configs(value)),
+    ]
 
 
 def _config_state(config: Any) -> list[tuple[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -273,9 +274,15 @@ def test_requests_never_rescan_the_model():
     assert model.layer_cache.watch.scans == scans + 1
 
 
-def test_memory_written_without_torch_is_caught_by_verification_and_dropped_by_weights_changed():
-    model = causal("exact", verify_fraction=1.0)
+@pytest.mark.parametrize("strategy", ["exact", "prefix"])
+def test_memory_written_without_torch_is_caught_by_verification_and_dropped_by_weights_changed(strategy):
+    model = causal(strategy, verify_fraction=1.0)
     stale = run(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the positive control: verified entries of unchanged weights agree
+        run(model)
+    total = model.layer_cache.stats()["total"]
+    assert total["audited"] > 0 and total["audited_unacceptable"] == 0
     weight = model.model.layers[0].mlp.up_proj.weight
     weight.detach().numpy()[:] += 0.5  # no torch op: no version counter moves
     assert model.layer_cache.stats()["total"]["invalidations"] == 0

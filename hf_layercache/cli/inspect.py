@@ -34,7 +34,7 @@ SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
 """The similarity search's fields, read by the strategies that find entries by similarity of a key vector."""
 BUILTIN_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
     "exact": ("shared_store", "shared_store_kwargs", "verify_fraction"),
-    "prefix": ("block_size", "shared_store", "shared_store_kwargs"),
+    "prefix": ("block_size", "shared_store", "shared_store_kwargs", "verify_fraction"),
     "semantic": (
         *SIMILARITY_FIELDS,
         "fingerprint",

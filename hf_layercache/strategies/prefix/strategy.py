@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +36,7 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
 
-    config_fields = ("block_size", "shared_store", "shared_store_kwargs")  # the shared ones: docs/shared.md
+    config_fields = ("block_size", "shared_store", "shared_store_kwargs", "verify_fraction")  # docs/shared.md
 
     @classmethod
     def check_config(cls, config: LayerCacheConfig) -> None:
@@ -53,6 +55,8 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
             self.banks[name] = PooledBank(self.controller.build_bank(name, self.layers[-1].device, 1), self.shape)
         self.bank = self.banks[name]
         self.siblings = SiblingIndex()
+        self._draws = random.Random(0)  # which calls verify_fraction audits; seeded, so runs repeat
+        self._warned_disagreement = False
         if self.owner is not model:
             self.hooks.forward_hook(self.owner, self._splice_hook)
 
@@ -91,6 +95,8 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
             for layer in self.layers:
                 self.controller.stats_.record_bypass(layer.name, _token_count(arguments))
             return original(**arguments)
+        if any(row.entries for row in rows) and self._draws.random() < self.verify_fraction:
+            return self._audit(original, arguments, rows)
         groups = plan(rows, width, self.block_size)
         start = time.perf_counter()
         if len(groups) == 1 and groups[0].split == 0 and not any(row.pending for row in rows):
@@ -114,6 +120,53 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
             output = outputs[0] if len(runs) == 1 else self._merge(arguments, outputs, runs, groups)
         self._record(rows, time.perf_counter() - start)
         return output
+
+    def _audit(self, original: Callable[..., Any], arguments: dict[str, Any], rows: list[Row]) -> Any:
+        """A call drawn by ``verify_fraction``: computed whole, and every block it would have reused compared with
+        the final hidden states just computed at its positions. A block that disagrees (stale, or altered since it
+        was stored) is dropped with the rest of its row's chain, and reported."""
+        start = time.perf_counter()
+        captured: list[torch.Tensor] = []
+        handle = self.owner.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+        try:
+            output = original(**arguments)
+        finally:
+            handle.remove()
+        fresh = captured[-1]
+        tolerance = max(1e-4, 8 * torch.finfo(fresh.dtype).eps)
+        with self.bank.reading():
+            for r, row in enumerate(rows):
+                ids = [*row.found, *([row.tail[0]] if row.tail else [])]
+                sizes = [self.block_size] * len(row.found) + ([row.tail[1]] if row.tail else [])
+                for index, (entry_id, block) in enumerate(zip(ids, row.entries, strict=True)):
+                    if not self.bank.serves(entry_id, block.key):
+                        break
+                    column = row.first + index * self.block_size
+                    computed = fresh[r, column : column + sizes[index]].float()
+                    stored = block.hidden[: sizes[index]].to(computed.device).float()
+                    agrees = torch.allclose(stored, computed, rtol=tolerance, atol=tolerance)
+                    error = ((stored - computed).norm() / computed.norm().clamp_min(1e-12)).item()
+                    self.controller.stats_.record_error(self.layers[-1].name, error, acceptable=agrees, explored=False)
+                    if not agrees:
+                        self._drop_chain(ids[index:], error)
+                        break
+        for row in rows:
+            row.reused, row.pending = 0, []
+        self._record(rows, time.perf_counter() - start)
+        return output
+
+    def _drop_chain(self, entry_ids: list[int], error: float) -> None:
+        for entry_id in entry_ids:
+            self.bank.remove(entry_id)
+        if not self._warned_disagreement:
+            self._warned_disagreement = True
+            warnings.warn(
+                f"A prefix block disagrees with the model it stands for (relative error {error:.3g}): it was dropped "
+                "with the blocks after it, and the computed output served. The weights may have been written without "
+                "torch (call model.layer_cache.weights_changed()), or a warm cache altered (see integrity_key in "
+                "docs/reliability.md).",
+                stacklevel=4,
+            )
 
     def _prepare_all(self, calls: list[dict[str, Any]], rows: list[Row], groups: list[Group]) -> list[PrefixRun] | None:
         """Every group's prefix cache, gathered before any group stores (a store may evict a block another group
