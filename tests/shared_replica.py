@@ -29,6 +29,12 @@ def _model(spec: str):
         return tiny_model(arch, seed=int(seed or 0))
     if kind == "causal":
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    if kind == "lora":  # "lora:<base model dir>|<PEFT adapter dir>": the causal LM with the adapter injected, active
+        from peft import PeftModel
+
+        base, _, adapter = name.partition("|")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, adapter).base_model.model.eval()
     return AutoModel.from_pretrained(name).eval()
 
 

@@ -187,6 +187,39 @@ def test_a_replica_with_other_weights_or_config_shares_nothing(server, tmp_path,
         assert torch.equal(outputs["b.out"], _run(bert, batch))
 
 
+def test_adapters_share_entries_between_processes_only_with_the_same_weights(server, tmp_path):
+    """Replica B loads the same base and adapter (positive control: every row shared), another adapter saved under the
+    same name (nothing shared), and the base without the adapter (nothing shared: another key space)."""
+    peft = pytest.importorskip("peft")
+    tf = pytest.importorskip("transformers")
+    tiny_model("llama", tf.AutoModelForCausalLM).save_pretrained(tmp_path / "base")
+    for seed, directory in ((1, "same"), (2, "other")):
+        donor = tiny_model("llama", tf.AutoModelForCausalLM)
+        torch.manual_seed(seed)  # the adapter's own weights differ
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        donor = peft.get_peft_model(donor, lora)
+        donor.save_pretrained(tmp_path / directory)
+    base = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "same").base_model.model.eval()
+    hf_layercache.enable(model, _config(server))
+    prompt = {"input_ids": torch.randint(3, 99, (2, 10))}
+    _run(model, prompt)
+    assert model.layer_cache.shared.flush(10)
+    save_file(prompt, tmp_path / "prompt.safetensors")
+    jobs = [
+        {"name": name, "model": spec, "config": _config(server), "inputs": str(tmp_path / "prompt.safetensors")}
+        for name, spec in (
+            ("same", f"lora:{tmp_path / 'base'}|{tmp_path / 'same'}"),
+            ("other", f"lora:{tmp_path / 'base'}|{tmp_path / 'other'}"),
+            ("base", f"causal:{tmp_path / 'base'}"),
+        )
+    ]
+    outputs, report = _replica(jobs, tmp_path)
+    assert report["same"]["shared_hits"] == 2 and torch.equal(outputs["same.out"], _run(model, prompt))
+    assert report["other"]["shared_hits"] == 0 and report["base"]["shared_hits"] == 0
+    assert (outputs["other.out"] - outputs["same.out"]).abs().max() > 1e-3
+
+
 def test_a_cold_process_serves_what_another_computed_exact_bit_identical_prefix_within_1e4(server, tmp_path):
     bert = hf_layercache.enable(tiny_model("bert"), _config(server))
     llama = hf_layercache.enable(tiny_model("llama"), _config(server, "prefix", block_size=4))
