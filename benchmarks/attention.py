@@ -47,7 +47,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, attention_forward, repeat_kv
+from hf_layercache.strategies.attention.eager import repeat_kv
+from hf_layercache.strategies.attention.function import ATTN_IMPLEMENTATION, attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from real_models import smollm2_path

@@ -33,7 +33,7 @@ _partial = getattr(sys.modules.get("hf_layercache_cli"), "importing_command_line
 """True when the ``hf-layercache`` command imported the package for its argument parser only (see above)."""
 
 if not _partial:
-    from . import backends, policies, strategies  # noqa: F401  (registers the built-in classes)
+    from . import backends, policies  # noqa: F401  (registers the built-in classes)
     from .bank import CacheBank
     from .calibration import calibrate
     from .controller import LayerCacheController
@@ -41,6 +41,10 @@ if not _partial:
     from .layers import LayerSpec, register_layer_spec
     from .models import ModelSpec, register_prefix_heads
     from .persistence import LayerCacheFileError, LayerCacheIntegrityError, LayerCacheMismatchError
+    from .strategies.attention import strategy as _attention  # noqa: F401  (each registers its strategy)
+    from .strategies.exact import strategy as _exact  # noqa: F401
+    from .strategies.prefix import strategy as _prefix  # noqa: F401
+    from .strategies.semantic import strategy as _semantic  # noqa: F401
 
     install()
 

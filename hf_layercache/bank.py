@@ -1,12 +1,18 @@
-"""One cache store: entries of tensors, found by exact digest or by key vector, bounded by a policy and a budget.
+"""One cache store: typed entries, found by exact digest or by key vector, bounded by a policy and a budget.
 
-An entry is a small dict of tensors (a layer output, recorded key/value states, ...; each strategy's typed entry
-says which, see :mod:`hf_layercache.entries`) and the ``namespace`` tag of the tenant it belongs to:
-:meth:`CacheBank.get` serves it to that tenant only. It is found either by an exact ``digest`` (bytes, for lossless
-strategies) or by similarity of its key vector through a :class:`~hf_layercache.backends.base.Backend`. What a
-lookup decided reaches the policy as one :class:`Lookup`. The bank evicts through its
-:class:`~hf_layercache.policies.base.Policy` *before* an insert would break ``max_entries`` or ``max_bytes``, so
-the budget is never exceeded, not even transiently.
+A bank knows its entry type (a :class:`~hf_layercache.entries.StoredEntry` subclass: ``ExactEntry``,
+``PrefixBlock``, ...): :meth:`CacheBank.put` takes one, :meth:`CacheBank.get` returns one, and a state read from
+disk is checked entry by entry with the type's ``validate`` (:meth:`CacheBank.check_state`). Each entry carries the
+``namespace`` tag of the tenant it belongs to: :meth:`CacheBank.get` serves it to that tenant only. It is found by an
+exact ``digest`` (bytes, for lossless strategies) or by similarity of its key vector through a
+:class:`~hf_layercache.backends.base.Backend`. What a lookup decided reaches the policy as one
+:class:`~hf_layercache.events.Lookup`, what a verification found as one :class:`~hf_layercache.events.Verdict`.
+The bank evicts through its :class:`~hf_layercache.policies.base.Policy` *before* an insert would break
+``max_entries`` or ``max_bytes``, so the budget is never exceeded, not even transiently.
+
+Where the tensors live is the bank's :class:`~hf_layercache.storage.Storage`: each tensor of its own by default,
+slots of preallocated slabs for the prefix strategy's blocks. The cost model and the state layout are
+:mod:`hf_layercache.bank_format`'s.
 """
 
 from __future__ import annotations
@@ -14,45 +20,30 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from .backends.base import Backend
-from .bank_state import DIGEST_BYTES, BankState, trim_state
+from .bank_format import BankState, entry_bytes, trim_state, write_state
+from .entries import StoredEntry, TensorEntry, check_finite
+from .events import Lookup, Verdict
 from .policies.base import Policy
+from .storage import Storage
 
-ENTRY_OVERHEAD_BYTES = 512
-"""Bytes counted per entry on top of its tensors' data: the entry object, digest, dict slots, policy bookkeeping."""
-TENSOR_OVERHEAD_BYTES = 512
-"""Bytes counted per stored tensor on top of its data: the tensor and storage objects and allocator rounding.
-Both figures were measured as resident memory per entry (about 1.2 KB for an entry of one tiny tensor)."""
+E = TypeVar("E", bound=StoredEntry)
 
 
 @dataclass
-class Entry:
+class _Stored:
     values: dict[str, torch.Tensor]
     nbytes: int
     digest: bytes | None = None
     namespace: int = 0
     """The :func:`~hf_layercache.request.namespace_tag` of the tenant that stored it."""
-
-
-@dataclass
-class Lookup:
-    """What a strategy decided about the rows of one call: the entries that serve them, with their similarity, and
-    how many lookups found nothing they could use. Recorded once, through
-    :meth:`~hf_layercache.controller.LayerCacheController.record_lookup`, it feeds both the bank's policy and the
-    layers' stats, so the two never disagree on what a hit is."""
-
-    served: list[tuple[int, float]] = field(default_factory=list)
-    missed: int = 0
-
-
-def entry_bytes(values: dict[str, torch.Tensor]) -> int:
-    """What an entry costs in memory: its tensors' data plus the measured per-object overheads."""
-    data = sum(t.numel() * t.element_size() for t in values.values())
-    return data + TENSOR_OVERHEAD_BYTES * len(values) + ENTRY_OVERHEAD_BYTES
+    handle: Any = None
+    """The storage's handle of the entry's place (a slot), released with it."""
 
 
 _outside_inference_mode = torch.inference_mode(False)
@@ -61,10 +52,10 @@ call outside ``torch.inference_mode()`` (a verdict recorded in an entry, ``clear
 PyTorch refuses on inference tensors. Stored tensors that are inference tensors are copied."""
 
 
-class CacheBank:
+class CacheBank(Generic[E]):
     """Entries of one layer (or one layer stack), with their lookup structures and eviction bookkeeping.
 
-    Thread-safe: every public method holds the bank's lock, so one model can serve many threads.
+    Thread-safe: every public method holds the bank's :attr:`lock`, so one model can serve many threads.
     """
 
     def __init__(
@@ -74,27 +65,43 @@ class CacheBank:
         backend: Backend | None = None,
         max_entries: int | None = None,
         max_bytes: int | None = None,
-        device: torch.device | str | None = None,
-        storage_dtype: torch.dtype | None = None,
+        entry_type: type[E] = TensorEntry,
+        expected: Mapping[str, Any] | None = None,
+        storage: Storage | None = None,
+        digests_required: bool = False,
     ):
+        """``expected``: what ``entry_type.validate`` checks a loaded entry against (shapes the model implies);
+        ``digests_required``: entries are reachable by digest only, so a saved entry without one is refused."""
         self.name = name
         self.policy = policy
         self.backend = backend
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self.device = torch.device(device) if device is not None else None
-        self.storage_dtype = storage_dtype
-        self._entries: dict[int, Entry] = {}
+        self.entry_type = entry_type
+        self.expected = dict(expected or {})
+        self.storage = storage if storage is not None else Storage()
+        self.digests_required = digests_required
+        self._entries: dict[int, _Stored] = {}
         self._by_digest: dict[bytes, int] = {}
         self._tenants: dict[int, int] = {}
         """Entries per namespace tag."""
         self._next_id = 0
-        self._value_bytes = 0
-        self._lock = threading.RLock()
+        self._nbytes = 0
+        self.lock = threading.RLock()
+        """Held by every method; hold it too while reading tensors out of entries a concurrent insert may evict and
+        whose place it may reuse (slots)."""
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.storage.device
+
+    @property
+    def storage_dtype(self) -> torch.dtype | None:
+        return self.storage.dtype
 
     # --- lookup ---------------------------------------------------------------------------------------------------
     def find(self, digest: bytes) -> int | None:
-        with self._lock:
+        with self.lock:
             return self._by_digest.get(digest)
 
     def search(self, keys: torch.Tensor, k: int = 1, namespace: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +111,7 @@ class CacheBank:
         tenant's own nearest entry out."""
         if self.backend is None:
             raise RuntimeError(f"Bank {self.name!r} has no similarity backend.")
-        with self._lock:
+        with self.lock:
             if namespace is None:
                 found = self.backend.search(keys, k)
                 self._fit()  # a background rebuild swapped in by the search may have grown the index
@@ -130,51 +137,60 @@ class CacheBank:
         return out_scores, out_ids
 
     def _namespace_of(self, entry_id: int) -> int | None:
-        entry = self._entries.get(entry_id)
-        return entry.namespace if entry is not None else None
+        stored = self._entries.get(entry_id)
+        return stored.namespace if stored is not None else None
 
-    def get(self, entry_id: int, namespace: int | None = None) -> dict[str, torch.Tensor] | None:
-        """The entry's tensors; ``None`` when it is gone or (with ``namespace``) belongs to another tenant."""
-        with self._lock:
-            entry = self._entries.get(entry_id)
-            if entry is None or (namespace is not None and entry.namespace != namespace):
+    def get(self, entry_id: int, namespace: int | None = None) -> E | None:
+        """The entry (its tensors are the stored ones); ``None`` when it is gone or (with ``namespace``) belongs to
+        another tenant."""
+        with self.lock:
+            stored = self._entries.get(entry_id)
+            if stored is None or (namespace is not None and stored.namespace != namespace):
                 return None
-            return entry.values
+            return self.entry_type.from_tensors(stored.values)
 
-    def update(self, entry_id: int, change: Callable[[dict[str, torch.Tensor]], None]) -> bool:
-        """Apply ``change`` to a stored entry's tensors under the bank's lock (a verdict or prediction recorded in
-        the entry); ``False`` when the entry is gone."""
-        with self._lock:
-            entry = self._entries.get(entry_id)
-            if entry is None:
+    def holds(self, entry_id: int, name: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` (field ``name`` of the entry as it was read) is still that entry's: it was neither
+        evicted nor its place handed to another entry since. Call under :attr:`lock`."""
+        stored = self._entries.get(entry_id)
+        return stored is not None and stored.values.get(name) is tensor
+
+    def update(self, entry_id: int, change: Callable[[E], None]) -> bool:
+        """Apply ``change`` to a stored entry (its tensors, in place) under the bank's lock: a verdict or prediction
+        recorded in the entry. ``False`` when the entry is gone."""
+        with self.lock:
+            stored = self._entries.get(entry_id)
+            if stored is None:
                 return False
-            change(entry.values)
+            change(self.entry_type.from_tensors(stored.values))
             return True
 
-    def items(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
-        """Every entry's id and values, in insertion order (a snapshot of the list; the dicts are the stored ones)."""
-        with self._lock:
-            return [(entry_id, entry.values) for entry_id, entry in self._entries.items()]
+    def items(self) -> list[tuple[int, E]]:
+        """Every entry's id and entry, in insertion order (a snapshot of the list)."""
+        with self.lock:
+            return [(entry_id, self.entry_type.from_tensors(s.values)) for entry_id, s in self._entries.items()]
 
     def record(self, lookup: Lookup) -> None:
         """Tell the policy what a lookup decided (entries evicted meanwhile are skipped)."""
-        with self._lock:
+        with self.lock:
             for entry_id, similarity in lookup.served:
                 if entry_id in self._entries:
                     self.policy.on_hit(entry_id, similarity)
             for _ in range(lookup.missed):
                 self.policy.on_miss()
 
-    def record_error(self, entry_id: int, error: float) -> None:
-        with self._lock:
-            if entry_id in self._entries:
-                self.policy.on_error(entry_id, error)
+    def record_verdict(self, verdict: Verdict) -> None:
+        """Tell the policy what verifying an entry found (its error: the divergence policy drops entries whose
+        verified error grows)."""
+        with self.lock:
+            if verdict.entry_id is not None and verdict.entry_id in self._entries:
+                self.policy.on_error(verdict.entry_id, verdict.error)
 
     # --- insert / remove ------------------------------------------------------------------------------------------
     @_outside_inference_mode
     def put(
         self,
-        values: dict[str, torch.Tensor],
+        entry: E,
         digest: bytes | None = None,
         key: torch.Tensor | None = None,
         cost: float = 0.0,
@@ -182,33 +198,38 @@ class CacheBank:
     ) -> int | None:
         """Store an entry of tenant ``namespace`` and return its id, or ``None`` when it alone is larger than the
         byte budget."""
-        values = {name: self._stored(t) for name, t in values.items()}
-        nbytes = entry_bytes(values) + self._key_bytes(key)
-        with self._lock:
+        prepared = self.storage.prepare(entry.to_tensors())  # casts and copies, outside the lock
+        with self.lock:
             if digest is not None and digest in self._by_digest:
                 self._remove([self._by_digest[digest]])
+            values, handle, extra = self.storage.place(prepared)
+            nbytes = entry_bytes(values, 0 if key is None else key.numel()) + extra
             if self.max_bytes is not None and nbytes > self.max_bytes:
+                self.storage.release(handle)
                 return None
-            self._make_room(nbytes)
+            self._make_room(nbytes)  # the new entry's place is charged first, so the room made covers all of it
             entry_id = self._next_id
             self._next_id += 1
-            self._entries[entry_id] = Entry(values, nbytes, digest, namespace)
-            self._count_tenant(namespace, 1)
-            self._value_bytes += nbytes
-            if digest is not None:
-                self._by_digest[digest] = entry_id
+            self._insert(entry_id, _Stored(values, nbytes, digest, namespace, handle))
             self.policy.on_insert(entry_id, nbytes, cost)
             if key is not None and self.backend is not None:
                 self.backend.add(torch.tensor([entry_id]), key.reshape(1, -1))
                 self._fit()
             return entry_id if entry_id in self._entries else None
 
+    def _insert(self, entry_id: int, stored: _Stored) -> None:
+        self._entries[entry_id] = stored
+        self._count_tenant(stored.namespace, 1)
+        self._nbytes += stored.nbytes
+        if stored.digest is not None:
+            self._by_digest[stored.digest] = entry_id
+
     def remove(self, entry_id: int) -> None:
-        with self._lock:
+        with self.lock:
             self._remove([entry_id])
 
     def clear(self) -> None:
-        with self._lock:
+        with self.lock:
             self._remove(list(self._entries))
 
     def _remove(self, entry_ids: list[int]) -> None:
@@ -216,11 +237,12 @@ class CacheBank:
         many costs one index update (or rebuild), not one per entry."""
         removed = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
         for entry_id in removed:
-            entry = self._entries.pop(entry_id)
-            self._count_tenant(entry.namespace, -1)
-            self._value_bytes -= entry.nbytes
-            if entry.digest is not None:
-                self._by_digest.pop(entry.digest, None)
+            stored = self._entries.pop(entry_id)
+            self._count_tenant(stored.namespace, -1)
+            self._nbytes -= stored.nbytes
+            self.storage.release(stored.handle)
+            if stored.digest is not None:
+                self._by_digest.pop(stored.digest, None)
         if removed and self.backend is not None:
             self.backend.remove(torch.tensor(removed))
         for entry_id in removed:
@@ -251,29 +273,10 @@ class CacheBank:
         if self.max_bytes is not None and self.nbytes > self.max_bytes:
             self._make_room(0, incoming=0)
 
-    def _stored(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if self.storage_dtype is not None and t.is_floating_point():
-            t = t.to(self.storage_dtype)
-        if self.device is not None:
-            t = t.to(self.device)
-        if (
-            t.is_inference()  # see _outside_inference_mode
-            or not t.is_contiguous()
-            or t.untyped_storage().nbytes() != t.numel() * t.element_size()  # a row view keeps its batch alive
-        ):
-            t = t.clone(memory_format=torch.contiguous_format)
-        return t
-
-    def _key_bytes(self, key: torch.Tensor | None) -> int:
-        # The raw float32 key is charged to its entry; index structures beyond it (graphs, trees) are added in
-        # ``nbytes`` from the backend's own count.
-        return 0 if key is None else key.numel() * 4
-
     # --- size -----------------------------------------------------------------------------------------------------
     def namespace_counts(self) -> dict[int, int]:
         """Entries per tenant tag."""
-        with self._lock:
+        with self.lock:
             return dict(self._tenants)
 
     def _count_tenant(self, namespace: int, change: int) -> None:
@@ -291,9 +294,10 @@ class CacheBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: stored tensors, per-entry bookkeeping, and the backend's index beyond the raw keys."""
+        """Bytes held: stored tensors and their places, per-entry bookkeeping, and the backend's index beyond the raw
+        keys."""
         index_bytes = self.backend.nbytes if self.backend is not None else 0
-        return self._value_bytes + max(0, index_bytes - 4 * self._key_dim() * len(self._entries))
+        return self._nbytes + max(0, index_bytes - 4 * self._key_dim() * len(self._entries))
 
     def _key_dim(self) -> int:
         return self.backend.dim if self.backend is not None else 0
@@ -301,32 +305,33 @@ class CacheBank:
     # --- persistence ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All entries, digests, namespaces, policy and backend state as named tensors, nothing else (safe to load
-        from disk). Entry tensors are named ``entry.<id>.<field>``."""
-        with self._lock:
-            ids = sorted(self._entries)
-            state: dict[str, torch.Tensor] = {"ids": torch.tensor(ids, dtype=torch.long)}
-            digests = torch.zeros(len(ids), DIGEST_BYTES, dtype=torch.uint8)
-            has_digest = torch.zeros(len(ids), dtype=torch.bool)
-            for row, entry_id in enumerate(ids):
-                entry = self._entries[entry_id]
-                if entry.digest is not None:
-                    digests[row] = torch.frombuffer(bytearray(entry.digest), dtype=torch.uint8)
-                    has_digest[row] = True
-                for name, tensor in entry.values.items():
-                    state[f"entry.{entry_id}.{name}"] = tensor
-            state["digests"], state["has_digest"] = digests, has_digest
-            state["namespaces"] = torch.tensor([self._entries[i].namespace for i in ids], dtype=torch.long)
-            state.update({f"policy.{k}": v for k, v in self.policy.state_dict().items()})
-            if self.backend is not None:
-                state.update({f"backend.{k}": v for k, v in self.backend.state_dict().items()})
-            return state
+        from disk; the layout is :func:`~hf_layercache.bank_format.write_state`'s). Each tensor has a storage of its
+        own (safetensors refuses shared ones)."""
+        with self.lock:
+            entries = (
+                (entry_id, self.storage.export(s.values), s.digest, s.namespace)
+                for entry_id, s in sorted(self._entries.items())
+            )
+            backend = self.backend.state_dict() if self.backend is not None else None
+            return write_state(entries, self.policy.state_dict(), backend)
 
-    @staticmethod
-    def check_state(state: dict[str, torch.Tensor]) -> BankState:
-        """The parts of ``state``; ``ValueError`` unless it has the structure :meth:`state_dict` writes."""
-        return BankState.parse(state)
+    def check_state(self, state: dict[str, torch.Tensor]) -> BankState:
+        """``ValueError`` naming what is wrong unless ``state`` is one this bank could have written: its structure,
+        every entry (the entry type's ``validate`` against :attr:`expected`, no NaN or infinity) and the policy's
+        books. Returns it taken apart."""
+        parsed = BankState.parse(state)
+        for entry_id, values in parsed.entries.items():
+            try:
+                self.entry_type.validate(values, **self.expected)
+                check_finite(values)
+                if self.digests_required and parsed.digests[entry_id] is None:
+                    raise ValueError("it has no digest, and this bank finds entries by digest only.")
+            except ValueError as err:
+                raise ValueError(f"entry {entry_id}: {err}") from None
+        self._check_policy(parsed)
+        return parsed
 
-    def check_policy(self, parsed: BankState) -> None:
+    def _check_policy(self, parsed: BankState) -> None:
         """``ValueError`` unless the saved policy state, loaded into a copy of this bank's policy, keeps the books of
         exactly the saved entries: a policy that knew none of them would name no victim, and every later insert
         would fail."""
@@ -341,24 +346,21 @@ class CacheBank:
 
     def trim_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Saved ``state`` cut to this bank's budget by its policy before any entry is read (see
-        :func:`~hf_layercache.bank_state.trim_state`)."""
+        :func:`~hf_layercache.bank_format.trim_state`)."""
         return trim_state(state, self.policy, self.max_entries, self.max_bytes, self._key_dim())
 
     @_outside_inference_mode
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the content with ``state``; the entries land on this bank's device."""
+        """Replace the content with ``state`` (checked before with :meth:`check_state`); the entries land in this
+        bank's storage."""
         parsed = BankState.parse(state)
-        with self._lock:
+        with self.lock:
             self.clear()
             for entry_id, values in parsed.entries.items():
-                entry_values = {k: self._stored(v) for k, v in values.items()}
-                nbytes = entry_bytes(entry_values) + 4 * self._key_dim()
-                digest = parsed.digests[entry_id]
-                self._entries[entry_id] = Entry(entry_values, nbytes, digest, parsed.namespaces[entry_id])
-                self._count_tenant(parsed.namespaces[entry_id], 1)
-                self._value_bytes += nbytes
-                if digest is not None:
-                    self._by_digest[digest] = entry_id
+                placed, handle, extra = self.storage.place(self.storage.prepare(values))
+                nbytes = entry_bytes(placed, self._key_dim()) + extra
+                digest, namespace = parsed.digests[entry_id], parsed.namespaces[entry_id]
+                self._insert(entry_id, _Stored(placed, nbytes, digest, namespace, handle))
             self._next_id = max(parsed.entries, default=-1) + 1
             self.policy.load_state_dict(parsed.policy)
             if self.backend is not None:

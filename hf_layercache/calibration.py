@@ -35,7 +35,7 @@ from .controller import ATTRIBUTE
 from .kv import without_cache
 from .layers import ArgumentBinder, CachedLayer, select_layers
 from .registry import get_fingerprint
-from .strategies.semantic import align_tokens
+from .strategies.semantic.alignment import align_tokens
 from .strategies.semantic.strategy import default_fingerprint
 
 _MIN_PAIRS = 5

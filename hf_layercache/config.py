@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -9,10 +10,10 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from .registry import BACKENDS, FINGERPRINTS, POLICIES, STRATEGIES
-from .shared.settings import parse_settings
+from .registry import BACKENDS, POLICIES, STRATEGIES
+from .shared_store.settings import parse_settings
 
 CONFIG_NAME = "layer_cache_config.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -55,13 +56,76 @@ def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int 
     )
 
 
+def check_number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None,
+    *,
+    integer: bool = False,
+    open_low: bool = False,
+    open_high: bool = False,
+    what: str | None = None,
+) -> None:
+    """``ValueError`` naming the field unless ``value`` is a number (an int when ``integer``) in ``[low, high]``
+    (bounds excluded where ``open_*``; ``high=None``: no upper bound)."""
+    kinds = int if integer else int | float
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (value > low if open_low else value >= low)
+    ok = ok and (high is None or (value < high if open_high else value <= high))
+    if not ok:
+        allowed = what or (f"an int from {low} to {high}" if integer else f"a number in [{low}, {high}]")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+@dataclass
+class StrategyConfig:
+    """A strategy's own config fields, declared once (PEFT's config-per-method): subclass it as a dataclass, give
+    every field a docstring and check values in ``__post_init__``, and name it as the strategy class's
+    ``config_class``. ``LayerCacheConfig`` accepts the fields flat (``LayerCacheConfig(block_size=32)``), saves them
+    flat, and builds every registered strategy's section, so a bad value is refused whichever strategy is
+    selected."""
+
+    reads: ClassVar[tuple[str, ...]] = ()
+    """The common :class:`LayerCacheConfig` fields the strategy reads (``hf-layercache inspect`` shows those)."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def check_with(self, config: LayerCacheConfig) -> None:
+        """Checks that need the rest of the config (which strategy is selected); ``ValueError`` naming the field."""
+
+
+def _sections() -> dict[str, type[StrategyConfig]]:
+    """The config class of every registered strategy that has one, by strategy name."""
+    return {
+        name: STRATEGIES.get(name).config_class
+        for name in STRATEGIES.names()
+        if getattr(STRATEGIES.get(name), "config_class", None) is not None
+    }
+
+
+def _owners(sections: dict[str, type[StrategyConfig]]) -> dict[str, type[StrategyConfig]]:
+    """Each strategy field's config class; a name two strategies declare is an error."""
+    owners: dict[str, type[StrategyConfig]] = {}
+    for strategy, section in sections.items():
+        for name in section.field_names():
+            if name in owners and owners[name] is not section:
+                raise ValueError(f"config field {name!r} is declared by two strategies' config classes ({strategy}).")
+            owners[name] = section
+    return owners
+
+
 @dataclass
 class LayerCacheConfig:
     """How a model's layers reuse work across requests.
 
     Build one and pass it as ``from_pretrained(..., layer_cache=cfg)`` or ``hf_layercache.enable(model, cfg)``.
     Every field is checked when the config is created; a bad value raises ``ValueError`` naming the field, the
-    value and what is allowed.
+    value and what is allowed. The fields below are common to every strategy; each strategy declares its own in
+    its config class (``block_size`` in ``PrefixConfig``, the ``attention_*`` fields in ``AttentionConfig``, ...),
+    which are given and read flat all the same: ``LayerCacheConfig(strategy="prefix", block_size=32).block_size``.
     """
 
     strategy: str = "exact"
@@ -81,10 +145,6 @@ class LayerCacheConfig:
 
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the policy class, e.g. ``{"half_life": 1000}`` for staleness."""
-
-    fingerprint: str | None = None
-    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose (``semantic``:
-    ``"minhash"``, token overlap, which on real documents never matched unrelated ones; see docs/semantic.md)."""
 
     threshold: float | list[float] = 0.85
     """Minimum similarity for an approximate hit, one float or one per cached layer; higher is stricter, exact
@@ -115,55 +175,6 @@ class LayerCacheConfig:
     bank_device: str = "auto"
     """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
 
-    # --- declared and validated by the attention strategy (AttentionStrategy.config_fields) ---
-    attention_key_dim: int = 64
-    """Dimensions of the attention strategy's per-layer lookup key (1 to 128). The key is a random projection of
-    the layer's query and key states pooled over position segments; more dimensions separate inputs better but cost
-    more per lookup."""
-
-    attention_key_segments: int = 16
-    """Position segments the attention strategy's key pools over (1 to 256): with 1 the key is a bag of states and
-    ignores order; more segments tell apart inputs whose content sits at other positions."""
-
-    attention_position_tolerance: float = 0.1
-    """Largest relative change ``|x - x_stored| / |x_stored|`` of a position's query (key) states for the attention
-    strategy to reuse that row (column) of a stored map; rows and columns that changed more are computed fresh.
-    ``0`` reuses only positions whose states are bit-identical (lossless). ``threshold`` preselects entries by the
-    cosine of their pooled keys."""
-
-    attention_verify_rows: int = 8
-    """Query rows (evenly spaced, the last included) the attention strategy recomputes exactly for every candidate
-    hit to check it, at ``rows / sequence length`` of the cost of a miss. ``0`` trusts the key similarity alone."""
-
-    attention_max_error: float = 0.2
-    """Largest total variation distance (0 to 1) allowed between a served map's verified rows and the exact ones,
-    in any head; a candidate above it is a miss. Lower is stricter."""
-
-    attention_gate_interval: int = 16
-    """Calls between the attention strategy's gate probes. Per layer and length bucket, the gate measures what a
-    hit, a miss and the model's default attention (sdpa) cost here, and the recent reuse rate; where caching is not
-    expected to be faster, the layer runs the default attention with no bookkeeping and takes the cached path once
-    every this many calls, to notice reusable traffic (up to 8 times as many after probes that found no reuse;
-    while caching, it runs the default once per this many calls, to keep measuring it). ``0``: no gate, every
-    prefill call takes the cached path."""
-
-    # --- declared and validated by the prefix strategy (PrefixStrategy.config_fields) ---
-    block_size: int = 16
-    """Tokens per block of the ``prefix`` strategy. A prompt is cut into blocks, each keyed by everything before
-    it, and reuse ends at the last complete cached block: small blocks reuse more of a shared prefix that ends
-    mid-block, large blocks mean fewer entries and lookups. 16 is vLLM's default."""
-
-    # --- declared and validated by the semantic strategy (SemanticStrategy.config_fields) ---
-    reuse: str = "state"
-    """How the ``semantic`` strategy reuses a similar earlier input's layer: ``"state"`` (the LLMCache paper)
-    replaces the state with the earlier input's and jumps to the deepest layer that hits, so the answer is the earlier
-    input's; ``"residual"`` adds that input's layer update (output minus input) to the new input's own state, so the
-    new input's information is kept. ``"state"`` is the default: faster at equal or better fidelity on the benchmark
-    in docs/semantic.md, which compares them."""
-
-    fingerprint_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the fingerprint class, e.g. ``{"dim": 128}`` or ``{"layers": 2}`` for ``probe``."""
-
     verify_fraction: float | None = None
     """Fraction (0 to 1) of hits checked by computing the layer anyway; the computed result is served. ``semantic``:
     the measured error goes to the policy's ``on_error`` and to ``stats()``. ``exact``: a hit whose stored output
@@ -173,33 +184,6 @@ class LayerCacheConfig:
     is dropped with the rest of its chain, counted and warned about once. ``None``: the strategy's default, 0.02 for
     ``semantic``, 0 for ``exact`` and ``prefix`` (lossless by construction; set it to catch entries loaded from an
     unsigned cache, or weights written without torch)."""
-
-    max_error_rate: float | None = None
-    """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is
-    unacceptable (see ``acceptance``). Each entry learns from verified requests how its similarity relates to
-    acceptable reuse, and a hit is served only when the estimated probability of an unacceptable result stays under
-    this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` then only preselects
-    the candidates (the nearest entry at or above it), keeping the learned model to similarities where reuse can be
-    right. ``None``: the static ``threshold`` alone decides."""
-
-    acceptance: str = "cosine"
-    """How a verified hit is judged acceptable, for ``max_error_rate`` and the observed error rate ``stats()``
-    reports: ``"cosine"``, the state it would have served is close to the computed one (``acceptance_cosine``), or
-    ``"argmax"``, the model's prediction (the argmax of ``output.logits``: a classifier's class, a causal LM's next
-    token after the last real token) is the one the entry's own request got, which is what a state hit serves. It needs
-    a model with a task head and ``reuse="state"``."""
-
-    acceptance_cosine: float = 0.95
-    """With ``acceptance="cosine"``, when a verified hit counts as acceptable: the cosine between the state it would
-    have served and the computed one (the row's real tokens flattened together, at the layer where it is served) is
-    at least this (-1 to 1)."""
-
-    max_unaligned: float = 0.08
-    """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
-    length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
-    with a KV cache always need equal lengths. A token without a counterpart is served a neighbour's state, so this
-    bounds the invented share of a hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference
-    id appended to a 70-token one (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
     # --- the shared tier of the exact and prefix strategies (declared in their config_fields; docs/shared.md) ---
     shared_store: str | None = None
@@ -221,12 +205,54 @@ class LayerCacheConfig:
     environment variable; unset there too, caches are unsigned and trusted like the weights beside them. Never
     written to disk: ``to_dict`` leaves it out."""
 
+    options: dict[str, Any] = field(default_factory=dict)
+    """The strategies' own fields, flat (every registered strategy's, defaults filled in): what ``cfg.block_size``
+    reads. Give them as keyword arguments; this field exists so that ``dataclasses.replace`` keeps them."""
+
+    def __init__(self, **fields: Any) -> None:
+        common = {f.name: f for f in dataclasses.fields(LayerCacheConfig) if f.name != "options"}
+        options = dict(fields.pop("options", None) or {})
+        for name, declared in common.items():
+            if name in fields:
+                value = fields.pop(name)
+            elif declared.default_factory is not dataclasses.MISSING:
+                value = declared.default_factory()
+            else:
+                value = declared.default
+            object.__setattr__(self, name, value)
+        options.update(fields)  # everything else must be a registered strategy's field (checked below)
+        object.__setattr__(self, "options", options)
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        options = self.__dict__.get("options")
+        if options is not None and name in options and name not in self.__dataclass_fields__:
+            options[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def section(self, strategy_cls: type) -> StrategyConfig | None:
+        """The strategy class's own fields as its config class (``None`` when it declares none)."""
+        section = getattr(strategy_cls, "config_class", None)
+        if section is None:
+            return None
+        return section(**{name: self.options[name] for name in section.field_names() if name in self.options})
+
+    def replace(self, **changes: Any) -> LayerCacheConfig:
+        """A copy with ``changes`` (common or strategy fields), checked like a new config."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return LayerCacheConfig(**data, **self.options, **changes)
+
     def __post_init__(self) -> None:
         self._check_registered("strategy", self.strategy, STRATEGIES)
         self._check_registered("backend", self.backend, BACKENDS)
         self._check_registered("policy", self.policy, POLICIES)
-        if self.fingerprint is not None:
-            self._check_registered("fingerprint", self.fingerprint, FINGERPRINTS)
         for name in ("backend_kwargs", "policy_kwargs"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -250,8 +276,23 @@ class LayerCacheConfig:
         self._check_shared_store()
         if self.bank_device not in BANK_DEVICES:
             raise ValueError(f"bank_device={self.bank_device!r} is not allowed; use one of {BANK_DEVICES}.")
-        for name in STRATEGIES.names():  # each strategy validates the fields it declares, whichever is selected
-            STRATEGIES.get(name).check_config(self)
+        if self.verify_fraction is not None:
+            check_number("verify_fraction", self.verify_fraction, 0.0, 1.0, what="a fraction in [0, 1], or None")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Every strategy field given belongs to a registered strategy; each registered strategy's section is built
+        (its ``__post_init__`` checks its fields, whichever strategy is selected) and fills in its defaults."""
+        sections = _sections()
+        owners = _owners(sections)
+        unknown = sorted(name for name in self.options if name not in owners)
+        if unknown:
+            known = [*(f.name for f in dataclasses.fields(LayerCacheConfig) if f.name != "options"), *owners]
+            raise ValueError(f"Unknown {_unknown_keys(unknown, known)}; the fields are in docs/configuration.md.")
+        for section in dict.fromkeys(sections.values()):
+            built = section(**{name: self.options[name] for name in section.field_names() if name in self.options})
+            built.check_with(self)
+            self.options.update(dataclasses.asdict(built))
 
     def _check_shared_store(self) -> None:
         if self.shared_store is None:
@@ -259,7 +300,7 @@ class LayerCacheConfig:
                 raise ValueError("shared_store_kwargs are given but shared_store is None; set shared_store to a URL.")
             return
         parse_settings(self.shared_store, self.shared_store_kwargs)  # the URL and options, without importing redis
-        sharing = [name for name in STRATEGIES.names() if "shared_store" in STRATEGIES.get(name).config_fields]
+        sharing = [name for name in STRATEGIES.names() if getattr(STRATEGIES.get(name), "shares_entries", False)]
         if self.strategy not in sharing:
             raise ValueError(
                 f"shared_store is supported by strategies {sharing}, not {self.strategy!r}: its lookups search a "
@@ -323,10 +364,14 @@ class LayerCacheConfig:
 
     # --- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Every field but the secret ``integrity_key``, which must never reach a file."""
-        data = dataclasses.asdict(self)
-        del data["integrity_key"]
-        return data
+        """Every field, the strategies' flat beside the common ones, but the secret ``integrity_key``, which must
+        never reach a file."""
+        data = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("options", "integrity_key")
+        }
+        return copy.deepcopy({**data, **self.options})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> LayerCacheConfig:
@@ -336,7 +381,7 @@ class LayerCacheConfig:
         warning instead."""
         if not isinstance(data, dict):
             raise ValueError(f"A layer cache config must be a JSON object, got {type(data).__name__}.")
-        known = [f.name for f in dataclasses.fields(cls)]
+        known = [f.name for f in dataclasses.fields(cls) if f.name != "options"] + list(_owners(_sections()))
         unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
             if strict:

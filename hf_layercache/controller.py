@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
+import json
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from .bank import CacheBank, Lookup
+from .bank import CacheBank
 from .config import LayerCacheConfig
+from .events import Lookup, Verdict
 from .hooks import ForwardHook, HookRegistry
 from .identity import ModelIdentity, forward_config
 from .integrity import ENV_VAR, resolve_key
@@ -33,12 +37,10 @@ from .registry import get_backend, get_policy, get_strategy
 from .request import RequestScope, current_scope, namespace_tag, open_scope
 from .shards import read_tensors
 from .stats import CacheStats, format_report
+from .storage import Storage
 from .watch import ModelWatch
 
 ATTRIBUTE = "layer_cache"
-_MAX_TENANT_NAMES = 10_000
-"""Tenant names remembered for ``stats()`` (beyond them, tags show as ``#<tag>``): bounded against clients that
-send endless namespaces."""
 
 
 class RequestHook(ForwardHook):
@@ -63,36 +65,35 @@ class RequestHook(ForwardHook):
 
 
 class LayerCacheController:
-    """Controls the layer cache of one model: ``stats()``, ``clear()``, ``save()``, ``load()``, ``bypass()``."""
+    """Controls the layer cache of one model: ``stats()``, ``clear()``, ``save()``, ``load()``, ``bypass()``.
+
+    It is also the strategy's :class:`~hf_layercache.strategies.base.StrategyContext`: the strategy is built as
+    ``cls(controller)`` and uses only what that protocol names.
+    """
 
     def __init__(self, model: torch.nn.Module, config: LayerCacheConfig):
         self.model = model
         self.config = config
         self.layers = select_layers(model, config.layers)
         self.spec = model_spec(model)
-        self.stats_ = CacheStats([layer.name for layer in self.layers])
+        self.counters = CacheStats([layer.name for layer in self.layers], config.namespace)
+        """Per-layer and per-tenant counters, behind ``stats()``."""
         self._local = threading.local()
         self._identity: ModelIdentity | None = None
-        self._tenant_lock = threading.Lock()
         self.hooks = HookRegistry()
         """Every attachment to the model; ``detach`` removes them all."""
-        self.strategy = get_strategy(config.strategy)(self)
-        self.tenants: dict[str, list[int]] = {config.namespace: [0, 0]}
-        """Per tenant name this process served (at most ``_MAX_TENANT_NAMES``): its ``[hits, misses]``, counted like
-        the per-layer totals of ``stats()``."""
-        self._key_spaces: dict[int, str] = {}
-        """The tags of the key spaces tenants used with adapters active, to their tenant's name (for ``stats()``)."""
         self.owners = self._stack_owners()
         self.watch = ModelWatch(model, self.owners)
         """Notices every change of the model's function between requests, and reads the active adapters."""
         self._warned_autograd = False
         self.shared = None
-        """The shared tier (:class:`~hf_layercache.shared.tier.SharedTier`) when ``shared_store`` is set: its
+        """The shared tier (:class:`~hf_layercache.shared_store.tier.SharedTier`) when ``shared_store`` is set: its
         ``flush()`` waits for the background writes, ``close()`` ends them."""
         if config.shared_store is not None:
-            from .shared.tier import SharedTier  # imports the redis client, only when asked for
+            from .shared_store.tier import SharedTier  # imports the redis client, only when asked for
 
-            self.shared = SharedTier(self)
+            self.shared = SharedTier(config, self.shared_key_space, lambda: self.model.dtype)
+        self.strategy = get_strategy(config.strategy)(self)
 
     # --- wiring ---------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -162,22 +163,38 @@ class LayerCacheController:
             "hf_layercache.disable(model) before torch.save."
         )
 
-    def build_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
-        """A bank with the config's policy, backend and its even share of ``max_memory``."""
+    def build_bank(
+        self,
+        name: str,
+        device: torch.device,
+        n_banks: int,
+        entry_type: type,
+        expected: Mapping[str, Any] | None = None,
+        key_dim: int | None = None,
+        storage: Callable[..., Storage] | None = None,
+        digests_required: bool = False,
+    ) -> CacheBank:
+        """A bank of ``entry_type`` with the config's policy, its even share of ``max_memory``, a backend when
+        ``key_dim`` is given, and the storage ``storage(device, dtype, max_entries, max_bytes)`` builds."""
         config = self.config
         budget = config.max_memory_bytes
+        max_bytes = budget // n_banks if budget is not None else None
         bank_device = torch.device("cpu") if config.bank_device == "cpu" else device
+        dtype = getattr(torch, config.storage_dtype) if config.storage_dtype else None
         backend = None
         if key_dim is not None:
             backend = get_backend(config.backend)(key_dim, metric="cosine", device=bank_device, **config.backend_kwargs)
+        build = storage or (lambda device, dtype, _entries, _bytes: Storage(device, dtype))
         return CacheBank(
             name,
             policy=get_policy(config.policy)(**config.policy_kwargs),
             backend=backend,
             max_entries=config.max_entries,
-            max_bytes=budget // n_banks if budget is not None else None,
-            device=bank_device,
-            storage_dtype=getattr(torch, config.storage_dtype) if config.storage_dtype else None,
+            max_bytes=max_bytes,
+            entry_type=entry_type,
+            expected=expected,
+            storage=build(bank_device, dtype, config.max_entries, max_bytes),
+            digests_required=digests_required,
         )
 
     # --- request state --------------------------------------------------------------------------------------------
@@ -189,7 +206,7 @@ class LayerCacheController:
         """The scope of a request to ``module``: why it bypasses the cache, or the key space it uses (its tenant's,
         and the active adapter set's). Entries made for a function the model no longer computes are dropped first."""
         tenant = self.current_namespace
-        self.remember_tenant(tenant)
+        self.counters.remember_tenant(tenant)
         reason = self.bypass_reason(module, arguments)
         if reason is not None:
             return RequestScope(tenant, bypass_reason=reason, tenant=tenant)
@@ -201,8 +218,7 @@ class LayerCacheController:
         if not inside:
             return RequestScope(tenant, tenant=tenant, head_key=outside)
         namespace = f"{tenant}\x1f{inside}"
-        if len(self._key_spaces) < _MAX_TENANT_NAMES:
-            self._key_spaces.setdefault(namespace_tag(namespace), tenant)
+        self.counters.remember_tenant(tenant, key_space=namespace_tag(namespace))
         return RequestScope(namespace, tenant=tenant, head_key=outside)
 
     def bypass_reason(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
@@ -253,7 +269,7 @@ class LayerCacheController:
             bank.clear()
         self.strategy.banks_replaced()
         self._identity = None
-        self.stats_.record_invalidation()
+        self.counters.record_invalidation()
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
@@ -285,27 +301,31 @@ class LayerCacheController:
         units: tuple[int, int] | None = None,
     ) -> None:
         """Record what a lookup decided, once, for both readers: ``bank``'s policy (``None``: layers a row passed
-        after its lookup elsewhere) and the stats of ``layers``, the layers whose rows it served or left to compute.
-        ``units`` counts the hits and misses in other units than lookups (prefix: tokens)."""
+        after its lookup elsewhere) and the stats of ``layers``, the layers whose rows it served or left to compute,
+        and of the request's tenant. ``units`` counts the hits and misses in other units than lookups (prefix:
+        tokens)."""
         if bank is not None:
             bank.record(lookup)
         hits, misses = units if units is not None else (len(lookup.served), lookup.missed)
-        layers = list(layers)
-        for layer in layers:
-            self.stats_.record_lookup(layer, hits, misses)
         scope = current_scope()
-        tenant = self.tenants.get(scope.tenant if scope is not None else self.config.namespace)
-        if tenant is not None:
-            with self._tenant_lock:
-                tenant[0] += hits * len(layers)
-                tenant[1] += misses * len(layers)
+        self.counters.record_lookup(list(layers), hits, misses, scope.tenant if scope is not None else None)
 
-    def remember_tenant(self, namespace: str) -> None:
-        """Count ``namespace``'s lookups from now on, unless ``_MAX_TENANT_NAMES`` names are known already (a client
-        sending endless namespaces must not grow this without bound)."""
-        if namespace not in self.tenants and len(self.tenants) < _MAX_TENANT_NAMES:
-            with self._tenant_lock:
-                self.tenants.setdefault(namespace, [0, 0])
+    def record_verdict(self, verdict: Verdict, bank: CacheBank | None, layer: str) -> None:
+        """Record what verifying an entry found, once, for ``bank``'s policy and ``layer``'s stats."""
+        if bank is not None:
+            bank.record_verdict(verdict)
+        self.counters.record_verdict(layer, verdict)
+
+    def shared_key_space(self) -> str:
+        """What the shared tier's keys carry beyond an entry's digest: a hash of the model identity, the cached
+        layers, the strategy and its own fields (so two models, layer selections or block sizes never meet)."""
+        described = {
+            "identity": self.identity.key(),
+            "layers": [layer.name for layer in self.layers],
+            "strategy": self.config.strategy,
+            "fields": dataclasses.asdict(self.strategy.options) if self.strategy.options is not None else {},
+        }
+        return hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
     @property
     def banks(self) -> dict[str, CacheBank]:
@@ -316,20 +336,12 @@ class LayerCacheController:
         entries, hits and misses per namespace (tenants this process has not served show as ``#<tag>``, with entries
         only, e.g. from a warm cache);
         ``"shared"``: the shared tier's counters (``shared_hits``, ``shared_errors``, ...; empty without one)."""
-        report = self.stats_.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
-        with self._tenant_lock:
-            traffic = {name: tuple(counts) for name, counts in self.tenants.items()}
-        names = {**self._key_spaces, **{namespace_tag(name): name for name in traffic}}
-        namespaces: dict[str, dict[str, int]] = {
-            name: {"entries": 0, "hits": hits, "misses": misses}
-            for name, (hits, misses) in traffic.items()
-            if hits or misses
-        }
+        report = self.counters.report({name: (len(bank), bank.nbytes) for name, bank in self.banks.items()})
+        tags: dict[int, int] = {}
         for bank in self.banks.values():
             for tag, count in bank.namespace_counts().items():
-                entry = namespaces.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})
-                entry["entries"] += count
-        report["namespaces"] = namespaces
+                tags[tag] = tags.get(tag, 0) + count
+        report["namespaces"] = self.counters.tenant_report(tags, namespace_tag)
         report["shared"] = self.shared.report() if self.shared is not None else {}
         report.update(self.strategy.report())
         return report
@@ -343,10 +355,7 @@ class LayerCacheController:
             bank.clear()
         self.strategy.banks_replaced()
         self.strategy.reset_counters()
-        self.stats_.reset()
-        with self._tenant_lock:
-            for counts in self.tenants.values():
-                counts[:] = [0, 0]
+        self.counters.reset()
         if self.shared is not None:
             self.shared.reset_counters()  # Redis's entries are other replicas' too: clear() never deletes them
 
@@ -379,7 +388,7 @@ class LayerCacheController:
             "config": self.config.to_dict(),
             "model": self.identity.to_dict(),
             "banks": {name: {"entries": len(bank), "bytes": bank.nbytes} for name, bank in banks.items()},
-            "timing": self.stats_.timing(),
+            "timing": self.counters.timing(),
         }
         write_cache(directory, header, tensors, max_shard_size, key=resolve_key(self.config.integrity_key))
 
@@ -420,7 +429,7 @@ class LayerCacheController:
             )
         timing = check_timing(header.get("timing", {}), directory)
         self.replace_banks(grouped, f"The layer cache in {directory}")
-        self.stats_.seed_timing(timing)
+        self.counters.seed_timing(timing)
 
     def replace_banks(self, states: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
         """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced. Each is
@@ -431,7 +440,7 @@ class LayerCacheController:
                 try:
                     if stage == "check":
                         states[bank_name] = state = dict(self.banks[bank_name].trim_state(state))
-                        self.strategy.check_state(bank_name, state)
+                        self.banks[bank_name].check_state(state)
                     else:
                         self.banks[bank_name].load_state_dict(state)
                 except (KeyError, ValueError, RuntimeError, IndexError) as err:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 E = TypeVar("E", bound="StoredEntry")
+T = TypeVar("T", bound="TensorEntry")
 
 
 class StoredEntry(ABC):
@@ -67,3 +68,27 @@ def refuse_unknown(values: dict[str, torch.Tensor], known: set[str] | frozenset[
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unexpected fields {unknown} in {what} (it holds {sorted(known)}).")
+
+
+class TensorEntry(dict, StoredEntry):
+    """An entry that is just named tensors: what a bank holds when it is built without an entry type (tests,
+    benchmarks of the bank itself)."""
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self)
+
+    @classmethod
+    def from_tensors(cls: type[T], values: dict[str, torch.Tensor]) -> T:
+        return cls(values)
+
+    @classmethod
+    def validate(cls, values: dict[str, torch.Tensor], **expected: Any) -> None:
+        """Any named tensors."""
+
+
+def check_finite(values: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` for a stored NaN or infinity: no state any layer computed from a real input holds one, so such
+    an entry (from disk or from a shared store) is refused rather than served."""
+    for name, tensor in values.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name!r} holds NaN or infinite values.")

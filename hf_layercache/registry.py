@@ -43,6 +43,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._classes)
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a plug-in removed, a test cleaning up); unknown names are ignored."""
+        self._classes.pop(name, None)
+
     def __contains__(self, name: object) -> bool:
         return name in self._classes
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from .events import Verdict
 
 
 @dataclass
@@ -54,26 +57,67 @@ class LayerCounters:
         return self.audited_unacceptable / self.audited if self.audited else 0.0
 
 
-class CacheStats:
-    """Thread-safe counters, one :class:`LayerCounters` per cached layer name."""
+MAX_TENANT_NAMES = 10_000
+"""Tenant names remembered (beyond them, tags show as ``#<tag>``): bounded against clients that send endless
+namespaces."""
 
-    def __init__(self, layer_names: list[str]):
+
+class CacheStats:
+    """Thread-safe counters: one :class:`LayerCounters` per cached layer name, and hits and misses per tenant."""
+
+    def __init__(self, layer_names: list[str], default_tenant: str = "default"):
         self._lock = threading.Lock()
         self.layers = {name: LayerCounters() for name in layer_names}
+        self.tenants: dict[str, list[int]] = {default_tenant: [0, 0]}
+        """Per tenant name this process served (at most :data:`MAX_TENANT_NAMES`): its ``[hits, misses]``, counted
+        like the per-layer totals."""
+        self.key_spaces: dict[int, str] = {}
+        """Tags of the key spaces tenants used with adapters active, to their tenant's name."""
         self._measured: dict[str, tuple[int, float]] = {}
         """Per layer, rows and seconds computed before these counters started: by the process that filled a loaded
         warm cache, or before ``clear()``. A warm cache at 100% hits still knows what a hit saves."""
         self.invalidations = 0
-        """Times every entry was dropped because the weights changed under the cache (see ``weights.py``)."""
+        """Times every entry was dropped because the model's function changed under the cache (``watch.py``)."""
 
-    def record_lookup(self, layer: str, hits: int, misses: int) -> None:
-        """What a lookup decided for ``layer`` (see :class:`~hf_layercache.bank.Lookup`)."""
+    def record_lookup(self, layers: list[str], hits: int, misses: int, tenant: str | None = None) -> None:
+        """What a lookup decided for each of ``layers`` (see :class:`~hf_layercache.events.Lookup`), counted for
+        ``tenant`` too (once per layer, like the totals) when it is a remembered tenant."""
         with self._lock:
-            counters = self.layers[layer]
-            counters.lookups += hits + misses
-            counters.hits += hits
-            counters.misses += misses
-            counters.seconds_saved += hits * self._seconds_per_row(layer)
+            for layer in layers:
+                counters = self.layers[layer]
+                counters.lookups += hits + misses
+                counters.hits += hits
+                counters.misses += misses
+                counters.seconds_saved += hits * self._seconds_per_row(layer)
+            traffic = self.tenants.get(tenant) if tenant is not None else None
+            if traffic is not None:
+                traffic[0] += hits * len(layers)
+                traffic[1] += misses * len(layers)
+
+    def remember_tenant(self, tenant: str, key_space: int | None = None) -> None:
+        """Count ``tenant``'s lookups from now on (and name its adapter key space's tag ``key_space`` after it),
+        unless :data:`MAX_TENANT_NAMES` are known already."""
+        if tenant not in self.tenants and len(self.tenants) < MAX_TENANT_NAMES:
+            with self._lock:
+                self.tenants.setdefault(tenant, [0, 0])
+        if key_space is not None and key_space not in self.key_spaces and len(self.key_spaces) < MAX_TENANT_NAMES:
+            with self._lock:
+                self.key_spaces.setdefault(key_space, tenant)
+
+    def tenant_report(self, tags: dict[int, int], tag_of: Callable[[str], int]) -> dict[str, dict[str, int]]:
+        """Entries, hits and misses per tenant name; ``tags`` are the banks' entries per namespace tag, named with
+        ``tag_of`` (tenants this process has not served show as ``#<tag>``, with entries only)."""
+        with self._lock:
+            traffic = {name: tuple(counts) for name, counts in self.tenants.items()}
+            names = {**self.key_spaces, **{tag_of(name): name for name in traffic}}
+        report: dict[str, dict[str, int]] = {
+            name: {"entries": 0, "hits": hits, "misses": misses}
+            for name, (hits, misses) in traffic.items()
+            if hits or misses
+        }
+        for tag, count in tags.items():
+            report.setdefault(names.get(tag, f"#{tag:016x}"), {"entries": 0})["entries"] += count
+        return report
 
     def record_compute(self, layer: str, rows: int, seconds: float) -> None:
         """``layer`` computed ``rows`` in ``seconds``."""
@@ -82,21 +126,19 @@ class CacheStats:
             counters.computed += rows
             counters.compute_seconds += seconds
 
-    def record_error(self, layer: str, error: float, acceptable: bool, explored: bool) -> None:
-        """A verified approximate hit: ``error`` is the relative error of what would have been served and
-        ``acceptable`` the acceptance criterion's verdict; ``explored`` when it was checked before deciding to serve
-        it, else it is an audit of a hit that was going to be served."""
+    def record_verdict(self, layer: str, verdict: Verdict) -> None:
+        """A verified hit (see :class:`~hf_layercache.events.Verdict`)."""
         with self._lock:
             counters = self.layers[layer]
             counters.verified += 1
-            counters.error_sum += error
-            counters.max_error = max(counters.max_error, error)
-            if explored:
+            counters.error_sum += verdict.error
+            counters.max_error = max(counters.max_error, verdict.error)
+            if verdict.explored:
                 counters.explored += 1
-                counters.explored_unacceptable += not acceptable
+                counters.explored_unacceptable += not verdict.acceptable
             else:
                 counters.audited += 1
-                counters.audited_unacceptable += not acceptable
+                counters.audited_unacceptable += not verdict.acceptable
 
     def record_bypass(self, layer: str, rows: int) -> None:
         with self._lock:
@@ -143,6 +185,8 @@ class CacheStats:
             self._measured = {name: self._timing(name) for name in self.layers}
             self.layers = {name: LayerCounters() for name in self.layers}
             self.invalidations = 0
+            for counts in self.tenants.values():
+                counts[:] = [0, 0]
 
     def report(self, bank_sizes: dict[str, tuple[int, int]]) -> dict:
         """Per-layer counters, per-bank entries and bytes, and totals, as plain Python data."""

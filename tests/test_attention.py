@@ -10,8 +10,8 @@ from tiny import tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.strategies.attention import ATTN_IMPLEMENTATION, boolean_mask, repeat_kv
-from hf_layercache.strategies.attention.eager import attention_scores, attention_with_lse, masked_scores
+from hf_layercache.strategies.attention.eager import attention_scores, attention_with_lse, masked_scores, repeat_kv
+from hf_layercache.strategies.attention.function import ATTN_IMPLEMENTATION, boolean_mask
 
 ARCHITECTURES = ["bert", "distilbert", "gpt2", "llama", "qwen2", "gemma3"]  # llama, qwen2, gemma3: GQA (4 / 2 heads)
 ATOL = 1e-5
@@ -276,14 +276,15 @@ def test_generate_prefill_hits_decode_steps_compute_and_tokens_match_eager(arch,
     assert stats["bypassed"] == 2 * 4 * layers  # four decode steps per generate, computed normally
 
 
-def test_namespaces_never_share_entries(enable):
+def test_a_namespace_is_served_every_layer_again_after_another_one_ran(enable):
+    """Namespace isolation itself is in the conformance suite (tests/test_strategy_conformance.py); here: b's traffic
+    displaces none of a's entries, so a's repeat hits in every layer."""
     batch = tiny_batch("bert", batch=1)
     model = enable("bert")
     with model.layer_cache.namespace("tenant-a"):
         run(model, batch)
     with model.layer_cache.namespace("tenant-b"):
         run(model, batch)
-    assert totals(model)["hits"] == 0
     with model.layer_cache.namespace("tenant-a"):
         run(model, batch)
     assert totals(model)["hits"] == len(model.layer_cache.layers)
@@ -306,7 +307,7 @@ def test_storage_dtype_float16_is_close(enable):
     run(model, batch)
     served = run(model, batch).last_hidden_state
     assert totals(model)["hits"] > 0
-    assert model.layer_cache.banks["layers.0"].get(0)["query"].dtype == torch.float16
+    assert model.layer_cache.banks["layers.0"].get(0).query.dtype == torch.float16
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-3)
 
 
@@ -323,11 +324,11 @@ def test_warm_cache_round_trip_and_damaged_entries_are_refused(tmp_path, enable)
     state = model.layer_cache.banks["layers.0"].state_dict()
     state["entry.0.lse"] = state["entry.0.lse"].float()  # a normaliser rounded by a foreign writer
     with pytest.raises(ValueError, match="'lse'"):
-        warm.layer_cache.strategy.check_state("layers.0", state)
+        warm.layer_cache.banks["layers.0"].check_state(state)
     state = model.layer_cache.banks["layers.0"].state_dict()
     state["entry.0.lse"] = state["entry.0.lse"][:2]
     with pytest.raises(ValueError, match="heads"):
-        warm.layer_cache.strategy.check_state("layers.0", state)
+        warm.layer_cache.banks["layers.0"].check_state(state)
 
 
 def test_models_whose_attention_cannot_be_replaced_are_refused(enable):

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import hf_layercache
-from hf_layercache.bank import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES, CacheBank, Lookup
+from hf_layercache.bank import CacheBank
+from hf_layercache.bank_format import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES
+from hf_layercache.entries import TensorEntry
+from hf_layercache.events import Lookup
 
 
 def held_bytes(bank: CacheBank) -> int:
@@ -30,9 +33,9 @@ def make_bank(**kwargs) -> CacheBank:
 
 def test_max_entries_evicts_least_recently_used_first():
     bank = make_bank(max_entries=3)
-    ids = [bank.put({"v": torch.full((4,), float(i))}, digest=bytes([i]) * 32) for i in range(3)]
+    ids = [bank.put(TensorEntry({"v": torch.full((4,), float(i))}), digest=bytes([i]) * 32) for i in range(3)]
     bank.record(Lookup(served=[(ids[0], 1.0)]))
-    bank.put({"v": torch.zeros(4)}, digest=bytes([9]) * 32)
+    bank.put(TensorEntry({"v": torch.zeros(4)}), digest=bytes([9]) * 32)
     assert len(bank) == 3
     assert bank.find(bytes([1]) * 32) is None  # the least recently used
     assert bank.find(bytes([0]) * 32) == ids[0]
@@ -40,14 +43,14 @@ def test_max_entries_evicts_least_recently_used_first():
 
 def test_an_entry_larger_than_the_budget_is_not_stored():
     bank = make_bank(max_bytes=100)
-    assert bank.put({"v": torch.zeros(100)}) is None
+    assert bank.put(TensorEntry({"v": torch.zeros(100)})) is None
     assert len(bank) == 0 and bank.nbytes == 0
 
 
 def test_row_views_are_copied_so_a_batch_is_not_kept_alive():
     bank = make_bank()
     batch = torch.randn(64, 100)
-    entry_id = bank.put({"v": batch[3]})
+    entry_id = bank.put(TensorEntry({"v": batch[3]}))
     assert bank.get(entry_id)["v"].untyped_storage().nbytes() == 400
     assert held_bytes(bank) == 400
 
@@ -60,7 +63,9 @@ def test_soak_100k_inserts_never_exceed_max_memory(policy):
     peak = 0
     for i in range(100_000 if policy == "lru" else 10_000):
         size = rng.choice([8, 64, 256, 1024])
-        bank.put({"v": torch.empty(size, dtype=torch.uint8)}, digest=i.to_bytes(32, "little"), cost=rng.random())
+        bank.put(
+            TensorEntry({"v": torch.empty(size, dtype=torch.uint8)}), digest=i.to_bytes(32, "little"), cost=rng.random()
+        )
         if rng.random() < 0.3 and len(bank):
             bank.record(Lookup(served=[(rng.choice(list(bank._entries)), 1.0)]))
         if i % 997 == 0:
@@ -73,22 +78,22 @@ def test_soak_100k_inserts_never_exceed_max_memory(policy):
 def test_state_round_trip_keeps_entries_digests_and_eviction_order():
     bank = make_bank(max_entries=3)
     for i in range(3):
-        bank.put({"v": torch.full((2,), float(i)), "w": torch.arange(i + 1)}, digest=bytes([i]) * 32)
+        bank.put(TensorEntry({"v": torch.full((2,), float(i)), "w": torch.arange(i + 1)}), digest=bytes([i]) * 32)
     bank.record(Lookup(served=[(bank.find(bytes([0]) * 32), 1.0)]))
     state = bank.state_dict()
-    CacheBank.check_state(state)
+    bank.check_state(state)
     restored = make_bank(max_entries=3)
     restored.load_state_dict(state)
     assert len(restored) == 3 and restored.nbytes == bank.nbytes
     assert torch.equal(restored.get(restored.find(bytes([2]) * 32))["w"], torch.arange(3))
-    restored.put({"v": torch.zeros(2)}, digest=bytes([7]) * 32)
+    restored.put(TensorEntry({"v": torch.zeros(2)}), digest=bytes([7]) * 32)
     assert restored.find(bytes([1]) * 32) is None  # LRU order survived: 1 was the least recently used
 
 
 def test_similarity_keys_go_through_the_backend():
     bank = CacheBank("keys", policy=hf_layercache.get_policy("lru")(), backend=hf_layercache.get_backend("exact")(8))
     keys = torch.eye(8)
-    ids = [bank.put({"v": torch.zeros(1)}, key=keys[i]) for i in range(4)]
+    ids = [bank.put(TensorEntry({"v": torch.zeros(1)}), key=keys[i]) for i in range(4)]
     _scores, found = bank.search(keys[:4] + 0.01, k=1)
     assert found[:, 0].tolist() == ids
     bank.remove(ids[0])
@@ -99,6 +104,7 @@ SOAK = """
 import sys, torch
 import hf_layercache
 from hf_layercache.bank import CacheBank
+from hf_layercache.entries import TensorEntry
 
 def resident():
     with open("/proc/self/statm") as f:
@@ -108,7 +114,7 @@ budget = 32 * 2**20
 bank = CacheBank("soak", policy=hf_layercache.get_policy("lru")(), max_bytes=budget)
 before = resident()
 for i in range(100_000):
-    bank.put({"v": torch.empty(1024, dtype=torch.float32)}, digest=i.to_bytes(32, "little"))
+    bank.put(TensorEntry({"v": torch.empty(1024, dtype=torch.float32)}), digest=i.to_bytes(32, "little"))
     if i == 30_000:
         settled = resident()
     assert bank.nbytes <= budget
@@ -143,7 +149,7 @@ def test_the_byte_budget_holds_after_every_insert_and_search_for_every_backend(b
     bank = make_bank(backend=hf_layercache.get_backend(backend)(32, **kwargs), max_bytes=120_000)
     sizes = []
     for i in range(600):
-        bank.put({"h": torch.randn(16, 8)}, key=torch.randn(32))
+        bank.put(TensorEntry({"h": torch.randn(16, 8)}), key=torch.randn(32))
         assert bank.nbytes <= bank.max_bytes, (i, bank.nbytes)
         if i % 3 == 0:
             bank.search(torch.randn(2, 32), k=2)

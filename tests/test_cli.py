@@ -18,7 +18,7 @@ from tiny import CONFIGS
 import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.cli import CLIError, describe_cache, format_cache, main, read_texts
-from hf_layercache.cli.inspect import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS
+from hf_layercache.cli.inspect import common_fields, strategy_fields
 from hf_layercache.cli.measure import LOW_FIDELITY, _fidelity, low_fidelity_warning
 from hf_layercache.persistence import FORMAT_VERSION
 
@@ -262,9 +262,9 @@ def test_inspect_shows_the_common_fields_and_only_those_of_the_caches_strategy(s
     info = {"directory": "d", "format_version": FORMAT_VERSION, "strategy": strategy, "config": config, "model": {}}
     table = format_cache({**info, "files": {}, "banks": {}})
     shown = {name for name in config if re.search(rf"\b{name} ", table)}
-    own = BUILTIN_STRATEGY_FIELDS.get(strategy, [name for name in config if name not in COMMON_FIELDS])
+    own = strategy_fields(strategy) or [name for name in config if name not in common_fields()]
     assert "integrity_key" not in config  # a secret: never saved, so never shown
-    assert shown == (set(COMMON_FIELDS) - {"integrity_key"}) | set(own), table
+    assert shown == (set(common_fields()) - {"integrity_key"}) | set(own), table
     assert ("threshold 0.85" in table) == (strategy in ("semantic", "attention", "custom"))
     assert f"strategy   {strategy}, policy 'lru', policy_kwargs {{}}, namespace 'default'" in table
 

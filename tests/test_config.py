@@ -9,8 +9,9 @@ from tiny import tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.cli.inspect import BUILTIN_STRATEGY_FIELDS, COMMON_FIELDS, SIMILARITY_FIELDS
+from hf_layercache.cli.inspect import BUILTIN_STRATEGIES, common_fields, strategy_fields, strategy_section
 from hf_layercache.config import parse_bytes
+from hf_layercache.registry import STRATEGIES
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,9 @@ from hf_layercache.config import parse_bytes
 def test_bad_values_name_the_field_and_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayerCacheConfig(**kwargs)
+
+
+SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
 
 
 def test_sizes_parse_in_decimal_and_binary_units():
@@ -82,25 +86,57 @@ def test_an_unknown_key_given_by_the_user_is_an_error_naming_the_closest_field(t
         assert LayerCacheConfig.from_dict({"max_memory": "1GB"}).max_memory_bytes == 10**9
 
 
-def test_the_torch_free_table_of_each_strategys_fields_matches_what_the_strategy_reads():
-    every = {field.name for field in dataclasses.fields(LayerCacheConfig)}
-    assert set(COMMON_FIELDS).union(*BUILTIN_STRATEGY_FIELDS.values()) == every
-    assert not set(COMMON_FIELDS) & set().union(*BUILTIN_STRATEGY_FIELDS.values())
-    for name, fields in BUILTIN_STRATEGY_FIELDS.items():
-        declared = hf_layercache.get_strategy(name).config_fields
-        assert set(fields) - set(SIMILARITY_FIELDS) - {"fingerprint"} == set(declared), name
+def test_each_field_is_declared_once_and_the_inspect_table_reads_the_declarations():
+    common = {field.name for field in dataclasses.fields(LayerCacheConfig)} - {"options"}
+    every = set(LayerCacheConfig().to_dict()) | {"integrity_key"}
+    sections = {name: hf_layercache.get_strategy(name).config_class for name in BUILTIN_STRATEGIES}
+    own = [name for section in sections.values() for name in section.field_names()]
+    assert len(own) == len(set(own)) and not set(own) & common  # declared once
+    assert common | set(own) == every
+    for name, section in sections.items():
+        assert strategy_section(name) is section  # the torch-free table reads the strategy's own declaration
+        assert set(strategy_fields(name)) == set(section.reads) | set(section.field_names())
         # the similarity fields belong to exactly the strategies whose banks search by similarity
         model = hf_layercache.enable(tiny_model("llama" if name == "prefix" else "bert"), {"strategy": name})
         searches = any(bank.backend is not None for bank in model.layer_cache.banks.values())
-        assert searches == (set(SIMILARITY_FIELDS) <= set(fields)), name
-        assert searches == ("backend" in fields) == ("threshold" in fields), name
+        assert searches == (set(SIMILARITY_FIELDS) <= set(section.reads)), name
+    assert set(common_fields()) == common - {name for s in sections.values() for name in s.reads}
+
+
+def test_a_third_party_strategy_declares_its_own_fields():
+    @dataclasses.dataclass
+    class ShoutConfig(hf_layercache.config.StrategyConfig):
+        loudness: int = 3
+        """How loud."""
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.loudness, int) or self.loudness < 0:
+                raise ValueError(f"loudness must be a non-negative int, got {self.loudness!r}.")
+
+    class Shout(hf_layercache.get_strategy("exact")):
+        config_class = ShoutConfig
+
+    hf_layercache.register_strategy("shout-test", Shout, overwrite=True)
+    try:
+        config = LayerCacheConfig(strategy="shout-test", loudness=5)
+        assert config.loudness == 5 and config.to_dict()["loudness"] == 5
+        assert LayerCacheConfig.from_dict(config.to_dict()) == config
+        assert LayerCacheConfig().loudness == 3  # every registered strategy's fields, with their defaults
+        with pytest.raises(ValueError, match="loudness must be a non-negative int"):
+            LayerCacheConfig(loudness=-1)
+        model = hf_layercache.enable(tiny_model("bert"), config)
+        assert model.layer_cache.strategy.options == ShoutConfig(loudness=5)
+    finally:
+        STRATEGIES.unregister("shout-test")
+    with pytest.raises(ValueError, match="Unknown layer cache config key 'loudness'"):
+        LayerCacheConfig(loudness=5)
 
 
 def test_registries_list_get_and_accept_new_names():
     assert "exact" in hf_layercache.available_strategies()
     assert {"exact"} <= set(hf_layercache.available_backends())
     assert {"lru"} <= set(hf_layercache.available_policies())
-    assert hf_layercache.get_strategy("exact") is hf_layercache.strategies.ExactStrategy
+    assert hf_layercache.get_strategy("exact") is hf_layercache.strategies.exact.strategy.ExactStrategy
     with pytest.raises(ValueError, match="Unknown backend 'nope'; available: "):
         hf_layercache.get_backend("nope")
 

@@ -7,13 +7,15 @@ from tiny import tiny_batch, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
-from hf_layercache.bank import BankState, CacheBank
+from hf_layercache.bank import CacheBank
+from hf_layercache.bank_format import BankState
+from hf_layercache.entries import TensorEntry
 from hf_layercache.kv import KVWrite, check_writes, decode_writes, encode_writes
 from hf_layercache.policies.lru import LRUPolicy
 from hf_layercache.strategies.attention.entry import AttentionEntry
-from hf_layercache.strategies.exact import ExactEntry
+from hf_layercache.strategies.exact.entry import ExactEntry
 from hf_layercache.strategies.prefix.block import BlockShape, PrefixBlock
-from hf_layercache.strategies.semantic import SemanticEntry
+from hf_layercache.strategies.semantic.entries import SemanticEntry
 
 
 def writes(n: int = 2) -> list[KVWrite]:
@@ -85,7 +87,7 @@ def test_typed_entries_round_trip_and_refuse_what_they_could_not_serve(kind):
 # --- the bank: tenants and state ------------------------------------------------------------------------------------
 def test_the_bank_serves_an_entry_to_its_own_tenant_only_and_keeps_tenants_on_disk():
     bank = CacheBank("b", LRUPolicy())
-    mine = bank.put({"v": torch.zeros(2)}, digest=b"a" * 32, namespace=7)
+    mine = bank.put(TensorEntry({"v": torch.zeros(2)}), digest=b"a" * 32, namespace=7)
     assert bank.get(mine, namespace=7) is not None and bank.get(mine, namespace=8) is None
     restored = CacheBank("b", LRUPolicy())
     restored.load_state_dict(bank.state_dict())
@@ -96,7 +98,7 @@ def test_the_bank_serves_an_entry_to_its_own_tenant_only_and_keeps_tenants_on_di
 
 def test_update_changes_a_stored_entry_and_reports_a_gone_one():
     bank = CacheBank("b", LRUPolicy())
-    entry_id = bank.put({"v": torch.zeros(2)})
+    entry_id = bank.put(TensorEntry({"v": torch.zeros(2)}))
     assert bank.update(entry_id, lambda values: values["v"].fill_(3.0))
     assert torch.equal(bank.get(entry_id)["v"], torch.full((2,), 3.0))
     bank.remove(entry_id)
@@ -182,9 +184,9 @@ def test_other_tenants_entries_never_crowd_out_a_tenants_own_nearest_entry(backe
     bank = CacheBank("b", LRUPolicy(), backend=hf_layercache.get_backend(backend)(8))
     query = torch.nn.functional.normalize(torch.ones(8), dim=0)
     g = torch.Generator().manual_seed(0)
-    own = bank.put({"v": torch.zeros(1)}, key=query + 0.3 * torch.randn(8, generator=g), namespace=1)
+    own = bank.put(TensorEntry({"v": torch.zeros(1)}), key=query + 0.3 * torch.randn(8, generator=g), namespace=1)
     for _ in range(40):  # another tenant's entries, every one nearer the query than the tenant's own
-        bank.put({"v": torch.zeros(1)}, key=query + 0.01 * torch.randn(8, generator=g), namespace=2)
+        bank.put(TensorEntry({"v": torch.zeros(1)}), key=query + 0.01 * torch.randn(8, generator=g), namespace=2)
     _, everyone = bank.search(query[None], k=4)
     assert own not in everyone[0].tolist()  # what a search across tenants returns: the other tenant's
     scores, ids = bank.search(query[None], k=4, namespace=1)

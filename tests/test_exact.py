@@ -243,19 +243,6 @@ def test_training_mode_and_bypass_run_uncached():
     assert totals(model)["hits"] > hits
 
 
-def test_namespaces_never_share_entries():
-    model = tiny_model("bert")
-    batch = tiny_batch("bert")
-    hf_layercache.enable(model, LayerCacheConfig(namespace="tenant-a"))
-    run(model, batch)
-    with model.layer_cache.namespace("tenant-b"):
-        run(model, batch)
-        assert totals(model)["hits"] == 0
-        run(model, batch)
-        assert totals(model)["hits"] > 0
-    assert model.layer_cache.stats()["banks"]["encoder.layer"]["entries"] == 6  # and as many request entries
-
-
 def test_inputs_embeds_and_batch_of_one():
     model = tiny_model("bert")
     batch = tiny_batch("bert", batch=1)

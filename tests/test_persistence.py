@@ -196,7 +196,7 @@ def test_unknown_config_keys_warn_but_load(warm_dir):
 def test_an_explicit_config_of_another_strategy_starts_cold(warm_dir, monkeypatch):
     directory, _, _ = warm_dir
 
-    class Other(hf_layercache.strategies.ExactStrategy):
+    class Other(hf_layercache.get_strategy("exact")):
         pass
 
     # registered through the public call, removed after the test (the registry has no unregister)

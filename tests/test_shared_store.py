@@ -25,7 +25,7 @@ from tiny import tiny_batch, tiny_model
 import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.request import namespace_tag
-from hf_layercache.shared.codec import MAGIC, decode, encode
+from hf_layercache.shared_store.codec import MAGIC, decode, encode
 
 redis = pytest.importorskip("redis", reason="pip install 'hf-layercache[redis]'")
 HERE = Path(__file__).parent

@@ -12,7 +12,7 @@ from tiny import VOCAB, tiny_batch, tiny_model
 import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.persistence import LayerCacheFileError, file_digest
-from hf_layercache.strategies.semantic import PREDICTION
+from hf_layercache.strategies.semantic.entries import PREDICTION
 from hf_layercache.verified import (
     CAPACITY,
     MIN_OBSERVATIONS,
@@ -161,10 +161,10 @@ def test_observations_survive_save_and_load(tmp_path):
     strategy = model.layer_cache.strategy
     name = list(strategy.banks)[-1]  # state reuse is served, so judged, at the deepest layer
     bank = strategy.banks[name]
-    observed = sum(int(v[OBSERVATIONS][0]) for _, v in bank.items())
+    observed = sum(int(e.observations[0]) for _, e in bank.items())
     assert observed >= MIN_OBSERVATIONS
     entry_id = max(bank._entries)
-    tau = strategy.error_bound.exploration_probability(name, entry_id, bank.get(entry_id)[OBSERVATIONS], 0.999)
+    tau = strategy.error_bound.exploration_probability(name, entry_id, bank.get(entry_id).observations, 0.999)
     model.layer_cache.save(tmp_path)
 
     warm = tiny_model("bert")
@@ -172,8 +172,8 @@ def test_observations_survive_save_and_load(tmp_path):
     warm.layer_cache.load(tmp_path)
     warm_strategy = warm.layer_cache.strategy
     warm_bank = warm_strategy.banks[name]
-    assert sum(int(v[OBSERVATIONS][0]) for _, v in warm_bank.items()) == observed
-    observations = warm_bank.get(entry_id)[OBSERVATIONS]
+    assert sum(int(e.observations[0]) for _, e in warm_bank.items()) == observed
+    observations = warm_bank.get(entry_id).observations
     assert warm_strategy.error_bound.exploration_probability(name, entry_id, observations, 0.999) == tau
 
 
@@ -273,7 +273,7 @@ def test_argmax_entries_record_the_prediction_of_their_request():
     banks = [bank for bank in model.layer_cache.strategy.banks.values() if len(bank)]
     assert banks  # the deepest layer at least: the one state reuse jumps to
     for bank in banks:
-        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for _, e in bank.items()}
+        recorded = {tuple(e.tokens.tolist()): int(e.prediction) for _, e in bank.items()}
         assert len(recorded) == 3
         for row in range(3):
             tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
@@ -313,7 +313,7 @@ def test_argmax_bounded_reuse_learns_from_similar_inputs_and_serves_identical_on
     total = model.layer_cache.stats()["total"]
     assert total["explored"] >= MIN_OBSERVATIONS and total["hits"] == 0
     deepest = list(model.layer_cache.strategy.banks.values())[-1]  # where state reuse is served, so judged
-    assert sum(int(e[OBSERVATIONS][0]) for _, e in deepest.items()) >= MIN_OBSERVATIONS
+    assert sum(int(e.observations[0]) for _, e in deepest.items()) >= MIN_OBSERVATIONS
     with torch.no_grad():
         reference = uncached(**one_token_changed(batch, 0)).logits
         torch.testing.assert_close(model(**one_token_changed(batch, 0)).logits, reference, rtol=0, atol=1e-5)
@@ -339,7 +339,7 @@ def test_argmax_of_a_causal_lm_is_the_next_token_after_the_last_real_one():
             last = batch["attention_mask"].sum(1) - 1
             following = logits[torch.arange(3), last].argmax(-1).tolist()
         bank = next(iter(model.layer_cache.strategy.banks.values()))
-        recorded = {tuple(e["tokens"].tolist()): int(e[PREDICTION]) for _, e in bank.items()}
+        recorded = {tuple(e.tokens.tolist()): int(e.prediction) for _, e in bank.items()}
         for row in range(3):
             tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
             assert recorded[tuple(tokens)] == following[row], padding

@@ -7,6 +7,8 @@ here), and ``--verify`` hashes the files' bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import os
 from pathlib import Path
@@ -14,52 +16,39 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from ..config import LayerCacheConfig, StrategyConfig
 from ..persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
 from .common import CLIError, human_bytes
 
-COMMON_FIELDS = (
-    "strategy",
-    "policy",
-    "policy_kwargs",
-    "layers",
-    "max_entries",
-    "max_memory",
-    "storage_dtype",
-    "namespace",
-    "bank_device",
-    "integrity_key",
-)
-"""The fields every strategy reads: which layers, the banks' limits and eviction, the tenant."""
-SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")
-"""The similarity search's fields, read by the strategies that find entries by similarity of a key vector."""
-BUILTIN_STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
-    "exact": ("shared_store", "shared_store_kwargs", "verify_fraction"),
-    "prefix": ("block_size", "shared_store", "shared_store_kwargs", "verify_fraction"),
-    "semantic": (
-        *SIMILARITY_FIELDS,
-        "fingerprint",
-        "reuse",
-        "fingerprint_kwargs",
-        "verify_fraction",
-        "max_error_rate",
-        "acceptance",
-        "acceptance_cosine",
-        "max_unaligned",
-    ),
-    "attention": (
-        *SIMILARITY_FIELDS,
-        "attention_key_dim",
-        "attention_key_segments",
-        "attention_position_tolerance",
-        "attention_verify_rows",
-        "attention_max_error",
-        "attention_gate_interval",
-    ),
-}
-"""The fields each built-in strategy reads beyond :data:`COMMON_FIELDS`, for this command, which must not import the
-strategies (they import torch); kept here, not in the core config, which names no strategy. Each is the similarity
-fields the strategy reads and its class's ``config_fields`` (``fingerprint`` too for semantic); tests/test_config.py
-keeps them equal."""
+BUILTIN_STRATEGIES = ("exact", "prefix", "semantic", "attention")
+
+
+def strategy_section(strategy: str) -> type[StrategyConfig] | None:
+    """A built-in strategy's config class, read from its torch-free ``config`` module (a strategy that is not built
+    in: ``None``, as importing its code could import anything)."""
+    if strategy not in BUILTIN_STRATEGIES:
+        return None
+    module = importlib.import_module(f"hf_layercache.strategies.{strategy}.config")
+    return next(
+        value
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, StrategyConfig) and value is not StrategyConfig
+    )
+
+
+def strategy_fields(strategy: str) -> tuple[str, ...] | None:
+    """The fields a built-in strategy reads beyond :func:`common_fields`: the common ones its config class names in
+    ``reads``, then its own."""
+    section = strategy_section(strategy)
+    return None if section is None else (*section.reads, *section.field_names())
+
+
+def common_fields() -> tuple[str, ...]:
+    """The fields every strategy reads: the config's own fields that no built-in strategy's config class names in
+    ``reads`` (which layers, the banks' limits and eviction, the tenant)."""
+    read = {name for strategy in BUILTIN_STRATEGIES for name in strategy_section(strategy).reads}
+    return tuple(f.name for f in dataclasses.fields(LayerCacheConfig) if f.name not in read and f.name != "options")
+
 
 # Bytes per element of each safetensors dtype name: the only such table in hf_layercache. safetensors has its own
 # only in safetensors.torch (private _TYPES and _SIZE, keyed by torch dtypes), which would import torch.
@@ -148,9 +137,10 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         f"strategy   {strategy}, " + _fields(config, ("policy", "policy_kwargs", "namespace", "layers", "bank_device")),
         "limits     " + _fields(config, ("max_entries", "max_memory", "storage_dtype")),
     ]
-    own = BUILTIN_STRATEGY_FIELDS.get(strategy)
+    own = strategy_fields(strategy)
     if own is None:
-        own = [name for name in config if name not in COMMON_FIELDS]
+        common = common_fields()
+        own = [name for name in config if name not in common]
         label = "options"
     else:
         label = str(strategy)

@@ -1,33 +1,111 @@
-"""The strategy contract: what is cached, where the hooks go, and how a hit is served."""
+"""The strategy contract: what a strategy gets from the cache (:class:`StrategyContext`) and what it provides
+(:class:`Strategy`).
+
+Dependencies point one way: a strategy is built as ``cls(context)`` and uses only the context, a narrow protocol the
+controller implements; it never imports the controller. It builds its collaborators (hooks, engines, stores) in
+:meth:`Strategy.attach` and hands them what they need as constructor arguments, so they never reach back into it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
-from ..bank import BankState, CacheBank
-from ..hooks import ForwardHook, HookRegistry
-from ..layers import ArgumentBinder, CachedLayer
-from ..request import current_scope
+from ..bank import CacheBank
+from ..events import Lookup, Verdict
+from ..hooks import HookRegistry
+from ..layers import CachedLayer
+from ..stats import CacheStats
 
 if TYPE_CHECKING:
-    from ..config import LayerCacheConfig
-    from ..controller import LayerCacheController
+    from ..config import LayerCacheConfig, StrategyConfig
+    from ..entries import StoredEntry
+    from ..models import ModelSpec
     from ..request import RequestScope
+    from ..storage import Storage
+
+
+class SharedStore(Protocol):
+    """The second tier (Redis) as strategies see it: fill a bank with entries other replicas computed, and write
+    the entries this one computed (``hf_layercache.shared_store.tier.SharedTier``)."""
+
+    def fill(
+        self,
+        bank: CacheBank,
+        digests: list[bytes],
+        namespace: int,
+        check: Callable[[bytes, dict[str, torch.Tensor]], None] | None = None,
+    ) -> list[tuple[bytes, int, StoredEntry]]: ...
+
+    def write(self, bank: CacheBank, entry_id: int | None, digest: bytes, namespace: int, cost: float) -> None: ...
+
+
+class StrategyContext(Protocol):
+    """Everything a strategy may use of the cache it belongs to (the controller implements it)."""
+
+    model: nn.Module
+    config: LayerCacheConfig
+    layers: list[CachedLayer]
+    """The cached layers, in forward order."""
+    owners: list[nn.Module]
+    """Per layer stack, the pre-trained model holding it (whose forward is a request)."""
+    spec: ModelSpec
+    hooks: HookRegistry
+    """Every attachment goes through it; ``disable`` removes them all."""
+    counters: CacheStats
+    """Per-layer counters: computed rows and their time, bypassed rows (lookups and verdicts are events, below)."""
+    shared: SharedStore | None
+    """The shared tier, when ``shared_store`` is set."""
+
+    def record_lookup(
+        self, lookup: Lookup, bank: CacheBank | None, layers: list[str], units: tuple[int, int] | None = None
+    ) -> None:
+        """What a lookup decided, once, for the bank's policy and the stats of ``layers`` (``units``: hits and
+        misses counted in other units than lookups, e.g. tokens)."""
+
+    def record_verdict(self, verdict: Verdict, bank: CacheBank | None, layer: str) -> None:
+        """What verifying an entry found, once, for the bank's policy and ``layer``'s stats."""
+
+    def build_bank(
+        self,
+        name: str,
+        device: torch.device,
+        n_banks: int,
+        entry_type: type[StoredEntry],
+        expected: Mapping[str, Any] | None = None,
+        key_dim: int | None = None,
+        storage: Callable[[torch.device | None, torch.dtype | None, int | None, int | None], Storage] | None = None,
+        digests_required: bool = False,
+    ) -> CacheBank:
+        """A bank with the config's policy, its even share of the budget, a backend when ``key_dim`` is given, and
+        the storage ``storage(device, dtype, max_entries, max_bytes)`` builds (the default storage otherwise)."""
 
 
 class Strategy(ABC):
-    """Installs and removes its layer hooks and owns the banks of the layers it caches.
+    """What is cached and how it is reused: installs its attachments and owns the banks of the layers it caches.
 
-    Subclasses are registered with :func:`hf_layercache.register_strategy` and built as ``cls(controller)``; they
-    read the config and the selected layers from the controller, create banks with :meth:`new_bank`, attach through
-    :attr:`hooks` (the model's :class:`~hf_layercache.hooks.HookRegistry`, which removes everything on
-    ``disable``), and never import model code: everything architecture-specific comes from
-    :mod:`hf_layercache.layers`.
+    Register a subclass with :func:`hf_layercache.register_strategy`; it is built as ``cls(context)`` and declares
+    its config fields as a :class:`~hf_layercache.config.StrategyConfig` subclass (:attr:`config_class`). The
+    request path is three calls, visible in each strategy's module: :meth:`begin_request` (once per top-level
+    forward), :meth:`forward_request` (runs that forward), and, for strategies that hook every layer of a stack,
+    :meth:`StackStrategy.start_run` (the stack's first cached layer).
     """
+
+    config_class: ClassVar[type[StrategyConfig] | None] = None
+    """The strategy's own config fields (read as ``self.options``); ``None``: it has none."""
+
+    lossless: ClassVar[bool] = False
+    """Whether outputs equal uncached ones within :attr:`tolerance` (the conformance suite holds it to that)."""
+
+    tolerance: ClassVar[float] = 1e-4
+    """Largest absolute difference from uncached outputs a lossless strategy allows."""
+
+    shares_entries: ClassVar[bool] = False
+    """Whether entries are keyed by digest alone, so replicas can share them through ``shared_store``."""
 
     intermediate_states_exact: ClassVar[bool] = True
     """False when hits leave intermediate hidden states that differ from real ones, so requests asking for
@@ -37,28 +115,29 @@ class Strategy(ABC):
     """True when every layer still returns the attention maps it actually used on a hit, so requests with
     ``output_attentions`` need not run uncached (the attention strategy)."""
 
-    config_fields: ClassVar[tuple[str, ...]] = ()
-    """The ``LayerCacheConfig`` fields this strategy reads beyond the common ones; it validates them in
-    :meth:`check_config`."""
+    default_verify_fraction: ClassVar[float] = 0.0
+    """The share of hits verified when the config's ``verify_fraction`` is ``None``."""
 
-    @classmethod  # noqa: B027 - optional hook
-    def check_config(cls, config: LayerCacheConfig) -> None:
-        """Raise ``ValueError`` naming the field for a bad value of one of :attr:`config_fields`. Called by
-        ``LayerCacheConfig.__post_init__`` for every registered strategy, so a bad value is refused at once."""
-
-    def __init__(self, controller: LayerCacheController):
-        self.controller = controller
-        self.config = controller.config
-        self.layers = controller.layers
+    def __init__(self, context: StrategyContext):
+        self.context = context
+        self.config = context.config
+        self.options = context.config.section(type(self))
+        """This strategy's own config fields (an instance of :attr:`config_class`), or ``None``."""
+        self.layers = context.layers
         self.banks: dict[str, CacheBank] = {}
 
     @property
     def hooks(self) -> HookRegistry:
-        return self.controller.hooks
+        return self.context.hooks
+
+    @property
+    def verify_fraction(self) -> float:
+        configured = self.config.verify_fraction
+        return self.default_verify_fraction if configured is None else float(configured)
 
     @abstractmethod
     def attach(self) -> None:
-        """Create banks and attach through :attr:`hooks`."""
+        """Create banks and collaborators, and attach through :attr:`hooks`."""
 
     def detach(self) -> None:  # noqa: B027 - optional hook
         """Forget state derived from the attachments, which the registry has removed (banks stay: a re-attach, as
@@ -71,14 +150,6 @@ class Strategy(ABC):
         """Run one top-level forward. Strategies that work on whole requests (prefix reuse) override this to
         change the call, e.g. compute only a suffix; the default runs it unchanged."""
         return original(**arguments)
-
-    default_verify_fraction: ClassVar[float] = 0.0
-    """The share of hits verified when the config's ``verify_fraction`` is ``None``."""
-
-    @property
-    def verify_fraction(self) -> float:
-        configured = self.config.verify_fraction
-        return self.default_verify_fraction if configured is None else float(configured)
 
     def reset_counters(self) -> None:  # noqa: B027 - optional hook
         """Reset counters the strategy keeps beside ``stats()`` (called by ``clear()``)."""
@@ -97,97 +168,9 @@ class Strategy(ABC):
     def banks_replaced(self) -> None:  # noqa: B027 - optional hook
         """Called after the banks were cleared or loaded from a warm cache, for state derived from their entries."""
 
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> BankState:
-        """Refuse a bank state read from disk that does not fit: its structure, then each entry
-        (:meth:`check_entry`). Returns it taken apart."""
-        bank = self.banks[bank_name]
-        parsed = bank.check_state(state)
-        for entry_id, values in parsed.entries.items():
-            try:
-                self.check_entry(bank_name, values)
-                _check_finite(values)
-            except ValueError as err:
-                raise ValueError(f"entry {entry_id}: {err}") from None
-        bank.check_policy(parsed)
-        return parsed
-
-    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
-        """Refuse one entry read from disk that this strategy could not serve (its typed entry's ``validate``)."""
-
-    def new_bank(self, name: str, device: torch.device, n_banks: int, key_dim: int | None = None) -> CacheBank:
-        """The bank called ``name``: built on first attach, kept (warm) when the strategy is attached again."""
+    def new_bank(self, name: str, device: torch.device, n_banks: int, entry_type: type[StoredEntry], **options: Any):
+        """The bank called ``name`` (``context.build_bank``'s arguments): built on first attach, kept (warm) when the
+        strategy is attached again."""
         if name not in self.banks:
-            self.banks[name] = self.controller.build_bank(name, device, n_banks, key_dim)
+            self.banks[name] = self.context.build_bank(name, device, n_banks, entry_type, **options)
         return self.banks[name]
-
-
-class StackStrategy(Strategy):
-    """A strategy that hooks every cached layer of a stack with a :class:`LayerHook` (``exact``, ``semantic``).
-
-    The stack's first cached layer opens the request's run for the stack through :meth:`start_run`; every hooked
-    layer of the stack then serves or computes its part of that run.
-    """
-
-    @abstractmethod
-    def start_run(
-        self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor
-    ) -> Any | None:
-        """What this forward pass knows about the stack's rows (which hit, what to store), or ``None`` when the call
-        cannot use the cache (a decode step, shapes that do not fit): the stack's layers then run uncached."""
-
-
-class LayerHook(ForwardHook):
-    """The hook on one cached layer of a stack-wise strategy (``exact``, ``semantic``).
-
-    It names the call's arguments, lets the stack's first cached layer open the request's run for the stack
-    (``strategy.start_run(scope, layer, arguments, hidden)``, stored in ``scope.state[layer.stack]``), runs the layer
-    uncached when the request bypasses the cache or the run is ``None`` (counted as bypassed), and hands every
-    other call to :meth:`forward_run`.
-    """
-
-    def __init__(self, strategy: StackStrategy, layer: CachedLayer, position: int):
-        self.strategy = strategy
-        self.layer = layer
-        self.position = position
-        """Index of the layer among the cached layers of its stack."""
-        self.outputs = layer.spec.outputs
-        """Length of the tuple the layer returns (0: a tensor); learned from real calls, seeded by its LayerSpec."""
-        self.binder: ArgumentBinder | None = None
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        scope = current_scope()
-        if scope is None:
-            return self.original(*args, **kwargs)
-        if self.binder is None:
-            self.binder = ArgumentBinder(self.original)
-        arguments = self.binder.bind(args, kwargs)
-        hidden = arguments[self.binder.first]
-        run = None
-        if scope.bypass_reason is None:
-            if self.position == 0:
-                scope.state[self.layer.stack] = self.strategy.start_run(scope, self.layer, arguments, hidden)
-            run = scope.state.get(self.layer.stack)
-        if run is None:
-            self.strategy.controller.stats_.record_bypass(self.layer.name, hidden.shape[0])
-            # the call as it came: reentrant gradient checkpointing needs the tensors positional to recompute them
-            return self.original(*args, **kwargs)
-        return self.forward_run(run, arguments, hidden)
-
-    @abstractmethod
-    def forward_run(self, run: Any, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
-        """Serve or compute this layer for a request that may use the cache."""
-
-    def observe(self, out: Any) -> None:
-        """Remember the structure of a real output, so a served one can match it."""
-        self.outputs = len(out) if isinstance(out, tuple) else 0
-
-    def pack(self, hidden: torch.Tensor) -> Any:
-        """A served hidden state in the layer's output structure (extra tuple elements are ``None``)."""
-        return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))
-
-
-def _check_finite(values: dict[str, torch.Tensor]) -> None:
-    """A stored NaN or infinity is no state any layer computed from a real input: refuse it rather than serve it."""
-    for name, tensor in values.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name!r} holds NaN or infinite values.")

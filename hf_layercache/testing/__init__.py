@@ -1,5 +1,6 @@
-"""Conformance suites that third-party backends and policies can run on themselves.
+"""Conformance suites that third-party backends, policies and strategies can run on themselves.
 
-``hf_layercache.testing.backends`` checks a backend class, ``hf_layercache.testing.policies`` a policy class; the
-project's own tests run them over every registered name.
+``hf_layercache.testing.backends`` checks a backend class, ``hf_layercache.testing.policies`` a policy class and
+``hf_layercache.testing.strategies`` a registered strategy (by name, on tiny models); the project's own tests run
+them over every registered name.
 """

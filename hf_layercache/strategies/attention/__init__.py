@@ -20,22 +20,3 @@ How it works, per cached layer:
 Decode steps (queries shorter than keys) and calls the cached path cannot take compute eagerly, as does every
 attention module the strategy does not cache (cross-attention, unselected layers). See docs/attention.md.
 """
-
-from .eager import attention_scores, eager_attention, grouped_matmul, masked_scores, repeat_kv
-from .engine import CachedAttention, module_device
-from .function import ATTN_IMPLEMENTATION, attention_forward, boolean_mask
-from .strategy import AttentionStrategy
-
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "AttentionStrategy",
-    "CachedAttention",
-    "attention_forward",
-    "attention_scores",
-    "boolean_mask",
-    "eager_attention",
-    "grouped_matmul",
-    "masked_scores",
-    "module_device",
-    "repeat_kv",
-]

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...bank import CacheBank, Lookup
+from ...bank import CacheBank
+from ...events import Lookup, Verdict
 from ...layers import CachedLayer
 from ...request import RequestScope
 from .eager import attention_with_lse, repeat_kv
@@ -73,7 +74,7 @@ class CachedAttention:
         arguments = (scope, module, query, key, value, mask, scaling, softcap, kwargs)
         rows, length = query.shape[0], key.shape[-2]
         if not scope.state.get(_PREFILL, False) or query.shape[-2] != length:
-            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
+            self.strategy.context.counters.record_bypass(self.layer.name, rows)
             return default_attention(self.strategy.default_implementation, *arguments)
         want_maps = scope.state.get(WEIGHTS, False)
         route = CACHED if want_maps else self.gate.route(length, rows)
@@ -83,7 +84,7 @@ class CachedAttention:
             out = default_attention(self.strategy.default_implementation, *arguments)
             if route == MEASURED:
                 self.gate.record_default(length, rows, time.perf_counter() - start)
-            self.strategy.controller.stats_.record_bypass(self.layer.name, rows)
+            self.strategy.context.counters.record_bypass(self.layer.name, rows)
             return out
         return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
 
@@ -110,13 +111,13 @@ class CachedAttention:
         searched = len(self.bank) > 0
         reuses = self._reuses(scope, rows, keys)
         lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
-        self.strategy.controller.record_lookup(lookup, self.bank, [self.layer.name])
+        self.strategy.context.record_lookup(lookup, self.bank, [self.layer.name])
         looked_up = time.perf_counter()
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
         served = time.perf_counter()
         misses = [b for b in range(len(rows)) if b not in outputs]
         seconds = self._compute(scope, query, key, value, keep, rows, keys, misses, outputs, want_maps)
-        self.strategy.controller.stats_.record_compute(self.layer.name, len(misses), seconds)
+        self.strategy.context.counters.record_compute(self.layer.name, len(misses), seconds)
         computed = time.perf_counter()
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
         maps = torch.stack([outputs[b][1] for b in range(len(rows))]) if want_maps else None
@@ -143,10 +144,10 @@ class CachedAttention:
             if errors is not None:
                 error = float(errors.max())
                 acceptable = error <= self.strategy.max_error
-                self.strategy.controller.stats_.record_error(self.layer.name, error, acceptable, explored=True)
+                verdict = Verdict(reuse.entry_id, error, acceptable, explored=True)
+                self.strategy.context.record_verdict(verdict, self.bank, self.layer.name)
                 failed = (errors > self.strategy.max_error).nonzero().flatten()
                 if len(failed) > len(errors) * _MAX_RECOMPUTED:  # most heads moved: the map is not this input's
-                    self.bank.record_error(reuse.entry_id, error)
                     continue
                 reuse.heads = failed if len(failed) else None  # heads whose maps moved are computed exactly
             self.strategy.count_reuse(reuse.recomputed, row.length, reuse.heads, len(row.query))
@@ -160,9 +161,9 @@ class CachedAttention:
         for similarity, entry_id in zip(similarities, entry_ids, strict=True):
             if entry_id < 0 or similarity < self.threshold:
                 return None
-            values = self.bank.get(entry_id, scope.state[_NAMESPACE])
-            if values is not None:
-                plan = self._plan(entry_id, similarity, AttentionEntry.from_tensors(values), row)
+            entry = self.bank.get(entry_id, scope.state[_NAMESPACE])
+            if entry is not None:
+                plan = self._plan(entry_id, similarity, entry, row)
                 if plan is not None:
                     return plan
         return None
@@ -284,9 +285,7 @@ class CachedAttention:
         for i, b in enumerate(misses):
             row = rows[b]
             entry = AttentionEntry(lse[i], row.keep, row.query, row.key, row.value, output[i])
-            self.bank.put(
-                entry.to_tensors(), key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE]
-            )
+            self.bank.put(entry, key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE])
         return seconds
 
 

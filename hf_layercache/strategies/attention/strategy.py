@@ -5,7 +5,7 @@ lookup keys, reuse counters and the checks of entries read from disk."""
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,13 +17,11 @@ from ...models import dispatches_attention
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import Strategy
+from .config import AttentionConfig
 from .engine import _NAMESPACE, _PATTERNS, _PREFILL, CachedAttention
 from .entry import AttentionEntry
 from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, WEIGHTS, _register_functions, _unregister_functions
 from .positions import _Pattern
-
-if TYPE_CHECKING:
-    from ...config import LayerCacheConfig
 
 _PROJECTION_SEED = 0x5EED
 
@@ -46,39 +44,10 @@ class AttentionStrategy(Strategy):
     """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
 
     serves_attention_maps = True
-    config_fields = (
-        "attention_key_dim",
-        "attention_key_segments",
-        "attention_position_tolerance",
-        "attention_verify_rows",
-        "attention_max_error",
-        "attention_gate_interval",
-    )
+    config_class = AttentionConfig
 
-    @classmethod
-    def check_config(cls, config: LayerCacheConfig) -> None:
-        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
-        for name, low, high in (("attention_key_dim", 1, 128), ("attention_key_segments", 1, 256)):
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}.")
-        tolerance = config.attention_position_tolerance
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0.0 <= tolerance < float("inf"):
-            raise ValueError(f"attention_position_tolerance must be a relative change >= 0, got {tolerance!r}.")
-        rows = config.attention_verify_rows
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"attention_verify_rows must be a non-negative int (0: no verification), got {rows!r}.")
-        interval = config.attention_gate_interval
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ValueError(
-                f"attention_gate_interval must be a non-negative int (0: no gate, always cache), got {interval!r}."
-            )
-        error = config.attention_max_error
-        if isinstance(error, bool) or not isinstance(error, int | float) or not 0.0 <= error <= 1.0:
-            raise ValueError(f"attention_max_error must be a total variation distance in [0, 1], got {error!r}.")
-
-    def __init__(self, controller):
-        super().__init__(controller)
+    def __init__(self, context):
+        super().__init__(context)
         self.max_error = self.config.attention_max_error
         self._pools: dict[tuple, torch.Tensor] = {}
         self._projections: dict[tuple, torch.Tensor] = {}
@@ -91,15 +60,21 @@ class AttentionStrategy(Strategy):
 
     # --- wiring -----------------------------------------------------------------------------------------------------
     def attach(self) -> None:
-        model = self.controller.model
+        model = self.context.model
         modules = [self._attention_module(layer) for layer in self.layers]
         self.default_implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         self.hooks.call(f"AttentionInterface[{ATTN_IMPLEMENTATION!r}]", _register_functions, _unregister_functions)
         for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
+            heads = _heads(module)
             bank = self.new_bank(
-                layer.name, layer.device, n_banks=len(self.layers), key_dim=self.config.attention_key_dim
+                layer.name,
+                layer.device,
+                len(self.layers),
+                AttentionEntry,
+                expected={"heads": heads},
+                key_dim=self.config.attention_key_dim,
             )
-            self._heads[layer.name] = _heads(module)
+            self._heads[layer.name] = heads
             cached = CachedAttention(self, layer, bank, self.config.threshold_for(position))
             self.cached[layer.name] = cached
             self.hooks.set_attribute(module, _MODULE_ATTR, cached)
@@ -110,7 +85,7 @@ class AttentionStrategy(Strategy):
     def _attention_module(self, layer: CachedLayer) -> nn.Module:
         """The layer's self-attention: the first submodule dispatching through ``AttentionInterface`` (transformers
         layers run self-attention before cross-attention; later ones compute eagerly)."""
-        model = self.controller.model
+        model = self.context.model
         can_set = getattr(model, "_can_set_attn_implementation", None)
         found = [m for m in layer.module.modules() if dispatches_attention(m)]
         if not found or (can_set is not None and not can_set()):
@@ -132,7 +107,7 @@ class AttentionStrategy(Strategy):
         return cache[signature]
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
-        config = getattr(self.controller.model, "config", None)
+        config = getattr(self.context.model, "config", None)
         scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
         scope.state[WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
         scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
@@ -198,10 +173,6 @@ class AttentionStrategy(Strategy):
     def recomputed_fraction(self) -> float:
         """Mean fraction of rows and columns hits recomputed (0: every hit reused its whole map)."""
         return self.reuse["recomputed"] / self.reuse["length"] if self.reuse["length"] else 0.0
-
-    # --- persistence ------------------------------------------------------------------------------------------------
-    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        AttentionEntry.validate(values, heads=self._heads.get(bank_name))
 
 
 def _heads(module: nn.Module) -> int:

@@ -20,8 +20,3 @@ How it works, per layer stack (``encoder.layer``, ``model.layers``, ...):
 
 Intermediate hidden states of hit rows are not real, so requests with ``output_hidden_states`` run uncached.
 """
-
-from .entry import ExactEntry
-from .strategy import ExactStrategy
-
-__all__ = ["ExactEntry", "ExactStrategy"]

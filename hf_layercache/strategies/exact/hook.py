@@ -1,48 +1,36 @@
-"""The exact layer hook and the run it serves: which rows of a call hit, and what the missed rows produce."""
+"""The exact layer hook: serves a stack's hit rows and computes its missed ones."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ...kv import KVWrite, find_cache, place_writes, record_kv_writes, replay_kv_writes
+from ...kv import find_cache, place_writes, record_kv_writes, replay_kv_writes
 from ...layers import CachedLayer, select_rows
-from ..base import LayerHook
-from .digests import RowKey
-from .entry import ExactEntry
-
-if TYPE_CHECKING:
-    from .strategy import ExactStrategy
-
-
-@dataclass
-class StackRun:
-    """What one forward pass knows about one layer stack: which rows hit and what the missed rows produced."""
-
-    digests: list[bytes]
-    keys: list[RowKey]
-    hits: dict[int, ExactEntry]
-    misses: list[int]
-    split: bool
-    with_kv: bool
-    namespace: int
-    writes: dict[int, list[KVWrite]] = field(default_factory=dict)
-    seconds_per_row: float = 0.0
-    audits: dict[int, tuple[int, ExactEntry]] = field(default_factory=dict)
-    """Rows that hit but are computed anyway (``verify_fraction``), with the entry the computed output must match."""
-
-    @property
-    def batch(self) -> int:
-        return len(self.digests)
+from ...stats import CacheStats
+from ..stack import LayerHook, StartRun
+from .run import StackRun
+from .store import RowStore
 
 
 class ExactLayerHook(LayerHook):
-    def __init__(self, strategy: ExactStrategy, layer: CachedLayer, position: int, last: bool):
-        super().__init__(strategy, layer, position)
+    """Serves a stack's hit rows (the last cached layer returns their stored outputs, the others pass them through)
+    and computes its missed rows (the last cached layer hands them to the ``store``)."""
+
+    def __init__(
+        self,
+        layer: CachedLayer,
+        position: int,
+        last: bool,
+        start_run: StartRun,
+        counters: CacheStats,
+        store: RowStore,
+    ):
+        super().__init__(layer, position, start_run, counters)
         self.last = last
+        self.store = store
 
     def forward_run(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if not run.misses:
@@ -67,7 +55,7 @@ class ExactLayerHook(LayerHook):
         self._computed(run, run.batch, time.perf_counter() - start, out)
         run.writes[self.position] = writes
         if self.last:
-            self.strategy.store(run, self.layer, out[0] if isinstance(out, tuple) else out, run.misses)
+            self.store.store(run, self.layer, out[0] if isinstance(out, tuple) else out, run.misses)
         return out
 
     def _compute_missed_rows(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
@@ -81,7 +69,7 @@ class ExactLayerHook(LayerHook):
         if self.last:
             hit_rows = sorted(run.hits)
             full[torch.tensor(hit_rows, device=hidden.device)] = self._cached_hidden(run, hit_rows, hidden)
-            self.strategy.store(run, self.layer, computed, list(range(len(run.misses))), rows=run.misses)
+            self.store.store(run, self.layer, computed, list(range(len(run.misses))), rows=run.misses)
         if not isinstance(out, tuple):
             return full
         return (full, *(self._scatter(x, missed, run.batch) for x in out[1:]))
@@ -90,7 +78,7 @@ class ExactLayerHook(LayerHook):
     def _computed(self, run: StackRun, rows: int, seconds: float, out: Any) -> None:
         self.observe(out)
         run.seconds_per_row += seconds / rows
-        self.strategy.controller.stats_.record_compute(self.layer.name, rows, seconds)
+        self.counters.record_compute(self.layer.name, rows, seconds)
 
     def _cached_hidden(self, run: StackRun, rows, like: torch.Tensor) -> torch.Tensor:
         """The stored outputs of hit ``rows`` in this batch's layout: as stored where the layout is the one they

@@ -1,25 +1,34 @@
-"""The ``exact`` strategy class: banks per stack, the lookup that opens a run, and storing the missed rows."""
+"""The ``exact`` strategy: banks per stack, the request path, and the lookup that opens a stack's run.
+
+A request: :meth:`ExactStrategy.begin_request` keys every row (:mod:`.digests`); :meth:`ExactStrategy.forward_request`
+answers a call whose every row was seen in the same layout from the whole-output bank (:mod:`.outputs`), else runs
+the model; in it, each stack's first cached layer calls :meth:`ExactStrategy.start_run` (one lookup for the stack),
+the layer hooks (:mod:`.hook`) serve the hit rows and compute the missed ones, and the last hands those to the
+:class:`~.store.RowStore`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ...bank import Lookup
-from ...kv import KVWrite, find_cache, past_length
+from ...events import Lookup
+from ...kv import find_cache, past_length
 from ...layers import CachedLayer, rows_splittable
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
-from ..base import StackStrategy
+from ..stack import StackStrategy
+from .config import ExactConfig
 from .digests import RowKey, row_keys
 from .entry import ExactEntry
-from .hook import ExactLayerHook, StackRun
-from .request import BANK, RequestEntry, RequestPath
+from .hook import ExactLayerHook
+from .outputs import BANK, RequestEntry, RequestPath
+from .run import StackRun
+from .store import RowStore
 
 _ROWS = "exact.rows"
 
@@ -28,9 +37,11 @@ _ROWS = "exact.rows"
 class ExactStrategy(StackStrategy):
     """Lossless: identical requests skip every cached layer; outputs equal uncached ones bit for bit."""
 
+    config_class = ExactConfig
+    lossless = True
+    tolerance = 1e-5
+    shares_entries = True
     intermediate_states_exact = False
-
-    config_fields = ("shared_store", "shared_store_kwargs", "verify_fraction")  # checked by the config / semantic
 
     def attach(self) -> None:
         self.stacks: dict[str, list[CachedLayer]] = {}
@@ -43,16 +54,27 @@ class ExactStrategy(StackStrategy):
                     f"strategy='exact' skips a contiguous run of layers, but the layers selected in {stack!r} are "
                     f"{positions}; select a contiguous range."
                 )
-            self.new_bank(stack, layers[-1].device, n_banks=len(self.stacks) + 1)
-        request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks=len(self.stacks) + 1)
-        self.request_path = RequestPath(request_bank, self.controller.model)
+        n_banks = len(self.stacks) + 1
+        hidden_size = self.context.spec.hidden_size
+        self.stores: dict[str, RowStore] = {}
+        for stack, layers in self.stacks.items():
+            bank = self.new_bank(
+                stack,
+                layers[-1].device,
+                n_banks,
+                ExactEntry,
+                expected={"hidden_size": hidden_size},
+                digests_required=True,
+            )
+            self.stores[stack] = RowStore(bank, self.context.shared, self.context.record_verdict)
+        request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks, RequestEntry)
+        self.request_path = RequestPath(request_bank, self.context.model)
         self._draws = random.Random(0)  # which hits verify_fraction checks; seeded, so runs repeat
-        self._warned_disagreement = False
-        for layers in self.stacks.values():
+        for stack, layers in self.stacks.items():
             for position, layer in enumerate(layers):
-                self.hooks.replace_forward(
-                    layer.module, ExactLayerHook(self, layer, position, last=position == len(layers) - 1)
-                )
+                last = position == len(layers) - 1
+                hook = ExactLayerHook(layer, position, last, self.start_run, self.context.counters, self.stores[stack])
+                self.hooks.replace_forward(layer.module, hook)
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         # one stack runs over the input: rows are keyed on their real tokens; an encoder-decoder keys its layouts
@@ -69,7 +91,7 @@ class ExactStrategy(StackStrategy):
         served = None if verifying else self.request_path.serve(keys, scope.namespace, signature)
         if served is not None:
             output, lookup = served
-            self.controller.record_lookup(lookup, self.request_path.bank, [layer.name for layer in self.layers])
+            self.context.record_lookup(lookup, self.request_path.bank, [layer.name for layer in self.layers])
             return output
         output = original(**arguments)
         self.request_path.store(keys, scope.namespace, signature, output)
@@ -99,87 +121,25 @@ class ExactStrategy(StackStrategy):
         namespace = namespace_tag(scope.namespace)
         with_kv = cache is not None and arguments.get("use_cache", True) is not False
         digests = [hashlib.blake2b(key.digest + layer.stack.encode(), digest_size=32).digest() for key in keys]
-        if self.controller.shared is not None:  # local misses may be in the replicas' Redis: one round trip
-            self.controller.shared.fill(
-                bank, digests, namespace, lambda _digest, values: self.check_entry(layer.stack, values)
-            )
+        if self.context.shared is not None:  # local misses may be in the replicas' Redis: one round trip
+            self.context.shared.fill(bank, digests, namespace)
         found: dict[int, tuple[int, ExactEntry]] = {}
         for row, digest in enumerate(digests):
             entry_id = bank.find(digest)
-            values = bank.get(entry_id, namespace) if entry_id is not None else None
-            if values is not None:
-                entry = ExactEntry.from_tensors(values)
-                if self._fits(entry, keys[row], hidden) and (entry.kv_recorded or not with_kv):
-                    found[row] = (entry_id, entry)
+            entry = bank.get(entry_id, namespace) if entry_id is not None else None
+            if entry is not None and self._fits(entry, keys[row], hidden) and (entry.kv_recorded or not with_kv):
+                found[row] = (entry_id, entry)
         audits = {row: found.pop(row) for row in list(found) if self._draws.random() < self.verify_fraction}
         split = not with_kv and rows_splittable(arguments, layer.spec, len(digests))
         if found and len(found) < len(digests) and not split:
             found = {}  # the layers cannot compute a sub-batch: every row computes
         misses = [row for row in range(len(digests)) if row not in found]
         lookup = Lookup(served=[(entry_id, 1.0) for entry_id, _ in found.values()], missed=len(misses))
-        self.controller.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]])
+        self.context.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]])
         hits = {row: entry for row, (_, entry) in found.items()}
         return StackRun(digests, keys, hits, misses, split, with_kv, namespace, audits=audits)
-
-    def _audit(self, layer: CachedLayer, audit: tuple[int, ExactEntry], key: RowKey, computed: torch.Tensor) -> bool:
-        """Whether a hit drawn for verification holds what the layer just computed for it. One that does not (a
-        poisoned or stale entry) is dropped, so the computed output replaces it, and is reported."""
-        entry_id, entry = audit
-        same_layout = entry.layout == key.layout
-        stored = (entry.hidden if same_layout else entry.hidden[entry.real]).float()
-        fresh = (computed if same_layout else computed[key.columns]).float()
-        stored = stored.to(fresh.device)
-        agrees = stored.shape == fresh.shape and torch.allclose(stored, fresh, rtol=1e-4, atol=1e-5)
-        error = ((stored - fresh).norm() / fresh.norm().clamp_min(1e-12)).item() if stored.shape == fresh.shape else 1.0
-        self.controller.stats_.record_error(layer.name, error, acceptable=agrees, explored=False)
-        if not agrees:
-            self.banks[layer.stack].remove(entry_id)
-            if not self._warned_disagreement:
-                self._warned_disagreement = True
-                warnings.warn(
-                    f"An exact cache entry of {layer.stack!r} disagrees with the layer it stands for (relative error "
-                    f"{error:.3g}): it was dropped and the computed output served. Entries loaded from an unsigned "
-                    "warm cache may have been altered; see integrity_key in docs/reliability.md.",
-                    stacklevel=2,
-                )
-        return agrees
 
     @staticmethod
     def _fits(entry: ExactEntry, key: RowKey, hidden: torch.Tensor) -> bool:
         """An entry of the row's number of real tokens and the model's width (the digest says the rest)."""
         return entry.layout[2] == key.layout[2] and entry.hidden.shape[-1] == hidden.shape[-1]
-
-    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        if bank_name == BANK:  # a copied model's request bank (copy.deepcopy); warm caches do not save it
-            RequestEntry.validate(values)
-            return
-        ExactEntry.validate(values, hidden_size=self.controller.spec.hidden_size)
-
-    def store(
-        self,
-        run: StackRun,
-        layer: CachedLayer,
-        output: torch.Tensor,
-        out_rows: list[int],
-        rows: list[int] | None = None,
-    ) -> None:
-        """Store the last layer's output of the missed rows (``out_rows`` index ``output``; ``rows`` the batch)."""
-        bank = self.banks[layer.stack]
-        for out_row, row in zip(out_rows, rows if rows is not None else out_rows, strict=True):
-            key = run.keys[row]
-            if row in run.audits and self._audit(layer, run.audits[row], key, output[out_row]):
-                continue  # the stored entry reproduced the layer: keep it (and its place in the policy)
-            real = key.columns if key.free else slice(None)  # a layout-bound row keeps its writes whole
-            writes = {
-                position: [
-                    KVWrite(w.tag, w.layer_idx, w.key[row : row + 1, :, real], w.value[row : row + 1, :, real])
-                    for w in writes
-                ]
-                for position, writes in run.writes.items()
-            }
-            entry = ExactEntry(output[out_row], key.layout, run.with_kv, writes)
-            entry_id = bank.put(
-                entry.to_tensors(), digest=run.digests[row], cost=run.seconds_per_row, namespace=run.namespace
-            )
-            if self.controller.shared is not None:  # written to the replicas' Redis in the background
-                self.controller.shared.write(bank, entry_id, run.digests[row], run.namespace, run.seconds_per_row)

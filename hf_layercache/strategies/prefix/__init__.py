@@ -45,9 +45,3 @@ of it, what to store), :mod:`.layout` (which rows share a call, where each row's
 preallocated slabs), :mod:`.strategy` (the model gate, groups, store, persistence checks). Which models are served is
 model knowledge: :func:`hf_layercache.models.prefix_support`.
 """
-
-from .chain import chain_digests, chain_root, chain_step
-from .siblings import SiblingIndex
-from .strategy import PrefixStrategy
-
-__all__ = ["PrefixStrategy", "SiblingIndex", "chain_digests", "chain_root", "chain_step"]

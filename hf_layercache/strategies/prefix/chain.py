@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from ...bank import DIGEST_BYTES
+from ...bank_format import DIGEST_BYTES
 
 
 def chain_root(namespace: str, block_size: int) -> bytes:

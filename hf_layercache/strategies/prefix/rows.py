@@ -13,9 +13,9 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from ...bank import CacheBank
 from ...kv import CACHE_ARGUMENTS, find_cache
 from ...request import RequestScope, namespace_tag
-from ...shared.blocks import fetch_blocks
 from .block import BlockShape, PrefixBlock
 from .chain import chain_digests, chain_root, chain_step, common_prefix
+from .shared_blocks import fetch_blocks
 from .siblings import SiblingIndex
 
 _HANDLED = frozenset({"input_ids", "attention_mask", "position_ids", "logits_to_keep", *CACHE_ARGUMENTS})
@@ -97,7 +97,7 @@ class RowLookup:
         root = chain_root(scope.namespace, self.block_size)
         namespace = namespace_tag(scope.namespace)
         rows = [self._row(ids[r], mask[r], positions[r] if positions is not None else None) for r in range(batch)]
-        if self.controller.shared is not None:  # blocks the replicas computed, in one round trip (docs/shared.md)
+        if self.context.shared is not None:  # blocks the replicas computed, in one round trip (docs/shared.md)
             fetch_blocks(self, rows, root, namespace)
         for row in rows:
             if row.tokens is not None:
@@ -122,8 +122,7 @@ class RowLookup:
         parent = root
         for digest in row.digests:
             entry_id = self.bank.find(digest)
-            values = self.bank.get(entry_id, namespace) if entry_id is not None else None
-            block = PrefixBlock.from_tensors(values) if values is not None else None
+            block = self.bank.get(entry_id, namespace) if entry_id is not None else None
             if block is None or not block.fits(self.shape, size):
                 break
             row.found.append(entry_id)
@@ -149,8 +148,7 @@ class RowLookup:
         for shared, entry_id in ranked:
             if shared == 0:
                 return
-            values = self.bank.get(entry_id, namespace)
-            block = PrefixBlock.from_tensors(values) if values is not None else None
+            block = self.bank.get(entry_id, namespace)
             if (
                 block is not None
                 and block.fits(self.shape)

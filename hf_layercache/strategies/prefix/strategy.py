@@ -6,12 +6,12 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from ...bank import BankState, Lookup
+from ...events import Lookup, Verdict
 from ...kv import cache_parameter, find_cache
 from ...models import model_spec, prefix_support
 from ...registry import register_strategy
@@ -19,13 +19,11 @@ from ...request import RequestScope, current_scope, namespace_tag
 from ..base import Strategy
 from .block import BlockShape, PrefixBlock
 from .call import GroupCall, PrefixRun, group_arguments, merge_caches, merge_outputs
+from .config import PrefixConfig
 from .layout import Group, plan
-from .pool import PooledBank
 from .rows import Row, RowLookup
 from .siblings import SiblingIndex
-
-if TYPE_CHECKING:
-    from ...config import LayerCacheConfig
+from .slots import SlotStorage
 
 _RUN = "prefix.run"
 
@@ -36,24 +34,27 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
 
     intermediate_states_exact = False  # hidden states of reused positions in inner layers are not recomputed
 
-    config_fields = ("block_size", "shared_store", "shared_store_kwargs", "verify_fraction")  # docs/shared.md
-
-    @classmethod
-    def check_config(cls, config: LayerCacheConfig) -> None:
-        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
-        if isinstance(config.block_size, bool) or not isinstance(config.block_size, int) or config.block_size < 1:
-            raise ValueError(f"block_size must be a positive int (tokens per prefix block), got {config.block_size!r}.")
+    config_class = PrefixConfig
+    lossless = True
+    shares_entries = True
 
     def attach(self) -> None:
-        model = self.controller.model
+        model = self.context.model
         self.owner = self._check_model(model)
         self.block_size = self.config.block_size
         spec = model_spec(self.owner)
         self.shape = BlockShape(len(self.layers), spec.kv_heads, spec.head_dim, spec.hidden_size, self.block_size)
         name = self.layers[0].stack
-        if name not in self.banks:  # kept (warm) when the strategy is attached again
-            self.banks[name] = PooledBank(self.controller.build_bank(name, self.layers[-1].device, 1), self.shape)
-        self.bank = self.banks[name]
+        shape = self.shape
+        self.bank = self.new_bank(
+            name,
+            self.layers[-1].device,
+            1,
+            PrefixBlock,
+            expected={"shape": shape},
+            storage=lambda device, dtype, entries, nbytes: SlotStorage(shape, device, dtype, entries, nbytes),
+            digests_required=True,
+        )
         self.siblings = SiblingIndex()
         self._draws = random.Random(0)  # which calls verify_fraction audits; seeded, so runs repeat
         self._warned_disagreement = False
@@ -93,7 +94,7 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
         width = arguments["input_ids"].shape[1] if rows is not None else 0
         if rows is None or (self.support.max_length is not None and width > self.support.max_length):
             for layer in self.layers:
-                self.controller.stats_.record_bypass(layer.name, _token_count(arguments))
+                self.context.counters.record_bypass(layer.name, _token_count(arguments))
             return original(**arguments)
         if any(row.entries for row in rows) and self._draws.random() < self.verify_fraction:
             return self._audit(original, arguments, rows)
@@ -134,19 +135,20 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
             handle.remove()
         fresh = captured[-1]
         tolerance = max(1e-4, 8 * torch.finfo(fresh.dtype).eps)
-        with self.bank.reading():
+        with self.bank.lock:
             for r, row in enumerate(rows):
                 ids = [*row.found, *([row.tail[0]] if row.tail else [])]
                 sizes = [self.block_size] * len(row.found) + ([row.tail[1]] if row.tail else [])
                 for index, (entry_id, block) in enumerate(zip(ids, row.entries, strict=True)):
-                    if not self.bank.serves(entry_id, block.key):
+                    if not self.bank.holds(entry_id, "key", block.key):
                         break
                     column = row.first + index * self.block_size
                     computed = fresh[r, column : column + sizes[index]].float()
                     stored = block.hidden[: sizes[index]].to(computed.device).float()
                     agrees = torch.allclose(stored, computed, rtol=tolerance, atol=tolerance)
                     error = ((stored - computed).norm() / computed.norm().clamp_min(1e-12)).item()
-                    self.controller.stats_.record_error(self.layers[-1].name, error, acceptable=agrees, explored=False)
+                    verdict = Verdict(entry_id, error, agrees, explored=False)
+                    self.context.record_verdict(verdict, self.bank, self.layers[-1].name)
                     if not agrees:
                         self._drop_chain(ids[index:], error)
                         break
@@ -171,11 +173,11 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
     def _prepare_all(self, calls: list[dict[str, Any]], rows: list[Row], groups: list[Group]) -> list[PrefixRun] | None:
         """Every group's prefix cache, gathered before any group stores (a store may evict a block another group
         reuses, and hand its slot to a new one); ``None`` when a looked-up block is no longer the bank's."""
-        dtype = self.controller.model.dtype
-        with self.bank.reading():
+        dtype = self.context.model.dtype
+        with self.bank.lock:
             for row in rows:
                 used = zip(row.used(self.block_size), row.entries, strict=False)
-                if not all(self.bank.serves(entry_id, block.key) for entry_id, block in used):
+                if not all(self.bank.holds(entry_id, "key", block.key) for entry_id, block in used):
                     return None
             return [self._prepare(call, rows, group, dtype) for call, group in zip(calls, groups, strict=True)]
 
@@ -193,7 +195,7 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
         output = original(**self._suffix_arguments(arguments, run, cache_parameter(original)))
         seconds = time.perf_counter() - start
         scope.state.pop(_RUN, None)
-        if self.owner is self.controller.model:
+        if self.owner is self.context.model:
             output = self._splice(output, run)
         if run.hidden is None:
             raise RuntimeError(f"prefix strategy: {type(self.owner).__name__} was not called; outputs would be short.")
@@ -241,9 +243,9 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
                 parent=block.parent,
             )
             cost = seconds_per_token * block.size
-            entry_id = self.bank.put(entry.to_tensors(), digest=block.digest, cost=cost, namespace=namespace)
-            if self.controller.shared is not None:  # written to the replicas' Redis in the background
-                self.controller.shared.write(self.bank, entry_id, block.digest, namespace, cost)
+            entry_id = self.bank.put(entry, digest=block.digest, cost=cost, namespace=namespace)
+            if self.context.shared is not None:  # written to the replicas' Redis in the background
+                self.context.shared.write(self.bank, entry_id, block.digest, namespace, cost)
             if entry_id is not None:
                 self.siblings.add(block.parent, entry_id, tokens)
         self.siblings.sweep_if_large(self.bank.__contains__, len(self.bank))
@@ -257,24 +259,14 @@ class PrefixStrategy(RowLookup, GroupCall, Strategy):
         reused = sum(row.reused for row in rows)
         computed = sum(row.length - row.reused for row in rows)
         for layer in self.layers:
-            self.controller.stats_.record_compute(layer.name, computed, seconds / len(self.layers))
-        self.controller.record_lookup(lookup, self.bank, [layer.name for layer in self.layers], (reused, computed))
+            self.context.counters.record_compute(layer.name, computed, seconds / len(self.layers))
+        self.context.record_lookup(lookup, self.bank, [layer.name for layer in self.layers], (reused, computed))
 
     # --- persistence ----------------------------------------------------------------------------------------------
-    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        PrefixBlock.validate(values, self.shape)
-
-    def check_state(self, bank_name: str, state: dict[str, torch.Tensor]) -> BankState:
-        parsed = super().check_state(bank_name, state)
-        if any(digest is None for digest in parsed.digests.values()):
-            raise ValueError("every prefix entry needs its chain digest.")
-        return parsed
-
     def banks_replaced(self) -> None:
         """After a load (or a clear), index the siblings of the bank's entries: a warm cache's children become
         findable, and a cleared bank's hints go."""
-        blocks = [(i, PrefixBlock.from_tensors(values)) for i, values in self.bank.items()]
-        self.siblings.replace([(block.parent, i, block.tokens) for i, block in blocks])
+        self.siblings.replace([(block.parent, i, block.tokens) for i, block in self.bank.items()])
 
 
 def _token_count(arguments: dict[str, Any]) -> int:

@@ -39,24 +39,3 @@ alignment), :mod:`.search` (finding candidates, drawing the rows to verify), :mo
 rows, ``acceptance="argmax"``), :mod:`.entries` (the typed :class:`SemanticEntry`, storing, K/V packing),
 :mod:`.residual` and :mod:`.state` (the two forms of reuse).
 """
-
-from .alignment import Index, align_tokens, on_device
-from .entries import PREDICTION, SemanticEntry, check_prediction
-from .hook import SemanticLayerHook
-from .run import Candidate, LayerSlot, SemanticRun, Target
-from .strategy import SemanticStrategy
-
-__all__ = [
-    "PREDICTION",
-    "Candidate",
-    "Index",
-    "LayerSlot",
-    "SemanticEntry",
-    "SemanticLayerHook",
-    "SemanticRun",
-    "SemanticStrategy",
-    "Target",
-    "align_tokens",
-    "check_prediction",
-    "on_device",
-]

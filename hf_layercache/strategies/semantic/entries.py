@@ -17,7 +17,7 @@ from .run import LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
-    from ...controller import LayerCacheController
+    from ..base import StrategyContext
 
 PREDICTION = "prediction"
 """With ``acceptance="argmax"``, the entry field holding its request's prediction (one int64; -1 until known)."""
@@ -107,13 +107,10 @@ class EntryStore:
     A mixin: the strategy sets these attributes in ``__init__``.
     """
 
-    controller: LayerCacheController
+    context: StrategyContext
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
-
-    def check_entry(self, bank_name: str, values: dict[str, torch.Tensor]) -> None:
-        SemanticEntry.validate(values, hidden_size=self.controller.spec.hidden_size)
 
     def _store(
         self,
@@ -130,7 +127,7 @@ class EntryStore:
         if run.with_kv and not writes:
             return  # an entry without the layer's K/V could not serve a request that needs them
         bank = self.banks[slot.layer.name]
-        seconds = self.controller.stats_.seconds_per_row(slot.layer.name)
+        seconds = self.context.counters.seconds_per_row(slot.layer.name)
         for row in rows:
             if not run.exact[row]:
                 continue
@@ -145,7 +142,7 @@ class EntryStore:
                 observations=self._observations_of(bank, run.digests[row]) if self.error_bound is not None else None,
                 prediction=torch.full((1,), -1, dtype=torch.long) if self.config.acceptance == "argmax" else None,
             )
-            bank.put(entry.to_tensors(), digest=run.digests[row], key=keys[row], cost=seconds, namespace=run.namespace)
+            bank.put(entry, digest=run.digests[row], key=keys[row], cost=seconds, namespace=run.namespace)
 
     @staticmethod
     def _row_write(write: KVWrite, row: int, pos) -> KVWrite:
@@ -159,7 +156,7 @@ class EntryStore:
         """A new entry's observations: those of the entry of the same input it replaces, if any, else none."""
         entry_id = bank.find(digest)
         old = bank.get(entry_id) if entry_id is not None else None
-        return old[OBSERVATIONS].clone() if old is not None and OBSERVATIONS in old else new_observations()
+        return old.observations.clone() if old is not None and old.observations is not None else new_observations()
 
     @staticmethod
     def _tokens(run: SemanticRun, row: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from ...kv import KVWrite, find_cache, record_kv_writes
 from ...layers import CachedLayer, select_rows
-from ..base import LayerHook
+from ..stack import LayerHook
 from .run import LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 class SemanticLayerHook(LayerHook):
     def __init__(self, strategy: SemanticStrategy, layer: CachedLayer, position: int, rank: int):
-        super().__init__(strategy, layer, position)
+        super().__init__(layer, position, strategy.start_run, strategy.context.counters)
+        self.strategy = strategy
         self.slot = LayerSlot(layer, position, rank)
 
     def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
@@ -44,7 +45,7 @@ class SemanticLayerHook(LayerHook):
         seconds = time.perf_counter() - start
         self.observe(out)
         computed = out[0] if isinstance(out, tuple) else out
-        self.strategy.controller.stats_.record_compute(self.layer.name, len(rows), seconds)
+        self.counters.record_compute(self.layer.name, len(rows), seconds)
         if len(rows) == run.batch:
             return computed, writes
         full = hidden.clone()

@@ -16,7 +16,7 @@ from .run import Candidate, LayerSlot, SemanticRun
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
-    from ...controller import LayerCacheController
+    from ..base import StrategyContext
 
 _CANDIDATES = 4
 """Nearest entries of the row's tenant examined per row: the best may fail to align."""
@@ -30,7 +30,7 @@ class EntrySearch:
     A mixin: the strategy sets these attributes in ``__init__``.
     """
 
-    controller: LayerCacheController
+    context: StrategyContext
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
@@ -54,8 +54,7 @@ class EntrySearch:
             for score, entry_id in zip(row_scores, row_ids, strict=True):
                 if entry_id < 0 or score < threshold - _TOLERANCE:
                     break
-                values = bank.get(entry_id, run.namespace)
-                entry = SemanticEntry.from_tensors(values) if values is not None else None
+                entry = bank.get(entry_id, run.namespace)
                 index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
                 if index is None:
                     continue
@@ -123,4 +122,4 @@ class EntrySearch:
     def _record_lookup(self, slot: LayerSlot, run: SemanticRun, served: dict[int, Candidate]) -> None:
         """The rows ``served`` hit in ``slot``'s layer; every other row (verified ones too) is computed there."""
         lookup = Lookup([(c.entry_id, c.score) for c in served.values()], missed=run.batch - len(served))
-        self.controller.record_lookup(lookup, self.banks[slot.layer.name], [slot.layer.name])
+        self.context.record_lookup(lookup, self.banks[slot.layer.name], [slot.layer.name])

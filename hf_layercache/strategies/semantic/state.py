@@ -18,7 +18,7 @@ from .search import _TOLERANCE
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
-    from ...controller import LayerCacheController
+    from ..base import StrategyContext
 
 
 class StateReuse:
@@ -29,7 +29,7 @@ class StateReuse:
     (:mod:`.search`), verification and storing.
     """
 
-    controller: LayerCacheController
+    context: StrategyContext
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     fingerprint: Fingerprint
@@ -96,11 +96,11 @@ class StateReuse:
             if here:
                 jumped = [s.layer.name for s in layers if s.position <= target_slot.position]
                 lookup = Lookup([(c.entry_id, c.score) for c in here])
-                self.controller.record_lookup(lookup, self.banks[target_slot.layer.name], jumped)
+                self.context.record_lookup(lookup, self.banks[target_slot.layer.name], jumped)
                 computed_after = [s.layer.name for s in layers if s.position > target_slot.position]
-                self.controller.record_lookup(Lookup(missed=len(here)), None, computed_after)
+                self.context.record_lookup(Lookup(missed=len(here)), None, computed_after)
         missed = Lookup(missed=run.batch - len(live))
-        self.controller.record_lookup(missed, self.banks[slot.layer.name], [s.layer.name for s in layers])
+        self.context.record_lookup(missed, self.banks[slot.layer.name], [s.layer.name for s in layers])
 
     def _targets(self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any]) -> dict[int, Target]:
         """For each row, the deepest cached layer of the stack with a usable entry (searched deepest first)."""
@@ -147,10 +147,10 @@ class StateReuse:
                 out.append(target.candidate.entry)
                 continue
             entry_id = bank.find(target.candidate.entry.source)
-            values = bank.get(entry_id) if entry_id is not None else None
-            if values is None:
+            entry = bank.get(entry_id) if entry_id is not None else None
+            if entry is None:
                 raise RuntimeError(
                     f"semantic: the K/V of {slot.layer.name} for a skipped row were evicted mid-request."
                 )
-            out.append(SemanticEntry.from_tensors(values))
+            out.append(entry)
         return out

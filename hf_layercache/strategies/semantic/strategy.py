@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ...fingerprints import Fingerprint
 from ...models import model_spec
 from ...registry import get_fingerprint, register_strategy
-from ...verified import OBSERVATIONS, ErrorBound
-from ..base import StackStrategy
-from .entries import EntryStore
+from ...verified import ErrorBound
+from ..stack import StackStrategy
+from .config import DEFAULT_FINGERPRINT, SemanticConfig
+from .entries import EntryStore, SemanticEntry
 from .hook import SemanticLayerHook
 from .residual import ResidualReuse
 from .run import LayerSlot, RunBuilding
 from .search import EntrySearch
 from .state import StateReuse
 from .verification import Verification
-
-if TYPE_CHECKING:
-    from ...config import LayerCacheConfig
-
-
-DEFAULT_FINGERPRINT = "minhash"
-"""The fingerprint ``fingerprint=None`` resolves to."""
 
 
 def default_fingerprint() -> str:
@@ -37,58 +29,10 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
 
     default_verify_fraction = 0.02
 
-    config_fields = (
-        "reuse",
-        "fingerprint_kwargs",
-        "verify_fraction",
-        "max_error_rate",
-        "acceptance",
-        "acceptance_cosine",
-        "max_unaligned",
-    )
+    config_class = SemanticConfig
 
-    @classmethod
-    def check_config(cls, config: LayerCacheConfig) -> None:
-        """Refuse bad values of the config fields this strategy declares (whichever strategy is selected)."""
-        if config.reuse not in ("residual", "state"):
-            raise ValueError(f"reuse={config.reuse!r} is not allowed; use 'residual' or 'state'.")
-        for name in ("verify_fraction", "max_unaligned"):
-            value = getattr(config, name)
-            if value is None and name == "verify_fraction":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
-        rate = config.max_error_rate
-        if rate is not None:
-            if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate < 1.0:
-                raise ValueError(f"max_error_rate must be a probability above 0 and below 1, or None, got {rate!r}.")
-            if config.strategy != "semantic":
-                raise ValueError(
-                    "max_error_rate applies to strategy='semantic' only; this config uses "
-                    f"strategy={config.strategy!r}."
-                )
-        if config.acceptance not in ("cosine", "argmax"):
-            raise ValueError(f"acceptance={config.acceptance!r} is not allowed; use 'cosine' or 'argmax'.")
-        if config.acceptance == "argmax" and (config.strategy != "semantic" or config.reuse != "state"):
-            raise ValueError(
-                "acceptance='argmax' judges the prediction a state hit serves, so it needs strategy='semantic' with "
-                f"reuse='state'; this config uses strategy={config.strategy!r}, reuse={config.reuse!r}."
-            )
-        cosine = config.acceptance_cosine
-        if isinstance(cosine, bool) or not isinstance(cosine, int | float) or not -1.0 <= cosine <= 1.0:
-            raise ValueError(f"acceptance_cosine must be a cosine similarity in [-1, 1], got {cosine!r}.")
-        kwargs = config.fingerprint_kwargs
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
-        if kwargs or config.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
-            name = config.fingerprint or DEFAULT_FINGERPRINT
-            try:
-                get_fingerprint(name)(**kwargs)
-            except TypeError as err:
-                raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
-
-    def __init__(self, controller):
-        super().__init__(controller)
+    def __init__(self, context):
+        super().__init__(context)
         self.reuse = self.config.reuse
         self.fingerprint: Fingerprint = get_fingerprint(self.config.fingerprint or DEFAULT_FINGERPRINT)(
             **self.config.fingerprint_kwargs
@@ -110,7 +54,8 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
         for rank, layer in enumerate(self.layers):
             position = stacks.get(layer.stack, 0)
             stacks[layer.stack] = position + 1
-            self.new_bank(layer.name, layer.device, n_banks=len(self.layers), key_dim=key_dim)
+            expected = {"hidden_size": self.context.spec.hidden_size}
+            self.new_bank(layer.name, layer.device, len(self.layers), SemanticEntry, expected=expected, key_dim=key_dim)
             hook = SemanticLayerHook(self, layer, position, rank)
             self.slots.append(hook.slot)
             self.hooks.replace_forward(layer.module, hook)
@@ -122,7 +67,7 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
     def banks_replaced(self) -> None:
         if self.error_bound is not None:
             for name, bank in self.banks.items():
-                self.error_bound.rebuild(name, [values.get(OBSERVATIONS) for _, values in bank.items()])
+                self.error_bound.rebuild(name, [entry.observations for _, entry in bank.items()])
 
     def _check_layers(self) -> None:
         for layer in self.layers:
@@ -144,7 +89,7 @@ class SemanticStrategy(RunBuilding, EntrySearch, Verification, EntryStore, Resid
             )
 
     def _hidden_size(self) -> int:
-        size = model_spec(self.controller.model).hidden_size
+        size = model_spec(self.context.model).hidden_size
         if not isinstance(size, int):
             raise ValueError("strategy='semantic' needs the model's hidden size (config.hidden_size) to size its keys.")
         return size

@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...bank import CacheBank
+from ...events import Verdict
 from ...request import RequestScope
-from ...verified import OBSERVATIONS, ErrorBound
+from ...verified import ErrorBound
 from .alignment import on_device
-from .entries import PREDICTION
+from .entries import SemanticEntry
 from .run import Candidate, LayerSlot, SemanticRun
 from .search import _TOLERANCE
 
 if TYPE_CHECKING:
     from ...config import LayerCacheConfig
-    from ...controller import LayerCacheController
+    from ..base import StrategyContext
 
 
 class Verification:
@@ -27,7 +28,7 @@ class Verification:
     A mixin: the strategy sets these attributes in ``__init__``.
     """
 
-    controller: LayerCacheController
+    context: StrategyContext
     config: LayerCacheConfig
     banks: dict[str, CacheBank]
     error_bound: ErrorBound | None
@@ -42,7 +43,6 @@ class Verification:
     ) -> None:
         """Judge the verified hits against what the layer computed: the relative error goes to the policy, the
         ``acceptance`` verdict (now for ``"cosine"``, once the output is known for ``"argmax"``) to :meth:`_judge`."""
-        bank = self.banks[slot.layer.name]
         for row, candidate in verified.items():
             pos = on_device(run.positions[row], hidden.device)
             value = candidate.entry.value.to(device=hidden.device, dtype=torch.float32)
@@ -50,7 +50,6 @@ class Verification:
             approx = (hidden[row, pos].float() + value if candidate.entry.kind == "delta" else value).flatten()
             exact = true[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
-            bank.record_error(candidate.entry_id, error)
             if self.config.acceptance == "argmax":
                 run.pending.append((row, candidate, error))
                 continue
@@ -60,14 +59,17 @@ class Verification:
     def _judge(self, candidate: Candidate, error: float, acceptable: bool) -> None:
         """Record a verdict in the stats and, with ``max_error_rate``, in the entry that would have served, or in the
         entry of the same input that has replaced it since (it took over the observations)."""
-        self.controller.stats_.record_error(candidate.bank, error, acceptable, explored=candidate.explore)
+        verdict = Verdict(candidate.entry_id, error, acceptable, explored=candidate.explore)
+        self.context.record_verdict(verdict, self.banks[candidate.bank], candidate.bank)
         if self.error_bound is None:
             return
         bank, bound = self.banks[candidate.bank], self.error_bound
         entry_id = bank.find(candidate.entry.source)
 
-        def observe(values: dict[str, torch.Tensor] | None) -> None:
-            bound.observe(candidate.bank, (values or {}).get(OBSERVATIONS), candidate.score, acceptable)
+        def observe(entry: SemanticEntry | None) -> None:
+            bound.observe(
+                candidate.bank, entry.observations if entry is not None else None, candidate.score, acceptable
+            )
 
         if entry_id is None or not bank.update(entry_id, observe):
             observe(None)  # the entry is gone: the layer still learns from the verdict
@@ -96,7 +98,7 @@ class Verification:
             for bank in self.banks.values():
                 entry_id = bank.find(run.digests[row])
                 if entry_id is not None:
-                    bank.update(entry_id, lambda values, p=prediction: _record_prediction(values, p))
+                    bank.update(entry_id, lambda entry, p=prediction: _record_prediction(entry, p))
 
     def _predictions(self, run: SemanticRun, output: Any) -> list[int | None]:
         """Each row's prediction: the argmax of its logits, for per-token logits at its last real token (they may
@@ -105,7 +107,7 @@ class Verification:
         if not isinstance(logits, torch.Tensor):
             raise ValueError(
                 "acceptance='argmax' judges the prediction of the model's task head, output.logits, but "
-                f"{type(self.controller.model).__name__} returned none. Load the model with a head "
+                f"{type(self.context.model).__name__} returned none. Load the model with a head "
                 "(AutoModelForSequenceClassification, AutoModelForCausalLM, ...) and keep return_dict=True, or use "
                 "acceptance='cosine'."
             )
@@ -122,6 +124,6 @@ class Verification:
         return out
 
 
-def _record_prediction(values: dict[str, torch.Tensor], prediction: int) -> None:
-    if PREDICTION in values:
-        values[PREDICTION].fill_(prediction)
+def _record_prediction(entry: SemanticEntry, prediction: int) -> None:
+    if entry.prediction is not None:
+        entry.prediction.fill_(prediction)

@@ -5,76 +5,59 @@ The local bank stays tier one, with its policy and budget. A strategy hands the 
 into the local bank, where the strategy's own lookup then finds it. :meth:`SharedTier.write` queues an entry the
 strategy just computed and stored for the background writer.
 
-A Redis key is ``<key_prefix>:v1:<model>:<strategy>:<bank>:<namespace tag>:<digest>``. ``<model>`` hashes what an
-entry's meaning depends on beyond its digest: the model identity warm caches record (:mod:`hf_layercache.identity`:
-class, dtype, every byte of the weights, the forward config, ``storage_dtype``), the cached layers, the strategy and
-its fields (``block_size``). The active adapter set is part of the namespace tag (the request's key space).
-So two models, two layer selections or two tenants never meet, and new weights start a fresh key space.
+A Redis key is ``<key_prefix>:v1:<key space>:<strategy>:<bank>:<namespace tag>:<digest>``. The key space hashes
+what an entry's meaning depends on beyond its digest (the cache builds it: the model identity of
+:mod:`hf_layercache.identity`, the cached layers, the strategy and its own fields), and the namespace tag carries the
+tenant and the active adapter set. So two models, two layer selections, two tenants or two adapters never meet, and
+new weights start a fresh key space. Nothing here knows a strategy: a value is checked as the bank's entry type
+(``validate``), the bank's dtype and finiteness, plus an optional check the strategy passes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..entries import StoredEntry, check_finite
 from ..integrity import resolve_key
-from ..strategies.base import _check_finite
 from .client import RedisClient
 from .codec import decode, encode
 from .settings import parse_settings
 
 if TYPE_CHECKING:
     from ..bank import CacheBank
-    from ..controller import LayerCacheController
+    from ..config import LayerCacheConfig
 
 Check = Callable[[bytes, dict[str, torch.Tensor]], None]
-"""A strategy's check of one entry found under a digest (its typed entry's ``validate``), raising ``ValueError``."""
+"""A strategy's extra check of one entry found under a digest, raising ``ValueError``."""
 
 
 class SharedTier:
     """The shared store of one model's cache (``model.layer_cache.shared``)."""
 
-    def __init__(self, controller: LayerCacheController):
-        config = controller.config
+    def __init__(self, config: LayerCacheConfig, key_space: Callable[[], str], model_dtype: Callable[[], torch.dtype]):
+        """``key_space()``: the current key space (recomputed by the cache when the model changes); ``model_dtype()``:
+        the dtype entries hold without a ``storage_dtype``."""
         self.settings = parse_settings(config.shared_store, config.shared_store_kwargs)
         self.client = RedisClient(self.settings)
-        self._controller = controller
+        self._strategy = config.strategy
+        self._key_space = key_space
+        self._model_dtype = model_dtype
         self._secret = resolve_key(config.integrity_key)
-        self._model: tuple[dict, str] | None = None
 
     # --- keys -----------------------------------------------------------------------------------------------------
-    def model_key(self) -> str:
-        """The hash of everything an entry's meaning depends on beyond its digest (see the module docstring);
-        recomputed when the controller's identity is (after the weights changed)."""
-        controller = self._controller
-        identity = controller.identity
-        if self._model is None or self._model[0] is not identity:
-            config = controller.config
-            fields = type(controller.strategy).config_fields
-            described = {
-                "identity": identity.key(),
-                "layers": [layer.name for layer in controller.layers],
-                "strategy": config.strategy,
-                "fields": {name: getattr(config, name) for name in fields if not name.startswith("shared_store")},
-            }
-            text = json.dumps(described, sort_keys=True, default=str).encode()
-            self._model = (identity, hashlib.blake2b(text, digest_size=16).hexdigest())
-        return self._model[1]
-
     def redis_key(self, bank: str, namespace: int, digest: bytes) -> str:
-        strategy = self._controller.config.strategy
-        return f"{self.settings.key_prefix}:v1:{self.model_key()}:{strategy}:{bank}:{namespace:016x}:{digest.hex()}"
+        space = self._key_space()
+        return f"{self.settings.key_prefix}:v1:{space}:{self._strategy}:{bank}:{namespace:016x}:{digest.hex()}"
 
     # --- the two calls strategies make ----------------------------------------------------------------------------
     def fill(
-        self, bank: CacheBank, digests: list[bytes], namespace: int, check: Check
-    ) -> list[tuple[bytes, int, dict[str, torch.Tensor]]]:
+        self, bank: CacheBank, digests: list[bytes], namespace: int, check: Check | None = None
+    ) -> list[tuple[bytes, int, StoredEntry]]:
         """Ask Redis, in one round trip, for the ``digests`` ``bank`` lacks; put each valid value found into the
-        bank. Returns ``(digest, entry id, stored values)`` of each entry put. A value that fails a check is a miss
+        bank. Returns ``(digest, entry id, stored entry)`` of each entry put. A value that fails a check is a miss
         and is deleted from Redis."""
         wanted = [digest for digest in dict.fromkeys(digests) if bank.find(digest) is None]
         keys = [self.redis_key(bank.name, namespace, digest) for digest in wanted]
@@ -94,7 +77,7 @@ class SharedTier:
                 self.client.warn_refused(key, str(err))
                 self.client.submit((key, None))
                 continue
-            entry_id = bank.put(values, digest=digest, cost=cost, namespace=namespace)
+            entry_id = bank.put(bank.entry_type.from_tensors(values), digest=digest, cost=cost, namespace=namespace)
             stored = bank.get(entry_id) if entry_id is not None else None
             if stored is not None:
                 filled.append((digest, entry_id, stored))
@@ -104,22 +87,25 @@ class SharedTier:
     def write(self, bank: CacheBank, entry_id: int | None, digest: bytes, namespace: int, cost: float) -> None:
         """Queue the entry the strategy just stored in ``bank`` to be written to Redis in the background (its stored
         tensors are not changed afterwards; they are serialised in the writer thread)."""
-        values = bank.get(entry_id) if entry_id is not None else None
-        if values is None:
+        entry = bank.get(entry_id) if entry_id is not None else None
+        if entry is None:
             return
+        values = entry.to_tensors()
         key, secret = self.redis_key(bank.name, namespace, digest), self._secret
         self.client.submit((key, lambda: encode(values, key, cost, secret)))
 
     # --- checks ---------------------------------------------------------------------------------------------------
-    def _check(self, bank: CacheBank, digest: bytes, values: dict[str, torch.Tensor], check: Check) -> None:
-        """``ValueError`` unless the value is an entry this model could have stored: the strategy's check of its
-        fields and shapes, every float in the dtype the bank stores, and no NaN or infinity."""
-        check(digest, values)
-        dtype = bank.storage_dtype or getattr(torch, str(self._controller.identity.dtype), None)
+    def _check(self, bank: CacheBank, digest: bytes, values: dict[str, torch.Tensor], check: Check | None) -> None:
+        """``ValueError`` unless the value is an entry this model could have stored: the bank's entry type's fields
+        and shapes, the strategy's own check, every float in the dtype the bank stores, and no NaN or infinity."""
+        bank.entry_type.validate(values, **bank.expected)
+        if check is not None:
+            check(digest, values)
+        dtype = bank.storage_dtype or self._model_dtype()
         for name, tensor in values.items():
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 raise ValueError(f"{name!r} is {tensor.dtype}; this model's entries hold {dtype}")
-        _check_finite(values)
+        check_finite(values)
 
     # --- reporting and lifetime -----------------------------------------------------------------------------------
     def report(self) -> dict[str, int]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..strategies.prefix.block import PrefixBlock
-from ..strategies.prefix.chain import chain_digests, chain_step
+from .block import PrefixBlock
+from .chain import chain_digests, chain_step
 
 if TYPE_CHECKING:
-    from ..strategies.prefix.rows import Row
-    from ..strategies.prefix.strategy import PrefixStrategy
+    from .rows import Row
+    from .strategy import PrefixStrategy
 
 
 def fetch_blocks(strategy: PrefixStrategy, rows: list[Row], root: bytes, namespace: int) -> None:
@@ -30,11 +30,9 @@ def fetch_blocks(strategy: PrefixStrategy, rows: list[Row], root: bytes, namespa
             digests.append(chain_step(chain[-1] if chain else root, row.tokens[len(chain) * size :]))
 
     def check(digest: bytes, values) -> None:
-        strategy.check_entry(strategy.bank.name, values)
         block = PrefixBlock.from_tensors(values)
         if chain_step(block.parent, block.tokens) != digest:
             raise ValueError("its parent and tokens do not hash to the key it was stored under")
 
-    for _, entry_id, values in strategy.controller.shared.fill(strategy.bank, digests, namespace, check):
-        block = PrefixBlock.from_tensors(values)
+    for _, entry_id, block in strategy.context.shared.fill(strategy.bank, digests, namespace, check):
         strategy.siblings.add(block.parent, entry_id, block.tokens)

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from ...bank import CacheBank, Lookup
+from ...bank import CacheBank
 from ...entries import StoredEntry, refuse_unknown, require
+from ...events import Lookup
 from ...kv import find_cache
 from ...request import namespace_tag
 from .digests import RowKey
@@ -97,8 +98,7 @@ class RequestPath:
         rows: list[tuple[int, RequestEntry]] = []
         for key in keys:
             entry_id = self.bank.find(self._digest(key, signature))
-            values = self.bank.get(entry_id, tag) if entry_id is not None else None
-            entry = RequestEntry.from_tensors(values) if values is not None else None
+            entry = self.bank.get(entry_id, tag) if entry_id is not None else None
             if entry is None or entry.layout != key.layout or set(entry.fields) != set(names):
                 return None
             rows.append((entry_id, entry))
@@ -121,7 +121,7 @@ class RequestPath:
         tag = namespace_tag(namespace)
         for row, key in enumerate(keys):
             entry = RequestEntry({name: output[name][row] for name in names}, key.layout)
-            self.bank.put(entry.to_tensors(), digest=self._digest(key, signature), namespace=tag)
+            self.bank.put(entry, digest=self._digest(key, signature), namespace=tag)
 
     def clear(self) -> None:
         self.bank.clear()

@@ -9,6 +9,7 @@ use for reads; the refused writes are counted.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -91,6 +92,7 @@ class RedisClient:
         )
         self._writer.start()
         weakref.finalize(self, self._queue.put, _STOP)
+        _LIVE.add(self)
 
     # --- counters and the breaker ---------------------------------------------------------------------------------
     def count(self, **changes: int) -> None:
@@ -216,6 +218,19 @@ class RedisClient:
         written = sum(size for size, r in zip(sizes, results, strict=True) if not isinstance(r, Exception))
         dropped = sum(1 for size, r in zip(sizes, results, strict=True) if size and isinstance(r, Exception))
         self.count(shared_errors=max(0, len(refused) - 1), shared_bytes_written=written, shared_dropped=dropped)
+
+
+_LIVE: weakref.WeakSet[RedisClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_writers() -> None:
+    """At interpreter exit, send what is queued and end every writer thread while Python still runs: a daemon thread
+    woken during finalisation is unwound by ``pthread_exit``, which aborted the process ("terminate called without an
+    active exception") in about 1 run in 16 here."""
+    for client in list(_LIVE):
+        if client._writer.is_alive():
+            client.close()
 
 
 def _write_loop(jobs: queue.Queue, owner: Callable[[], Any]) -> None:

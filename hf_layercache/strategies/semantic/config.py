@@ -1,0 +1,104 @@
+"""The semantic strategy's own config fields (torch-free: the command line's ``inspect`` reads them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...config import LayerCacheConfig, StrategyConfig, check_number
+from ...registry import FINGERPRINTS
+
+DEFAULT_FINGERPRINT = "minhash"
+"""Token overlap: on real documents it never matched unrelated ones (docs/semantic.md)."""
+
+
+@dataclass
+class SemanticConfig(StrategyConfig):
+    """``strategy="semantic"``: approximate layer reuse for similar inputs, LLMCache (docs/semantic.md)."""
+
+    reads = ("backend", "backend_kwargs", "threshold", "verify_fraction")
+
+    fingerprint: str | None = None
+    """How inputs become key vectors for approximate strategies; ``None`` lets the strategy choose (``semantic``:
+    ``"minhash"``, token overlap, which on real documents never matched unrelated ones; see docs/semantic.md)."""
+
+    fingerprint_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the fingerprint class, e.g. ``{"dim": 128}`` or ``{"layers": 2}`` for ``probe``."""
+
+    reuse: str = "state"
+    """How the ``semantic`` strategy reuses a similar earlier input's layer: ``"state"`` (the LLMCache paper)
+    replaces the state with the earlier input's and jumps to the deepest layer that hits, so the answer is the earlier
+    input's; ``"residual"`` adds that input's layer update (output minus input) to the new input's own state, so the
+    new input's information is kept. ``"state"`` is the default: faster at equal or better fidelity on the benchmark
+    in docs/semantic.md, which compares them."""
+
+    max_error_rate: float | None = None
+    """Error-bounded semantic reuse (vCache): the largest probability, above 0 and below 1, that a served hit is
+    unacceptable (see ``acceptance``). Each entry learns from verified requests how its similarity relates to
+    acceptable reuse, and a hit is served only when the estimated probability of an unacceptable result stays under
+    this rate; otherwise the request computes (and the answer teaches the entry). ``threshold`` then only preselects
+    the candidates (the nearest entry at or above it), keeping the learned model to similarities where reuse can be
+    right. ``None``: the static ``threshold`` alone decides."""
+
+    acceptance: str = "cosine"
+    """How a verified hit is judged acceptable, for ``max_error_rate`` and the observed error rate ``stats()``
+    reports: ``"cosine"``, the state it would have served is close to the computed one (``acceptance_cosine``), or
+    ``"argmax"``, the model's prediction (the argmax of ``output.logits``: a classifier's class, a causal LM's next
+    token after the last real token) is the one the entry's own request got, which is what a state hit serves. It needs
+    a model with a task head and ``reuse="state"``."""
+
+    acceptance_cosine: float = 0.95
+    """With ``acceptance="cosine"``, when a verified hit counts as acceptable: the cosine between the state it would
+    have served and the computed one (the row's real tokens flattened together, at the layer where it is served) is
+    at least this (-1 to 1)."""
+
+    max_unaligned: float = 0.08
+    """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
+    length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
+    with a KV cache always need equal lengths. A token without a counterpart is served a neighbour's state, so this
+    bounds the invented share of a hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference
+    id appended to a 70-token one (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
+
+    def __post_init__(self) -> None:
+        if self.fingerprint is not None and (
+            not isinstance(self.fingerprint, str) or self.fingerprint not in FINGERPRINTS
+        ):
+            raise ValueError(
+                f"fingerprint={self.fingerprint!r} is not available; allowed: {', '.join(FINGERPRINTS.names())}."
+            )
+        if self.reuse not in ("residual", "state"):
+            raise ValueError(f"reuse={self.reuse!r} is not allowed; use 'residual' or 'state'.")
+        check_number("max_unaligned", self.max_unaligned, 0.0, 1.0, what="a fraction in [0, 1]")
+        if self.max_error_rate is not None:
+            check_number(
+                "max_error_rate",
+                self.max_error_rate,
+                0.0,
+                1.0,
+                open_low=True,
+                open_high=True,
+                what="a probability above 0 and below 1, or None",
+            )
+        if self.acceptance not in ("cosine", "argmax"):
+            raise ValueError(f"acceptance={self.acceptance!r} is not allowed; use 'cosine' or 'argmax'.")
+        check_number("acceptance_cosine", self.acceptance_cosine, -1.0, 1.0, what="a cosine similarity in [-1, 1]")
+        kwargs = self.fingerprint_kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"fingerprint_kwargs must be a dict with string keys, got {kwargs!r}.")
+        if kwargs or self.fingerprint is not None:  # building one turns a misspelt kwarg into an error now
+            name = self.fingerprint or DEFAULT_FINGERPRINT
+            try:
+                FINGERPRINTS.get(name)(**kwargs)
+            except TypeError as err:
+                raise ValueError(f"fingerprint_kwargs={kwargs!r} do not fit fingerprint {name!r}: {err}") from None
+
+    def check_with(self, config: LayerCacheConfig) -> None:
+        if self.max_error_rate is not None and config.strategy != "semantic":
+            raise ValueError(
+                f"max_error_rate applies to strategy='semantic' only; this config uses strategy={config.strategy!r}."
+            )
+        if self.acceptance == "argmax" and (config.strategy != "semantic" or self.reuse != "state"):
+            raise ValueError(
+                "acceptance='argmax' judges the prediction a state hit serves, so it needs strategy='semantic' with "
+                f"reuse='state'; this config uses strategy={config.strategy!r}, reuse={self.reuse!r}."
+            )
