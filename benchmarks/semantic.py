@@ -95,9 +95,9 @@ def describe(config: LayerCacheConfig) -> tuple[str, str]:
     """The fingerprint and threshold a config resolves to (the strategy's choice when ``fingerprint=None``)."""
     if config.strategy != "semantic":
         return "-", "-"
-    from hf_layercache.strategies.semantic.strategy import default_fingerprint
+    from hf_layercache.strategies.semantic.config import DEFAULT_FINGERPRINT
 
-    return config.fingerprint or default_fingerprint(), str(config.threshold)
+    return config.fingerprint or DEFAULT_FINGERPRINT, str(config.threshold)
 
 
 def run_config(stream: str, name: str, config: LayerCacheConfig, plain, path: str, data: dict) -> Result:

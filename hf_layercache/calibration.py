@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 
 from .config import LayerCacheConfig
 from .controller import ATTRIBUTE
+from .hooks import HookRegistry
 from .kv import without_cache
 from .layers import ArgumentBinder, CachedLayer, select_layers
 from .registry import get_fingerprint
 from .strategies.semantic.alignment import align_tokens
-from .strategies.semantic.strategy import default_fingerprint
+from .strategies.semantic.config import DEFAULT_FINGERPRINT
 
 _MIN_PAIRS = 5
 """Pairs a threshold must be supported by; fewer and the layer stays at 1.0."""
@@ -82,7 +83,7 @@ def calibrate(
     if len({layer.stack for layer in layers}) != 1:
         raise ValueError("calibrate handles models whose cached layers form one stack; select one with `layers`.")
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(model)
-    fingerprint = get_fingerprint(base.fingerprint or default_fingerprint())(**base.fingerprint_kwargs)
+    fingerprint = get_fingerprint(base.fingerprint or DEFAULT_FINGERPRINT)(**base.fingerprint_kwargs)
     traces = _trace(model, layers, tokenizer, texts, max_length, progress)
     budget = (1.0 - target) / (len(layers) if base.reuse == "residual" else 1)
     thresholds = []
@@ -128,7 +129,9 @@ def _trace(
 
         return hook
 
-    handles = [layer.module.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    recording = HookRegistry()  # attached for the tracing pass only, removed exactly after it
+    for i, layer in enumerate(layers):
+        recording.forward_hook(layer.module, recorder(i), with_kwargs=True)
     traces = []
     device = next(model.parameters()).device
     try:
@@ -141,8 +144,7 @@ def _trace(
                 tokens = batch["input_ids"][0].tolist()
                 traces.append(_Trace(tokens, current["arguments"], current["inputs"], current["outputs"]))
     finally:
-        for handle in handles:
-            handle.remove()
+        recording.remove_all()
     return traces
 
 

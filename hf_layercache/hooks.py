@@ -113,9 +113,10 @@ class HookRegistry:
         undo = _set_instance_attribute(module, "forward", HookedForward(module, hook))
         self._attachments.append(Attachment("forward", f"{type(module).__name__}.forward", undo))
 
-    def forward_hook(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        """A torch forward hook (``fn(module, args, output)`` may replace the output)."""
-        handle = module.register_forward_hook(fn)
+    def forward_hook(self, module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = False) -> None:
+        """A torch forward hook (``fn(module, args, output)``, or ``fn(module, args, kwargs, output)`` with
+        ``with_kwargs``; it may replace the output)."""
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
         self._attachments.append(Attachment("forward_hook", f"{type(module).__name__} forward hook", handle.remove))
 
     def set_attribute(self, owner: Any, name: str, value: Any) -> None:

@@ -19,6 +19,16 @@ def gates(model):
     return model.layer_cache.stats()["attention_gate"]
 
 
+def ticking(model):
+    """Give every gate a clock that advances one second per reading: each timed span of the engine then lasts one
+    second, whatever the machine is doing, so the default attention measures 1 s per call and a missed cached call
+    (lookup, compute, store: three spans) 3 s. What the gate decides follows from the rule, not from the load."""
+    seconds = iter(range(10**9))
+    for gate in model.layer_cache.strategy.gates.values():
+        gate.clock = lambda: float(next(seconds))
+    return model
+
+
 def padded(arch, seed):
     batch = tiny_batch(arch, batch=2, length=12, seed=seed)
     batch["attention_mask"][1, -4:] = 0
@@ -31,7 +41,7 @@ def test_without_reuse_the_gate_runs_the_models_own_sdpa_with_no_bookkeeping(arc
     plain = tiny_model(arch)
     assert plain.config._attn_implementation == "sdpa"
     expected = [run(plain, batch) for batch in requests]
-    model = hf_layercache.enable(plain, LayerCacheConfig(strategy="attention", attention_gate_interval=1000))
+    model = ticking(hf_layercache.enable(plain, LayerCacheConfig(strategy="attention", attention_gate_interval=1000)))
     try:
         outputs = [run(model, batch) for batch in requests]
         layers = len(model.layer_cache.layers)
@@ -62,7 +72,8 @@ def test_without_reuse_the_gate_runs_the_models_own_sdpa_with_no_bookkeeping(arc
 
 def test_a_probe_that_finds_reuse_takes_the_cached_path_again():
     batch = tiny_batch("bert", batch=1, length=12)
-    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="attention", attention_gate_interval=4))
+    config = LayerCacheConfig(strategy="attention", attention_gate_interval=4)
+    model = ticking(hf_layercache.enable(tiny_model("bert"), config))
     try:
         for seed in range(5):  # two default calls, three cached ones: all misses, so the gate turns off
             run(model, tiny_batch("bert", batch=1, length=12, seed=100 + seed))

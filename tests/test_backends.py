@@ -25,9 +25,9 @@ VARIANTS = {
     "faiss": [
         {"index": "Flat", "background": False},
         {"index": "HNSW16", "ef_search": 32, "background": False},
-        {"index": "IVF8,Flat", "nprobe": 4, "train_size": 128, "background": False},
-        {"index": "IVF8,SQ8", "nprobe": 4, "train_size": 128},
-        {"index": "IVF8,Flat,RFlat", "nprobe": 4, "train_size": 128, "background": False},  # takes no ID selector
+        {"index": "IVF8,Flat", "nprobe": 4, "train_size": 312, "background": False},
+        {"index": "IVF8,SQ8", "nprobe": 4, "train_size": 312},
+        {"index": "IVF8,Flat,RFlat", "nprobe": 4, "train_size": 312, "background": False},  # takes no ID selector
     ],
     "annoy": [{"buffer_size": 32, "background": False}, {"buffer_size": 32}],
     "auto": [{"switch_at": 100}],
@@ -131,7 +131,8 @@ def test_faiss_compressed_index_reports_exact_cosines():
         ({"index": "HNSW32", "nprobe": 8}, "nprobe does not apply to index 'HNSW32'"),
         ({"index": "IVF64,Flat", "ef_search": 8}, "ef_search does not apply"),
         ({"ef_search": 0}, "ef_search must be a positive int"),
-        ({"index": "IVF64,Flat", "train_size": 10}, "train_size must be at least nlist=64"),
+        ({"index": "IVF64,Flat", "train_size": 10}, r"train_size must be at least 39 \* nlist = 2496"),
+        ({"index": "IVF8,Flat", "train_size": 128}, r"at least 39 \* nlist = 312"),
         ({"rebuild_ratio": 0}, "rebuild_ratio must be > 0"),
         ({"index": "NSG16,Flat"}, "builds its graph in one pass"),
     ],

@@ -105,3 +105,12 @@ def test_links_between_docs_resolve(page):
     text = (DOCS / page).read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)#:\s]+\.md)(?:#[^)]*)?\)", text):
         assert (DOCS / target).resolve().is_file(), f"{page} links to missing {target}"
+
+
+def test_every_page_is_linked_from_the_index_and_every_strategy_page_from_the_readme():
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    unlinked = [page.name for page in DOCS.glob("*.md") if page.name != "index.md" and f"({page.name}" not in index]
+    assert not unlinked, f"docs/index.md links no {unlinked}"
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    for page in ("semantic.md", "prefix.md", "attention.md"):
+        assert f"(docs/{page})" in readme, page

@@ -101,6 +101,42 @@ def served_like_uncached(model, layouts: list[dict]) -> None:
 ENCODERS_AND_DECODERS = ["bert", "roberta", "distilbert", "mpnet", "llama", "gpt2", "qwen2", "gemma3"]
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_text_twice_in_one_cold_batch_is_computed_once(arch):
+    """#31: a 200-text job with 14 in-batch duplicates computed them twice; the twin is now copied."""
+    model = hf_layercache.enable(tiny_model(arch), LayerCacheConfig(strategy="exact"))
+    batch = tiny_batch(arch, batch=3)
+    twice = {name: torch.cat([t, t[:1]]) for name, t in batch.items()}  # row 3 repeats row 0
+    options = {"use_cache": False} if arch == "llama" else {}  # with a KV cache a batch is computed whole
+    with model.layer_cache.bypass():
+        expected = run(model, twice, **options).last_hidden_state
+    served = run(model, twice, **options).last_hidden_state
+    layers = len(model.layer_cache.layers)
+    assert totals(model)["misses"] == 3 * layers and totals(model)["hits"] == layers
+    stack = next(bank for name, bank in model.layer_cache.banks.items() if name != "request")
+    assert len(stack) == 3
+    assert torch.equal(served[3], served[0])
+    mask = twice["attention_mask"]
+    for got, want in zip(real_rows(served, mask), real_rows(expected, mask), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_what_a_hit_gives_at_pad_positions_is_what_the_docs_say():
+    """The README's claim (#31): in the layout it was computed in, a hit is bit-identical, pads included; in another
+    layout, the real tokens equal uncached and the pads are zeros, so pooling must use the mask."""
+    model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="exact"))
+    batch = tiny_batch("bert")  # row 1 has two pads on the right
+    first = run(model, batch).last_hidden_state
+    assert torch.equal(run(model, batch).last_hidden_state, first)
+    wider = repadded(batch, 3, "right")
+    with model.layer_cache.bypass():
+        uncached = run(model, wider).last_hidden_state
+    served = run(model, wider).last_hidden_state
+    pads = wider["attention_mask"] == 0
+    assert served[pads].abs().max() == 0 and uncached[pads].abs().max() > 0.1
+    torch.testing.assert_close(served[~pads], uncached[~pads], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ENCODERS_AND_DECODERS)
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_a_text_hits_whatever_batch_and_padding_it_arrives_in(arch, padding):

@@ -123,7 +123,10 @@ def test_gradient_checkpointing_trains_as_uncached(reentrant):
         if enable:
             hf_layercache.enable(model, LayerCacheConfig(strategy="exact"))
             infer(model, batch)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.25 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
         model(**batch, labels=labels).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})

@@ -16,6 +16,8 @@ from ._store import IndexedBackend
 # 2048, so such indexes are rebuilt before tombstones pass this.
 _MAX_OVERSAMPLE = 1024
 _PARAMETERS = {"ef_search": "efSearch", "ef_construction": "efConstruction", "nprobe": "nprobe"}
+_POINTS_PER_LIST = 39
+"""Training points per inverted list FAISS's k-means asks for (it warns below it)."""
 # HNSW's beam width when none is given. In benchmarks/lookup.py at 100k keys, FAISS's own default of 16 found the
 # true best key for 89-93% of near-duplicate queries, 32 for 94-96%, 64 for 98% at about 5% more latency than 16.
 DEFAULT_EF_SEARCH = 64
@@ -217,10 +219,16 @@ def _apply(index: Any, settings: dict[str, int], index_string: str) -> None:
 def _train_size(template: Any, train_size: int | None) -> int:
     ivf = faiss.try_extract_index_ivf(template)
     if train_size is None:
-        return 39 * ivf.nlist if ivf is not None else 10_000
-    if not isinstance(train_size, int) or train_size < (ivf.nlist if ivf is not None else 1):
-        least = f"at least nlist={ivf.nlist}" if ivf is not None else "a positive int"
-        raise ValueError(f"FaissBackend: train_size must be {least}, got {train_size!r}.")
+        return _POINTS_PER_LIST * ivf.nlist if ivf is not None else 10_000
+    least = _POINTS_PER_LIST * ivf.nlist if ivf is not None else 1
+    if not isinstance(train_size, int) or isinstance(train_size, bool) or train_size < least:
+        wanted = (
+            f"at least {_POINTS_PER_LIST} * nlist = {least} (k-means with fewer points per list trains a poor index; "
+            "FAISS warns)"
+            if ivf is not None
+            else "a positive int"
+        )
+        raise ValueError(f"FaissBackend: train_size must be {wanted}, got {train_size!r}.")
     return train_size
 
 

@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command = importlib.import_module(f"{__name__}.{args.command}")  # only now: bench imports torch
         return getattr(command, f"run_{args.command}")(args)
+    except BrokenPipeError:  # the reader went away (| head): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's final flush is silent too
+        return 128 + 13  # 128 + SIGPIPE, the status of a tool that SIGPIPE ended
     except (CLIError, ValueError, OSError) as err:  # ValueError includes every LayerCacheFileError
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the library wrote
         print(f"hf-layercache: error: {message}", file=sys.stderr)

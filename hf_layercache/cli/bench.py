@@ -19,7 +19,18 @@ from tqdm.auto import tqdm
 from ..integration import disable, enable
 from .common import CLIError, cache_config, load_model, model_directory, output_directory
 from .data import read_texts, tokenize
-from .measure import LOW_FIDELITY, _counters, _fidelity, _hit_rates, _overall, _timed, low_fidelity_warning, pooled
+from .measure import (
+    LOW_FIDELITY,
+    NOISE_TOLERANCE,
+    _counters,
+    _fidelity,
+    _hit_rates,
+    _overall,
+    _timed,
+    low_fidelity_warning,
+    pooled,
+    too_noisy,
+)
 from .plots import _pyplot, write_plots
 
 LOSSLESS = ("exact", "prefix")
@@ -87,6 +98,7 @@ def run_bench(args: argparse.Namespace) -> int:
             label = f"{config.strategy} pass {number}" + (f", threshold {threshold}" if threshold is not None else "")
             runs.append({"threshold": threshold, "pass": number, **_stream(model, batches, label)})
     results = _bench_results(args, path, texts, model, runs)
+    replaced = (out / "results.json").exists()
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(_bench_table(runs))
@@ -95,8 +107,25 @@ def run_bench(args: argparse.Namespace) -> int:
         warning = low_fidelity_warning(what, r["fidelity"], len(texts))
         if warning is not None:
             print(warning)
-    print(f"wrote {out / 'results.json'} and {', '.join(results['plots'])}")
+    note = uncached_spread_note(runs)
+    if note is not None:
+        print(note)
+    written = f"{out / 'results.json'} and {', '.join(results['plots'])}"
+    print(f"wrote {written}" + (", replacing those of an earlier run there" if replaced else ""))
     return 0
+
+
+def uncached_spread_note(runs: list[dict]) -> str | None:
+    """A warning when the uncached side, which does the same work in every run, took times too spread to compare
+    the runs' speeds (a threshold sweep on a busy machine), else ``None``."""
+    times = [r["uncached_seconds"] for r in runs]
+    if len(times) < 2 or not too_noisy(times):
+        return None
+    return (
+        f"note: the uncached side did the same work in every run but took {min(times):.2f}s to {max(times):.2f}s "
+        f"(beyond +-{NOISE_TOLERANCE:.0%} of the median): the machine was busy, so speeds that differ by as much "
+        "between runs are noise, not the thresholds or passes. Rerun on an idle machine or with OMP_NUM_THREADS=1."
+    )
 
 
 def _bench_results(args, path: Path, texts: list[str], model, runs: list[dict]) -> dict[str, Any]:

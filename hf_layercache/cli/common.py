@@ -115,6 +115,10 @@ def load_model(path: Path, config: LayerCacheConfig, model_class: str = "AutoMod
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders often ship without one; the mask hides padding anyway
     saved = LayerCacheConfig.from_json_file(path / CONFIG_NAME) if has_cache(path) else None
-    model = cls.from_pretrained(path, local_files_only=True, layer_cache=saved).eval()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar before every table
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, layer_cache=saved).eval()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
     disable(model)
     return enable(model, config), tokenizer

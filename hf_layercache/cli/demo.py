@@ -13,7 +13,17 @@ from ..config import LayerCacheConfig
 from ..integration import disable, enable
 from ..registry import available_strategies
 from .common import CLIError, library, load_model, model_directory
-from .measure import LOW_FIDELITY, _counters, _fidelity, _overall, _timed, low_fidelity_warning, pooled
+from .measure import (
+    LOW_FIDELITY,
+    NOISE_TOLERANCE,
+    _counters,
+    _fidelity,
+    _overall,
+    _timed,
+    low_fidelity_warning,
+    pooled,
+    too_noisy,
+)
 
 DEMO_TEXTS = [
     "The cat sat on the mat near the door.",
@@ -86,25 +96,14 @@ def _demo_pass(model, batch: dict, reference: torch.Tensor, cached_first: bool) 
     }
 
 
-NOISE_TOLERANCE = 0.25
-"""A row's speed ratios are too spread to read when one repeat's lies more than this fraction of their median away
-from it (outside 0.75x to 1.25x the median)."""
-
-
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Per key, the median over repeats; ``speed`` is the median of per-repeat ratios, each from adjacent timings,
-    with their lowest and highest (``speed_min``, ``speed_max``) and whether they are too spread (``noisy``)."""
+    """Per key, the median over repeats; ``speed`` is the printed median uncached time over the printed median
+    cached time (so it follows from the two times shown beside it), with the lowest and highest per-repeat ratio,
+    each from adjacent timings (``speed_min``, ``speed_max``), and whether those are too spread (``noisy``)."""
     summary = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     ratios = [run["speed"] for run in runs]
+    summary["speed"] = summary["uncached"] / summary["cached"]
     return {**summary, "speed_min": min(ratios), "speed_max": max(ratios), "noisy": too_noisy(ratios)}
-
-
-def too_noisy(ratios: list[float], tolerance: float = NOISE_TOLERANCE) -> bool:
-    """True when some ratio lies more than ``tolerance`` times the median away from the median: the repeats
-    disagree by more than the effect a reader would look for, so the median says little. One ratio is never noisy
-    (there is no spread to judge)."""
-    median = statistics.median(ratios)
-    return any(abs(ratio - median) > tolerance * median for ratio in ratios)
 
 
 def noise_note(rows: list[tuple[str, str, dict[str, float], str]], repeats: int) -> str | None:
@@ -163,11 +162,11 @@ def run_demo(args: argparse.Namespace) -> int:
         ("similar pass", "exact", near, "one word changed per text: exact keys differ, so it misses"),
     ]
     if "semantic" in available_strategies():
-        from ..strategies.semantic.strategy import default_fingerprint
+        from ..strategies.semantic.config import DEFAULT_FINGERPRINT
 
         semantic = LayerCacheConfig(strategy="semantic")  # its defaults: what a user who only names it gets
         row = _semantic_row(model, semantic, original, similar, args.repeats)
-        key = f"{default_fingerprint()} fingerprint, threshold {semantic.threshold}"
+        key = f"{DEFAULT_FINGERPRINT} fingerprint, threshold {semantic.threshold}"
         note = f"originals cached, similar texts sent; {key}"
         rows.append(("similar pass", "semantic", row, note))
     print(

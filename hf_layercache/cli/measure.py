@@ -3,6 +3,7 @@ fidelity, the cosine similarity of mean-pooled cached and uncached outputs."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,3 +63,16 @@ def low_fidelity_warning(what: str, fidelity: dict[str, float], texts: int) -> s
         f"{fidelity['min']:.3f}): those answers are not the uncached ones. Raise the threshold, or use max_error_rate "
         "(docs/semantic.md)."
     )
+
+
+NOISE_TOLERANCE = 0.25
+"""A row's speed ratios are too spread to read when one repeat's lies more than this fraction of their median away
+from it (outside 0.75x to 1.25x the median)."""
+
+
+def too_noisy(ratios: list[float], tolerance: float = NOISE_TOLERANCE) -> bool:
+    """True when some ratio lies more than ``tolerance`` times the median away from the median: the repeats
+    disagree by more than the effect a reader would look for, so the median says little. One ratio is never noisy
+    (there is no spread to judge)."""
+    median = statistics.median(ratios)
+    return any(abs(ratio - median) > tolerance * median for ratio in ratios)

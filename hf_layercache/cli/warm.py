@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..persistence import read_header
 from .common import cache_config, human_bytes, load_model, model_directory, output_directory
 from .data import read_texts, tokenize
 
@@ -27,8 +28,14 @@ def run_warm(args: argparse.Namespace) -> int:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     total = model.layer_cache.stats()["total"]
-    print(
-        f"warmed {len(texts)} texts in {seconds:.1f}s: {total['entries']} entries, {human_bytes(total['bytes'])} "
-        f"in {len(model.layer_cache.banks)} bank(s), hit rate while warming {total['hit_rate']:.1%}; saved to {out}"
+    saved = read_header(out)["banks"]  # what the directory holds, as `inspect` reports it
+    entries, nbytes = sum(b["entries"] for b in saved.values()), sum(b["bytes"] for b in saved.values())
+    line = (
+        f"warmed {len(texts)} texts in {seconds:.1f}s, hit rate while warming {total['hit_rate']:.1%}; saved "
+        f"{entries} entries, {human_bytes(nbytes)} in {len(saved)} bank(s) to {out}"
     )
+    if total["entries"] != entries:
+        unsaved = sorted(set(model.layer_cache.banks) - set(saved))
+        line += f" (in memory {total['entries']} entries: banks {unsaved} derive from the saved ones and refill)"
+    print(line)
     return 0

@@ -1,22 +1,32 @@
-"""``attention``: reuse of softmax attention maps across similar requests in prefill (AttnCache).
+"""``attention``: reuse of softmax attention maps across similar requests in prefill (AttnCache, docs/attention.md).
 
-How it works, per cached layer:
+Modules, in the order a request meets them (imports point one way: the strategy builds the others, none imports it):
 
-* The strategy registers one attention function with transformers' ``AttentionInterface`` and, under the same
-  name, a mask function with ``AttentionMaskInterface`` (without it, models built on ``masking_utils`` pass no mask
-  at all to a custom attention function). It selects them with ``model.set_attn_implementation``. All three go
-  through the model's hook registry, so ``disable`` puts the previous implementation back and unregisters the
-  functions after the last model.
-* Lookup: the layer's query and key states, mean-pooled over a few position segments and randomly projected (fixed
-  seed) to ``attention_key_dim`` dimensions, find the nearest stored maps through the configured backend.
-* Hit: the stored map ``A`` (all heads) stands in for ``softmax(QK^T)``; only ``A @ V`` is computed, ``Q``/``K``/``V``
-  are still projected (a decoder's KV cache stays exact). Per position, the new request's query and key states are
-  compared with the stored ones: rows whose query moved are computed exactly, columns whose key moved (or whose mask
-  differs) are rescored and their rows renormalised with the stored log-normaliser, so positions that did not move
-  are served exactly. A few reused rows are recomputed to verify the result (``attention_verify_rows``,
-  ``attention_max_error``); a candidate that fails is a miss.
-* Miss: eager attention (the models' own math) for the missed rows only; their maps are stored.
+* ``strategy.py`` — :class:`AttentionStrategy`: the wiring (``attach``) and the request entry point
+  (``begin_request``). Every attachment goes through the model's hook registry: the functions' registration, each
+  cached attention module's engine (an instance attribute) and the selected implementation.
+* ``registration.py`` — the two attachments outside the modules, as apply/undo pairs: the attention and mask
+  functions in transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` (one process-wide registration,
+  counted per model), and ``set_attn_implementation`` with every config's previous implementation put back.
+* ``request_state.py`` — the keys of the per-request state (prefill, maps asked for, namespace, mask patterns).
+* ``function.py`` — the registered functions: ``attention_forward`` (a cached module's call to its engine, any other
+  to eager math), ``boolean_mask`` (always a real boolean mask: for a name ``AttentionMaskInterface`` does not know,
+  models built on ``masking_utils`` would pass no mask at all) and ``default_attention`` (the model's own sdpa).
+* ``engine.py`` — :class:`CachedAttention`, one per cached layer: the gate's route, the lookup, hits served as
+  ``A @ V`` corrected where states moved, misses computed and stored. Built with everything it uses.
+* ``gate.py`` — per layer and length bucket, whether caching beats the model's own attention, as measured.
+* ``keys.py`` — the lookup keys (pooled, randomly projected query/key states); ``counters.py`` — how much of the
+  stored maps hits reused. One of each per model, shared by the engines.
+* ``rows.py`` — one request row against one stored entry: what moved, rescored columns, exact rows;
+  ``positions.py`` — sets of positions as runs, and what a row's mask says; ``eager.py`` — the models' own math and
+  the fused kernel that returns the normaliser; ``entry.py`` — the typed :class:`AttentionEntry`; ``config.py``.
 
-Decode steps (queries shorter than keys) and calls the cached path cannot take compute eagerly, as does every
-attention module the strategy does not cache (cross-attention, unselected layers). See docs/attention.md.
+A request: ``begin_request`` notes whether it is a prefill, whether it asks for the maps and its namespace; the model
+runs as usual, and each attention call reaches ``attention_forward``. A cached module's engine, in prefill and when
+its gate says to cache, looks every row up: a hit reuses the stored map where the row's query, key and value states
+did not move (rows whose query moved are computed, columns whose key or value moved or whose mask differs are
+rescored and renormalised with the stored log-normaliser), verified on a few rows per head; a miss computes the
+missed rows only and stores them (states, normaliser and output, no map). Decode steps and layers the gate turned
+off run the model's previous implementation (sdpa); bypassed requests and modules the strategy does not cache
+(cross-attention, unselected layers) run eager math.
 """

@@ -1,10 +1,15 @@
 """The hit / miss engine of one cached layer (:class:`CachedAttention`): find and verify a stored map to reuse for
-each request row, serve ``A @ V`` with its corrections, compute and store the misses."""
+each request row, serve ``A @ V`` with its corrections, compute and store the misses.
+
+The engine is built by the strategy (``attach``) with everything it uses: its layer, bank, gate and settings, the
+lookup keys and reuse counters shared by the model's layers, and the cache's counters and event sinks. It never
+sees the strategy, so it can be built and tested alone, and the package has no import circle."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,20 +18,22 @@ from ...bank import CacheBank
 from ...events import Lookup, Verdict
 from ...layers import CachedLayer
 from ...request import RequestScope
+from ...stats import CacheStats
+from .counters import ReuseCounters
 from .eager import attention_with_lse, repeat_kv
 from .entry import AttentionEntry
-from .function import WEIGHTS, default_attention
+from .function import default_attention
 from .gate import CACHED, MEASURED, Gate
-from .positions import _Positions
-from .rows import _distance, _Reuse, _Row
+from .keys import LookupKeys
+from .positions import Positions, request_patterns
+from .request_state import NAMESPACE_KEY, PREFILL, WEIGHTS
+from .rows import Reuse, Row, distance
 
-if TYPE_CHECKING:
-    from .strategy import AttentionStrategy
+RecordLookup = Callable[[Lookup, CacheBank, list[str]], None]
+"""``StrategyContext.record_lookup``: one lookup's decision, for the bank's policy and the layer's stats."""
+RecordVerdict = Callable[[Verdict, CacheBank, str], None]
+"""``StrategyContext.record_verdict``: what verifying a candidate found, for the bank's policy and the layer's stats."""
 
-# keys of the request scope's state: written by the strategy (``begin_request``, ``patterns``), read here
-_PREFILL = "attention.prefill"
-_NAMESPACE = "attention.namespace"
-_PATTERNS = "attention.patterns"
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
 """A candidate that would recompute more rows and columns than this fraction of the length, or more heads than this
@@ -48,16 +55,46 @@ class CachedAttention:
     preselects entries by the cosine of their pooled lookup keys).
     """
 
-    def __init__(self, strategy: AttentionStrategy, layer: CachedLayer, bank: CacheBank, threshold: float):
-        self.strategy = strategy
+    def __init__(
+        self,
+        layer: CachedLayer,
+        bank: CacheBank,
+        threshold: float,
+        *,
+        tolerance: float,
+        max_error: float,
+        verify_rows: int,
+        default_implementation: str,
+        gate: Gate,
+        keys: LookupKeys,
+        reuse: ReuseCounters,
+        counters: CacheStats,
+        record_lookup: RecordLookup,
+        record_verdict: RecordVerdict,
+    ):
         self.layer = layer
         self.bank = bank
         self.threshold = threshold
         """Least cosine of the pooled lookup keys for an entry to be considered."""
-        self.tolerance = strategy.config.attention_position_tolerance
-        """Largest relative change of a position's states for its row (query) or column (key) to be reused."""
-        self.gate = Gate(strategy.config.attention_gate_interval)
+        self.tolerance = tolerance
+        """``attention_position_tolerance``: largest relative change of a position's states for its row (query) or
+        column (key) to be reused."""
+        self.max_error = max_error
+        """``attention_max_error``: largest total variation distance of a verified row, per head."""
+        self.verify_rows = verify_rows
+        """``attention_verify_rows``: reused rows recomputed per candidate to check it (0: none)."""
+        self.default_implementation = default_implementation
+        """The attention implementation the model had before ``enable()``: what runs where the cache does not."""
+        self.gate = gate
         """Per length bucket, whether this layer caches or runs the model's default attention."""
+        self.keys = keys
+        """The lookup keys (shared by the model's cached layers)."""
+        self.reuse = reuse
+        """How much of the stored maps hits reused (shared by the model's cached layers)."""
+        self.counters = counters
+        """The cache's per-layer counters: computed and bypassed rows."""
+        self.record_lookup = record_lookup
+        self.record_verdict = record_verdict
 
     def __call__(
         self,
@@ -73,18 +110,18 @@ class CachedAttention:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         arguments = (scope, module, query, key, value, mask, scaling, softcap, kwargs)
         rows, length = query.shape[0], key.shape[-2]
-        if not scope.state.get(_PREFILL, False) or query.shape[-2] != length:
-            self.strategy.context.counters.record_bypass(self.layer.name, rows)
-            return default_attention(self.strategy.default_implementation, *arguments)
+        if not scope.state.get(PREFILL, False) or query.shape[-2] != length:
+            self.counters.record_bypass(self.layer.name, rows)
+            return default_attention(self.default_implementation, *arguments)
         want_maps = scope.state.get(WEIGHTS, False)
         route = CACHED if want_maps else self.gate.route(length, rows)
         keep = _keep_mask(module, mask, query.shape[-2], length) if route == CACHED else None
         if keep is None:  # the cache cannot gain here (or cannot take this mask): no bookkeeping
-            start = time.perf_counter()
-            out = default_attention(self.strategy.default_implementation, *arguments)
+            start = self.gate.clock()
+            out = default_attention(self.default_implementation, *arguments)
             if route == MEASURED:
-                self.gate.record_default(length, rows, time.perf_counter() - start)
-            self.strategy.context.counters.record_bypass(self.layer.name, rows)
+                self.gate.record_default(length, rows, self.gate.clock() - start)
+            self.counters.record_bypass(self.layer.name, rows)
             return out
         return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
 
@@ -100,40 +137,40 @@ class CachedAttention:
         want_maps: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cached path: look up, serve the hits, compute and store the misses; its costs go to the gate."""
-        start = time.perf_counter()
+        start = self.gate.clock()
         keep = keep.expand(query.shape[0], 1, -1, -1)
-        patterns = self.strategy.patterns(scope, keep)
+        patterns = request_patterns(scope.state, keep)
         rows = [
-            _Row(query[b], key[b], value[b], keep[b, 0], patterns[b], scaling, softcap, self.tolerance)
+            Row(query[b], key[b], value[b], keep[b, 0], patterns[b], scaling, softcap, self.tolerance)
             for b in range(query.shape[0])
         ]
-        keys = self.strategy.lookup_keys(query, key)
+        keys = self.keys(query, key)
         searched = len(self.bank) > 0
         reuses = self._reuses(scope, rows, keys)
         lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
-        self.strategy.context.record_lookup(lookup, self.bank, [self.layer.name])
-        looked_up = time.perf_counter()
+        self.record_lookup(lookup, self.bank, [self.layer.name])
+        looked_up = self.gate.clock()
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
-        served = time.perf_counter()
+        served = self.gate.clock()
         misses = [b for b in range(len(rows)) if b not in outputs]
         seconds = self._compute(scope, query, key, value, keep, rows, keys, misses, outputs, want_maps)
-        self.strategy.context.counters.record_compute(self.layer.name, len(misses), seconds)
-        computed = time.perf_counter()
+        self.counters.record_compute(self.layer.name, len(misses), seconds)
+        computed = self.gate.clock()
         output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
         maps = torch.stack([outputs[b][1] for b in range(len(rows))]) if want_maps else None
         if not want_maps:  # the maps cost extra: such calls say nothing about the usual cost
-            overhead = looked_up - start + time.perf_counter() - computed
+            overhead = looked_up - start + self.gate.clock() - computed
             self.gate.record_cached(
                 key.shape[-2], len(rows), len(reuses), searched, overhead, served - looked_up, computed - served
             )
         return output, maps
 
     # --- hits -------------------------------------------------------------------------------------------------------
-    def _reuses(self, scope: RequestScope, rows: list[_Row], keys: torch.Tensor) -> dict[int, _Reuse]:
+    def _reuses(self, scope: RequestScope, rows: list[Row], keys: torch.Tensor) -> dict[int, Reuse]:
         """Per request row, the verified reuse of the best of the nearest entries, if any."""
         if len(self.bank) == 0:
             return {}
-        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)), namespace=scope.state[_NAMESPACE])
+        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)), namespace=scope.state[NAMESPACE_KEY])
         found = {}
         for b, row in enumerate(rows):
             reuse = self._first_plan(scope, row, scores[b].tolist(), ids[b].tolist())
@@ -143,32 +180,32 @@ class CachedAttention:
             errors = self._verify(reuse, row)
             if errors is not None:
                 error = float(errors.max())
-                acceptable = error <= self.strategy.max_error
+                acceptable = error <= self.max_error
                 verdict = Verdict(reuse.entry_id, error, acceptable, explored=True)
-                self.strategy.context.record_verdict(verdict, self.bank, self.layer.name)
-                failed = (errors > self.strategy.max_error).nonzero().flatten()
+                self.record_verdict(verdict, self.bank, self.layer.name)
+                failed = (errors > self.max_error).nonzero().flatten()
                 if len(failed) > len(errors) * _MAX_RECOMPUTED:  # most heads moved: the map is not this input's
                     continue
                 reuse.heads = failed if len(failed) else None  # heads whose maps moved are computed exactly
-            self.strategy.count_reuse(reuse.recomputed, row.length, reuse.heads, len(row.query))
+            self.reuse.count(reuse.recomputed, row.length, reuse.heads, len(row.query))
             found[b] = reuse
         return found
 
     def _first_plan(
-        self, scope: RequestScope, row: _Row, similarities: list[float], entry_ids: list[int]
-    ) -> _Reuse | None:
+        self, scope: RequestScope, row: Row, similarities: list[float], entry_ids: list[int]
+    ) -> Reuse | None:
         """The reuse of the most similar candidate above the threshold, of this namespace, that fits."""
         for similarity, entry_id in zip(similarities, entry_ids, strict=True):
             if entry_id < 0 or similarity < self.threshold:
                 return None
-            entry = self.bank.get(entry_id, scope.state[_NAMESPACE])
+            entry = self.bank.get(entry_id, scope.state[NAMESPACE_KEY])
             if entry is not None:
                 plan = self._plan(entry_id, similarity, entry, row)
                 if plan is not None:
                     return plan
         return None
 
-    def _plan(self, entry_id: int, similarity: float, entry: AttentionEntry, row: _Row) -> _Reuse | None:
+    def _plan(self, entry_id: int, similarity: float, entry: AttentionEntry, row: Row) -> Reuse | None:
         """Which rows and columns of the stored map must be recomputed for this request row; ``None`` when the entry
         does not fit (other heads or length) or more than half of the map would be."""
         if entry.query.shape[:2] != row.query.shape[:2] or entry.key.shape[0] != row.key.shape[0]:
@@ -177,25 +214,25 @@ class CachedAttention:
         # columns carry no weight unless the masks differ there. A stored row that attended nothing has no
         # normaliser to rescore against: computed where it is live now.
         stored_keep = entry.mask.to(row.keep.device)
-        changed_rows = (_distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
+        changed_rows = (distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
         changed_rows = (changed_rows | ~stored_keep.any(-1)) & row.pattern.live
         # a column is served from the stored map and the stored output while its key and value stayed put
-        moved = _distance(row.key, entry.key) > row.key_limits
-        moved |= _distance(row.value, entry.value) > row.value_limits
+        moved = distance(row.key, entry.key) > row.key_limits
+        moved |= distance(row.value, entry.value) > row.value_limits
         changed_columns = moved & row.pattern.live
         if not torch.equal(stored_keep, row.keep):
             changed_columns |= (row.keep != stored_keep).any(0)
-        reuse = _Reuse(
+        reuse = Reuse(
             entry_id,
             similarity,
             entry,
-            _Positions(changed_rows.nonzero()[:, 0]),
-            _Positions(changed_columns.nonzero()[:, 0]),
+            Positions(changed_rows.nonzero()[:, 0]),
+            Positions(changed_columns.nonzero()[:, 0]),
         )
         return None if reuse.recomputed > row.length * _MAX_RECOMPUTED else reuse
 
     @staticmethod
-    def _rescore(reuse: _Reuse, row: _Row) -> None:
+    def _rescore(reuse: Reuse, row: Row) -> None:
         """New scores of the changed columns against the stored normaliser, and each row's normaliser ratio. Rows
         that had most of their weight on changed columns join the computed rows."""
         if not len(reuse.columns):
@@ -214,20 +251,20 @@ class CachedAttention:
             ratio = torch.where(valid, ratio, torch.ones_like(ratio))
         reuse.column_weights, reuse.ratio = weights, ratio
 
-    def _verify(self, reuse: _Reuse, row: _Row) -> torch.Tensor | None:
+    def _verify(self, reuse: Reuse, row: Row) -> torch.Tensor | None:
         """Per head, the largest total variation distance between the served and the exactly computed map over a
         few reused rows of live positions (``None`` when verification is off or every such row is computed)."""
         reused = row.pattern.live.clone()
         reused[reuse.rows.index] = False
-        checked = self.strategy.verify_rows(reused.nonzero().flatten())
+        checked = _verified_positions(reused.nonzero().flatten(), self.verify_rows)
         if checked is None:
             return None
-        checked = _Positions(checked)
+        checked = Positions(checked)
         exact = row.exact_rows(checked).float()
         return 0.5 * (exact - reuse.served_rows(row, checked.index)).abs().sum(-1).amax(-1)
 
     @staticmethod
-    def _serve(reuse: _Reuse, row: _Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _serve(reuse: Reuse, row: Row, want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``A' @ V`` for one request row, (heads, L, d), without a full ``A @ V``: the stored output, corrected at
         the changed columns (``(O - A[:, C] V_old[C] + W'[:, C] V[C]) / r``), the changed rows and the heads that
         failed verification computed exactly (with sdpa where it applies). The corrected map itself is only built
@@ -263,7 +300,7 @@ class CachedAttention:
         key: torch.Tensor,
         value: torch.Tensor,
         keep: torch.Tensor,
-        rows: list[_Row],
+        rows: list[Row],
         keys: torch.Tensor,
         misses: list[int],
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
@@ -285,7 +322,7 @@ class CachedAttention:
         for i, b in enumerate(misses):
             row = rows[b]
             entry = AttentionEntry(lse[i], row.keep, row.query, row.key, row.value, output[i])
-            self.bank.put(entry, key=keys[b], cost=seconds / len(misses), namespace=scope.state[_NAMESPACE])
+            self.bank.put(entry, key=keys[b], cost=seconds / len(misses), namespace=scope.state[NAMESPACE_KEY])
         return seconds
 
 
@@ -293,12 +330,23 @@ def _keep_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len:
     """The (batch, 1, q, kv) boolean pattern of a call, or ``None`` when the cached path cannot use it (an additive
     float mask may carry biases a stored map knows nothing of; a per-head mask is not kept with the map)."""
     if mask is None:
-        keep = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=module_device(module))
+        keep = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=_module_device(module))
         return keep.tril() if getattr(module, "is_causal", False) and q_len > 1 else keep
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return None
     return mask
 
 
-def module_device(module: nn.Module) -> torch.device:
+def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _verified_positions(candidates: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Up to ``count`` (``attention_verify_rows``) evenly spaced positions of ``candidates``, the last included
+    (where a causal row attends the most keys), recomputed to check a hit; ``None`` when verification is off or there
+    is nothing to check."""
+    count = min(count, candidates.numel())
+    if count == 0:
+        return None
+    picks = torch.linspace(candidates.numel() - 1, 0, count, device=candidates.device).round().long()
+    return candidates[picks.flip(0)]

@@ -36,10 +36,6 @@ class AttentionEntry(StoredEntry):
     """(heads, L, head_dim) ``A @ value``: a hit whose keys or values moved at few positions corrects it at those
     positions instead of recomputing ``A @ value`` (a full ``L^2`` pass, as costly as a fused sdpa kernel)."""
 
-    @property
-    def length(self) -> int:
-        return self.lse.shape[-1]
-
     def to_tensors(self) -> dict[str, torch.Tensor]:
         # the normaliser is stored as its bits: storage_dtype must not round it
         lse = self.lse.float().view(torch.int32)

@@ -1,20 +1,20 @@
 """The functions registered with transformers under ``ATTN_IMPLEMENTATION``: the attention function, which sends
 the modules the strategy caches to their :class:`~.engine.CachedAttention` and every other call to eager math, the
-mask function beside it, and the count of models that keep them registered."""
+mask function beside it, and the model's own attention (``default_attention``) that the engine runs where the cache
+does not. Registering them is :mod:`.registration`'s part."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
 from ...request import RequestScope, current_scope
 from .eager import eager_attention
+from .request_state import WEIGHTS
 
 ATTN_IMPLEMENTATION = "hf_layercache"
 """The name under which the attention and mask functions are registered with transformers."""
@@ -48,34 +48,13 @@ _KNOWN_KWARGS = frozenset(
 """Keyword arguments of attention functions that do not change the math beyond the mask. Any other one with a value
 (T5's ``position_bias``, gpt-oss's ``s_aux`` sinks) is refused rather than silently ignored."""
 
-_MODULE_ATTR = "_layer_cache_attention"
-"""Instance attribute of a cached attention module: its :class:`CachedAttention` (set through the hook registry)."""
-WEIGHTS = "attention.weights"
-"""Key of the request scope's state: whether the request asked for the attention maps (``output_attentions``)."""
+MODULE_ATTR = "_layer_cache_attention"
+"""Instance attribute of a cached attention module: its :class:`~.engine.CachedAttention`, set by the strategy
+through the hook registry. An attribute of the module rather than a lookup table, so a module finds its engine in
+one dict read and a module the strategy does not cache (cross-attention, unselected layers) finds none."""
 _SKIPPED_MASKS = "attention.sdpa_skipped_masks"
 """Key of the request scope's state: signatures of the masks for which sdpa's own mask function would have returned
 ``None`` (no padding, plain causal), so the default path can give sdpa what the model would have given it."""
-_users = 0
-"""Models whose cache has the attention functions registered; the last to detach unregisters them."""
-_users_lock = threading.Lock()
-
-
-def _register_functions() -> None:
-    global _users
-    with _users_lock:
-        if _users == 0:
-            AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
-            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)
-        _users += 1
-
-
-def _unregister_functions() -> None:
-    global _users
-    with _users_lock:
-        _users -= 1
-        if _users == 0:  # transformers' registries have no unregister: their class-wide mappings are dicts
-            AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
-            AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
 
 
 def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -140,7 +119,7 @@ def attention_forward(
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     softcap = kwargs.pop("softcap", None)
-    cached = module.__dict__.get(_MODULE_ATTR)
+    cached = module.__dict__.get(MODULE_ATTR)
     scope = current_scope()
     if cached is None or scope is None or scope.bypass_reason is not None or module.training or dropout:
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, softcap)

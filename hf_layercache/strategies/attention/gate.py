@@ -12,6 +12,8 @@ it competes with.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 CACHED, DEFAULT, MEASURED = "cached", "default", "measured default"
@@ -82,8 +84,11 @@ class Gate:
 
     ``interval`` is ``attention_gate_interval``; 0 disables the gate (every call caches)."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, clock: Callable[[], float] = time.perf_counter):
         self.interval = interval
+        self.clock = clock
+        """What the engine times both paths with (tests give it a clock of their own: decisions must not depend on
+        how busy the machine is)."""
         self.buckets: dict[int, GateBucket] = {}
         self._lock = threading.Lock()
 

@@ -1,11 +1,14 @@
 """Sets of positions in one request row: changed positions read and written as contiguous runs, and what the
-row's mask says about each position (live, empty, every key attended)."""
+row's mask says about each position (live, empty, every key attended), worked out once per request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .request_state import PATTERNS
 
 _MERGE_GAP = 8
 """Changed positions at most this far apart are recomputed as one run, with the unchanged ones between them."""
@@ -13,7 +16,7 @@ _MAX_RUNS = 8
 """Changed positions in more runs than this are gathered by index instead of sliced run by run."""
 
 
-class _Positions:
+class Positions:
     """A sorted set of positions, read and written as contiguous runs when it has few of them: on a (heads, L, L)
     map, slicing the columns of a run costs a small fraction of gathering the same columns by index. Short gaps
     between runs are filled in (recomputing an unchanged position exactly is harmless)."""
@@ -34,8 +37,8 @@ class _Positions:
     def __len__(self) -> int:
         return self.index.numel()
 
-    def union(self, other: torch.Tensor) -> _Positions:
-        return _Positions(torch.unique(torch.cat([self.index, other])))
+    def union(self, other: torch.Tensor) -> Positions:
+        return Positions(torch.unique(torch.cat([self.index, other])))
 
     def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """``tensor`` restricted to these positions along ``dim`` (a view when they form one run: read only)."""
@@ -56,7 +59,7 @@ class _Positions:
 
 
 @dataclass
-class _Pattern:
+class Pattern:
     """What a request row's (L, L) mask says, worked out once per request: every layer gets the same mask."""
 
     live: torch.Tensor
@@ -68,5 +71,15 @@ class _Pattern:
     """Every query attends every key (no padding, bidirectional): masking is skipped."""
 
     @classmethod
-    def of(cls, keep: torch.Tensor) -> _Pattern:
+    def of(cls, keep: torch.Tensor) -> Pattern:
         return cls(keep.any(0), ~keep.any(-1), bool(keep.all()))
+
+
+def request_patterns(state: dict[str, Any], keep: torch.Tensor) -> list[Pattern]:
+    """Per batch row, the :class:`Pattern` of ``keep`` (batch, 1, L, L), kept in the request's ``state``: the model
+    passes the same mask tensor to every layer, so each layer after the first finds it worked out."""
+    cache = state.setdefault(PATTERNS, {})
+    signature = (keep.data_ptr(), tuple(keep.shape), keep.stride())
+    if signature not in cache:
+        cache[signature] = [Pattern.of(keep[b, 0]) for b in range(keep.shape[0])]
+    return cache[signature]

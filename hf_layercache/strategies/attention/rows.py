@@ -11,13 +11,13 @@ from torch import nn
 
 from .eager import attention_scores, grouped_matmul, masked_scores, repeat_kv
 from .entry import AttentionEntry
-from .positions import _Pattern, _Positions
+from .positions import Pattern, Positions
 
 _EXP_LIMIT = 80.0
 
 
 @dataclass(eq=False)
-class _Row:
+class Row:
     """One request row of an attention call: its states (heads first), its mask pattern, the call's scaling."""
 
     query: torch.Tensor
@@ -28,7 +28,7 @@ class _Row:
     """(kv_heads, L, d)"""
     keep: torch.Tensor
     """(L, L) bool, True where a query may attend"""
-    pattern: _Pattern
+    pattern: Pattern
     scaling: float
     softcap: float | None
     tolerance: float
@@ -57,7 +57,7 @@ class _Row:
     def groups(self) -> int:
         return self.query.shape[0] // self.key.shape[0]
 
-    def exact_outputs(self, rows: _Positions) -> torch.Tensor:
+    def exact_outputs(self, rows: Positions) -> torch.Tensor:
         """Exact attention outputs of the query rows ``rows``: (heads, n, d), through sdpa where it computes the
         same thing (no soft-capping, no query without any key to attend to)."""
         query = rows.take(self.query, 1)
@@ -81,19 +81,19 @@ class _Row:
         keep = None if self.pattern.full else self.keep
         return _sdpa(self.query.index_select(0, heads), key, value, keep, self.scaling)
 
-    def exact_rows(self, rows: _Positions) -> torch.Tensor:
+    def exact_rows(self, rows: Positions) -> torch.Tensor:
         """Exact attention rows ``rows``: (heads, n, L)."""
         keep = None if self.pattern.full else rows.take(self.keep, 0)[None, None]
         return attention_scores(rows.take(self.query, 1)[None], self.key[None], keep, self.scaling, self.softcap)[0]
 
-    def column_weights(self, columns: _Positions, lse: torch.Tensor) -> torch.Tensor:
+    def column_weights(self, columns: Positions, lse: torch.Tensor) -> torch.Tensor:
         """``exp(S[:, c] - lse)`` of this row's states for the keys ``columns``, 0 where masked: (heads, L, n)
         float32."""
         key = repeat_kv(columns.take(self.key, 1)[None], self.groups)[0]
         keep = None if self.pattern.full else columns.take(self.keep, 1)
         return _shifted_weights(self.query, key, lse, keep, self.scaling, self.softcap)
 
-    def stored_column_weights(self, entry: AttentionEntry, columns: _Positions) -> torch.Tensor:
+    def stored_column_weights(self, entry: AttentionEntry, columns: Positions) -> torch.Tensor:
         """The stored map's weights on the keys ``columns``, recomputed from the entry's states and normaliser:
         (heads, L, n) float32."""
         key = repeat_kv(columns.take(self._stored(entry.key), 1)[None], self.groups)[0]
@@ -116,15 +116,15 @@ class _Row:
 
 
 @dataclass
-class _Reuse:
+class Reuse:
     """How one request row reuses one entry: the positions whose queries changed (rows computed exactly) and whose
     keys changed or are masked differently (columns rescored), and the corrected normalisers."""
 
     entry_id: int
     similarity: float
     entry: AttentionEntry
-    rows: _Positions
-    columns: _Positions
+    rows: Positions
+    columns: Positions
     column_weights: torch.Tensor | None = None
     """exp(new scores of the changed columns - stored log-normaliser), (heads, L, columns), float32."""
     stored_columns: torch.Tensor | None = None
@@ -138,7 +138,7 @@ class _Reuse:
     def recomputed(self) -> int:
         return len(self.rows) + len(self.columns)
 
-    def served_rows(self, row: _Row, rows: torch.Tensor) -> torch.Tensor:
+    def served_rows(self, row: Row, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of the corrected map, (heads, n, L) float32 (verification and ``output_attentions``)."""
         served = row.stored_rows(self.entry, rows)
         if len(self.columns):
@@ -190,7 +190,7 @@ def _norms(states: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(states, dim=(0, 2), dtype=torch.float32)
 
 
-def _distance(states: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+def distance(states: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """Per position, the L2 distance over all heads between this request's states and an entry's (kept in its
     storage dtype). Relative distance rather than cosine decides what changed: a state that only grows or shrinks
     changes how sharp attention is."""

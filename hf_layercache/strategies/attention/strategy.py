@@ -1,42 +1,34 @@
-"""The ``attention`` strategy: registration, wiring into the model through its hook registry (the attention
-function, each cached module's :class:`~.engine.CachedAttention`, the attention implementation), per-request state,
-lookup keys, reuse counters and the checks of entries read from disk."""
+"""The ``attention`` strategy: the request entry point and the wiring, all through the model's hook registry.
+
+:meth:`AttentionStrategy.attach` registers the functions (:mod:`.registration`), builds one
+:class:`~.engine.CachedAttention` per cached layer (its bank, gate and settings, the lookup keys and reuse counters
+the layers share, the cache's counters and event sinks) and sets it on the layer's attention module, then selects
+the registered implementation. A request: :meth:`AttentionStrategy.begin_request` notes whether it is a prefill,
+whether it asks for the maps and its namespace (:mod:`.request_state`); the model then runs as usual, and each
+attention call the model makes reaches :func:`~.function.attention_forward`, which hands the cached modules' calls to
+their engine."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from ...kv import find_cache, past_length
 from ...layers import CachedLayer
 from ...models import dispatches_attention
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
-from ..base import Strategy
+from ..base import Strategy, StrategyContext
 from .config import AttentionConfig
-from .engine import _NAMESPACE, _PATTERNS, _PREFILL, CachedAttention
+from .counters import ReuseCounters
+from .engine import CachedAttention
 from .entry import AttentionEntry
-from .function import _MODULE_ATTR, ATTN_IMPLEMENTATION, WEIGHTS, _register_functions, _unregister_functions
-from .positions import _Pattern
-
-_PROJECTION_SEED = 0x5EED
-
-
-def _attention_configs(model: nn.Module) -> list[Any]:
-    """Every config whose ``_attn_implementation`` ``set_attn_implementation`` may change (sub-configs included)."""
-    seen: dict[int, Any] = {}
-    pending = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
-    while pending:
-        config = pending.pop()
-        if id(config) in seen:
-            continue
-        seen[id(config)] = config
-        pending += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
-    return list(seen.values())
+from .function import ATTN_IMPLEMENTATION, MODULE_ATTR
+from .gate import Gate
+from .keys import LookupKeys
+from .registration import FUNCTIONS, ImplementationSelection
+from .request_state import NAMESPACE_KEY, PREFILL, WEIGHTS
 
 
 @register_strategy("attention")
@@ -46,41 +38,51 @@ class AttentionStrategy(Strategy):
     serves_attention_maps = True
     config_class = AttentionConfig
 
-    def __init__(self, context):
+    def __init__(self, context: StrategyContext):
         super().__init__(context)
-        self.max_error = self.config.attention_max_error
-        self._pools: dict[tuple, torch.Tensor] = {}
-        self._projections: dict[tuple, torch.Tensor] = {}
-        self._heads: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.cached: dict[str, CachedAttention] = {}
+        self.keys = LookupKeys(self.config.attention_key_segments, self.config.attention_key_dim)
+        """The lookup keys every cached layer computes (their matrices built once per model)."""
+        self.reuse_counters = ReuseCounters()
+        """How much of the stored maps hits reused, over every layer (:attr:`reuse`)."""
+        self.gates: dict[str, Gate] = {}
+        """Per cached layer, its gate (``stats()["attention_gate"]``)."""
         self.default_implementation = "eager"
         """The attention implementation the model had before ``enable()``: what runs where the cache does not."""
-        self.reset_counters()
 
     # --- wiring -----------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         model = self.context.model
         modules = [self._attention_module(layer) for layer in self.layers]
         self.default_implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-        self.hooks.call(f"AttentionInterface[{ATTN_IMPLEMENTATION!r}]", _register_functions, _unregister_functions)
+        self.hooks.call(FUNCTIONS.target, FUNCTIONS.register, FUNCTIONS.unregister)
         for position, (layer, module) in enumerate(zip(self.layers, modules, strict=True)):
-            heads = _heads(module)
             bank = self.new_bank(
                 layer.name,
                 layer.device,
                 len(self.layers),
                 AttentionEntry,
-                expected={"heads": heads},
+                expected={"heads": _heads(module)},
                 key_dim=self.config.attention_key_dim,
             )
-            self._heads[layer.name] = heads
-            cached = CachedAttention(self, layer, bank, self.config.threshold_for(position))
-            self.cached[layer.name] = cached
-            self.hooks.set_attribute(module, _MODULE_ATTR, cached)
-        for config in _attention_configs(model):  # what set_attn_implementation changes, restored on removal
-            self.hooks.set_attribute(config, "_attn_implementation_internal", config._attn_implementation_internal)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            self.gates[layer.name] = Gate(self.config.attention_gate_interval)
+            cached = CachedAttention(
+                layer,
+                bank,
+                self.config.threshold_for(position),
+                tolerance=self.config.attention_position_tolerance,
+                max_error=self.config.attention_max_error,
+                verify_rows=self.config.attention_verify_rows,
+                default_implementation=self.default_implementation,
+                gate=self.gates[layer.name],
+                keys=self.keys,
+                reuse=self.reuse_counters,
+                counters=self.context.counters,
+                record_lookup=self.context.record_lookup,
+                record_verdict=self.context.record_verdict,
+            )
+            self.hooks.set_attribute(module, MODULE_ATTR, cached)
+        selection = ImplementationSelection(model, ATTN_IMPLEMENTATION)
+        self.hooks.call("set_attn_implementation", selection.apply, selection.undo)
 
     def _attention_module(self, layer: CachedLayer) -> nn.Module:
         """The layer's self-attention: the first submodule dispatching through ``AttentionInterface`` (transformers
@@ -97,85 +99,37 @@ class AttentionStrategy(Strategy):
             )
         return found[0]
 
-    def patterns(self, scope: RequestScope, keep: torch.Tensor) -> list[_Pattern]:
-        """Per batch row, the :class:`_Pattern` of ``keep`` (batch, 1, L, L), cached for the request: the model
-        passes the same mask tensor to every layer."""
-        cache = scope.state.setdefault(_PATTERNS, {})
-        signature = (keep.data_ptr(), tuple(keep.shape), keep.stride())
-        if signature not in cache:
-            cache[signature] = [_Pattern.of(keep[b, 0]) for b in range(keep.shape[0])]
-        return cache[signature]
-
+    # --- requests ---------------------------------------------------------------------------------------------------
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
         config = getattr(self.context.model, "config", None)
-        scope.state[_PREFILL] = past_length(find_cache(arguments)) == 0
+        scope.state[PREFILL] = past_length(find_cache(arguments)) == 0
         scope.state[WEIGHTS] = bool(arguments.get("output_attentions", getattr(config, "output_attentions", False)))
-        scope.state[_NAMESPACE] = namespace_tag(scope.namespace)
+        scope.state[NAMESPACE_KEY] = namespace_tag(scope.namespace)
 
-    # --- keys -------------------------------------------------------------------------------------------------------
-    def lookup_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """(batch, attention_key_dim) float32 keys: query and key states mean-pooled over position segments, then
-        projected by a fixed-seed Gaussian matrix (the same in every process, so saved keys stay valid)."""
-        length = query.shape[-2]
-        pool = self._pool(length, query.device, query.dtype)
-        pooled = torch.cat([torch.matmul(pool, query), torch.matmul(pool, key)], dim=1).flatten(1)
-        return torch.matmul(pooled, self._projection(pooled.shape[1], query.device, query.dtype)).float()
-
-    def _pool(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(segments, length) matrix averaging contiguous runs of positions."""
-        cache_key = (length, device, dtype)
-        if cache_key not in self._pools:
-            segments = min(self.config.attention_key_segments, length)
-            owner = torch.arange(length) * segments // length
-            pool = nn.functional.one_hot(owner, segments).T.to(torch.float32)
-            self._pools[cache_key] = (pool / pool.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
-        return self._pools[cache_key]
-
-    def _projection(self, in_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        cache_key = (in_dim, device, dtype)
-        if cache_key not in self._projections:
-            generator = torch.Generator().manual_seed(_PROJECTION_SEED)
-            matrix = torch.randn(in_dim, self.config.attention_key_dim, generator=generator)
-            self._projections[cache_key] = (matrix / in_dim**0.5).to(device=device, dtype=dtype)
-        return self._projections[cache_key]
-
-    def verify_rows(self, candidates: torch.Tensor) -> torch.Tensor | None:
-        """Up to ``attention_verify_rows`` evenly spaced positions of ``candidates`` (the last included), recomputed
-        to check a hit; ``None`` when verification is off or there is nothing to check."""
-        count = min(self.config.attention_verify_rows, candidates.numel())
-        if count == 0:
-            return None
-        picks = torch.linspace(candidates.numel() - 1, 0, count, device=candidates.device).round().long()
-        return candidates[picks.flip(0)]
-
+    # --- counters and report ----------------------------------------------------------------------------------------
     def reset_counters(self) -> None:
-        self.reuse = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0}
-        """Counters of the rows and columns hits recomputed, for :attr:`recomputed_fraction`, and of the heads they
-        computed exactly because their maps moved (failed verification)."""
-        for cached in self.cached.values():  # the reuse the gates measured went with the entries
-            cached.gate.reset()
-
-    def count_reuse(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int) -> None:
-        """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns, and ``heads`` of
-        ``n_heads`` heads."""
-        with self._lock:
-            self.reuse["hits"] += 1
-            self.reuse["recomputed"] += recomputed
-            self.reuse["length"] += length
-            self.reuse["heads_recomputed"] += 0 if heads is None else len(heads)
-            self.reuse["heads"] += n_heads
+        self.reuse_counters.reset()
+        for gate in self.gates.values():  # the reuse the gates measured went with the entries
+            gate.reset()
 
     def report(self) -> dict[str, Any]:
         """``stats()["attention_gate"]``: per layer and length bucket, the gate's state and measurements."""
-        return {"attention_gate": {name: cached.gate.report() for name, cached in self.cached.items()}}
+        return {"attention_gate": {name: gate.report() for name, gate in self.gates.items()}}
+
+    @property
+    def reuse(self) -> dict[str, int]:
+        """Counters of the rows and columns hits recomputed, and of the heads they computed exactly because their
+        maps moved (failed verification): ``hits``, ``recomputed``, ``length``, ``heads_recomputed``, ``heads``."""
+        return self.reuse_counters.counts
 
     @property
     def recomputed_fraction(self) -> float:
         """Mean fraction of rows and columns hits recomputed (0: every hit reused its whole map)."""
-        return self.reuse["recomputed"] / self.reuse["length"] if self.reuse["length"] else 0.0
+        return self.reuse_counters.recomputed_fraction
 
 
 def _heads(module: nn.Module) -> int:
+    """The query heads of an attention module (0 when it does not say): what its bank's entries must have."""
     config = getattr(module, "config", None)
     for source, name in ((module, "num_heads"), (module, "num_attention_heads"), (config, "num_attention_heads")):
         value = getattr(source, name, None)

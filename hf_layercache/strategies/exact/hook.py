@@ -35,7 +35,7 @@ class ExactLayerHook(LayerHook):
     def forward_run(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if not run.misses:
             return self._serve(run, arguments, hidden)
-        if run.hits:
+        if run.hits or run.twins:
             return self._compute_missed_rows(run, arguments, hidden)
         return self._compute_all(run, arguments, hidden)
 
@@ -68,7 +68,10 @@ class ExactLayerHook(LayerHook):
         full[missed] = computed.to(full.dtype)
         if self.last:
             hit_rows = sorted(run.hits)
-            full[torch.tensor(hit_rows, device=hidden.device)] = self._cached_hidden(run, hit_rows, hidden)
+            if hit_rows:
+                full[torch.tensor(hit_rows, device=hidden.device)] = self._cached_hidden(run, hit_rows, hidden)
+            for row, twin in run.twins.items():
+                full[row] = full[twin]
             self.store.store(run, self.layer, computed, list(range(len(run.misses))), rows=run.misses)
         if not isinstance(out, tuple):
             return full

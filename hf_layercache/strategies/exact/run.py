@@ -24,6 +24,9 @@ class StackRun:
     seconds_per_row: float = 0.0
     audits: dict[int, tuple[int, ExactEntry]] = field(default_factory=dict)
     """Rows that hit but are computed anyway (``verify_fraction``), with the entry the computed output must match."""
+    twins: dict[int, int] = field(default_factory=dict)
+    """Missed rows that repeat an earlier missed row of the batch (same digest and layout), by that row: computed
+    once, the twin's output copied at the last layer."""
 
     @property
     def batch(self) -> int:

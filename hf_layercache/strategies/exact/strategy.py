@@ -134,12 +134,27 @@ class ExactStrategy(StackStrategy):
         if found and len(found) < len(digests) and not split:
             found = {}  # the layers cannot compute a sub-batch: every row computes
         misses = [row for row in range(len(digests)) if row not in found]
+        twins = _twins(misses, digests, keys) if split else {}
+        misses = [row for row in misses if row not in twins]
         lookup = Lookup(served=[(entry_id, 1.0) for entry_id, _ in found.values()], missed=len(misses))
-        self.context.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]])
+        units = (len(found) + len(twins), len(misses))  # a twin is answered without computing it: a hit
+        self.context.record_lookup(lookup, bank, [cached.name for cached in self.stacks[layer.stack]], units)
         hits = {row: entry for row, (_, entry) in found.items()}
-        return StackRun(digests, keys, hits, misses, split, with_kv, namespace, audits=audits)
+        return StackRun(digests, keys, hits, misses, split, with_kv, namespace, audits=audits, twins=twins)
 
     @staticmethod
     def _fits(entry: ExactEntry, key: RowKey, hidden: torch.Tensor) -> bool:
         """An entry of the row's number of real tokens and the model's width (the digest says the rest)."""
         return entry.layout[2] == key.layout[2] and entry.hidden.shape[-1] == hidden.shape[-1]
+
+
+def _twins(misses: list[int], digests: list[bytes], keys: list[RowKey]) -> dict[int, int]:
+    """The missed rows that repeat an earlier missed row of the same batch (same digest, same layout), by that row:
+    a batch with one text twice computes it once."""
+    first: dict[tuple[bytes, tuple[int, int, int]], int] = {}
+    twins = {}
+    for row in misses:
+        seen = first.setdefault((digests[row], keys[row].layout), row)
+        if seen != row:
+            twins[row] = seen
+    return twins
