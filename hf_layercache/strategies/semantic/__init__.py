@@ -33,9 +33,26 @@ Rules that keep it honest (docs/semantic.md has the measurements):
   and decode steps (a non-empty cache) never look up.
 * Layers that return more than their hidden state (T5's position biases) are refused: a hit could not produce them.
 
-Where each part lives: :mod:`.strategy` (the class, its registration, wiring and layer checks), :mod:`.hook` (the
-layer hook, which computes rows), :mod:`.run` (what a forward pass knows about its rows), :mod:`.alignment` (token
-alignment), :mod:`.search` (finding candidates, drawing the rows to verify), :mod:`.verification` (judging verified
-rows, ``acceptance="argmax"``), :mod:`.entries` (the typed :class:`SemanticEntry`, storing, K/V packing),
-:mod:`.residual` and :mod:`.state` (the two forms of reuse).
+The request path (every entry point is in :mod:`.strategy`, each delegating to a collaborator):
+``SemanticStrategy.begin_request`` keeps the token ids and mask (:class:`~.run.RunBuilder`); in the model's forward,
+each stack's first cached layer calls ``start_run``, which opens the stack's :class:`~.run.SemanticRun` (rows, digests,
+keys); every layer's :class:`~.hook.SemanticLayerHook` hands the run to its reuse step (:class:`~.state.StateStep` or
+:class:`~.residual.ResidualStep`), which finds candidates (:class:`~.search.EntrySearch`), computes the rows it does
+not serve through the hook, judges the verified ones (:class:`~.verification.Verifier`) and stores the exact ones
+(:class:`~.store.EntryStore`); ``forward_request`` runs the model and, with ``acceptance="argmax"``, has the verifier
+judge the verified rows by its output.
+
+Where each part lives (imports point down this list, never up):
+
+* :mod:`.strategy`: the class, its registration, the request entry points, layer checks, and the wiring: it builds
+  every collaborator with what it needs and hands the steps to the hooks.
+* :mod:`.hook`: the layer hook, which runs its step and computes the rows the step asks for (sub-batches, K/V writes,
+  counters); it knows no strategy.
+* :mod:`.state` and :mod:`.residual`: the two reuse steps, one object per strategy serving every looked-up layer.
+* :mod:`.verification`: judging verified rows, by cosine or by prediction (``acceptance="argmax"``).
+* :mod:`.search`: the nearest usable entry per row, the draws of rows to verify, the similarity tolerance.
+* :mod:`.store`: storing computed rows as entries, and placing stored K/V back into a batch.
+* :mod:`.run`: what a forward pass knows about its rows, the builder that opens it, the per-row choices.
+* :mod:`.entries`: the typed :class:`~.entries.SemanticEntry`.
+* :mod:`.alignment`: token alignment. :mod:`.config`: the strategy's config fields (torch-free).
 """

@@ -1,34 +1,48 @@
-"""The layer hook: routes each cached layer's call to the probe, residual reuse or state reuse, and computes rows."""
+"""The layer hook: hands each cached layer's call to its reuse step, and computes the rows the step asks for."""
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ...kv import KVWrite, find_cache, record_kv_writes
-from ...layers import CachedLayer, select_rows
-from ..stack import LayerHook
-from .run import LayerSlot, SemanticRun
+from ...layers import select_rows
+from ...stats import CacheStats
+from ..stack import LayerHook, StartRun
+from .run import Compute, LayerSlot, SemanticRun
 
-if TYPE_CHECKING:
-    from .strategy import SemanticStrategy
+ReuseStep = Callable[[LayerSlot, SemanticRun, dict[str, Any], torch.Tensor, Compute], torch.Tensor]
+"""``step(slot, run, arguments, hidden, compute)``: the layer's output for the whole batch, serving the rows it can
+and computing the others through ``compute`` (``StateStep``, ``ResidualStep`` or :func:`compute_every_row`)."""
+
+
+def compute_every_row(
+    slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, compute: Compute
+) -> torch.Tensor:
+    """The step of a layer that never looks up: the ``probe`` fingerprint's layers, which key the rows on what they
+    compute and so must compute it."""
+    return compute(list(range(run.batch)))[0]
 
 
 class SemanticLayerHook(LayerHook):
-    def __init__(self, strategy: SemanticStrategy, layer: CachedLayer, position: int, rank: int):
-        super().__init__(layer, position, strategy.start_run, strategy.context.counters)
-        self.strategy = strategy
-        self.slot = LayerSlot(layer, position, rank)
+    """The hook on one cached layer: gives its ``step`` the layer's slot and a ``compute`` bound to this call.
+
+    What it serves is the step's business; the hook only runs the original layer, on a sub-batch when the step asks
+    for some rows, keeping the counters and the output structure the base class serves in.
+    """
+
+    def __init__(self, slot: LayerSlot, start_run: StartRun, counters: CacheStats, step: ReuseStep):
+        super().__init__(slot.layer, slot.position, start_run, counters)
+        self.slot = slot
+        self.step = step
 
     def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         compute = functools.partial(self.compute, run, arguments, hidden)
-        if self.position < self.strategy.fingerprint.after_layers:  # the probe's layers always compute
-            return self.pack(compute(list(range(run.batch)))[0])
-        step = self.strategy.residual_step if self.strategy.reuse == "residual" else self.strategy.state_step
-        return self.pack(step(self.slot, run, arguments, hidden, compute))
+        return self.pack(self.step(self.slot, run, arguments, hidden, compute))
 
     def compute(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]

@@ -6,42 +6,66 @@ from typing import Any
 
 import torch
 
+from ...bank import CacheBank
+from ...events import Lookup
 from ...kv import find_cache, replay_kv_writes
 from .alignment import on_device
-from .run import Compute, LayerSlot, SemanticRun
+from .run import Candidate, Compute, LayerSlot, RecordLookup, RunBuilder, SemanticRun
+from .search import EntrySearch
+from .store import EntryStore, batch_writes
+from .verification import Verifier
 
 
-class ResidualReuse:
-    """The part of :class:`~.strategy.SemanticStrategy` that serves ``reuse="residual"``, layer by layer.
+class ResidualStep:
+    """Serves one cached layer of a run under ``reuse="residual"``: every layer is keyed on its own input and looks
+    up, finds (``search``), verifies (``verifier``) and stores (``store``) on its own, so hit rates differ by depth."""
 
-    A mixin: it uses the strategy's search (:mod:`.search`), verification and storing.
-    """
+    def __init__(
+        self,
+        run_builder: RunBuilder,
+        search: EntrySearch,
+        verifier: Verifier,
+        entry_store: EntryStore,
+        banks: dict[str, CacheBank],
+        record_lookup: RecordLookup,
+    ):
+        self.run_builder = run_builder
+        self.search = search
+        self.verifier = verifier
+        self.entry_store = entry_store
+        self.banks = banks
+        """The strategy's banks by layer name, filled as it attaches."""
+        self.record_lookup = record_lookup
 
-    # --- residual reuse -------------------------------------------------------------------------------------------
-    def residual_step(
+    def __call__(
         self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, compute: Compute
     ) -> torch.Tensor:
         """Serve ``hidden + cached update`` to rows with a similar entry; compute (and store) the others."""
-        keys = self.key(run, hidden)
-        found, _ = self.find(slot, run, keys, list(range(run.batch)), "delta")
-        candidates = self._choose(slot, run, arguments, found)
+        keys = self.run_builder.key(run, hidden)
+        found, _ = self.search.find(slot, run, keys, list(range(run.batch)), "delta")
+        candidates = self.search.choose(slot, run, arguments, found)
         served = {r: c for r, c in candidates.items() if not c.verify}
         self._record_lookup(slot, run, served)
         compute_rows = [r for r in range(run.batch) if r not in served]
         if compute_rows:
             out, writes = compute(compute_rows)
             # judged before storing: a stored row replaces the entry of the same input, and takes its observations
-            self._check(slot, run, {r: c for r, c in candidates.items() if c.verify}, hidden, out)
-            self._store(slot, run, keys, out, hidden, compute_rows, writes, "delta")
+            self.verifier.check(run, {r: c for r, c in candidates.items() if c.verify}, hidden, out)
+            self.entry_store.store(slot, run, keys, out, hidden, compute_rows, writes, "delta")
         else:
             out = hidden.clone()
         for row, candidate in served.items():
             pos = on_device(run.positions[row], hidden.device)
             delta = candidate.entry.value.to(device=hidden.device, dtype=hidden.dtype)
             out[row, pos] = hidden[row, pos] + delta[on_device(candidate.index, delta.device)]
-            # the row's own entry on its exact state reproduces the layer (see EntrySearch._reproduces)
+            # the row's own entry on its exact state reproduces the layer (see EntrySearch.choose)
             run.exact[row] = run.exact[row] and candidate.entry.source == run.digests[row]
-        if run.with_kv and served:  # all rows are served together (see _choose)
+        if run.with_kv and served:  # all rows are served together (see EntrySearch.choose)
             entries = [served[r].entry for r in range(run.batch)]
-            replay_kv_writes(find_cache(arguments), self._batch_writes(run, entries))
+            replay_kv_writes(find_cache(arguments), batch_writes(run, entries))
         return out
+
+    def _record_lookup(self, slot: LayerSlot, run: SemanticRun, served: dict[int, Candidate]) -> None:
+        """The rows ``served`` hit in ``slot``'s layer; every other row (verified ones too) is computed there."""
+        lookup = Lookup([(c.entry_id, c.score) for c in served.values()], missed=run.batch - len(served))
+        self.record_lookup(lookup, self.banks[slot.layer.name], [slot.layer.name])

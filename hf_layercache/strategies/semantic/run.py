@@ -1,7 +1,9 @@
-"""Run building: what one forward pass knows about one layer stack (its rows, tokens, digests, keys), built per call.
+"""Runs: what one forward pass knows about one layer stack (its rows, tokens, digests, keys), and the
+:class:`RunBuilder` that opens one per call.
 
-Also the per-row choices the pass makes: a :class:`Candidate` entry, and for state reuse the :class:`Target` layer;
-and :class:`LayerSlot`, what the reuse steps know of the cached layer they serve.
+Also the per-row choices the pass makes (a :class:`Candidate` entry, and for state reuse the :class:`Target` layer),
+:class:`LayerSlot`, what the reuse steps know of the cached layer they serve, and the callables the steps are handed
+(:data:`Compute`, :data:`RecordLookup`). Nothing here knows the steps, so every other module may import it.
 """
 
 from __future__ import annotations
@@ -11,21 +13,21 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ...bank import CacheBank
+from ...events import Lookup
 from ...fingerprints import Fingerprint
-from ...kv import find_cache, past_length
+from ...kv import KVWrite, find_cache, past_length
 from ...layers import CachedLayer
 from ...request import RequestScope, namespace_tag
 from .alignment import Index
-
-if TYPE_CHECKING:
-    from ...kv import KVWrite
-    from .entries import SemanticEntry
+from .entries import SemanticEntry
 
 _REQUEST = "semantic.request"
+"""Where :meth:`RunBuilder.begin_request` keeps the request's token ids and mask for the stacks' runs."""
 
 
 def _positions(real: torch.Tensor) -> Index:
@@ -46,9 +48,12 @@ class LayerSlot:
     rank: int
 
 
-Compute = Callable[[list[int]], "tuple[torch.Tensor, list[KVWrite]]"]
+Compute = Callable[[list[int]], tuple[torch.Tensor, list[KVWrite]]]
 """Runs the layer on some rows of the call: the full-batch output (the input kept in the other rows) and the K/V
-writes it made."""
+writes it made. The hook builds it per call, so the steps compute without knowing the hook."""
+
+RecordLookup = Callable[[Lookup, CacheBank | None, list[str]], None]
+"""``StrategyContext.record_lookup``: what a lookup decided, once, for the bank's policy and the layers' stats."""
 
 
 @dataclass
@@ -113,16 +118,18 @@ class SemanticRun:
         return len(self.tokens)
 
 
-class RunBuilding:
-    """The part of :class:`~.strategy.SemanticStrategy` that opens a request's runs and computes their keys.
+class RunBuilder:
+    """Opens a stack's run for each call and computes the rows' fingerprint keys.
 
-    A mixin: the strategy sets these attributes in ``__init__``.
+    The fingerprint decides whether a call can be keyed at all (a token fingerprint needs token ids) and, when it
+    reads no hidden state, keys the rows once per run instead of once per layer.
     """
 
-    fingerprint: Fingerprint
+    def __init__(self, fingerprint: Fingerprint):
+        self.fingerprint = fingerprint
 
-    # --- per request ----------------------------------------------------------------------------------------------
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
+        """Keep the request's token ids and mask: a stack's first layer sees only its hidden state."""
         scope.state[_REQUEST] = (arguments.get("input_ids"), arguments.get("attention_mask"))
 
     def start_run(
@@ -173,6 +180,7 @@ class RunBuilding:
         return h.digest()
 
     def key(self, run: SemanticRun, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows' keys at a layer whose input is ``hidden`` (a fingerprint of token ids alone keyed the run)."""
         if not self.fingerprint.uses_embeddings:
             return run.keys
         return self.fingerprint(run.input_ids, run.key_mask, hidden).float()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ...bank import CacheBank, Lookup
+from ...bank import CacheBank
+from ...config import LayerCacheConfig
 from ...fingerprints import Fingerprint
 from ...layers import rows_splittable
 from ...verified import ErrorBound
@@ -14,30 +15,41 @@ from .alignment import align_tokens
 from .entries import SemanticEntry
 from .run import Candidate, LayerSlot, SemanticRun
 
-if TYPE_CHECKING:
-    from ...config import LayerCacheConfig
-    from ..base import StrategyContext
-
 _CANDIDATES = 4
 """Nearest entries of the row's tenant examined per row: the best may fail to align."""
-_TOLERANCE = 1e-6
+SIMILARITY_TOLERANCE = 1e-6
 """Float slack on similarity comparisons, so an identical input still hits at threshold 1.0."""
 
 
 class EntrySearch:
-    """The part of :class:`~.strategy.SemanticStrategy` that finds candidates and draws the rows to verify.
+    """Finds each row's candidate entry in a layer's bank and draws which candidates are verified.
 
-    A mixin: the strategy sets these attributes in ``__init__``.
+    It reads ``config`` (thresholds, ``max_unaligned``, ``verify_fraction``) at every call, as a change to the
+    model's config takes effect at once. One seeded generator draws for every layer and request, so runs repeat.
     """
 
-    context: StrategyContext
-    config: LayerCacheConfig
-    banks: dict[str, CacheBank]
-    error_bound: ErrorBound | None
-    fingerprint: Fingerprint
-    _draws: torch.Generator
+    def __init__(
+        self,
+        banks: dict[str, CacheBank],
+        config: LayerCacheConfig,
+        fingerprint: Fingerprint,
+        error_bound: ErrorBound | None,
+        default_verify_fraction: float,
+    ):
+        self.banks = banks
+        """The strategy's banks by layer name, filled as it attaches."""
+        self.config = config
+        self.fingerprint = fingerprint
+        self.error_bound = error_bound
+        self.default_verify_fraction = default_verify_fraction
+        self._draws = torch.Generator().manual_seed(0)
 
-    # --- finding entries ------------------------------------------------------------------------------------------
+    @property
+    def verify_fraction(self) -> float:
+        """The share of hits verified: the config's, or the strategy's default when it says ``None``."""
+        configured = self.config.verify_fraction
+        return self.default_verify_fraction if configured is None else float(configured)
+
     def find(
         self, slot: LayerSlot, run: SemanticRun, keys: torch.Tensor, rows: list[int], kind: str
     ) -> tuple[dict[int, Candidate], dict[int, float]]:
@@ -52,14 +64,14 @@ class EntrySearch:
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
             best[row] = row_scores[0]
             for score, entry_id in zip(row_scores, row_ids, strict=True):
-                if entry_id < 0 or score < threshold - _TOLERANCE:
+                if entry_id < 0 or score < threshold - SIMILARITY_TOLERANCE:
                     break
                 entry = bank.get(entry_id, run.namespace)
                 index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
                 if index is None:
                     continue
                 score = self._confirmed(run, row, entry, score)
-                if score >= threshold - _TOLERANCE:
+                if score >= threshold - SIMILARITY_TOLERANCE:
                     found[row] = Candidate(entry_id, slot.layer.name, entry, index, score)
                     break
         return found, best
@@ -89,7 +101,7 @@ class EntrySearch:
             run.alignments[cache_key] = align_tokens(tokens, old.tolist(), self.config.max_unaligned)
         return run.alignments[cache_key]
 
-    def _choose(
+    def choose(
         self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], candidates: dict[int, Candidate]
     ) -> dict[int, Candidate]:
         """Drop partial hits a KV cache or unsplittable arguments cannot take, and draw the rows to verify."""
@@ -118,8 +130,3 @@ class EntrySearch:
 
     def _draw(self) -> float:
         return float(torch.rand(1, generator=self._draws))
-
-    def _record_lookup(self, slot: LayerSlot, run: SemanticRun, served: dict[int, Candidate]) -> None:
-        """The rows ``served`` hit in ``slot``'s layer; every other row (verified ones too) is computed there."""
-        lookup = Lookup([(c.entry_id, c.score) for c in served.values()], missed=run.batch - len(served))
-        self.context.record_lookup(lookup, self.banks[slot.layer.name], [slot.layer.name])

@@ -4,42 +4,48 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ...bank import CacheBank
+from ...config import LayerCacheConfig
 from ...events import Verdict
-from ...request import RequestScope
 from ...verified import ErrorBound
 from .alignment import on_device
 from .entries import SemanticEntry
-from .run import Candidate, LayerSlot, SemanticRun
-from .search import _TOLERANCE
+from .run import Candidate, SemanticRun
+from .search import SIMILARITY_TOLERANCE
 
-if TYPE_CHECKING:
-    from ...config import LayerCacheConfig
-    from ..base import StrategyContext
+RecordVerdict = Callable[[Verdict, CacheBank | None, str], None]
+"""``StrategyContext.record_verdict``: what verifying an entry found, for the bank's policy and the layer's stats."""
 
 
-class Verification:
-    """The part of :class:`~.strategy.SemanticStrategy` that judges verified rows and records the verdicts.
+class Verifier:
+    """Judges verified rows and records the verdicts: in the stats and the policy (``record_verdict``) and, with
+    ``max_error_rate``, in the entry that would have served and in the layer's pooled observations (``error_bound``).
 
-    A mixin: the strategy sets these attributes in ``__init__``.
+    It reads ``config.acceptance`` and ``acceptance_cosine`` at every call. ``model_name`` only names the model when
+    ``acceptance="argmax"`` finds no logits to judge.
     """
 
-    context: StrategyContext
-    config: LayerCacheConfig
-    banks: dict[str, CacheBank]
-    error_bound: ErrorBound | None
-
-    def _check(
+    def __init__(
         self,
-        slot: LayerSlot,
-        run: SemanticRun,
-        verified: dict[int, Candidate],
-        hidden: torch.Tensor,
-        true: torch.Tensor,
+        banks: dict[str, CacheBank],
+        config: LayerCacheConfig,
+        error_bound: ErrorBound | None,
+        record_verdict: RecordVerdict,
+        model_name: str,
+    ):
+        self.banks = banks
+        """The strategy's banks by layer name, filled as it attaches."""
+        self.config = config
+        self.error_bound = error_bound
+        self.record_verdict = record_verdict
+        self.model_name = model_name
+
+    def check(
+        self, run: SemanticRun, verified: dict[int, Candidate], hidden: torch.Tensor, computed: torch.Tensor
     ) -> None:
         """Judge the verified hits against what the layer computed: the relative error goes to the policy, the
         ``acceptance`` verdict (now for ``"cosine"``, once the output is known for ``"argmax"``) to :meth:`_judge`."""
@@ -48,19 +54,19 @@ class Verification:
             value = candidate.entry.value.to(device=hidden.device, dtype=torch.float32)
             value = value[on_device(candidate.index, value.device)]
             approx = (hidden[row, pos].float() + value if candidate.entry.kind == "delta" else value).flatten()
-            exact = true[row, pos].float().flatten()
+            exact = computed[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
             if self.config.acceptance == "argmax":
                 run.pending.append((row, candidate, error))
                 continue
             cosine = float(torch.nn.functional.cosine_similarity(approx, exact, dim=0))
-            self._judge(candidate, error, cosine >= self.config.acceptance_cosine - _TOLERANCE)
+            self._judge(candidate, error, cosine >= self.config.acceptance_cosine - SIMILARITY_TOLERANCE)
 
     def _judge(self, candidate: Candidate, error: float, acceptable: bool) -> None:
         """Record a verdict in the stats and, with ``max_error_rate``, in the entry that would have served, or in the
         entry of the same input that has replaced it since (it took over the observations)."""
         verdict = Verdict(candidate.entry_id, error, acceptable, explored=candidate.explore)
-        self.context.record_verdict(verdict, self.banks[candidate.bank], candidate.bank)
+        self.record_verdict(verdict, self.banks[candidate.bank], candidate.bank)
         if self.error_bound is None:
             return
         bank, bound = self.banks[candidate.bank], self.error_bound
@@ -75,15 +81,7 @@ class Verification:
             observe(None)  # the entry is gone: the layer still learns from the verdict
 
     # --- acceptance="argmax" --------------------------------------------------------------------------------------
-    def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
-        output = original(**arguments)
-        if self.config.acceptance == "argmax":
-            for run in scope.state.values():
-                if isinstance(run, SemanticRun):
-                    self._judge_predictions(run, output)
-        return output
-
-    def _judge_predictions(self, run: SemanticRun, output: Any) -> None:
+    def judge_predictions(self, run: SemanticRun, output: Any) -> None:
         """Judge each verified row: acceptable when its computed prediction is the one its candidate's request got
         (what serving the candidate's state would have answered). Then record the prediction of every computed row
         in its entries, for the requests they will serve."""
@@ -107,7 +105,7 @@ class Verification:
         if not isinstance(logits, torch.Tensor):
             raise ValueError(
                 "acceptance='argmax' judges the prediction of the model's task head, output.logits, but "
-                f"{type(self.context.model).__name__} returned none. Load the model with a head "
+                f"{self.model_name} returned none. Load the model with a head "
                 "(AutoModelForSequenceClassification, AutoModelForCausalLM, ...) and keep return_dict=True, or use "
                 "acceptance='cosine'."
             )
