@@ -114,3 +114,16 @@ def test_every_page_is_linked_from_the_index_and_every_strategy_page_from_the_re
     readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
     for page in ("semantic.md", "prefix.md", "attention.md"):
         assert f"(docs/{page})" in readme, page
+
+
+def test_the_quickstarts_demo_output_is_what_the_demo_command_prints_by_default():
+    from hf_layercache.cli.parser import build_parser
+
+    default = build_parser().parse_args(["demo"]).repeats
+    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    assert f"medians of {default} repeats" in text
+    for line in text.splitlines():  # every speed follows from the times beside it (#31)
+        fields = line.split()
+        if len(fields) > 6 and fields[1] == "pass" and fields[4].endswith("ms"):
+            uncached, cached = float(fields[4].removesuffix("ms")), float(fields[5].removesuffix("ms"))
+            assert float(fields[6].removesuffix("x")) == pytest.approx(uncached / cached, rel=0.06, abs=0.051), line

@@ -175,8 +175,9 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(_demo_table(rows))
     print(
-        "speed = uncached time / cached time (same model under bypass()), the median over the repeats, their lowest "
-        "and highest under range; fidelity = cosine similarity of each text's mean-pooled output to the uncached one, "
+        "speed = the uncached time over the cached time shown (medians over the repeats; uncached is the same model "
+        "under bypass()); range = the lowest and highest ratio of one repeat's adjacent timings; fidelity = cosine "
+        "similarity of each text's mean-pooled output to the uncached one, "
         f"mean and lowest over the texts (! marks a lowest under {LOW_FIDELITY})"
     )
     for name, strategy, summary, _ in rows:
