@@ -38,10 +38,30 @@ not one contiguous run of real tokens. Decode steps (a non-empty cache) pass thr
 
 Statistics count token positions: a hit is a reused real token, a miss a computed real token, in every layer.
 
-Where each part lives: :mod:`.chain` (block digests and hash chains), :mod:`.siblings` (the index of cached blocks
-under each parent, for token-granular matching), :mod:`.rows` (a request's rows: what each holds, what the cache has
-of it, what to store), :mod:`.layout` (which rows share a call, where each row's prefix sits in it), :mod:`.call`
-(one group's gather, suffix call, splice and layout restore), :mod:`.pool` (the bank whose blocks live in slots of
-preallocated slabs), :mod:`.strategy` (the model gate, groups, store, persistence checks). Which models are served is
-model knowledge: :func:`hf_layercache.models.prefix_support`.
+The request path (:meth:`.strategy.PrefixStrategy.forward_request`), top to bottom: rows (:class:`.lookup.RowLookup`),
+plan (:func:`.layout.plan`), then one of an audit (:class:`.audit.CallAudit`, a call drawn by ``verify_fraction``
+computed whole), the plain call, or the groups' calls (:class:`.call.GroupCall`: gather, suffix call, splice,
+restore, store), merged, and the lookup recorded once. The base model's output is reached by one route,
+:class:`.base_call.BaseModelCall`: the return value when the cached model is the base model, a forward hook on it
+when a head sits around it.
+
+Where each part lives, dependencies pointing down the list (no module imports one above it):
+
+* :mod:`.strategy` -- ``PrefixStrategy``: the model gate, the bank, the collaborators built in ``attach``, the
+  request path, the lookup's record, the sibling index rebuilt after a load;
+* :mod:`.audit` -- ``CallAudit``: ``verify_fraction``'s whole calls, blocks compared and bad chains dropped;
+* :mod:`.call` -- ``GroupCall``: each group's prefix gathered into its cache, the suffix call, the splice, the
+  caller's layout restored, the groups' outputs and caches merged;
+* :mod:`.lookup` -- ``RowLookup``: a request's rows, their chains and siblings in the bank;
+* :mod:`.shared_blocks` -- ``fetch_blocks``: the rows' blocks from the shared tier, one round trip;
+* :mod:`.store` -- ``BlockStore``: a call's new blocks into the bank, the shared tier and the sibling index;
+* :mod:`.base_call` -- ``BaseModelCall``: the one route to the base model's output of a call;
+* :mod:`.layout` -- which rows share a call (``plan``), where each row's prefix sits in it (``call_mask``,
+  ``moves``);
+* :mod:`.run` -- the data they share: ``Row``, ``PendingBlock``, ``Group``, ``PrefixRun``;
+* :mod:`.siblings` (the index of cached blocks under each parent, for token-granular matching), :mod:`.slots`
+  (the storage whose blocks live in slots of preallocated slabs), :mod:`.chain` (block digests and hash chains),
+  :mod:`.block` (the entry, ``PrefixBlock``, and ``BlockShape``), :mod:`.config` (``block_size``).
+
+Which models are served is model knowledge: :func:`hf_layercache.models.prefix_support`.
 """

@@ -1,68 +1,113 @@
-"""One call of a group of rows: the prefix cache it continues from, the suffix call, and the caller's layout after.
+"""The calls of a request's groups: the prefix cache each continues from, the suffix call, the caller's layout after,
+and the groups' outputs merged back into the batch's.
 
 Row ``r`` of a group reuses its ``reused`` cached tokens, laid into the cache at ``[split - reused, split)``; the
-model computes columns ``[split, L)`` of every row under the group's mask (:class:`~.layout.Group`); the base
-model's output is spliced behind the cached final hidden states, and the cached states of moved rows are written
-back to the caller's columns, so hidden states, logits and the returned cache all have the caller's layout.
+model computes columns ``[split, L)`` of every row under the group's mask (:func:`~.layout.call_mask`); the base
+model's output is spliced behind the cached final hidden states (through :class:`~.base_call.BaseModelCall`, the one
+route to it), and the cached states of moved rows are written back to the caller's columns, so hidden states,
+logits and the returned cache all have the caller's layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
 from ...bank import CacheBank
-from ...kv import find_cache, without_cache
+from ...kv import cache_parameter, find_cache, without_cache
+from ...request import RequestScope
+from .base_call import BaseModelCall
 from .block import BlockShape
-from .layout import Group
-from .rows import Row
-
-
-@dataclass
-class PrefixRun:
-    """One group's prefill: its rows, where the computed rectangle starts, the cache it starts from, and what the
-    base model's call produced."""
-
-    rows: list[Row]
-    group: Group
-    cache: DynamicCache
-    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    """Gathered keys and values ``(layer, row, head, column, dim)`` and hidden states of columns ``[0, split)``."""
-    keep_cache: bool
-    moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    hidden: torch.Tensor | None = None
-    """The base model's full-length final hidden states (caller's layout), once its call has returned."""
-
-    @property
-    def split(self) -> int:
-        return self.group.split
+from .layout import call_mask, moves
+from .run import Group, PrefixRun, Row
+from .store import BlockStore
 
 
 class GroupCall:
-    """The part of :class:`~.strategy.PrefixStrategy` that computes one group (a mixin: ``attach`` sets these)."""
+    """Computes the groups of a request (:func:`~.layout.plan`): :meth:`prepare` gathers every group's prefix,
+    :meth:`run` computes one group and stores its new blocks, :meth:`merge` puts several groups' outputs back into
+    the caller's row order."""
 
-    shape: BlockShape
-    block_size: int
-    bank: CacheBank
-    owner: Any
-    layers: list[Any]
+    def __init__(
+        self,
+        bank: CacheBank,
+        shape: BlockShape,
+        base_model: nn.Module,
+        model: nn.Module,
+        devices: list[torch.device],
+        base_call: BaseModelCall,
+        store: BlockStore,
+    ):
+        self.bank = bank
+        self.shape = shape
+        self.base_model = base_model
+        """The model owning the layer stack: its config builds the caches."""
+        self.model = model
+        """The cached model: the prefix is gathered in its dtype."""
+        self.devices = devices
+        """Per layer, the device its cache states live on."""
+        self.base_call = base_call
+        self.store = store
+
+    def prepare(self, arguments: dict[str, Any], rows: list[Row], groups: list[Group]) -> list[PrefixRun] | None:
+        """Every group's run, each prefix gathered before any group stores (a store may evict a block another group
+        reuses, and hand its slot to a new one); ``None`` when a looked-up block is no longer the bank's."""
+        batch = len(rows)
+        calls = (
+            [arguments]
+            if len(groups) == 1
+            else [_group_arguments(arguments, torch.tensor(group.rows), batch) for group in groups]
+        )
+        dtype = self.model.dtype
+        with self.bank.lock:
+            for row in rows:
+                used = zip(row.used(self.shape.block_size), row.entries, strict=False)
+                if not all(self.bank.holds(entry_id, "key", block.key) for entry_id, block in used):
+                    return None
+            return [self._prepare(call, rows, group, dtype) for call, group in zip(calls, groups, strict=True)]
+
+    def run(self, scope: RequestScope, forward: Callable[..., Any], run: PrefixRun, namespace: int) -> Any:
+        """One group's call: the suffix computed after the prefix cache, the base model's output spliced behind the
+        prefix, the caller's layout restored, and the group's new blocks stored."""
+        suffix = _suffix_arguments(run, cache_parameter(forward))
+        start = time.perf_counter()
+        output = self.base_call.call(scope, forward, suffix, lambda base_output: _splice(base_output, run))
+        seconds = time.perf_counter() - start
+        if run.hidden is None:
+            raise RuntimeError(
+                f"prefix strategy: {type(self.base_model).__name__} was not called; outputs would be short."
+            )
+        self._restore(run)
+        computed = sum(run.rows[r].length - run.rows[r].reused for r in run.group.rows)
+        self.store.store(run, namespace, seconds / max(computed, 1))
+        return output
+
+    def merge(self, arguments: dict[str, Any], outputs: list[Any], runs: list[PrefixRun]) -> Any:
+        """The groups' outputs and caches as the batch's, rows in the caller's order."""
+        order = torch.argsort(torch.tensor([r for run in runs for r in run.group.rows]))
+        cache = None
+        if runs[0].keep_cache:
+            cache = _merge_caches(runs, order, find_cache(arguments), self.base_model.config, self.shape.n_layers)
+        return _merge_outputs(outputs, runs, order, cache)
 
     def _prepare(self, arguments: dict[str, Any], rows: list[Row], group: Group, dtype: torch.dtype) -> PrefixRun:
         """The cache the group's call continues from, filled with every row's reused prefix."""
         cache = find_cache(arguments)
         if cache is None:
-            cache = DynamicCache(config=self.owner.config)
+            cache = DynamicCache(config=self.base_model.config)
         use_cache = arguments.get("use_cache")
-        keep_cache = bool(use_cache if use_cache is not None else getattr(self.owner.config, "use_cache", True))
+        keep_cache = bool(use_cache if use_cache is not None else getattr(self.base_model.config, "use_cache", True))
         prefix = self._gather(rows, group, dtype) if group.split else None
         if prefix is not None:
-            for i, layer in enumerate(self.layers):
-                cache.update(prefix[0][i].to(layer.device), prefix[1][i].to(layer.device), i)
-        return PrefixRun(rows, group, cache, prefix, keep_cache, group.moves(rows))
+            for i, device in enumerate(self.devices):
+                cache.update(prefix[0][i].to(device), prefix[1][i].to(device), i)
+        return PrefixRun(arguments, rows, group, cache, prefix, keep_cache, moves(group, rows))
 
     def _gather(
         self, rows: list[Row], group: Group, dtype: torch.dtype
@@ -88,47 +133,11 @@ class GroupCall:
 
     def _row_states(self, row: Row) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A row's reused keys, values ``(layer, head, token, dim)`` and hidden states, one copy each."""
-        entries = row.entries[: -(-row.reused // self.block_size)]
+        entries = row.entries[: -(-row.reused // self.shape.block_size)]
         n = row.reused
         keys = torch.cat([e.key for e in entries], dim=2)[:, :, :n]
         values = torch.cat([e.value for e in entries], dim=2)[:, :, :n]
         return keys, values, torch.cat([e.hidden for e in entries])[:n]
-
-    @staticmethod
-    def _suffix_arguments(arguments: dict[str, Any], run: PrefixRun, cache_name: str) -> dict[str, Any]:
-        """The call for the rectangle, continuing from the prefix cache (under the name ``forward`` uses)."""
-        suffix = without_cache(arguments)
-        suffix[cache_name] = run.cache
-        ids = arguments["input_ids"]
-        suffix["input_ids"] = ids[:, run.split :]
-        if run.moves is not None:
-            suffix["attention_mask"] = run.group.mask(run.rows, arguments.get("attention_mask"), ids)
-        positions = arguments.get("position_ids")
-        if positions is not None:
-            suffix["position_ids"] = positions[..., run.split :]
-        elif run.moves is not None:  # unpadded rows: a token's position is its column
-            suffix["position_ids"] = torch.arange(run.split, ids.shape[1], device=ids.device).expand(len(ids), -1)
-        return suffix
-
-    def _splice(self, output: Any, run: PrefixRun) -> Any:
-        """The base model's output with the cached prefix states in front of the computed rectangle, each row's in
-        its own columns."""
-        suffix = output[0]
-        full = suffix
-        if run.prefix is not None:
-            prefix = run.prefix[2].to(device=suffix.device, dtype=suffix.dtype)
-            full = torch.cat([prefix, suffix], dim=1)
-            if run.moves is not None:
-                rows, source, target = (index.to(suffix.device) for index in run.moves)
-                full[rows, target] = prefix[rows, source]
-        run.hidden = full
-        if isinstance(output, ModelOutput):
-            values = dict(output.items())
-            values[next(iter(values))] = full
-            if not run.keep_cache:  # uncached, use_cache=False returns no cache
-                values = {k: v for k, v in values.items() if v is not run.cache}
-            return type(output)(**values)
-        return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
 
     def _restore(self, run: PrefixRun) -> None:
         """Moved rows' cached states back to the caller's columns in every layer of the returned cache."""
@@ -140,7 +149,45 @@ class GroupCall:
             layer.values[rows, :, target] = run.prefix[1][i][rows, :, source].to(layer.values.device)
 
 
-def group_arguments(arguments: dict[str, Any], rows: torch.Tensor, batch: int) -> dict[str, Any]:
+def _suffix_arguments(run: PrefixRun, cache_name: str) -> dict[str, Any]:
+    """The call for the rectangle, continuing from the prefix cache (under the name ``forward`` uses)."""
+    arguments = run.arguments
+    suffix = without_cache(arguments)
+    suffix[cache_name] = run.cache
+    ids = arguments["input_ids"]
+    suffix["input_ids"] = ids[:, run.split :]
+    if run.moves is not None:
+        suffix["attention_mask"] = call_mask(run.group, run.rows, arguments.get("attention_mask"), ids)
+    positions = arguments.get("position_ids")
+    if positions is not None:
+        suffix["position_ids"] = positions[..., run.split :]
+    elif run.moves is not None:  # unpadded rows: a token's position is its column
+        suffix["position_ids"] = torch.arange(run.split, ids.shape[1], device=ids.device).expand(len(ids), -1)
+    return suffix
+
+
+def _splice(output: Any, run: PrefixRun) -> Any:
+    """The base model's output with the cached prefix states in front of the computed rectangle, each row's in its
+    own columns (kept as :attr:`~.run.PrefixRun.hidden` for storing)."""
+    suffix = output[0]
+    full = suffix
+    if run.prefix is not None:
+        prefix = run.prefix[2].to(device=suffix.device, dtype=suffix.dtype)
+        full = torch.cat([prefix, suffix], dim=1)
+        if run.moves is not None:
+            rows, source, target = (index.to(suffix.device) for index in run.moves)
+            full[rows, target] = prefix[rows, source]
+    run.hidden = full
+    if isinstance(output, ModelOutput):
+        values = dict(output.items())
+        values[next(iter(values))] = full
+        if not run.keep_cache:  # uncached, use_cache=False returns no cache
+            values = {k: v for k, v in values.items() if v is not run.cache}
+        return type(output)(**values)
+    return (full, *(x for x in output[1:] if run.keep_cache or x is not run.cache))
+
+
+def _group_arguments(arguments: dict[str, Any], rows: torch.Tensor, batch: int) -> dict[str, Any]:
     """The call's arguments for some of its rows (the KV cache left out: each group fills its own)."""
     out = without_cache(arguments)
     for name, value in out.items():
@@ -149,7 +196,7 @@ def group_arguments(arguments: dict[str, Any], rows: torch.Tensor, batch: int) -
     return out
 
 
-def merge_outputs(outputs: list[Any], runs: list[PrefixRun], order: torch.Tensor, cache: Any) -> Any:
+def _merge_outputs(outputs: list[Any], runs: list[PrefixRun], order: torch.Tensor, cache: Any) -> Any:
     """The groups' outputs as the one output of the whole batch: per-row tensors concatenated back into the
     caller's row order, the groups' caches replaced by the batch's ``cache`` (``None``: left out)."""
 
@@ -167,7 +214,7 @@ def merge_outputs(outputs: list[Any], runs: list[PrefixRun], order: torch.Tensor
     return tuple(x for x in (merged(list(parts)) for parts in zip(*outputs, strict=True)) if x is not None)
 
 
-def merge_caches(runs: list[PrefixRun], order: torch.Tensor, cache: Any, config: Any, n_layers: int) -> Any:
+def _merge_caches(runs: list[PrefixRun], order: torch.Tensor, cache: Any, config: Any, n_layers: int) -> Any:
     """The batch's KV cache: the groups' caches concatenated back into the caller's row order."""
     cache = cache if cache is not None else DynamicCache(config=config)
     for i in range(n_layers):

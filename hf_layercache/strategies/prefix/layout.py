@@ -6,7 +6,7 @@ have to recompute its cached tokens in ``[split, first + cached)`` if they staye
 not: its cached tokens are laid into the cache at ``[split - cached, split)`` (which needs ``split >= cached``), and
 the columns of the rectangle they left become a hole that the call's attention mask hides. Positions come from
 ``position_ids``, so a token keeps its position whatever column it sits in. After the call, the row's cached states
-are written back to the caller's columns (:meth:`Group.moves`), so the returned cache and hidden states have the
+are written back to the caller's columns (:func:`moves`), so the returned cache and hidden states have the
 caller's layout and ``generate`` decodes on with the caller's mask.
 
 Rows that cannot share a rectangle that way (a cold row beside warm ones: its ``split`` would be ``0``, where no
@@ -15,54 +15,20 @@ cached prefix fits) or whose sharing would waste more than a call costs, go into
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from .rows import Row
+from .run import Group, Row
 
 CALL_COST_TOKENS = 64
 """What one more call costs, in token-columns of one row: a call reads every weight once however few tokens it
 computes. Rows join a group while the rectangle they widen costs the group fewer extra token-columns than this."""
 
 
-@dataclass
-class Group:
-    """Rows computed by one call, and the column where that call's computed rectangle starts."""
-
-    rows: list[int]
-    split: int
-    moved: list[int] = field(default_factory=list)
-    """Rows (indices into :attr:`rows`) whose cached tokens sit at ``[split - reused, split)`` during the call."""
-
-    def mask(self, rows: list[Row], mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-        """The call's attention mask: the caller's (this group's rows), with each moved row's cached tokens ending
-        at ``split`` and the columns they left hidden."""
-        out = mask.clone() if mask is not None else torch.ones_like(ids)
-        for i in self.moved:
-            row = rows[self.rows[i]]
-            out[i, : row.first + row.reused] = 0
-            out[i, self.split - row.reused : self.split] = 1
-        return out
-
-    def moves(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(row, column during the call, caller column)`` of every cached token of a moved row, as index
-        tensors (one advanced-indexing copy per layer puts them all back)."""
-        if not self.moved:
-            return None
-        parts = []
-        for i in self.moved:
-            row = rows[self.rows[i]]
-            t = torch.arange(row.reused)
-            parts.append(torch.stack([torch.full_like(t, i), self.split - row.reused + t, row.first + t]))
-        index = torch.cat(parts, dim=1)
-        return index[0], index[1], index[2]
-
-
 def plan(rows: list[Row], width: int, block_size: int) -> list[Group]:
     """Every row reuses all it has cached (less its last token, which is always computed); rows are grouped by
     where their cached prefix ends, widest first, and a row starts a new group when it cannot join the last one
-    (a longer cached prefix in the group than the row's own end) or would cost it more than a call."""
+    (a longer cached prefix in the group than the row's own end) or would cost it more than a call. Sets each row's
+    :attr:`~.run.Row.reused`."""
     ends = []
     for r, row in enumerate(rows):
         row.reused = min(row.cached(block_size), row.length - 1) if row.tokens is not None and row.length else 0
@@ -87,3 +53,28 @@ def plan(rows: list[Row], width: int, block_size: int) -> list[Group]:
         group.rows.sort()
         group.moved = [i for i, r in enumerate(group.rows) if rows[r].first + rows[r].reused > group.split]
     return groups
+
+
+def call_mask(group: Group, rows: list[Row], mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """The group's attention mask: the caller's (the group's rows of it), with each moved row's cached tokens
+    ending at ``split`` and the columns they left hidden."""
+    out = mask.clone() if mask is not None else torch.ones_like(ids)
+    for i in group.moved:
+        row = rows[group.rows[i]]
+        out[i, : row.first + row.reused] = 0
+        out[i, group.split - row.reused : group.split] = 1
+    return out
+
+
+def moves(group: Group, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(row, column during the call, caller column)`` of every cached token of a moved row, as index tensors (one
+    advanced-indexing copy per layer puts them all back); ``None`` when no row moved."""
+    if not group.moved:
+        return None
+    parts = []
+    for i in group.moved:
+        row = rows[group.rows[i]]
+        t = torch.arange(row.reused)
+        parts.append(torch.stack([torch.full_like(t, i), group.split - row.reused + t, row.first + t]))
+    index = torch.cat(parts, dim=1)
+    return index[0], index[1], index[2]
