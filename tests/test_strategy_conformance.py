@@ -4,7 +4,6 @@ a variant, a third-party strategy registered as users register theirs, and a bro
 from __future__ import annotations
 
 import pytest
-import torch
 
 import hf_layercache
 from hf_layercache.registry import STRATEGIES
@@ -44,13 +43,7 @@ def _cases() -> list:
     return cases
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine OpenMP's spinning threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -6,36 +6,21 @@ from typing import Any
 
 import torch
 
-from ...bank import CacheBank
 from ...events import Lookup
 from ...kv import find_cache, replay_kv_writes
 from .alignment import on_device
-from .run import Candidate, Compute, LayerSlot, RecordLookup, RunBuilder, SemanticRun
-from .search import EntrySearch
-from .store import EntryStore, batch_writes
-from .verification import Verifier
+from .parts import ReuseParts
+from .run import Candidate, Compute, LayerSlot, SemanticRun
+from .store import batch_writes
 
 
 class ResidualStep:
     """Serves one cached layer of a run under ``reuse="residual"``: every layer is keyed on its own input and looks
     up, finds (``search``), verifies (``verifier``) and stores (``store``) on its own, so hit rates differ by depth."""
 
-    def __init__(
-        self,
-        run_builder: RunBuilder,
-        search: EntrySearch,
-        verifier: Verifier,
-        entry_store: EntryStore,
-        banks: dict[str, CacheBank],
-        record_lookup: RecordLookup,
-    ):
-        self.run_builder = run_builder
-        self.search = search
-        self.verifier = verifier
-        self.entry_store = entry_store
-        self.banks = banks
-        """The strategy's banks by layer name, filled as it attaches."""
-        self.record_lookup = record_lookup
+    def __init__(self, parts: ReuseParts):
+        self.run_builder, self.search, self.verifier = parts.run_builder, parts.search, parts.verifier
+        self.entry_store, self.banks, self.record_lookup = parts.entry_store, parts.banks, parts.record_lookup
 
     def __call__(
         self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, compute: Compute

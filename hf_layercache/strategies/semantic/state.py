@@ -7,17 +7,16 @@ from typing import Any
 
 import torch
 
-from ...bank import CacheBank
 from ...config import LayerCacheConfig
 from ...events import Lookup
 from ...kv import find_cache, replay_kv_writes
 from ...layers import rows_splittable
 from .alignment import on_device
 from .entries import SemanticEntry
-from .run import Compute, LayerSlot, RecordLookup, RunBuilder, SemanticRun, Target
-from .search import SIMILARITY_TOLERANCE, EntrySearch
-from .store import EntryStore, batch_writes
-from .verification import Verifier
+from .parts import ReuseParts
+from .run import Compute, LayerSlot, SemanticRun, Target
+from .search import SIMILARITY_TOLERANCE
+from .store import batch_writes
 
 
 class StateStep:
@@ -34,23 +33,13 @@ class StateStep:
         stacks: dict[str, list[LayerSlot]],
         after_layers: int,
         config: LayerCacheConfig,
-        run_builder: RunBuilder,
-        search: EntrySearch,
-        verifier: Verifier,
-        entry_store: EntryStore,
-        banks: dict[str, CacheBank],
-        record_lookup: RecordLookup,
+        parts: ReuseParts,
     ):
         self.stacks = stacks
         self.after_layers = after_layers
         self.config = config
-        self.run_builder = run_builder
-        self.search = search
-        self.verifier = verifier
-        self.entry_store = entry_store
-        self.banks = banks
-        """The strategy's banks by layer name, filled as it attaches."""
-        self.record_lookup = record_lookup
+        self.run_builder, self.search, self.verifier = parts.run_builder, parts.search, parts.verifier
+        self.entry_store, self.banks, self.record_lookup = parts.entry_store, parts.banks, parts.record_lookup
         self.jump_targets = self._find_jump_targets()
 
     def _find_jump_targets(self) -> set[str]:

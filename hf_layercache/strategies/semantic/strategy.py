@@ -24,6 +24,7 @@ from ..stack import StackStrategy
 from .config import DEFAULT_FINGERPRINT, SemanticConfig
 from .entries import SemanticEntry
 from .hook import ReuseStep, SemanticLayerHook, compute_every_row
+from .parts import ReuseParts
 from .residual import ResidualStep
 from .run import LayerSlot, RunBuilder, SemanticRun
 from .search import EntrySearch
@@ -102,21 +103,10 @@ class SemanticStrategy(StackStrategy):
     def _reuse_step(self, stacks: dict[str, list[LayerSlot]]) -> ReuseStep:
         """The step every looked-up layer runs, ``reuse`` deciding which."""
         record_lookup = self.context.record_lookup
+        parts = ReuseParts(self.run_builder, self.search, self.verifier, self.entry_store, self.banks, record_lookup)
         if self.reuse == "residual":
-            return ResidualStep(
-                self.run_builder, self.search, self.verifier, self.entry_store, self.banks, record_lookup
-            )
-        return StateStep(
-            stacks,
-            self.fingerprint.after_layers,
-            self.config,
-            self.run_builder,
-            self.search,
-            self.verifier,
-            self.entry_store,
-            self.banks,
-            record_lookup,
-        )
+            return ResidualStep(parts)
+        return StateStep(stacks, self.fingerprint.after_layers, self.config, parts)
 
     def banks_replaced(self) -> None:
         if self.error_bound is not None:
