@@ -255,10 +255,15 @@ def test_warm_reports_what_it_saved_as_inspect_reads_it(model_dir, data, tmp_pat
     assert "Loading weights" not in report.err  # no transformers progress bar before the report
 
 
-def test_a_closed_pipe_ends_inspect_quietly(warm_dir):
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_closed_pipe_ends_inspect_quietly(warm_dir, unbuffered):
     """``inspect DIR | head -1``: the reader is gone before everything is written (here it is gone from the start,
-    so every run hits the case ``head`` hit in some)."""
+    so every run hits the case ``head`` hit in some). Buffered, the short report meets the closed pipe only when
+    stdout is flushed, which must still happen inside the command, not in the interpreter's exit."""
     command = Path(sys.executable).parent / "hf-layercache"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
@@ -268,6 +273,7 @@ def test_a_closed_pipe_ends_inspect_quietly(warm_dir):
             stderr=subprocess.PIPE,
             text=True,
             timeout=120,
+            env=env,
         )
     finally:
         os.close(write_end)

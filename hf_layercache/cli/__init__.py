@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         command = importlib.import_module(f"{__name__}.{args.command}")  # only now: bench imports torch
-        return getattr(command, f"run_{args.command}")(args)
+        status = getattr(command, f"run_{args.command}")(args)
+        sys.stdout.flush()  # inside the try: a short output is only written here, and may meet a closed pipe too
+        return status
     except BrokenPipeError:  # the reader went away (| head): end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's final flush is silent too
         return 128 + 13  # 128 + SIGPIPE, the status of a tool that SIGPIPE ended
