@@ -193,6 +193,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def same_rows(arguments: dict[str, Any], hidden: torch.Tensor, spec: LayerSpec, a: int, b: int) -> bool:
+    """Whether rows ``a`` and ``b`` of a layer call have the same input: hidden state and every per-row argument."""
+    batch = hidden.shape[0]
+    tensors = [hidden, *(t for n, v in arguments.items() if n in spec.batch_args for t in _tensors(v))]
+    return all(t.dim() == 0 or t.shape[0] != batch or torch.equal(t[a], t[b]) for t in tensors)
+
+
 def rows_splittable(arguments: dict[str, Any], spec: LayerSpec, batch: int) -> bool:
     """True when every per-row tensor argument is one we know how to slice by rows."""
     for name, value in arguments.items():

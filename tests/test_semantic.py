@@ -54,6 +54,39 @@ def test_identical_input_reproduces_the_uncached_output(arch, reuse):
     assert_close_on_real_tokens(second, reference, batch["attention_mask"])
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("reuse", REUSES)
+def test_a_text_twice_in_one_cold_batch_is_computed_once(arch, reuse):
+    """#31: each layer computes a repeated row once and copies it (the lookups still count both rows: neither was
+    found in the bank)."""
+    model = hf_layercache.enable(tiny_model(arch), semantic(reuse=reuse))
+    batch = tiny_batch(arch, batch=3)
+    twice = {name: torch.cat([t, t[:1]]) for name, t in batch.items()}  # row 3 repeats row 0
+    options = {"use_cache": False} if arch == "llama" else {}  # with a KV cache a batch is computed whole
+    with model.layer_cache.bypass():
+        expected = run(model, twice, **options).last_hidden_state
+    served = run(model, twice, **options).last_hidden_state
+    layers = model.layer_cache.stats()["layers"].values()
+    assert [layer["computed"] for layer in layers] == [3] * len(layers)
+    assert totals(model)["misses"] == 4 * len(layers)
+    assert torch.equal(served[3], served[0])
+    assert_close_on_real_tokens(served, expected, twice["attention_mask"])
+
+
+def test_rows_with_the_same_tokens_in_other_places_are_both_computed():
+    """A twin must have the same input: the same tokens padded differently are two computations."""
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    batch = tiny_batch("bert", batch=2, length=6)
+    batch["attention_mask"][0, -2:] = 0
+    shifted = {name: t[:1].roll(2, dims=1) for name, t in batch.items()}  # row 0, left-padded
+    both = {name: torch.cat([batch[name], shifted[name]]) for name in batch}
+    with model.layer_cache.bypass():
+        expected = run(model, both).last_hidden_state
+    served = run(model, both).last_hidden_state
+    assert [layer["computed"] for layer in model.layer_cache.stats()["layers"].values()] == [3] * 3
+    assert_close_on_real_tokens(served, expected, both["attention_mask"])
+
+
 @pytest.mark.parametrize("reuse", REUSES)
 def test_dissimilar_input_misses(reuse):
     model = tiny_model("bert")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...kv import KVWrite, find_cache, record_kv_writes
-from ...layers import select_rows
+from ...layers import same_rows, select_rows
 from ...stats import CacheStats
 from ..stack import LayerHook, StartRun
 from .run import Compute, LayerSlot, SemanticRun
@@ -48,7 +48,16 @@ class SemanticLayerHook(LayerHook):
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
     ) -> tuple[torch.Tensor, list[KVWrite]]:
         """Run the layer on ``rows`` (a sub-batch unless that is all of them); return the full-batch hidden state,
-        with the input kept in the other rows, and the K/V writes it made."""
+        with the input kept in the other rows, and the K/V writes it made.
+
+        A row repeating another row of ``rows`` with the same input here is not computed: it gets that row's output.
+        """
+        copies = self._copies(run, arguments, hidden, rows)
+        if copies:
+            full, writes = self.compute(run, arguments, hidden, [r for r in rows if r not in copies])
+            for row, twin in copies.items():
+                full[row] = full[twin]
+            return full, writes
         start = time.perf_counter()
         if len(rows) == run.batch:
             with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
@@ -65,3 +74,17 @@ class SemanticLayerHook(LayerHook):
         full = hidden.clone()
         full[torch.tensor(rows, device=hidden.device)] = computed.to(full.dtype)
         return full, writes
+
+    def _copies(
+        self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
+    ) -> dict[int, int]:
+        """The twins among ``rows`` whose row they repeat is computed too, from the same input: same hidden state
+        (an earlier layer may have served one and not the other) and same per-row arguments."""
+        if not run.twins:
+            return {}
+        computing = set(rows)
+        return {
+            row: twin
+            for row, twin in run.twins.items()
+            if row in computing and twin in computing and same_rows(arguments, hidden, self.layer.spec, row, twin)
+        }

@@ -38,6 +38,17 @@ def _positions(real: torch.Tensor) -> Index:
     return where
 
 
+def _twins(digests: list[bytes], real: torch.Tensor) -> dict[int, int]:
+    """Rows whose digest (their real tokens) and mask repeat an earlier row's, by that row."""
+    first: dict[tuple[bytes, bytes], int] = {}
+    twins = {}
+    for row, digest in enumerate(digests):
+        seen = first.setdefault((digest, real[row].numpy().tobytes()), row)
+        if seen != row:
+            twins[row] = seen
+    return twins
+
+
 @dataclass(frozen=True)
 class LayerSlot:
     """A cached layer as the reuse steps see it: which layer, where in its stack, and its rank among all cached
@@ -112,6 +123,9 @@ class SemanticRun:
     """``acceptance="argmax"``: verified rows, their candidates and relative errors, judged once the model's output
     is known."""
     alignments: dict[tuple[int, bytes], torch.Tensor | None] = field(default_factory=dict)
+    twins: dict[int, int] = field(default_factory=dict)
+    """Rows repeating an earlier row of the batch (same tokens in the same places), by the row they repeat: a layer
+    that computes both computes the first and copies it (see ``SemanticLayerHook.compute``)."""
 
     @property
     def batch(self) -> int:
@@ -169,6 +183,8 @@ class RunBuilder:
         )
         if not self.fingerprint.uses_embeddings:
             run.keys = self.fingerprint(input_ids, run.key_mask, hidden).float()
+        if not run.with_kv:  # a cache's K/V are written by computing every row together
+            run.twins = _twins(run.digests, real)
         return run
 
     @staticmethod
