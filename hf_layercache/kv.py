@@ -115,13 +115,19 @@ def replay_kv_writes(past_key_values, writes: list[KVWrite]) -> None:
 
 
 def place_writes(
-    per_row: list[list[KVWrite]], columns: list[slice | torch.Tensor] | None, length: int
+    per_row: list[list[KVWrite]], columns: list[slice | torch.Tensor | None] | None, length: int
 ) -> list[KVWrite]:
-    """Join writes of single rows that cover only their real tokens, ``(1, heads, n, dim)``, into batch writes of
-    ``length`` columns with each row's states at its ``columns``. Pad columns are zeros: the attention mask hides
-    them, as it hides the pad states an uncached run computes (rows must share structure). ``columns=None``: the
-    rows' writes cover whole rows (an encoder-decoder's cross-attention too) and are joined as they are."""
-    if columns is None:
+    """Join writes of single rows, ``(1, heads, n, dim)``, into batch writes of ``length`` columns.
+
+    A row with ``columns`` stored its real tokens only: its states go to those columns of this batch's layout, and
+    its pad columns are zeros (the attention mask hides them, as it hides the pad states an uncached run computes).
+    A row with ``None`` (a row keyed with its layout, e.g. a mask with holes) stored its writes whole, already
+    ``length`` long, and is copied as it is. One batch may hold both kinds, so each row is placed by its own entry
+    of ``columns``, never by a verdict for the whole batch (a right-padded row beside a holed one once made this
+    join rows of different lengths). When no row has columns (``columns=None``, or ``None`` for every row) the
+    writes are joined as they are: they may cover other positions than the batch's (an encoder-decoder's
+    cross-attention covers the encoder's tokens)."""
+    if columns is None or all(where is None for where in columns):
         return [
             KVWrite(
                 w.tag,
@@ -136,6 +142,7 @@ def place_writes(
         key = first.key.new_zeros((len(per_row), first.key.shape[1], length, first.key.shape[-1]))
         value = first.value.new_zeros((len(per_row), first.value.shape[1], length, first.value.shape[-1]))
         for row, (writes, where) in enumerate(zip(per_row, columns, strict=True)):
+            where = slice(None) if where is None else where
             where = where.to(key.device) if isinstance(where, torch.Tensor) else where
             key[row][:, where] = writes[i].key[0].to(key.device, key.dtype)
             value[row][:, where] = writes[i].value[0].to(value.device, value.dtype)

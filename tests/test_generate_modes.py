@@ -187,3 +187,95 @@ def test_prompts_cover_padding_and_blocks():
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()  # left padding
     assert OVERLAPPING["batched"]["input_ids"].shape == batch["input_ids"].shape
     assert all(CONFIGS[arch].vocab_size == VOCAB for arch in ARCHS)
+
+
+# --- a BERT decoder on the model tester's inputs: masks with holes, token types (#30) ----------------------------
+# transformers' model tester builds BERT's inputs with ``random_attention_mask`` (holes anywhere, first column kept)
+# and random ``token_type_ids``, and its generation tests run them through ``BertLMHeadModel(is_decoder=True)``. A
+# batch mixing a holed row (keyed with its layout: its K/V are stored whole) with a right-padded row (keyed on its
+# real tokens: its K/V are stored for those only) once crashed the repeat of a generate() in kv.place_writes.
+TYPE_VOCAB = 16
+
+
+def random_attention_mask(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """transformers' ``random_attention_mask``: holes anywhere, the first column kept so no row is empty."""
+    mask = torch.randint(0, 2, (rows, columns), generator=torch.Generator().manual_seed(seed))
+    mask[:, 0] = 1
+    return mask
+
+
+HOLEY = {
+    # one row of each kind the exact strategy keys differently, on purpose
+    "deliberate": torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1, 1, 1],  # no padding
+            [1, 1, 1, 1, 1, 0, 0, 0],  # right-padded: keyed on its real tokens, which end before the last column
+            [1, 0, 1, 1, 0, 1, 0, 1],  # holes: keyed with its layout
+            [0, 0, 0, 1, 1, 1, 1, 1],  # left-padded
+            [1, 1, 0, 0, 0, 0, 0, 0],  # right-padded, holding two tokens
+        ]
+    ),
+    "random": random_attention_mask(13, 7, seed=3),  # as the model tester draws them
+}
+
+
+def holey_batch(layout: str) -> dict[str, torch.Tensor]:
+    """``input_ids``, the mask of ``HOLEY[layout]`` and random ``token_type_ids`` (ids under the pads are random
+    too, as the model tester's are)."""
+    mask = HOLEY[layout]
+    real = [row.nonzero().flatten() for row in mask]
+    contiguous = [int(r[-1] - r[0]) + 1 == len(r) for r in real]
+    assert not all(contiguous), "the batch needs a row with holes"
+    assert any(c and row[-1] == 0 for c, row in zip(contiguous, mask, strict=True)), "and a right-padded row"
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(3, VOCAB, mask.shape, generator=g)
+    token_types = torch.randint(0, TYPE_VOCAB, mask.shape, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}
+
+
+def bert_decoder() -> tf.BertLMHeadModel:
+    torch.manual_seed(0)
+    config = tf.BertConfig(**{**CONFIGS["bert"].to_dict(), "is_decoder": True, "type_vocab_size": TYPE_VOCAB})
+    return tf.BertLMHeadModel(config).eval()
+
+
+def generate_with_logits(model, batch: dict, mode: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens and every step's logits (bit for bit: the exact strategy promises both)."""
+    if mode in SAMPLING:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            **MODES[mode],
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("layout", list(HOLEY))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bert_decoder_with_holes_and_token_types_generates_twice_as_uncached(layout, mode):
+    """The same holey batch generated twice by a cached ``BertLMHeadModel(is_decoder=True)``: the first call fills the
+    cache, the second is served from it (K/V replayed row by row, each in its own layout); both give the uncached
+    twin's tokens and logits bit for bit, and so does another seed after a hit."""
+    model = bert_decoder()
+    plain = copy.deepcopy(model)  # the same weights, never enabled
+    batch = holey_batch(layout)
+    hf_layercache.enable(model, LayerCacheConfig(strategy="exact"))
+    try:
+        seeds = (0, 1) if mode in SAMPLING else (0,)
+        for seed in seeds:
+            reference = generate_with_logits(plain, batch, mode, seed)
+            for call in ("first", "second"):
+                hits = totals(model)["hits"]
+                tokens, logits = generate_with_logits(model, batch, mode, seed)
+                if call == "second" or seed > 0:
+                    assert totals(model)["hits"] > hits, "the repeated batch did not hit: the check would prove nothing"
+                assert torch.equal(tokens, reference[0]), f"{call} call (seed {seed}) differs in tokens"
+                assert torch.equal(logits, reference[1]), f"{call} call (seed {seed}) differs in logits"
+    finally:
+        hf_layercache.disable(model)

@@ -23,14 +23,8 @@ CONFIGS = [(name, name, FIELDS.get(name, {})) for name in hf_layercache.availabl
     for fields in variants
 ]
 
-KV_PLACEMENT = (
-    "exact on a causal decoder (KV cache on): a batch holding a right-padded row and a row with a hole in its mask "
-    "raises on its repeat. ExactLayerHook._serve passes columns=None to kv.place_writes when any row key is not "
-    "'free' (the holed row is keyed with its layout), and place_writes then torch.cat()s every row's stored K/V as "
-    "whole rows, but the padded row stored K/V for its 9 real tokens only: RuntimeError 'Sizes of tensors must "
-    "match except in dimension 0. Expected size 12 but got size 9'"
-)
-KNOWN_FAILURES = {("exact", "check_outputs_match_uncached"): KV_PLACEMENT}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+"""(strategy, check) -> why it fails: a strict xfail, so a fix shows."""
 
 
 def _cases() -> list:
@@ -63,13 +57,7 @@ def test_conformance(name, fields, check, record_property):
         record_property("figures", figures)
 
 
-@pytest.mark.parametrize(
-    "base",
-    [
-        pytest.param("exact", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=KV_PLACEMENT)),
-        "prefix",
-    ],
-)
+@pytest.mark.parametrize("base", ["exact", "prefix"])
 def test_a_third_party_strategy_passes_the_suite(base, registry):
     class ThirdParty(hf_layercache.get_strategy(base)):
         lossless = True

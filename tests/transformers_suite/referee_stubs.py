@@ -41,11 +41,12 @@ class GenerationTesterMixin:
         model.generation_config.do_sample = False
         return model
 
-    def _referee_generate(self, model, input_ids, attention_mask):
+    def _referee_generate(self, model, input_ids, attention_mask, **extra):
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                **extra,
                 max_new_tokens=self.referee_new_tokens,
                 min_new_tokens=self.referee_new_tokens,
                 do_sample=False,
@@ -54,13 +55,13 @@ class GenerationTesterMixin:
             )
         return out.sequences, torch.stack(out.logits, dim=1)
 
-    def _referee_check(self, model, input_ids, attention_mask, reference=None):
+    def _referee_check(self, model, input_ids, attention_mask, reference=None, **extra):
         """Generate cached and (again) uncached; the logits must agree within the tolerance, so must the tokens
-        wherever the logits do not tie within it."""
-        sequences, logits = self._referee_generate(model, input_ids, attention_mask)
+        wherever the logits do not tie within it. ``extra``: more inputs of the prompt (``token_type_ids``)."""
+        sequences, logits = self._referee_generate(model, input_ids, attention_mask, **extra)
         if reference is None:
             with uncached(model):
-                reference = self._referee_generate(model, input_ids, attention_mask)
+                reference = self._referee_generate(model, input_ids, attention_mask, **extra)
         ref_sequences, ref_logits = reference
         torch.testing.assert_close(logits, ref_logits, atol=self.referee_logits_atol, rtol=0)
         self.assertEqual(sequences.tolist(), ref_sequences.tolist())
@@ -86,6 +87,20 @@ class GenerationTesterMixin:
                 first = self._referee_generate(model, ids, mask)
                 self._referee_check(model, ids, mask)
                 self._referee_check(model, ids, mask, reference=first)
+
+    def test_referee_generate_tester_inputs(self):
+        """The tester's own batch generated twice, as upstream's generation tests take it: its masks (holes and
+        right padding side by side where the tester draws them so) and its ``token_type_ids``. Upstream's
+        ``test_generate_methods_with_logits_to_keep`` once crashed the exact strategy this way on BERT (#30)."""
+        for model_class in self.all_generative_model_classes:
+            with self.subTest(model_class.__name__):
+                model = self._referee_model(model_class)
+                _, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+                extra = {k: inputs[k] for k in ("token_type_ids",) if k in inputs}
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                first = self._referee_generate(model, ids, mask, **extra)
+                self._referee_check(model, ids, mask, **extra)
+                self._referee_check(model, ids, mask, reference=first, **extra)
 
     def test_referee_generate_extended_prompt(self):
         """A prompt, then the same prompt extended by its own continuation (a shared prefix) and a new row."""

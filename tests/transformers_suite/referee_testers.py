@@ -2,9 +2,10 @@
 ``BertModelTester`` / ``LlamaModelTester`` (whose files are not in the sdist), written for this project.
 
 Inputs are deterministic (a seeded ``torch.Generator`` per tester), so every mode of the referee sees the same
-batches. Each batch repeats a row (row 1 == row 0), and mixes padded rows: encoders get attention masks with holes
-(first column kept, as upstream's ``random_attention_mask``), decoders right-padded rows of lengths 1..seq_length
-(as upstream's ``torch.tril`` masks) plus two left-padded rows.
+batches. Each batch repeats a row (row 1 == row 0), and mixes padded rows: encoders (and the BERT decoder) get
+attention masks with holes (first column kept, as upstream's ``random_attention_mask``), always with one right-padded
+row and one row with holes among them; decoders get right-padded rows of lengths 1..seq_length (as upstream's
+``torch.tril`` masks) plus two left-padded rows. BERT and RoBERTa get random ``token_type_ids``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class TinyTester:
         mask = torch.randint(0, 2, shape, generator=self._generator(salt))
         mask[:, 0] = 1
         mask[1] = mask[0]
+        # on purpose, not by chance: rows a cache keys differently side by side (#30: a KV cache's writes of a
+        # holed row, stored whole, and of a right-padded one, stored for its real tokens, once failed to join)
+        columns = torch.arange(length)
+        mask[2] = (columns < (length + 1) // 2).long()  # right-padded: real tokens end before the last column
+        mask[3] = (columns % 2 == 0).long()  # holes
         return mask
 
     def get_config(self):
@@ -93,9 +99,12 @@ class TinyTester:
 # --- encoders -------------------------------------------------------------------------------------------------------
 class BertTester(TinyTester):
     use_token_type_ids = True
+    is_decoder = False
+    """``True``: ``BertLMHeadModel`` as upstream's generation tests run it (causal, with a KV cache)."""
 
     def get_config(self):
         return BertConfig(
+            is_decoder=self.is_decoder,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_hidden_layers,

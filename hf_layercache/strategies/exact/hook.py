@@ -43,7 +43,8 @@ class ExactLayerHook(LayerHook):
     def _serve(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         if run.with_kv:
             rows = [run.hits[r].writes.get(self.position, []) for r in range(run.batch)]
-            columns = [key.columns for key in run.keys] if all(key.free for key in run.keys) else None
+            # per row: a free row stored its real tokens' K/V, a layout-bound one (holes in its mask) its whole row
+            columns = [key.columns if key.free else None for key in run.keys]
             replay_kv_writes(find_cache(arguments), place_writes(rows, columns, hidden.shape[1]) if rows[0] else [])
         out = self._cached_hidden(run, range(run.batch), hidden) if self.last else hidden
         return self.pack(out)
