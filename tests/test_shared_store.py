@@ -491,13 +491,15 @@ def test_one_round_trip_per_batch_and_none_when_the_local_bank_has_everything(se
     client.config_resetstat()
     _run(bert, rows)
     _run(llama, prompts)
-    assert client.info("commandstats")["cmdstat_mget"]["calls"] == 2  # 4 rows, then 3 rows of 6 blocks each
+    stats = client.info("commandstats")  # one pipeline per batch: a bounded GETRANGE per key, then one ECHO
+    assert stats["cmdstat_echo"]["calls"] == 2 and "cmdstat_mget" not in stats and "cmdstat_get" not in stats
+    assert stats["cmdstat_getrange"]["calls"] == 4 + 3 * 6  # 4 rows, then 3 rows of 6 blocks each
     bert.layer_cache.shared.flush(10)
     llama.layer_cache.shared.flush(10)
     client.config_resetstat()
     _run(bert, tiny_batch("bert", batch=4, length=9, seed=1))  # the same rows, another batch object
     _run(llama, prompts)
-    assert "cmdstat_mget" not in client.info("commandstats")  # every entry was local: Redis is not asked
+    assert "cmdstat_getrange" not in client.info("commandstats")  # every entry was local: Redis is not asked
 
 
 def test_the_password_comes_from_the_environment_variable_password_env_names(monkeypatch):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 SCHEMES = ("redis", "rediss", "unix")
 """``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path/to/socket``: what redis-py's ``from_url`` reads."""
+DEFAULT_BYTES = 64 * 2**20
+"""``max_value_bytes``'s default and the most ``queue_bytes=None`` allows: 64 MiB."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class SharedSettings:
     queue_size: int = 256
     """Entries waiting to be written in the background; a computed entry that finds the queue full is not shared
     (counted as ``shared_dropped``) rather than making the request wait."""
+    queue_bytes: int | None = None
+    """Bytes of entry tensors the write-behind queue may hold (queued or being sent): a computed entry that does
+    not fit is not shared (``shared_dropped``). A count alone let a slow Redis pin many times ``max_memory`` in
+    tensors the banks had already evicted. ``None``: the cache's ``max_memory``, at most ``DEFAULT_BYTES``."""
+    max_value_bytes: int = DEFAULT_BYTES
+    """Largest value read or written. A lookup reads at most this many bytes of a value (fewer when the bank's
+    share of ``max_memory`` is smaller: a larger entry could not be kept), so a huge value planted under a key a
+    request reads costs a bounded transfer, not seconds; it is a miss (``shared_oversized``)."""
 
 
 _POSITIVE = ("socket_timeout", "connect_timeout", "retry_interval")
@@ -65,9 +75,12 @@ def parse_settings(url: Any, kwargs: Any) -> SharedSettings:
     ttl = kwargs.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
         raise ValueError(f"shared_store_kwargs['ttl'] must be a positive int of seconds or None, got {ttl!r}.")
-    size = kwargs.get("queue_size", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"shared_store_kwargs['queue_size'] must be a positive int, got {size!r}.")
+    for name in ("queue_size", "queue_bytes", "max_value_bytes"):
+        size = kwargs.get(name, 1)
+        if size is None and name == "queue_bytes":
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"shared_store_kwargs[{name!r}] must be a positive int, got {size!r}.")
     env = kwargs.get("password_env")
     if env is not None and (not isinstance(env, str) or not env or "=" in env):
         raise ValueError(f"shared_store_kwargs['password_env'] must name an environment variable, got {env!r}.")

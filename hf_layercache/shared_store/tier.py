@@ -1,9 +1,10 @@
 """``SharedTier``: Redis as the second tier of a model's ``exact`` or ``prefix`` banks.
 
 The local bank stays tier one, with its policy and budget. A strategy hands the digests its bank lacks to
-:meth:`SharedTier.fill`, which asks Redis for all of them in one ``MGET`` and puts every value that passes the checks
-into the local bank, where the strategy's own lookup then finds it. :meth:`SharedTier.write` queues an entry the
-strategy just computed and stored for the background writer.
+:meth:`SharedTier.fill`, which asks Redis for all of them in one pipelined read and puts every value that passes
+the checks into the local bank, where the strategy's own lookup then finds it. :meth:`SharedTier.write` queues an
+entry the strategy just computed and stored for the background writer. Neither raises: whatever fails inside the
+tier (a peer's garbled reply, a value no check foresaw) is a miss or a dropped write, counted in ``shared_errors``.
 
 A Redis key is ``<key_prefix>:v1:<key space>:<strategy>:<bank>:<namespace tag>:<digest>``. The key space hashes
 what an entry's meaning depends on beyond its digest (the cache builds it: the model identity of
@@ -24,7 +25,7 @@ from ..entries import StoredEntry, check_finite
 from ..integrity import resolve_key
 from .client import RedisClient
 from .codec import decode, encode
-from .settings import parse_settings
+from .settings import DEFAULT_BYTES, parse_settings
 
 if TYPE_CHECKING:
     from ..bank import CacheBank
@@ -41,7 +42,10 @@ class SharedTier:
         """``key_space()``: the current key space (recomputed by the cache when the model changes); ``model_dtype()``:
         the dtype entries hold without a ``storage_dtype``."""
         self.settings = parse_settings(config.shared_store, config.shared_store_kwargs)
-        self.client = RedisClient(self.settings)
+        queue_bytes = self.settings.queue_bytes
+        if queue_bytes is None:  # the queue's tensors outlive the banks' evictions: bounded like the banks
+            queue_bytes = min(config.max_memory_bytes or DEFAULT_BYTES, DEFAULT_BYTES)
+        self.client = RedisClient(self.settings, queue_bytes)
         self._strategy = config.strategy
         self._key_space = key_space
         self._model_dtype = model_dtype
@@ -58,41 +62,57 @@ class SharedTier:
     ) -> list[tuple[bytes, int, StoredEntry]]:
         """Ask Redis, in one round trip, for the ``digests`` ``bank`` lacks; put each valid value found into the
         bank. Returns ``(digest, entry id, stored entry)`` of each entry put. A value that fails a check is a miss
-        and is deleted from Redis."""
-        wanted = [digest for digest in dict.fromkeys(digests) if bank.find(digest) is None]
-        keys = [self.redis_key(bank.name, namespace, digest) for digest in wanted]
-        found = self.client.mget(keys)
-        if not found:
-            return []
-        filled, misses, refused = [], 0, 0
-        for digest, key, data in zip(wanted, keys, found, strict=True):
-            if data is None:
-                misses += 1
-                continue
-            try:
-                values, cost = decode(data, key, self._secret)
-                self._check(bank, digest, values, check)
-            except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:  # whatever is wrong: a miss
-                refused += 1
-                self.client.warn_refused(key, str(err))
-                self.client.submit((key, None))
-                continue
-            entry_id = bank.put(bank.entry_type.from_tensors(values), digest=digest, cost=cost, namespace=namespace)
-            stored = bank.get(entry_id) if entry_id is not None else None
-            if stored is not None:
-                filled.append((digest, entry_id, stored))
-        self.client.count(shared_hits=len(filled), shared_misses=misses + refused, shared_refused=refused)
+        and is deleted from Redis; one longer than :meth:`value_limit` is a miss read no further."""
+        filled: list[tuple[bytes, int, StoredEntry]] = []
+        try:
+            wanted = [digest for digest in dict.fromkeys(digests) if bank.find(digest) is None]
+            keys = [self.redis_key(bank.name, namespace, digest) for digest in wanted]
+            found = self.client.read(keys, self.value_limit(bank))
+            if not found:
+                return []
+            misses, refused = 0, 0
+            for digest, key, data in zip(wanted, keys, found, strict=True):
+                if data is None:
+                    misses += 1
+                    continue
+                try:
+                    values, cost = decode(data, key, self._secret)
+                    self._check(bank, digest, values, check)
+                except Exception as err:  # whatever is wrong with a value: a miss
+                    refused += 1
+                    self.client.warn_refused(key, str(err))
+                    self.client.submit((key, None, 0))
+                    continue
+                entry = bank.entry_type.from_tensors(values)
+                entry_id = bank.put(entry, digest=digest, cost=cost, namespace=namespace)
+                stored = bank.get(entry_id) if entry_id is not None else None
+                if stored is not None:
+                    filled.append((digest, entry_id, stored))
+            self.client.count(shared_hits=len(filled), shared_misses=misses + refused, shared_refused=refused)
+        except Exception as err:  # a failure of the tier itself: what was filled so far stays, the rest computes
+            self.client.failed(err, "filling", down=False)
         return filled
+
+    def value_limit(self, bank: CacheBank) -> int:
+        """The most bytes a value for ``bank`` may have: ``max_value_bytes``, and no more than the bank's byte budget
+        (a value is never longer than the bytes its entry counts, which add 512 per tensor and per entry to the data,
+        more than the frame and safetensors header take, so a longer one could not be kept: ``put`` refuses it)."""
+        limit = self.settings.max_value_bytes
+        return min(limit, bank.max_bytes) if bank.max_bytes is not None else limit
 
     def write(self, bank: CacheBank, entry_id: int | None, digest: bytes, namespace: int, cost: float) -> None:
         """Queue the entry the strategy just stored in ``bank`` to be written to Redis in the background (its stored
         tensors are not changed afterwards; they are serialised in the writer thread)."""
-        entry = bank.get(entry_id) if entry_id is not None else None
-        if entry is None:
-            return
-        values = entry.to_tensors()
-        key, secret = self.redis_key(bank.name, namespace, digest), self._secret
-        self.client.submit((key, lambda: encode(values, key, cost, secret)))
+        try:
+            entry = bank.get(entry_id) if entry_id is not None else None
+            if entry is None:
+                return
+            values = entry.to_tensors()
+            key, secret = self.redis_key(bank.name, namespace, digest), self._secret
+            nbytes = sum(t.numel() * t.element_size() for t in values.values())
+            self.client.submit((key, lambda: encode(values, key, cost, secret), nbytes))
+        except Exception as err:  # not shared, never an error of the request
+            self.client.failed(err, "queueing", down=False)
 
     # --- checks ---------------------------------------------------------------------------------------------------
     def _check(self, bank: CacheBank, digest: bytes, values: dict[str, torch.Tensor], check: Check | None) -> None:
