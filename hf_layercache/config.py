@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import warnings
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .registry import BACKENDS, POLICIES, STRATEGIES
+from .request import check_namespace
 from .shared_store.settings import parse_settings
 
 CONFIG_NAME = "layer_cache_config.json"
@@ -30,6 +32,9 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+MAX_COUNT = 2**63 - 1
+"""Largest ``max_entries`` and ``max_memory``: entry ids, sizes and slot counts become int64 tensors (saved states,
+slabs), which cannot hold more; a larger limit is no limit, so ``None`` says it."""
 
 
 def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int | None:
@@ -39,8 +44,8 @@ def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int 
     if isinstance(value, bool):
         raise ValueError(f"{field_name} must be a byte count or a string like '512MB', got {value!r}.")
     if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{field_name} must be positive, got {value}.")
+        if not 0 < value <= MAX_COUNT:
+            raise ValueError(f"{field_name} must be positive and at most 2**63 - 1 bytes, got {value}.")
         return value
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
@@ -49,7 +54,7 @@ def parse_bytes(value: int | str | None, field_name: str = "max_memory") -> int 
                 number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
             except OverflowError:  # "9" * 400 + "GB": a float of inf
                 number = 0
-            if 0 < number < 2**63:
+            if 0 < number <= MAX_COUNT:
                 return number
     raise ValueError(
         f"{field_name}={value!r} is not a size; use a positive int of bytes or a string like '512MB', '2GB', '1GiB'."
@@ -67,10 +72,12 @@ def check_number(
     open_high: bool = False,
     what: str | None = None,
 ) -> None:
-    """``ValueError`` naming the field unless ``value`` is a number (an int when ``integer``) in ``[low, high]``
-    (bounds excluded where ``open_*``; ``high=None``: no upper bound)."""
+    """``ValueError`` naming the field unless ``value`` is a finite number (an int when ``integer``) in
+    ``[low, high]`` (bounds excluded where ``open_*``; ``high=None``: no upper bound). NaN and infinities are refused
+    even where no bound catches them: no count, size or fraction the code uses can be one."""
     kinds = int if integer else int | float
     ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))
     ok = ok and (value > low if open_low else value >= low)
     ok = ok and (high is None or (value < high if open_high else value <= high))
     if not ok:
@@ -260,17 +267,22 @@ class LayerCacheConfig:
         self._check_policy_kwargs()
         self._check_threshold()
         self._check_layers()
-        if self.max_entries is not None and (
-            isinstance(self.max_entries, bool) or not isinstance(self.max_entries, int) or self.max_entries < 1
-        ):
-            raise ValueError(f"max_entries must be a positive int or None, got {self.max_entries!r}.")
+        self._check_threshold_per_layer()
+        if self.max_entries is not None:
+            check_number(
+                "max_entries",
+                self.max_entries,
+                1,
+                MAX_COUNT,
+                integer=True,
+                what="a positive int up to 2**63 - 1, or None",
+            )
         parse_bytes(self.max_memory)
         if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"storage_dtype={self.storage_dtype!r} is not allowed; use one of {STORAGE_DTYPES} or None."
             )
-        if not isinstance(self.namespace, str) or not self.namespace:
-            raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}.")
+        check_namespace(self.namespace)
         if self.integrity_key is not None and (not isinstance(self.integrity_key, str) or not self.integrity_key):
             raise ValueError("integrity_key must be a non-empty string or None (then HF_LAYERCACHE_INTEGRITY_KEY).")
         self._check_shared_store()
@@ -328,6 +340,18 @@ class LayerCacheConfig:
         ):
             raise ValueError(
                 f"threshold must be a cosine similarity in [-1, 1] or a non-empty list of them, got {self.threshold!r}."
+            )
+
+    def _check_threshold_per_layer(self) -> None:
+        """A threshold list for layers given by index needs one value per layer: a short list fails on the first
+        request (``threshold_for``), a long one would be cut silently. With ``layers=None`` or module paths the
+        count is known only when the model is (``threshold_for`` says so then)."""
+        layers, threshold = self.layers, self.threshold
+        by_index = isinstance(layers, list) and all(isinstance(x, int) for x in layers)
+        if by_index and isinstance(threshold, list) and len(threshold) != len(layers):
+            raise ValueError(
+                f"threshold has {len(threshold)} values for {len(layers)} cached layers (layers={layers!r}); give one "
+                "threshold per cached layer, or a single float for all."
             )
 
     def _check_layers(self) -> None:

@@ -38,19 +38,33 @@ and ``hf_layercache_namespace_misses_total`` (summed over layers, for tenants th
 counts no evictions, so none is exported; a bank's ``entries`` gauge falling while lookups go on shows them. Sums
 over layers are PromQL's job (``sum by (model) (rate(hf_layercache_hits_total[5m]))``); the hit rate is hits over
 lookups.
+
+Namespaces are chosen by clients, so the ``namespace`` label is bounded (``namespace_labels``): every other label
+is bounded by the model (its layers and banks), but one series per tenant would let clients grow every scrape
+without limit (3,000 tenants made 9,000 series), which Prometheus pays for in memory per series and which serving
+stacks avoid by bounding or opting in per-tenant labels. By default the 20 namespaces with the most lookups (then
+the most entries) keep their own label and the rest are summed under ``namespace="#other"``, so a sum over the
+label is still the model's total; a list of names instead labels exactly those (stable series for tenants you
+know). The top 20 are chosen at each scrape from the cumulative counts, which change order rarely; when a
+namespace enters or leaves them, its counts move between its own series and ``#other``, which Prometheus reads as
+a counter reset of one of them. ``#other`` cannot be a tenant's name (names starting with ``#`` are refused).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from .stats import human_bytes
+from .stats import OTHER_TENANTS, human_bytes
 
 _PREFIX = "hf_layercache"
+DEFAULT_NAMESPACE_LABELS = 20
+"""Namespaces with a label of their own per model by default: 3 namespace metrics x 21 series, small beside the
+per-layer ones, and enough for the tenants that carry most traffic; the rest are ``#other``."""
 _LAYER_COUNTERS = (  # (stats key, metric name without the prefix and _total, help)
     ("lookups", "lookups", "Rows that asked this layer's cache for an entry."),
     ("hits", "hits", "Rows served from this layer's cache (the layer did not compute them)."),
@@ -68,6 +82,7 @@ _SHARED_COUNTERS = (  # (stats()["shared"] key, help)
     ("shared_bytes_read", "Bytes of values read from the shared store."),
     ("shared_bytes_written", "Bytes of values written to the shared store."),
     ("shared_dropped", "Computed entries not written to the shared store: its queue was full or it was down."),
+    ("shared_oversized", "Values in the shared store longer than the bound: read no further, a miss."),
 )
 
 
@@ -90,10 +105,23 @@ class LayerCacheCollector:
     stops appearing. Register the collector once per registry (``registry.register(collector)``, or
     ``prometheus_client.REGISTRY.register(collector)``); one collector serves every model, since two collectors
     exporting the same metric names cannot share a registry.
+
+    ``namespace_labels`` bounds the ``namespace`` label, whose values clients choose: an int ``n``, the ``n``
+    namespaces of each model with the most lookups (then entries) keep their own label at each scrape; a collection
+    of names, exactly those do (opt-in). Every other namespace is summed under ``namespace="#other"``, so sums over
+    the label stay the model's totals. The bound is the exporter's (a Prometheus budget per scrape target), not the
+    cache's: it is an argument here, not a field of ``LayerCacheConfig``.
     """
 
-    def __init__(self, models: Any | Mapping[str, Any] | None = None, name: str = "model"):
+    def __init__(
+        self,
+        models: Any | Mapping[str, Any] | None = None,
+        name: str = "model",
+        *,
+        namespace_labels: int | Collection[str] = DEFAULT_NAMESPACE_LABELS,
+    ):
         self._core = _prometheus()
+        self._namespace_labels = _check_namespace_labels(namespace_labels)
         self._lock = threading.Lock()
         self._models: dict[str, weakref.ref] = {}
         if isinstance(models, Mapping):
@@ -143,7 +171,7 @@ class LayerCacheCollector:
             for bank, b in report["banks"].items():
                 families["entries"].add_metric([model, bank], b["entries"])
                 families["bytes"].add_metric([model, bank], b["bytes"])
-            for namespace, n in report.get("namespaces", {}).items():
+            for namespace, n in fold_namespaces(report.get("namespaces", {}), self._namespace_labels).items():
                 families["namespace_entries"].add_metric([model, namespace], n["entries"])
                 if "hits" in n:
                     families["namespace_hits"].add_metric([model, namespace], n["hits"])
@@ -200,6 +228,45 @@ class LayerCacheCollector:
         return families
 
 
+def _check_namespace_labels(value: Any) -> int | frozenset[str]:
+    """``namespace_labels`` as :func:`fold_namespaces` takes it; ``ValueError`` naming it unless it is a count or a
+    collection of names (a string is refused: it would be a collection of its characters)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    names = isinstance(value, Collection) and not isinstance(value, str | bytes | Mapping)
+    if names and all(isinstance(name, str) and name for name in value):
+        return frozenset(value)
+    raise ValueError(
+        f"namespace_labels must be a non-negative int (how many namespaces keep a label) or a collection of namespace "
+        f"names, got {value!r}."
+    )
+
+
+def fold_namespaces(
+    namespaces: Mapping[str, Mapping[str, int]], labels: int | frozenset[str]
+) -> dict[str, dict[str, int]]:
+    """``stats()["namespaces"]`` with at most ``labels`` names of its own (an int: those with the most lookups, then
+    entries, then by name, so a scrape is deterministic; a set: those names) and the rest summed under
+    :data:`~hf_layercache.stats.OTHER_TENANTS` (``hits`` and ``misses`` there when any of them has them)."""
+    names = [name for name in namespaces if name != OTHER_TENANTS]
+    if isinstance(labels, int):
+
+        def rank(name: str) -> tuple[int, int, str]:
+            n = namespaces[name]
+            return -(n.get("hits", 0) + n.get("misses", 0)), -n["entries"], name
+
+        own = set(heapq.nsmallest(labels, names, key=rank))
+    else:
+        own = labels.intersection(names)
+    folded: dict[str, dict[str, int]] = {name: dict(namespaces[name]) for name in names if name in own}
+    for name, n in namespaces.items():
+        if name not in own:
+            other = folded.setdefault(OTHER_TENANTS, {"entries": 0})
+            for key, value in n.items():
+                other[key] = other.get(key, 0) + value
+    return folded
+
+
 def summary_line(model: Any, name: str | None = None) -> str:
     """One line of ``model``'s cache totals: lookups, hits and hit rate, misses, bypassed rows, entries and bytes,
     and, once approximate hits were verified, their largest error and the audited error rate."""
@@ -228,4 +295,4 @@ def log_summary(
     return line
 
 
-__all__ = ["LayerCacheCollector", "log_summary", "summary_line"]
+__all__ = ["LayerCacheCollector", "fold_namespaces", "log_summary", "summary_line"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,43 @@ class RequestScope:
     """The active adapter set of adapter layers outside the stacks' owners (heads): whole-model outputs depend on it."""
     state: dict[str, Any] = field(default_factory=dict)
     """The strategy's state for this forward pass (e.g. which rows hit in each layer stack)."""
+
+
+MAX_NAMESPACE_LENGTH = 256
+"""Most characters in a namespace (tenant) name. Names come from clients and are kept and repeated: up to
+``MAX_TENANT_NAMES`` of them stay in memory for ``stats()``, every ``exact`` row key hashes its namespace, and they
+are Prometheus label values and log text; a 1 MB name would cost that much per tenant and per request. 256 fits
+what tenants are named by: UUIDs (36), e-mail addresses (at most 254), ``org/team/project`` paths."""
+
+REPORT_PREFIX = "#"
+"""Names that ``stats()`` and the metrics make up start with it (``#<tag>`` for a tenant this process has not
+served, ``#other`` for tenants summed together), so no tenant's name may: it would be counted as one of those."""
+
+
+def check_namespace(name: Any, field_name: str = "namespace") -> str:
+    """``name`` if it can name a tenant, else ``ValueError`` naming ``field_name``, the value and what is allowed: a
+    non-empty string of at most :data:`MAX_NAMESPACE_LENGTH` characters, not starting with :data:`REPORT_PREFIX`,
+    without control characters (the key space of a tenant with active adapters is ``tenant + "\\x1f" + adapters``,
+    so a tenant holding that separator could name another tenant's key space; a newline would also split log lines)
+    or lone surrogates (not encodable, so not hashable into a key)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{field_name} must be a non-empty string, got {name!r}.")
+    if len(name) > MAX_NAMESPACE_LENGTH:
+        raise ValueError(
+            f"{field_name} must be at most {MAX_NAMESPACE_LENGTH} characters, got one of {len(name)} "
+            f"({name[:32]!r}...)."
+        )
+    if name.startswith(REPORT_PREFIX):
+        raise ValueError(
+            f"{field_name}={name!r} is not allowed: names starting with {REPORT_PREFIX!r} are the report's own "
+            "('#<tag>', '#other'); choose another name."
+        )
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise ValueError(
+            f"{field_name}={name!r} contains the control character or surrogate {bad!r}; use printable characters."
+        )
+    return name
 
 
 def namespace_tag(namespace: str) -> int:

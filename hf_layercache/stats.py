@@ -61,6 +61,11 @@ MAX_TENANT_NAMES = 10_000
 """Tenant names remembered (beyond them, tags show as ``#<tag>``): bounded against clients that send endless
 namespaces."""
 
+OTHER_TENANTS = "#other"
+"""The report's name for tenants counted together: those beyond :data:`MAX_TENANT_NAMES` in ``stats()``, and those
+without a label of their own in the Prometheus metrics. It starts with ``#``, which no tenant's name may
+(:func:`~hf_layercache.request.check_namespace`), so it never merges with a real tenant (``"other"`` is one)."""
+
 
 class CacheStats:
     """Thread-safe counters: one :class:`LayerCounters` per cached layer name, and hits and misses per tenant."""
@@ -71,6 +76,9 @@ class CacheStats:
         self.tenants: dict[str, list[int]] = {default_tenant: [0, 0]}
         """Per tenant name this process served (at most :data:`MAX_TENANT_NAMES`): its ``[hits, misses]``, counted
         like the per-layer totals."""
+        self._unnamed = [0, 0]
+        """``[hits, misses]`` of tenants beyond :data:`MAX_TENANT_NAMES` (:data:`OTHER_TENANTS` in the report), so
+        the tenants' counts still add up to the totals."""
         self.key_spaces: dict[int, str] = {}
         """Tags of the key spaces tenants used with adapters active, to their tenant's name."""
         self._measured: dict[str, tuple[int, float]] = {}
@@ -89,7 +97,7 @@ class CacheStats:
                 counters.hits += hits
                 counters.misses += misses
                 counters.seconds_saved += hits * self._seconds_per_row(layer)
-            traffic = self.tenants.get(tenant) if tenant is not None else None
+            traffic = self.tenants.get(tenant, self._unnamed) if tenant is not None else None
             if traffic is not None:
                 traffic[0] += hits * len(layers)
                 traffic[1] += misses * len(layers)
@@ -106,10 +114,12 @@ class CacheStats:
 
     def tenant_report(self, tags: dict[int, int], tag_of: Callable[[str], int]) -> dict[str, dict[str, int]]:
         """Entries, hits and misses per tenant name; ``tags`` are the banks' entries per namespace tag, named with
-        ``tag_of`` (tenants this process has not served show as ``#<tag>``, with entries only)."""
+        ``tag_of`` (tenants this process has not served show as ``#<tag>``, with entries only; those beyond
+        :data:`MAX_TENANT_NAMES` as :data:`OTHER_TENANTS`)."""
         with self._lock:
             traffic = {name: tuple(counts) for name, counts in self.tenants.items()}
             names = {**self.key_spaces, **{tag_of(name): name for name in traffic}}
+            traffic[OTHER_TENANTS] = tuple(self._unnamed)
         report: dict[str, dict[str, int]] = {
             name: {"entries": 0, "hits": hits, "misses": misses}
             for name, (hits, misses) in traffic.items()
@@ -185,7 +195,7 @@ class CacheStats:
             self._measured = {name: self._timing(name) for name in self.layers}
             self.layers = {name: LayerCounters() for name in self.layers}
             self.invalidations = 0
-            for counts in self.tenants.values():
+            for counts in [*self.tenants.values(), self._unnamed]:
                 counts[:] = [0, 0]
 
     def report(self, bank_sizes: dict[str, tuple[int, int]]) -> dict:

@@ -27,7 +27,7 @@ from hf_layercache.registry import STRATEGIES
         ({"layers": [1, 1]}, r"layers=\[1, 1\] is not allowed"),
         ({"layers": [-1]}, r"layers=\[-1\] is not allowed"),
         ({"layers": ""}, r"layers='' is not allowed"),
-        ({"max_entries": 0}, r"max_entries must be a positive int or None, got 0"),
+        ({"max_entries": 0}, r"max_entries must be a positive int up to 2\*\*63 - 1, or None, got 0"),
         ({"max_entries": True}, r"max_entries must be"),
         ({"max_memory": "lots"}, r"max_memory='lots' is not a size"),
         ({"max_memory": -5}, r"max_memory must be positive"),
@@ -41,6 +41,69 @@ from hf_layercache.registry import STRATEGIES
 def test_bad_values_name_the_field_and_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayerCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"namespace": "x" * 10**6}, r"namespace must be at most 256 characters, got one of 1000000"),  # 1 MB
+        ({"namespace": "#other"}, r"namespace='#other' is not allowed: names starting with '#' are the report's"),
+        ({"namespace": "a\x1fb"}, r"namespace='a\\x1fb' contains the control character"),  # the key-space separator
+        ({"namespace": "a\nb"}, r"namespace='a\\nb' contains the control character"),
+        ({"namespace": "\ud800"}, r"namespace='\\ud800' contains the control character or surrogate"),
+        (
+            {"max_entries": 2**63},
+            r"max_entries must be a positive int up to 2\*\*63 - 1, or None, got 9223372036854775808",
+        ),
+        ({"max_memory": 2**63}, r"max_memory must be positive and at most 2\*\*63 - 1 bytes, got 9223372036854775808"),
+        ({"layers": [0, 1], "threshold": [0.9]}, r"threshold has 1 values for 2 cached layers \(layers=\[0, 1\]\)"),
+        ({"layers": [0], "threshold": [0.9, 0.8]}, r"threshold has 2 values for 1 cached layers"),
+    ],
+    ids=[
+        "namespace-1MB",
+        "namespace-#",
+        "namespace-separator",
+        "namespace-newline",
+        "namespace-surrogate",
+        "max_entries-2**63",
+        "max_memory-2**63",
+        "threshold-short",
+        "threshold-long",
+    ],
+)
+def test_values_that_cannot_work_are_refused_when_the_config_is_built(kwargs, message):
+    """#30 item 6: each of these built and failed later (on a request, in a Redis key space, in a tensor)."""
+    with pytest.raises(ValueError, match=message):
+        LayerCacheConfig(**kwargs)
+
+
+def test_namespace_bounds_and_what_stays_allowed():
+    from hf_layercache.request import MAX_NAMESPACE_LENGTH, check_namespace
+
+    assert MAX_NAMESPACE_LENGTH == 256
+    for name in ("n" * 256, "é/team:1 x", "user@example.com", "other", "a#b", "租户"):
+        assert LayerCacheConfig(namespace=name).namespace == name == check_namespace(name)
+    with pytest.raises(ValueError, match="at most 256 characters"):
+        LayerCacheConfig(namespace="n" * 257)
+    with pytest.raises(ValueError, match=r"^tenant must be a non-empty string"):
+        check_namespace(None, "tenant")  # the field named is the caller's
+    assert LayerCacheConfig(layers=[2, 0], threshold=[0.8, 0.9]).threshold_for(1) == 0.9
+    assert LayerCacheConfig(layers="encoder.layer", threshold=[0.8, 0.9]).threshold == [0.8, 0.9]  # count unknown
+
+
+def test_no_number_field_takes_nan_or_infinity():
+    """check_number is what every strategy's config uses; no bound may let a non-finite value through."""
+    from hf_layercache.config import check_number
+
+    with pytest.raises(ValueError, match=r"^count must be a non-negative number, got inf\.$"):
+        check_number("count", float("inf"), 0, None, what="a non-negative number")
+    with pytest.raises(ValueError, match="got nan"):
+        check_number("count", float("nan"), 0, None)
+    check_number("count", 10**400, 0, None, integer=True)  # a huge int is finite (no OverflowError from math)
+    for name in ("verify_fraction", "max_unaligned", "acceptance_cosine", "attention_max_error", "max_error_rate"):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match=name):
+                LayerCacheConfig(strategy="semantic", **{name: value})
 
 
 SIMILARITY_FIELDS = ("backend", "backend_kwargs", "threshold")

@@ -144,3 +144,82 @@ def test_log_summary_is_one_line_of_totals(caplog):
         line = log_summary(semantic, logger=logger, level=logging.WARNING)
     assert caplog.records[-1].name == "my.service" and caplog.records[-1].levelno == logging.WARNING
     assert f"{semantic.layer_cache.stats()['total']['verified']} hits verified, max error" in line
+
+
+def _tenant_traffic(model, traffic: dict[str, tuple[int, int]]) -> None:
+    """Lookups of many tenants, recorded as requests record them (``controller.record_lookup`` calls these two per
+    request; 3,000 real requests would take minutes here)."""
+    counters = model.layer_cache.counters
+    layers = [layer.name for layer in model.layer_cache.layers]
+    for tenant, (hits, misses) in traffic.items():
+        counters.remember_tenant(tenant)
+        counters.record_lookup(layers, hits, misses, tenant)
+
+
+def _namespace_samples(registry, metric: str) -> dict[str, float]:
+    return {dict(labels)["namespace"]: value for (name, labels), value in _scrape(registry).items() if name == metric}
+
+
+def test_3000_namespaces_export_a_bounded_label_set_with_the_totals_kept():
+    """#30 item 9: 3,000 client-chosen namespaces gave 9,000 namespace series per scrape. The busiest keep their own
+    label, the rest are summed under '#other', and a sum over the label is still the model's total."""
+    model = _served({"strategy": "exact"})  # "default": real requests, real entries
+    heavy = [f"heavy-{i}" for i in range(5)]
+    with torch.no_grad():
+        for i, tenant in enumerate(heavy):
+            with model.layer_cache.namespace(tenant):
+                model(**tiny_batch("bert", batch=1, seed=10 + i))
+    _tenant_traffic(model, {tenant: (50 + i, 40) for i, tenant in enumerate(heavy)})
+    _tenant_traffic(model, {f"client-{i:04d}": (i % 2, 1) for i in range(3000)})
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(LayerCacheCollector(model, "m"))
+    report = model.layer_cache.stats()
+    assert len(report["namespaces"]) > 3000
+    for metric, key, total in [
+        ("hf_layercache_namespace_hits_total", "hits", report["total"]["hits"]),
+        ("hf_layercache_namespace_misses_total", "misses", report["total"]["misses"]),
+        ("hf_layercache_namespace_entries", "entries", report["total"]["entries"]),
+    ]:
+        samples = _namespace_samples(registry, metric)
+        assert len(samples) <= 20 + 1 and "#other" in samples, (metric, len(samples))
+        assert sum(samples.values()) == total, metric  # nothing lost, nothing counted twice
+        for tenant in [*heavy, "default"]:  # the busiest tenants keep their own series, with their own values
+            assert samples[tenant] == report["namespaces"][tenant][key], (metric, tenant)
+    series = [labels for name, labels in _scrape(registry) if dict(labels).get("namespace") is not None]
+    assert len(series) <= 3 * 21
+
+
+def test_namespace_labels_opt_in_names_or_a_count_and_bad_values_are_refused():
+    model = _served({"strategy": "exact"})
+    _tenant_traffic(model, {"gold": (1, 1), "silver": (9, 9), "bronze": (5, 5)})
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(LayerCacheCollector(model, "m", namespace_labels=["gold", "absent"]))
+    hits = _namespace_samples(registry, "hf_layercache_namespace_hits_total")
+    report = model.layer_cache.stats()["namespaces"]
+    assert set(hits) == {"gold", "#other"}  # exactly the names asked for, however little traffic they have
+    assert hits["#other"] == sum(n["hits"] for name, n in report.items() if name != "gold")
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(LayerCacheCollector(model, "m", namespace_labels=0))
+    assert set(_namespace_samples(registry, "hf_layercache_namespace_entries")) == {"#other"}
+    for bad in (-1, "gold", True, [""], 1.5):
+        with pytest.raises(ValueError, match="namespace_labels must be a non-negative int"):
+            LayerCacheCollector(model, "m", namespace_labels=bad)
+
+
+def test_tenants_beyond_the_remembered_names_are_counted_as_other():
+    """stats() remembers at most MAX_TENANT_NAMES tenant names; the lookups of the rest were dropped from the
+    per-tenant counts, so they no longer added up to the totals."""
+    from hf_layercache.stats import MAX_TENANT_NAMES, CacheStats
+
+    stats = CacheStats(["layer.0", "layer.1"])
+    for i in range(MAX_TENANT_NAMES + 5):
+        stats.remember_tenant(f"t{i}")
+        stats.record_lookup(["layer.0", "layer.1"], 1, 2, f"t{i}")
+    per_tenant = stats.tenant_report({}, lambda name: 0)
+    total = stats.report({})["total"]
+    assert len(per_tenant) == MAX_TENANT_NAMES  # "default" and 9,999 others by name, then "#other"
+    assert per_tenant["#other"] == {"entries": 0, "hits": 2 * 6, "misses": 4 * 6}
+    assert sum(n["hits"] for n in per_tenant.values()) == total["hits"] == 2 * (MAX_TENANT_NAMES + 5)
+    assert sum(n["misses"] for n in per_tenant.values()) == total["misses"]
+    stats.reset()
+    assert stats.tenant_report({}, lambda name: 0) == {}
