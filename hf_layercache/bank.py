@@ -11,7 +11,7 @@ The bank evicts through its :class:`~hf_layercache.policies.base.Policy` *before
 ``max_entries`` or ``max_bytes``, so the budget is never exceeded, not even transiently.
 
 Where the tensors live is the bank's :class:`~hf_layercache.storage.Storage`: each tensor of its own by default,
-slots of preallocated slabs for the prefix strategy's blocks. The cost model and the state layout are
+slots of slabs that grow with use for the prefix strategy's blocks. The cost model and the state layout are
 :mod:`hf_layercache.bank_format`'s.
 """
 

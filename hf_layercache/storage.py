@@ -4,7 +4,7 @@ A :class:`Storage` turns an entry's tensors into the ones the bank holds, in two
 outside the bank's lock (casts and copies), and :meth:`Storage.place`, under it (claiming a place, if the storage has
 places). It says what the place costs beyond the tensors' own bytes, and gets the place back with
 :meth:`Storage.release` when the entry goes. :class:`TensorStorage`, the default, keeps each tensor on its own, on
-the bank's device and in its storage dtype; the prefix strategy's blocks live in slots of preallocated slabs
+the bank's device and in its storage dtype; the prefix strategy's blocks live in slots of slabs that grow with use
 (:class:`~hf_layercache.strategies.prefix.slots.SlotStorage`), built for its banks by the bank factory.
 """
 

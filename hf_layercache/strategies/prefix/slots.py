@@ -1,16 +1,27 @@
-"""Block storage in a few large tensors: the prefix bank's entries are views of preallocated slots.
+"""Block storage in a few large tensors that grow with use: the prefix bank's entries are views of slots.
 
 Thousands of entries of three mid-sized tensors each leave the C allocator's heap fragmented: resident memory grew
 to 1.7-2.1x ``max_memory`` on a 2,000-block soak, and stayed there after ``clear()`` (``malloc_trim`` gave it
 back, so it was the heap, not the entries). Here every block's keys, values and hidden states live in one slot of
-three slabs (one allocation each, sized for the budget up front; the kernel commits a page when it is first
-written, and the lowest free slot is always taken, so the pages in use follow the entries the bank holds). The
-bank charges each entry its whole slot, so a partial block costs what it really holds, and the budget bounds what
-is allocated.
+three slabs. Slabs are allocated as blocks arrive, never for the whole budget up front: sizing them for
+``max_entries`` took 7.7 GB for SmolLM2's first three blocks, and a ``block_size`` of 256 asked for 59 GB on the
+first request (on a GPU that would all be committed at once). Each new slab holds as many slots as all earlier ones
+together (1, 1, 2, 4, ... slots), so a bank of ``k`` blocks has allocated fewer than ``2k`` slots in ``log2 k``
+slabs; slabs are never copied or moved (the views the bank holds stay valid), and the lowest free slot is always
+taken, so the pages in use follow the entries the bank holds. Slots are capped at what the bank may hold:
+``max_entries``, and the slots whose bytes fit ``max_bytes``, so the slabs never exceed the budget. The bank
+charges each entry its whole slot, so a partial block costs what it really holds. Slabs are kept once allocated,
+also through ``clear()``: freeing and reallocating them let glibc's dynamic mmap threshold move later slabs into its
+heap, where resident memory reached 1.9x a 50 MB budget.
+
+The bank places a new entry before it evicts for it. When every slot is taken and no more may be allocated, the
+new block waits in tensors of its own; the eviction that follows frees a slot, and the waiting block moves into it
+(its values dict, which the bank holds, is updated in place).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from typing import Any
 
@@ -23,8 +34,20 @@ _POOLED = ("key", "value", "hidden")
 """The entry fields kept in slots (``tokens`` and ``parent`` are a few bytes, kept as they come)."""
 
 
+class _Place:
+    """Where a held block lives: its ``slot``, or ``None`` while it waits for one in tensors of its own. The bank
+    keeps this as the entry's handle, and ``values`` is the very dict the bank holds, so moving the block into a
+    slot updates the bank's entry."""
+
+    __slots__ = ("slot", "values")
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        self.values = values
+        self.slot: int | None = None
+
+
 class SlotStorage(Storage):
-    """A :class:`~hf_layercache.storage.Storage` keeping prefix blocks in slots of preallocated slabs."""
+    """A :class:`~hf_layercache.storage.Storage` keeping prefix blocks in slots of slabs that grow with use."""
 
     def __init__(
         self,
@@ -38,13 +61,17 @@ class SlotStorage(Storage):
         self.shape = shape
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._slabs: dict[str, torch.Tensor] = {}
+        self._slabs: list[dict[str, torch.Tensor]] = []
+        """Each slab: one tensor per pooled field, its first dimension the slab's slots."""
+        self._starts: list[int] = []
+        """The first slot of each slab."""
         self._free: list[int] = []
-        self._held: dict[int, dict[str, torch.Tensor]] = {}
-        """Per slot in use, the values dict the bank holds (its views move when the slabs grow)."""
+        """A heap of the free slots: the lowest is taken first."""
+        self._waiting: list[_Place] = []
+        """Placed blocks waiting for a slot (every slot taken, none more allowed), oldest first."""
         self._slab_storages: set[int] = set()
 
-    # --- slots ----------------------------------------------------------------------------------------------------
+    # --- sizes ----------------------------------------------------------------------------------------------------
     def _slot_shapes(self, capacity: int) -> dict[str, tuple[int, ...]]:
         s = self.shape
         kv = (capacity, s.n_layers, s.kv_heads, s.block_size, s.head_dim)
@@ -54,40 +81,62 @@ class SlotStorage(Storage):
         size = torch.empty((), dtype=dtype).element_size()
         return sum(size * torch.Size(shape[1:]).numel() for shape in self._slot_shapes(1).values())
 
-    def _capacity(self, dtype: torch.dtype) -> int:
-        """Slots enough for the budget (every entry costs at least its slot), or 64 to start with and grow."""
+    def slot_limit(self, dtype: torch.dtype) -> int | None:
+        """The most slots the slabs may hold: no more than the bank may hold entries (each is charged at least its
+        slot), so the slabs stay within ``max_bytes``; ``None`` without a bound."""
         limits = [self.max_entries] if self.max_entries is not None else []
         if self.max_bytes is not None:
-            limits.append(self.max_bytes // self.slot_bytes(dtype) + 1)
-        return max(1, min(limits)) if limits else 64
+            limits.append(self.max_bytes // self.slot_bytes(dtype))
+        return min(limits) if limits else None
 
-    def _grow(self, dtype: torch.dtype, device: torch.device) -> None:
-        """New slabs (first use, or twice as many slots); the entries in slots move into them."""
-        old = len(next(iter(self._slabs.values()))) if self._slabs else 0
-        capacity = max(self._capacity(dtype), 2 * old)
-        slabs = {
-            name: torch.empty(shape, dtype=dtype, device=device) for name, shape in self._slot_shapes(capacity).items()
-        }
-        for name, slab in self._slabs.items():
-            slabs[name][:old] = slab
-        self._slabs = slabs
-        self._slab_storages = {slab.untyped_storage().data_ptr() for slab in slabs.values()}
-        for slot, values in self._held.items():
-            for name in _POOLED:
-                values[name] = self._view(name, slot, len(values["tokens"]))
-        self._free = list(range(old, capacity))  # the old slots are all in use: growth happens only when none is free
-        heapq.heapify(self._free)
+    @property
+    def capacity(self) -> int:
+        """Slots allocated."""
+        return self._starts[-1] + len(self._slabs[-1]["key"]) if self._slabs else 0
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the slabs allocated (used slots or not)."""
+        return sum(t.untyped_storage().nbytes() for slab in self._slabs for t in slab.values())
+
+    def _grow(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """A new slab of as many slots as the earlier ones together (one to start), cut to the slot limit; ``False``
+        at the limit."""
+        limit = self.slot_limit(dtype)
+        old = self.capacity
+        size = max(1, old) if limit is None else min(max(1, old), limit - old)
+        if size <= 0:
+            return False
+        slab = {name: torch.empty(s, dtype=dtype, device=device) for name, s in self._slot_shapes(size).items()}
+        self._slabs.append(slab)
+        self._starts.append(old)
+        self._slab_storages.update(t.untyped_storage().data_ptr() for t in slab.values())
+        for slot in range(old, old + size):
+            heapq.heappush(self._free, slot)
+        return True
+
+    # --- slots ----------------------------------------------------------------------------------------------------
     def _view(self, name: str, slot: int, n: int) -> torch.Tensor:
-        slab = self._slabs[name][slot]
+        i = bisect.bisect_right(self._starts, slot) - 1
+        slab = self._slabs[i][name][slot - self._starts[i]]
         return slab[:n] if name == "hidden" else slab[:, :, :n]
+
+    def _move_in(self, place: _Place, slot: int) -> None:
+        """Copy the block's states into ``slot``; its values become views of it."""
+        n = place.values["key"].shape[2]
+        with torch.inference_mode(False):
+            for name in _POOLED:
+                view = self._view(name, slot, n)
+                view.copy_(place.values[name])
+                place.values[name] = view
+        place.slot = slot
 
     def _fits(self, values: dict[str, torch.Tensor]) -> bool:
         key = values.get("key")
         if key is None or "tokens" not in values or key.dim() != 4:
             return False
         n = key.shape[2]
-        if self._slabs and self._slabs["key"].dtype != self._dtype_of(key):
+        if self._slabs and self._slabs[0]["key"].dtype != self._dtype_of(key):
             return False
         return values["tokens"].numel() == n and 1 <= n <= self.shape.block_size
 
@@ -106,7 +155,8 @@ class SlotStorage(Storage):
         return {name: t.detach() if name in _POOLED else self._own(t) for name, t in values.items()}
 
     def place(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, int]:
-        """Copy the block's states into the lowest free slot; its values as views of that slot."""
+        """Copy the block's states into the lowest free slot (growing the slabs when none is free and the limit
+        allows); its values as views of that slot. With every slot taken, it waits in copies of its own."""
         if not self._fits(values):
             return super().place(values)
         if any(values[name].untyped_storage().data_ptr() in self._slab_storages for name in _POOLED):
@@ -114,20 +164,26 @@ class SlotStorage(Storage):
         key = values["key"]
         if not self._free:
             self._grow(self._dtype_of(key), self.device if self.device is not None else key.device)
-        slot = heapq.heappop(self._free)
-        n = key.shape[2]
-        placed = dict(values)
-        with torch.inference_mode(False):
-            for name in _POOLED:
-                view = self._view(name, slot, n)
-                view.copy_(values[name])
-                placed[name] = view
-        self._held[slot] = placed
-        return placed, slot, self._slack_of(placed)
+        place = _Place(dict(values))
+        if self._free:
+            self._move_in(place, heapq.heappop(self._free))
+        else:  # the bank evicts next, and the slot that frees is this block's (release)
+            place.values.update({name: self._own(values[name]) for name in _POOLED})
+            self._waiting.append(place)
+        return place.values, place, self._slack_of(place.values)
 
     def release(self, handle: Any) -> None:
-        if handle is not None and self._held.pop(handle, None) is not None:
-            heapq.heappush(self._free, handle)
+        """The entry's slot goes to the oldest waiting block, else back to the free slots."""
+        if not isinstance(handle, _Place):
+            return
+        if handle.slot is None:
+            self._waiting = [place for place in self._waiting if place is not handle]
+            return
+        slot, handle.slot = handle.slot, None
+        if self._waiting:
+            self._move_in(self._waiting.pop(0), slot)
+        else:
+            heapq.heappush(self._free, slot)
 
     def export(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies of the slot's views (files share no storage)."""

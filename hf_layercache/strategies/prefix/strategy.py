@@ -62,6 +62,7 @@ class PrefixStrategy(Strategy):
             storage=lambda device, dtype, entries, nbytes: SlotStorage(shape, device, dtype, entries, nbytes),
             digests_required=True,
         )
+        self._check_budget(self.bank.storage)
         self.siblings = SiblingIndex()
         shared = self.context.shared
         self.lookup = RowLookup(self.bank, self.siblings, shape, shared)
@@ -100,6 +101,18 @@ class PrefixStrategy(Strategy):
                 f"block (block_size {self.config.block_size}). Use a smaller block_size, or strategy='exact'."
             )
         return base_model
+
+    def _check_budget(self, storage: SlotStorage) -> None:
+        """``ValueError`` when the bank's share of ``max_memory`` cannot hold one block: every block would be
+        refused, and the cache would silently never hit."""
+        dtype = storage.dtype or next(self.base_model.parameters()).dtype
+        slot, budget = storage.slot_bytes(dtype), storage.max_bytes
+        if budget is not None and slot > budget:
+            raise ValueError(
+                f"strategy='prefix' keeps blocks of block_size={self.block_size} tokens, {slot:,} bytes each for "
+                f"{type(self.context.model).__name__} in {dtype}, but max_memory={self.config.max_memory!r} gives "
+                f"its bank {budget:,} bytes: no block would ever be kept. Raise max_memory or lower block_size."
+            )
 
     # --- one request ----------------------------------------------------------------------------------------------
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
