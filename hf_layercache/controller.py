@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel
@@ -21,6 +22,7 @@ from .config import LayerCacheConfig
 from .events import Lookup, Verdict
 from .hooks import ForwardHook, HookRegistry
 from .identity import ModelIdentity, forward_config
+from .inflight import InFlightRequests
 from .integrity import ENV_VAR, resolve_key
 from .layers import ArgumentBinder, select_layers
 from .models import model_spec
@@ -34,13 +36,30 @@ from .persistence import (
     write_cache,
 )
 from .registry import get_backend, get_policy, get_strategy
-from .request import RequestScope, current_scope, namespace_tag, open_scope
+from .request import RequestScope, check_namespace, current_scope, namespace_tag, open_scope
 from .shards import read_tensors
 from .stats import CacheStats, format_report
 from .storage import Storage
 from .watch import ModelWatch
 
 ATTRIBUTE = "layer_cache"
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _alone(what: str) -> Callable[[Method], Method]:
+    """A controller method that reconfigures the cache: it runs once the requests in flight have ended, and the
+    requests arriving meanwhile wait for it (``inflight.py``)."""
+
+    def decorate(method: Method) -> Method:
+        @functools.wraps(method)
+        def alone(self: LayerCacheController, *args: Any, **kwargs: Any) -> Any:
+            with self.requests.reconfiguration(what):
+                return method(self, *args, **kwargs)
+
+        return alone  # type: ignore[return-value]
+
+    return decorate
 
 
 class RequestHook(ForwardHook):
@@ -53,6 +72,12 @@ class RequestHook(ForwardHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if current_scope() is not None:
             return self.original(*args, **kwargs)
+        with self.controller.requests.request():
+            if not self.controller.attached:  # disabled while this call waited for the gate
+                return self.original(*args, **kwargs)
+            return self._serve(module, args, kwargs)
+
+    def _serve(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self.binder is None:
             self.binder = ArgumentBinder(self.original)
         arguments = self.binder.bind(args, kwargs)
@@ -86,6 +111,9 @@ class LayerCacheController:
         self.watch = ModelWatch(model, self.owners)
         """Notices every change of the model's function between requests, and reads the active adapters."""
         self._warned_autograd = False
+        self.requests = InFlightRequests()
+        """Requests in flight; ``disable``, ``clear``, ``save``, ``load`` and copies wait for them (``inflight.py``)."""
+        self.attached = False
         self.shared = None
         """The shared tier (:class:`~hf_layercache.shared_store.tier.SharedTier`) when ``shared_store`` is set: its
         ``flush()`` waits for the background writes, ``close()`` ends them."""
@@ -111,8 +139,11 @@ class LayerCacheController:
         # torch.save(model) says what to do instead of failing on a hooked layer's forward.
         self.hooks.set_attribute(self.model, "__deepcopy__", self.copy_model)
         self.hooks.set_attribute(self.model, "__reduce_ex__", self._refuse_pickle)
+        self.attached = True
 
+    @_alone("disable()")
     def detach(self) -> None:
+        self.attached = False
         self.hooks.remove_all()
         self.strategy.detach()
 
@@ -146,6 +177,7 @@ class LayerCacheController:
             self.attach()
             self.strategy.banks_replaced()
 
+    @_alone("copy.deepcopy(model)")
     def copy_model(self, memo: dict[int, Any] | None = None) -> torch.nn.Module:
         """``copy.deepcopy(model)``: an independent model with its own cache, warm with copies of every entry."""
         states = {name: {k: v.clone() for k, v in bank.state_dict().items()} for name, bank in self.banks.items()}
@@ -257,6 +289,7 @@ class LayerCacheController:
         elif change == "model":
             self._invalidate()
 
+    @_alone("weights_changed()")
     def weights_changed(self) -> None:
         """Drop every entry: the model's function changed by a route the cache cannot see (tensor memory written
         without torch, e.g. through numpy or a C extension). Every torch route is noticed by itself (``watch.py``)."""
@@ -283,8 +316,7 @@ class LayerCacheController:
     @contextlib.contextmanager
     def namespace(self, name: str) -> Iterator[None]:
         """Serve and store the enclosed calls (in this thread) in namespace ``name``."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"namespace must be a non-empty string, got {name!r}.")
+        check_namespace(name)
         previous = getattr(self._local, "namespace", None)
         self._local.namespace = name
         try:
@@ -349,6 +381,7 @@ class LayerCacheController:
     def format_stats(self) -> str:
         return format_report(self.stats())
 
+    @_alone("clear()")
     def clear(self) -> None:
         """Drop every entry and reset the counters."""
         for bank in self.banks.values():
@@ -379,6 +412,7 @@ class LayerCacheController:
             )
         return self._identity
 
+    @_alone("save()")
     def save(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write ``layer_cache_config.json`` and the safetensors shard(s) of every saved bank into ``directory``."""
         self.drop_stale_entries()  # the identity saved must describe the model as it is now
@@ -392,6 +426,7 @@ class LayerCacheController:
         }
         write_cache(directory, header, tensors, max_shard_size, key=resolve_key(self.config.integrity_key))
 
+    @_alone("load()")
     def load(self, directory: str | os.PathLike | WarmCache) -> None:
         """Replace every bank's content with the warm cache in ``directory`` (or one already opened with
         :func:`~hf_layercache.persistence.open_cache`), after checking it fits this model."""
@@ -431,6 +466,7 @@ class LayerCacheController:
         self.replace_banks(grouped, f"The layer cache in {directory}")
         self.counters.seed_timing(timing)
 
+    @_alone("loading banks")
     def replace_banks(self, states: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
         """Load bank states (from disk, or a copied model's); every bank is checked before any is replaced. Each is
         first cut to its bank's budget, so the entries a bank would evict right away are never read."""
