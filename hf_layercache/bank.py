@@ -5,10 +5,13 @@ A bank knows its entry type (a :class:`~hf_layercache.entries.StoredEntry` subcl
 disk is checked entry by entry with the type's ``validate`` (:meth:`CacheBank.check_state`). Each entry carries the
 ``namespace`` tag of the tenant it belongs to: :meth:`CacheBank.get` serves it to that tenant only. It is found by an
 exact ``digest`` (bytes, for lossless strategies) or by similarity of its key vector through a
-:class:`~hf_layercache.backends.base.Backend`. What a lookup decided reaches the policy as one
+:class:`~hf_layercache.backends.base.Backend`: each tenant has an index of its own, so what a tenant's search does
+(how many searches, over which keys) never depends on what other tenants stored. What a lookup decided reaches the
+policy as one
 :class:`~hf_layercache.events.Lookup`, what a verification found as one :class:`~hf_layercache.events.Verdict`.
 The bank evicts through its :class:`~hf_layercache.policies.base.Policy` *before* an insert would break
-``max_entries`` or ``max_bytes``, so the budget is never exceeded, not even transiently.
+``max_entries`` or ``max_bytes``, so the budget is never exceeded, not even transiently; with a
+``namespace_quota``, a tenant at its share of the budget evicts its own entries, never another tenant's.
 
 Where the tensors live is the bank's :class:`~hf_layercache.storage.Storage`: each tensor of its own by default,
 slots of slabs that grow with use for the prefix strategy's blocks. The cost model and the state layout are
@@ -25,8 +28,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from .backends.base import Backend
-from .bank_format import BankState, entry_bytes, trim_state, write_state
+from .backends.base import Backend, empty_result
+from .bank_format import BankState, entry_bytes, merge_index_states, split_index_state, trim_state, write_state
 from .entries import StoredEntry, TensorEntry, check_finite
 from .events import Lookup, Verdict
 from .policies.base import Policy
@@ -44,6 +47,19 @@ class _Stored:
     """The :func:`~hf_layercache.request.namespace_tag` of the tenant that stored it."""
     handle: Any = None
     """The storage's handle of the entry's place (a slot), released with it."""
+
+
+@dataclass
+class _Tenant:
+    """One namespace's share of a bank: how much it holds, and its own similarity index."""
+
+    entries: int = 0
+    nbytes: int = 0
+    """Bytes of its entries (as :func:`~hf_layercache.bank_format.entry_bytes` counts them)."""
+    index: Backend | None = None
+    """Its keys, in a copy of the bank's backend made when it stores its first key; dropped with its last entry."""
+    index_extra: int = 0
+    """What its index holds beyond its raw keys (slots, a forest), as read after the index last changed."""
 
 
 _outside_inference_mode = torch.inference_mode(False)
@@ -69,12 +85,20 @@ class CacheBank(Generic[E]):
         expected: Mapping[str, Any] | None = None,
         storage: Storage | None = None,
         digests_required: bool = False,
+        namespace_quota: float | None = None,
     ):
-        """``expected``: what ``entry_type.validate`` checks a loaded entry against (shapes the model implies);
-        ``digests_required``: entries are reachable by digest only, so a saved entry without one is refused."""
+        """``backend``: an empty index, the template each tenant's index is copied from (it never holds keys itself);
+        ``expected``: what ``entry_type.validate`` checks a loaded entry against (shapes the model implies);
+        ``digests_required``: entries are reachable by digest only, so a saved entry without one is refused;
+        ``namespace_quota``: the share (0 to 1] of ``max_entries`` and ``max_bytes`` one tenant may hold."""
+        if backend is not None and len(backend):
+            raise ValueError(f"Bank {name!r}: the backend must be empty, it is the template of every tenant's index.")
+        if namespace_quota is not None and not 0 < namespace_quota <= 1:
+            raise ValueError(f"Bank {name!r}: namespace_quota must be in (0, 1], got {namespace_quota!r}.")
         self.name = name
         self.policy = policy
         self.backend = backend
+        self.namespace_quota = namespace_quota
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.entry_type = entry_type
@@ -83,10 +107,12 @@ class CacheBank(Generic[E]):
         self.digests_required = digests_required
         self._entries: dict[int, _Stored] = {}
         self._by_digest: dict[bytes, int] = {}
-        self._tenants: dict[int, int] = {}
-        """Entries per namespace tag."""
+        self._tenants: dict[int, _Tenant] = {}
+        """Per namespace tag with entries: its share and its index."""
         self._next_id = 0
         self._nbytes = 0
+        self._index_extra = 0
+        """The tenants' ``index_extra``, summed."""
         self.lock = threading.RLock()
         """Held by every method; hold it too while reading tensors out of entries a concurrent insert may evict and
         whose place it may reuse (slots)."""
@@ -105,40 +131,35 @@ class CacheBank(Generic[E]):
             return self._by_digest.get(digest)
 
     def search(self, keys: torch.Tensor, k: int = 1, namespace: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` most similar entries per key, best first (id -1 where there are fewer); with ``namespace``,
-        among that tenant's entries only. The backend searches all tenants' keys, so the search widens (4x at a
-        time, up to the whole bank) until every key has ``k`` of its tenant's: other tenants' entries never crowd a
-        tenant's own nearest entry out."""
+        """The ``k`` most similar entries per key, best first (id -1, score -inf where there are fewer); with
+        ``namespace``, among that tenant's entries only.
+
+        A tenant's search is one search of its own index: other tenants' entries can neither be served nor crowd its
+        nearest entry out (also not from an approximate index, whose lists or trees they would shape), and its work
+        (searches, keys scanned) is the same whatever they stored, so its latency tells nothing of their inputs.
+        Without ``namespace`` every tenant's index is searched and the results merged (for tools and tests)."""
         if self.backend is None:
             raise RuntimeError(f"Bank {self.name!r} has no similarity backend.")
         with self.lock:
-            if namespace is None:
-                found = self.backend.search(keys, k)
-                self._fit()  # a background rebuild swapped in by the search may have grown the index
+            if namespace is not None:
+                tenant = self._tenants.get(namespace)
+                if tenant is None or tenant.index is None:
+                    return empty_result(keys.shape[0], k)
+                found = tenant.index.search(keys, k)
+                self._index_changed(tenant)  # a background rebuild swapped in by the search may have grown it
+                self._fit(namespace)
                 return found
-            wanted = min(k, self._tenants.get(namespace, 0))
-            width = k
-            while True:
-                scores, ids = self.backend.search(keys, min(width, len(self._entries)) or 1)
-                kept = [self._of_namespace(s, i, namespace, k) for s, i in zip(scores, ids, strict=True)]
-                if all(int((row[1] >= 0).sum()) >= wanted for row in kept) or width >= len(self._entries):
-                    self._fit()
-                    return torch.stack([row[0] for row in kept]), torch.stack([row[1] for row in kept])
-                width *= 4
-
-    def _of_namespace(
-        self, scores: torch.Tensor, ids: torch.Tensor, namespace: int, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One key's results cut to ``namespace``'s entries, padded to ``k`` with id -1."""
-        keep = [j for j, entry_id in enumerate(ids.tolist()) if self._namespace_of(entry_id) == namespace][:k]
-        out_scores = torch.full((k,), -1.0, dtype=scores.dtype)
-        out_ids = torch.full((k,), -1, dtype=ids.dtype)
-        out_scores[: len(keep)], out_ids[: len(keep)] = scores[keep].cpu(), ids[keep].cpu()
-        return out_scores, out_ids
-
-    def _namespace_of(self, entry_id: int) -> int | None:
-        stored = self._entries.get(entry_id)
-        return stored.namespace if stored is not None else None
+            tenants = [t for t in self._tenants.values() if t.index is not None]
+            if not tenants:
+                return empty_result(keys.shape[0], k)
+            results = [t.index.search(keys, k) for t in tenants]  # type: ignore[union-attr]
+            scores = torch.cat([found[0].cpu() for found in results], 1)
+            ids = torch.cat([found[1].cpu() for found in results], 1)
+            for tenant in tenants:
+                self._index_changed(tenant)
+            self._fit()
+            best = scores.topk(k, dim=1)
+            return best.values, ids.gather(1, best.indices)
 
     def get(self, entry_id: int, namespace: int | None = None) -> E | None:
         """The entry (its tensors are the stored ones); ``None`` when it is gone or (with ``namespace``) belongs to
@@ -204,22 +225,32 @@ class CacheBank(Generic[E]):
                 self._remove([self._by_digest[digest]])
             values, handle, extra = self.storage.place(prepared)
             nbytes = entry_bytes(values, 0 if key is None else key.numel()) + extra
-            if self.max_bytes is not None and nbytes > self.max_bytes:
+            quota = self._quota_bytes()
+            limit = quota if quota is not None else self.max_bytes  # an entry larger than its tenant may hold
+            if limit is not None and nbytes > limit:
                 self.storage.release(handle)
                 return None
-            self._make_room(nbytes)  # the new entry's place is charged first, so the room made covers all of it
+            # the new entry's place is charged first, so the room made covers all of it
+            self._make_room(nbytes, namespace=namespace)
             entry_id = self._next_id
             self._next_id += 1
             self._insert(entry_id, _Stored(values, nbytes, digest, namespace, handle))
             self.policy.on_insert(entry_id, nbytes, cost)
             if key is not None and self.backend is not None:
-                self.backend.add(torch.tensor([entry_id]), key.reshape(1, -1))
-                self._fit()
+                tenant = self._tenants[namespace]
+                if tenant.index is None:
+                    tenant.index = copy.deepcopy(self.backend)
+                tenant.index.add(torch.tensor([entry_id]), key.reshape(1, -1))
+                self._index_changed(tenant)
+                self._fit(namespace)
             return entry_id if entry_id in self._entries else None
 
     def _insert(self, entry_id: int, stored: _Stored) -> None:
         self._entries[entry_id] = stored
-        self._count_tenant(stored.namespace, 1)
+        tenant = self._tenants.setdefault(stored.namespace, _Tenant())
+        tenant.entries += 1
+        tenant.nbytes += stored.nbytes
+        self._index_changed(tenant)
         self._nbytes += stored.nbytes
         if stored.digest is not None:
             self._by_digest[stored.digest] = entry_id
@@ -233,29 +264,48 @@ class CacheBank(Generic[E]):
             self._remove(list(self._entries))
 
     def _remove(self, entry_ids: list[int]) -> None:
-        """Drop entries (unknown ids are ignored); the backend hears of them in one call, so clearing or evicting
-        many costs one index update (or rebuild), not one per entry."""
-        removed = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
-        for entry_id in removed:
-            stored = self._entries.pop(entry_id)
-            self._count_tenant(stored.namespace, -1)
+        """Drop entries (unknown ids are ignored); each tenant's index hears of its own in one call, so clearing or
+        evicting many costs one index update (or rebuild) per tenant, not one per entry. A tenant's index goes with
+        its last entry."""
+        removed: dict[int, list[int]] = {}
+        for entry_id in dict.fromkeys(entry_ids):
+            stored = self._entries.pop(entry_id, None)
+            if stored is None:
+                continue
+            removed.setdefault(stored.namespace, []).append(entry_id)
+            tenant = self._tenants[stored.namespace]
+            tenant.entries -= 1
+            tenant.nbytes -= stored.nbytes
             self._nbytes -= stored.nbytes
             self.storage.release(stored.handle)
             if stored.digest is not None:
                 self._by_digest.pop(stored.digest, None)
-        if removed and self.backend is not None:
-            self.backend.remove(torch.tensor(removed))
-        for entry_id in removed:
-            self.policy.on_remove(entry_id)
+        for namespace, ids in removed.items():
+            tenant = self._tenants[namespace]
+            if tenant.index is not None and tenant.entries:
+                tenant.index.remove(torch.tensor(ids))
+            if tenant.entries:
+                self._index_changed(tenant)
+            else:
+                self._index_extra -= tenant.index_extra
+                del self._tenants[namespace]
+        for ids in removed.values():
+            for entry_id in ids:
+                self.policy.on_remove(entry_id)
 
-    def _make_room(self, nbytes: int, incoming: int = 1) -> None:
-        """Evict until ``incoming`` more entries of ``nbytes`` fit the budget (``0, 0``: until the bank fits it).
+    def _make_room(self, nbytes: int, incoming: int = 1, namespace: int | None = None) -> None:
+        """Evict until ``incoming`` more entries of ``nbytes`` fit the budget (``0, 0``: until the bank fits it) and,
+        with a quota, tenant ``namespace``'s share of it: first that tenant's own entries down to its quota, then
+        anyone's (by the policy) down to the bank's budget.
 
         An index may hold bytes for removed keys (tombstones, an unbuilt buffer, spare slots) until it rebuilds, and
-        evicting live entries does not free those; so the backend first compacts, once, then eviction frees what is
+        evicting live entries does not free those; so the index first compacts, once, then eviction frees what is
         still needed plus a sixteenth of the budget, so the next inserts fit without another round."""
-        if self._over(nbytes, incoming) and self.backend is not None and self.max_bytes is not None:
-            self.backend.compact()
+        if namespace is not None and self.namespace_quota is not None:
+            self._make_tenant_room(namespace, nbytes, incoming)
+        if self._over(nbytes, incoming) and self.max_bytes is not None:
+            for tenant in list(self._tenants.values()):
+                self._compact(tenant)
         while self._entries and self._over(nbytes, incoming):
             needed = 0 if self.max_bytes is None else self.nbytes + nbytes - self.max_bytes + self.max_bytes // 16
             victims = [v for v in self.policy.victims(needed) if v in self._entries]
@@ -263,28 +313,100 @@ class CacheBank(Generic[E]):
                 raise RuntimeError(f"Policy {type(self.policy).__name__} named no existing entry to evict.")
             self._remove(victims)
 
+    def _make_tenant_room(self, namespace: int, nbytes: int, incoming: int) -> None:
+        """Evict tenant ``namespace``'s own entries, in the policy's order, until ``incoming`` more of ``nbytes``
+        fit its quota: a tenant filling the bank pushes out its own entries, not another tenant's."""
+        max_entries, max_bytes = self._quota_entries(), self._quota_bytes()
+        tenant = self._tenants.get(namespace)
+        if tenant is None or not self._tenant_over(tenant, nbytes, incoming):
+            return
+        if max_bytes is not None:
+            self._compact(tenant)
+        while tenant.entries and self._tenant_over(tenant, nbytes, incoming):
+            # what is over the quota plus a sixteenth of it, so the next inserts fit without another walk
+            count = 1 if max_entries is None else tenant.entries + incoming - max_entries + max_entries // 16
+            size = 0 if max_bytes is None else tenant.nbytes + tenant.index_extra + nbytes - max_bytes + max_bytes // 16
+            self._remove(self._victims_of(namespace, count, size))
+
+    def _victims_of(self, namespace: int, count: int, nbytes_needed: int) -> list[int]:
+        """Tenant ``namespace``'s entries the policy would evict first: at least ``count`` (and one), and until
+        ``nbytes_needed`` are freed. The policy's whole order is walked for them (a sorted copy for scored
+        policies): paid by a tenant at its quota once per sixteenth of its quota."""
+        out, freed = [], 0
+        for entry_id in self.policy.eviction_order():
+            stored = self._entries.get(entry_id)
+            if stored is None or stored.namespace != namespace:
+                continue
+            out.append(entry_id)
+            freed += stored.nbytes
+            if len(out) >= count and freed >= nbytes_needed:
+                break
+        if not out:
+            raise RuntimeError(f"Policy {type(self.policy).__name__} tracks none of a tenant's entries.")
+        return out
+
     def _over(self, nbytes: int, incoming: int) -> bool:
         return (self.max_entries is not None and len(self._entries) + incoming > self.max_entries) or (
             self.max_bytes is not None and self.nbytes + nbytes > self.max_bytes
         )
 
-    def _fit(self) -> None:
-        """Back within the byte budget after the backend grew on its own (slots added, an index built or swapped)."""
+    def _tenant_over(self, tenant: _Tenant, nbytes: int, incoming: int) -> bool:
+        max_entries, max_bytes = self._quota_entries(), self._quota_bytes()
+        return (max_entries is not None and tenant.entries + incoming > max_entries) or (
+            max_bytes is not None and tenant.nbytes + tenant.index_extra + nbytes > max_bytes
+        )
+
+    def _quota_entries(self) -> int | None:
+        if self.namespace_quota is None or self.max_entries is None:
+            return None
+        return max(1, int(self.namespace_quota * self.max_entries))
+
+    def _quota_bytes(self) -> int | None:
+        if self.namespace_quota is None or self.max_bytes is None:
+            return None
+        return int(self.namespace_quota * self.max_bytes)
+
+    def _fit(self, namespace: int | None = None) -> None:
+        """Back within the byte budget (and tenant ``namespace``'s quota) after an index grew on its own (slots
+        added, an index built or swapped)."""
+        if namespace is not None and self.namespace_quota is not None:
+            self._make_tenant_room(namespace, 0, 0)
         if self.max_bytes is not None and self.nbytes > self.max_bytes:
             self._make_room(0, incoming=0)
+
+    def _compact(self, tenant: _Tenant) -> None:
+        if tenant.index is not None:
+            tenant.index.compact()
+            self._index_changed(tenant)
+
+    def _index_changed(self, tenant: _Tenant) -> None:
+        """Read again what the tenant's index holds beyond its raw keys (after any call that may change it: the
+        bank's byte count is then a sum kept up to date, not a walk over every tenant's index)."""
+        extra = 0
+        if tenant.index is not None:
+            extra = max(0, tenant.index.nbytes - 4 * self._key_dim() * tenant.entries)
+        self._index_extra += extra - tenant.index_extra
+        tenant.index_extra = extra
 
     # --- size -----------------------------------------------------------------------------------------------------
     def namespace_counts(self) -> dict[int, int]:
         """Entries per tenant tag."""
         with self.lock:
-            return dict(self._tenants)
+            return {namespace: tenant.entries for namespace, tenant in self._tenants.items()}
 
-    def _count_tenant(self, namespace: int, change: int) -> None:
-        count = self._tenants.get(namespace, 0) + change
-        if count:
-            self._tenants[namespace] = count
-        else:
-            self._tenants.pop(namespace, None)
+    def count(self, namespace: int) -> int:
+        """Entries of tenant ``namespace``: what a strategy sizes that tenant's search by (never the bank's total,
+        which other tenants' entries make)."""
+        with self.lock:
+            tenant = self._tenants.get(namespace)
+            return tenant.entries if tenant is not None else 0
+
+    def namespace_nbytes(self, namespace: int) -> int:
+        """Bytes tenant ``namespace`` holds: its entries and what its index holds beyond their keys (what its
+        quota bounds)."""
+        with self.lock:
+            tenant = self._tenants.get(namespace)
+            return tenant.nbytes + tenant.index_extra if tenant is not None else 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -294,10 +416,9 @@ class CacheBank(Generic[E]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: stored tensors and their places, per-entry bookkeeping, and the backend's index beyond the raw
-        keys."""
-        index_bytes = self.backend.nbytes if self.backend is not None else 0
-        return self._nbytes + max(0, index_bytes - 4 * self._key_dim() * len(self._entries))
+        """Bytes held: stored tensors and their places, per-entry bookkeeping, and the tenants' indexes beyond the
+        raw keys."""
+        return self._nbytes + self._index_extra
 
     def _key_dim(self) -> int:
         return self.backend.dim if self.backend is not None else 0
@@ -312,7 +433,8 @@ class CacheBank(Generic[E]):
                 (entry_id, self.storage.export(s.values), s.digest, s.namespace)
                 for entry_id, s in sorted(self._entries.items())
             )
-            backend = self.backend.state_dict() if self.backend is not None else None
+            indexes = [t.index.state_dict() for t in self._tenants.values() if t.index is not None]
+            backend = merge_index_states(indexes, self._key_dim()) if self.backend is not None else None
             return write_state(entries, self.policy.state_dict(), backend)
 
     def check_state(self, state: dict[str, torch.Tensor]) -> BankState:
@@ -354,6 +476,7 @@ class CacheBank(Generic[E]):
         """Replace the content with ``state`` (checked before with :meth:`check_state`); the entries land in this
         bank's storage."""
         parsed = BankState.parse(state)
+        indexes = self._load_indexes(parsed) if self.backend is not None else {}  # a refused state changes nothing
         with self.lock:
             self.clear()
             for entry_id, values in parsed.entries.items():
@@ -363,6 +486,19 @@ class CacheBank(Generic[E]):
                 self._insert(entry_id, _Stored(placed, nbytes, digest, namespace, handle))
             self._next_id = max(parsed.entries, default=-1) + 1
             self.policy.load_state_dict(parsed.policy)
-            if self.backend is not None:
-                self.backend.load_state_dict(parsed.backend)
-            self._make_room(0, incoming=0)  # a cache saved under a larger budget is cut to this one, by the policy
+            for namespace, index in indexes.items():
+                self._tenants[namespace].index = index
+                self._index_changed(self._tenants[namespace])
+            for namespace in list(self._tenants):  # a cache saved under a larger budget or quota is cut to this
+                self._fit(namespace)
+            self._make_room(0, incoming=0)
+
+    def _load_indexes(self, parsed: BankState) -> dict[int, Backend]:
+        """Each tenant's index, rebuilt from the saved keys of its entries (a warm cache holds every tenant's keys
+        together, as one index held them before tenants had their own)."""
+        indexes: dict[int, Backend] = {}
+        for namespace, index_state in split_index_state(parsed.backend, parsed.namespaces).items():
+            index = copy.deepcopy(self.backend)
+            index.load_state_dict(index_state)  # type: ignore[union-attr]
+            indexes[namespace] = index  # type: ignore[assignment]
+        return indexes

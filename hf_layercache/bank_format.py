@@ -63,6 +63,35 @@ def write_state(
     return state
 
 
+def merge_index_states(states: Iterable[Mapping[str, torch.Tensor]], key_dim: int) -> dict[str, torch.Tensor]:
+    """The tenants' index states as the one ``backend.ids`` / ``backend.keys`` section a warm cache holds (the layout
+    of every built-in backend's state, which also held every tenant's keys before each tenant had an index)."""
+    ids, keys = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, key_dim)]
+    for state in states:
+        if "ids" not in state or "keys" not in state:
+            raise ValueError(
+                f"a backend state must hold 'ids' and 'keys' (the bank saves each tenant's keys), got {sorted(state)}."
+            )
+        ids.append(state["ids"].cpu().long())
+        keys.append(state["keys"].cpu().float())
+    return {"ids": torch.cat(ids), "keys": torch.cat(keys)}
+
+
+def split_index_state(state: Mapping[str, torch.Tensor], namespaces: Mapping[int, int]) -> dict[int, dict]:
+    """A saved ``backend`` section cut into each tenant's index state by the ``namespaces`` of the entries its ids
+    name (keys of no listed entry are dropped). An empty section (a bank without keys) gives no index."""
+    if not state:
+        return {}
+    ids, keys = state.get("ids"), state.get("keys")
+    if ids is None or keys is None or ids.dim() != 1 or keys.dim() != 2 or ids.shape[0] != keys.shape[0]:
+        raise ValueError("the saved index must be 'backend.ids' (n,) with 'backend.keys' (n, dim).")
+    rows: dict[int, list[int]] = {}
+    for row, entry_id in enumerate(ids.tolist()):
+        if entry_id in namespaces:
+            rows.setdefault(namespaces[entry_id], []).append(row)
+    return {ns: {"ids": ids[torch.tensor(r)], "keys": keys[torch.tensor(r)]} for ns, r in rows.items()}
+
+
 @dataclass
 class BankState:
     """A bank's :meth:`~CacheBank.state_dict` taken apart: the one parser of bank state, used to check a warm cache

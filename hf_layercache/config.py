@@ -179,6 +179,13 @@ class LayerCacheConfig:
     namespace: str = "default"
     """Tenant of the entries this model stores and may be served; entries never cross namespaces."""
 
+    namespace_quota: float | None = None
+    """Share (0 to 1] of each bank's ``max_entries`` and byte budget one namespace may hold. A tenant at its quota
+    evicts its own entries (in the policy's order) to store more, so another tenant's traffic cannot evict a
+    tenant's entries while the quotas of the tenants sum to at most 1 (e.g. 0.25 for four tenants); beyond that,
+    the budget left over is shared by the policy's order. Needs ``max_entries`` or ``max_memory``. ``None``: tenants
+    share the budget, and one tenant's new entries may evict another's (docs/reliability.md, "Tenant isolation")."""
+
     bank_device: str = "auto"
     """Where banks live: ``"auto"`` (each bank on its layer's execution device) or ``"cpu"``."""
 
@@ -283,6 +290,7 @@ class LayerCacheConfig:
                 f"storage_dtype={self.storage_dtype!r} is not allowed; use one of {STORAGE_DTYPES} or None."
             )
         check_namespace(self.namespace)
+        self._check_namespace_quota()
         if self.integrity_key is not None and (not isinstance(self.integrity_key, str) or not self.integrity_key):
             raise ValueError("integrity_key must be a non-empty string or None (then HF_LAYERCACHE_INTEGRITY_KEY).")
         self._check_shared_store()
@@ -305,6 +313,15 @@ class LayerCacheConfig:
             built = section(**{name: self.options[name] for name in section.field_names() if name in self.options})
             built.check_with(self)
             self.options.update(dataclasses.asdict(built))
+
+    def _check_namespace_quota(self) -> None:
+        if self.namespace_quota is None:
+            return
+        check_number(
+            "namespace_quota", self.namespace_quota, 0.0, 1.0, open_low=True, what="a share in (0, 1], or None"
+        )
+        if self.max_entries is None and self.max_memory is None:
+            raise ValueError("namespace_quota is a share of max_entries or max_memory; set one of them, or None.")
 
     def _check_shared_store(self) -> None:
         if self.shared_store is None:

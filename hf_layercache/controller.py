@@ -227,6 +227,7 @@ class LayerCacheController:
             expected=expected,
             storage=build(bank_device, dtype, config.max_entries, max_bytes),
             digests_required=digests_required,
+            namespace_quota=config.namespace_quota,
         )
 
     # --- request state --------------------------------------------------------------------------------------------

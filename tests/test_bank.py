@@ -156,5 +156,5 @@ def test_the_byte_budget_holds_after_every_insert_and_search_for_every_backend(b
             assert bank.nbytes <= bank.max_bytes, (i, bank.nbytes)
         sizes.append(len(bank))
     assert min(sizes[200:]) >= 0.5 * max(sizes), "the bank emptied itself to stay within the budget"
-    scores, ids = bank.search(bank.backend.state_dict()["keys"][-1:], k=1)  # still finds its own entries
+    scores, ids = bank.search(bank.state_dict()["backend.keys"][-1:], k=1)  # still finds its own entries
     assert ids[0, 0].item() in bank and scores[0, 0].item() > 0.999

@@ -111,7 +111,8 @@ class KeyStore:
     def _reserve(self, n: int) -> None:
         if n <= len(self.ids):
             return
-        capacity = max(n, len(self.ids) + len(self.ids) // 4, 64)  # 1.25x: a bounded jump against the budget
+        # 1.25x: a bounded jump against the budget; from 8 slots, as a bank keeps an index per tenant
+        capacity = max(n, len(self.ids) + len(self.ids) // 4, 8)
         keys = torch.empty(capacity, self.dim, device=self.device)
         ids = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
         keys[: self.n], ids[: self.n] = self.keys[: self.n], self.ids[: self.n]

@@ -56,7 +56,8 @@ class Backend(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that rebuild the index with :meth:`load_state_dict` (tensors only, no Python objects)."""
+        """Tensors that rebuild the index with :meth:`load_state_dict` (tensors only, no Python objects): at least
+        ``ids`` (n,) and ``keys`` (n, dim), which a bank saves for each tenant's index and loads back, cut by tenant."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -145,7 +145,7 @@ class CachedAttention:
             for b in range(query.shape[0])
         ]
         keys = self.keys(query, key)
-        searched = len(self.bank) > 0
+        searched = self.bank.count(scope.state[NAMESPACE_KEY]) > 0
         reuses = self._reuses(scope, rows, keys)
         lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
         self.record_lookup(lookup, self.bank, [self.layer.name])
@@ -168,9 +168,11 @@ class CachedAttention:
     # --- hits -------------------------------------------------------------------------------------------------------
     def _reuses(self, scope: RequestScope, rows: list[Row], keys: torch.Tensor) -> dict[int, Reuse]:
         """Per request row, the verified reuse of the best of the nearest entries, if any."""
-        if len(self.bank) == 0:
+        namespace = scope.state[NAMESPACE_KEY]
+        own = self.bank.count(namespace)  # the tenant's entries size its search, never another tenant's
+        if own == 0:
             return {}
-        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, len(self.bank)), namespace=scope.state[NAMESPACE_KEY])
+        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, own), namespace=namespace)
         found = {}
         for b, row in enumerate(rows):
             reuse = self._first_plan(scope, row, scores[b].tolist(), ids[b].tolist())

@@ -56,10 +56,11 @@ class EntrySearch:
         """The best usable entry of ``slot``'s bank for each of ``rows`` at or above its threshold, and each row's
         best similarity in the bank."""
         bank = self.banks[slot.layer.name]
-        if not rows or len(bank) == 0:
+        own = bank.count(run.namespace)  # sized by the tenant's entries: the search is the same whoever else stored
+        if not rows or own == 0:
             return {}, {}
         threshold = self.config.threshold_for(slot.rank)
-        scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, len(bank)), namespace=run.namespace)
+        scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, own), namespace=run.namespace)
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
             best[row] = row_scores[0]
