@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,3 +30,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def server():
+    """A real ``redis-server`` on a free loopback port, persistence off (tests/redis_server.py); skipped only where the
+    binary is missing (CI installs it: .ci/run)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis", reason="pip install 'hf-layercache[redis]'")
+    from redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis_server import RedisServer
 from safetensors import safe_open
 from safetensors.torch import load, save_file
 from tiny import tiny_batch, tiny_model
@@ -29,51 +29,6 @@ from hf_layercache.shared_store.codec import MAGIC, decode, encode
 
 redis = pytest.importorskip("redis", reason="pip install 'hf-layercache[redis]'")
 HERE = Path(__file__).parent
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, which a test may kill and restart (empty) on that port."""
-
-    def __init__(self, *options: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.options = options
-        self.process: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen([*command, *self.options], stdout=subprocess.DEVNULL)
-        client = self.client()
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.AuthenticationError:
-                return  # up, with a password
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
-
-
-@pytest.fixture
-def server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def _config(server: RedisServer, strategy: str = "exact", **extra) -> dict:

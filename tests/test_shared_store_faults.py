@@ -9,14 +9,13 @@ here depends on timing: the writer is held with ``CLIENT PAUSE WRITE``, and tran
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import warnings
 
 import pytest
 import torch
-from test_shared_store import RedisServer, _config, _run, _uncached
+from test_shared_store import _config, _run, _uncached
 from tiny import tiny_batch, tiny_model
 
 import hf_layercache
@@ -131,16 +130,6 @@ def test_garbage_replies_are_counted_misses_and_never_reach_the_request(case):
 
 
 # --- against a real redis-server --------------------------------------------------------------------------------
-@pytest.fixture
-def server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("bound", ["max_memory", "max_value_bytes"])
 def test_an_oversized_value_is_a_miss_and_is_not_transferred(server, bound):
     """A 32 MB value planted under the key a request reads: a miss, counted, of which at most the bound (1 MB: the
