@@ -101,7 +101,9 @@ def _request_during(switch, model, batch: dict, options: dict, pause: PauseInsid
 
     requester = threading.Thread(target=request)
     requester.start()
-    _wait_until(pause.inside.is_set, "the request to be inside")
+    _wait_until(lambda: pause.inside.is_set() or not requester.is_alive(), "the request to be inside")
+    if not pause.inside.is_set():
+        raise AssertionError(f"the request ended before the layer it pauses in: {result}")
     switcher = threading.Thread(target=switch_then_done)
     switcher.start()
     _wait_until(_switch_waits_or_is_done(model, done), "the switch to start")
