@@ -64,11 +64,15 @@ def _switch_waits_or_is_done(model, done: threading.Event):
 
 
 def _switches(model, config, tmp_path):
-    """Reconfigurations a serving process does while other threads serve."""
+    """Reconfigurations a serving process does while other threads serve (``disable`` is undone after the request
+    has ended, so the request may go on on a disabled model)."""
 
     def disable_enable():
         hf_layercache.disable(model)
         hf_layercache.enable(model, config)
+
+    def disable():
+        hf_layercache.disable(model)
 
     def clear():
         model.layer_cache.clear()
@@ -77,7 +81,7 @@ def _switches(model, config, tmp_path):
         model.layer_cache.save(tmp_path / "warm")
         model.layer_cache.load(tmp_path / "warm")
 
-    return [disable_enable, clear, save_and_load]
+    return [disable_enable, disable, clear, save_and_load]
 
 
 def _request_during(switch, model, batch: dict, options: dict, pause: PauseInside) -> torch.Tensor:
@@ -129,7 +133,7 @@ def test_a_request_in_flight_is_never_served_wrong_by_a_switch(case, tmp_path):
     pause = PauseInside()
     layers[1].register_forward_pre_hook(pause)
     # a new batch for each switch: the checks after a switch store every batch so far, and a full hit calls no layer
-    batches = [tiny_batch(arch, batch=2, seed=s) for s in range(ROUNDS * 3)]
+    batches = [tiny_batch(arch, batch=2, seed=s) for s in range(ROUNDS * 4)]
     options = {"use_cache": False} if arch == "llama" else {}
     with torch.no_grad():
         expected = [model(**b, **options).last_hidden_state for b in batches]
@@ -137,7 +141,7 @@ def test_a_request_in_flight_is_never_served_wrong_by_a_switch(case, tmp_path):
     wrong, errors = [], []
     for round_ in range(ROUNDS):
         for turn, switch in enumerate(_switches(model, config, tmp_path)):
-            k = 3 * round_ + turn
+            k = 4 * round_ + turn
             with torch.no_grad():  # warm with row 0: the paused request serves it and computes row 1 (a full hit
                 model(**{n: t[:1] for n, t in batches[k].items()}, **options)  # would not call the layers)
             try:
@@ -149,6 +153,8 @@ def test_a_request_in_flight_is_never_served_wrong_by_a_switch(case, tmp_path):
                     wrong.append(
                         f"round {round_} {switch.__name__}: differs by {_difference(out, expected[k], batches[k]):.3g}"
                     )
+            if "layer_cache" not in model.__dict__:
+                hf_layercache.enable(model, config)
             with torch.no_grad():  # nothing wrong stays cached: every batch again, served as it is now
                 for b, want in zip(batches[: k + 1], expected, strict=False):
                     if _difference(model(**b, **options).last_hidden_state, want, b) > 1e-4:
