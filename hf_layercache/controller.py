@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from .bank import CacheBank
 from .config import LayerCacheConfig
 from .events import Lookup, Verdict
-from .hooks import ForwardHook, HookRegistry
+from .hooks import ForwardHook, HookRegistry, compiled
 from .identity import ModelIdentity, forward_config
 from .inflight import InFlightRequests
 from .integrity import ENV_VAR, resolve_key
@@ -72,6 +72,13 @@ class RequestHook(ForwardHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if current_scope() is not None:
             return self.original(*args, **kwargs)
+        if compiled() and not self.controller.strategy.compiles:
+            name = self.controller.config.strategy
+            raise RuntimeError(
+                f"The layer cache (strategy={name!r}) on {type(module).__name__} does not work under torch.compile: "
+                "its cache runs inside the layers' compiled code. Run this model uncompiled, or compile it without "
+                "the cache (hf_layercache.disable(model)); 'exact', 'prefix' and 'semantic' support torch.compile."
+            )
         with self.controller.requests.request():
             if not self.controller.attached:  # disabled while this call waited for the gate
                 return self.original(*args, **kwargs)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from .hooks import temporarily
+from .hooks import eager, temporarily
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 """Names transformers has given the KV-cache argument, newest first."""
@@ -99,7 +99,7 @@ def record_kv_writes(cache: Any) -> Iterator[list[KVWrite]]:
                 writes.append(KVWrite(_tag, int(layer_idx), key_states.detach(), value_states.detach()))
                 return _original(key_states, value_states, layer_idx, *args, **kwargs)
 
-            patches.enter_context(temporarily(sub, "update", update))
+            patches.enter_context(temporarily(sub, "update", eager(update)))  # not traced into a compiled layer
         yield writes
 
 

@@ -104,6 +104,10 @@ class Strategy(ABC):
     tolerance: ClassVar[float] = 1e-4
     """Largest absolute difference from uncached outputs a lossless strategy allows."""
 
+    compiles: ClassVar[bool] = False
+    """Whether it works inside ``torch.compile(model)``: its hooks run eagerly behind the compile boundary of
+    :mod:`hf_layercache.hooks` and the model's own computation compiles; otherwise a compiled request is refused."""
+
     shares_entries: ClassVar[bool] = False
     """Whether entries are keyed by digest alone, so replicas can share them through ``shared_store``."""
 

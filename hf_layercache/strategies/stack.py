@@ -26,6 +26,8 @@ StartRun = Callable[[RequestScope, CachedLayer, dict[str, Any], torch.Tensor], A
 class StackStrategy(Strategy):
     """A strategy whose hooks sit on every cached layer of each stack."""
 
+    compiles = True  # the layer hooks are compile boundaries; each layer's own forward compiles
+
     @abstractmethod
     def start_run(
         self, scope: RequestScope, layer: CachedLayer, arguments: dict[str, Any], hidden: torch.Tensor

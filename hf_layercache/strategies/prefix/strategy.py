@@ -46,6 +46,7 @@ class PrefixStrategy(Strategy):
     config_class = PrefixConfig
     lossless = True
     shares_entries = True
+    compiles = True  # the request hook and the base model's output hook are compile boundaries
 
     def attach(self) -> None:
         model = self.context.model
