@@ -196,6 +196,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds to three significant digits, so the speed printed beside two times follows from them (one
+    decimal made a 0.75 ms hit read as 0.8 ms, 6% off)."""
+    ms = seconds * 1e3
+    decimals = 0 if ms >= 100 else 1 if ms >= 10 else 2 if ms >= 1 else 3
+    return f"{ms:.{decimals}f}ms"
+
+
 def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
     lines = [
         f"{'pass':<14} {'strategy':<9} {'hit rate':>8} {'uncached':>9} {'cached':>9} {'speed':>7} {'range':>11} "
@@ -204,7 +212,7 @@ def _demo_table(rows: list[tuple[str, str, dict[str, float], str]]) -> str:
     for name, strategy, m, note in rows:
         spread = f"{m['speed_min']:.1f}-{m['speed_max']:.1f}x" + ("!" if m["noisy"] else " ")
         lines.append(
-            f"{name:<14} {strategy:<9} {m['hit_rate']:>8.0%} {m['uncached'] * 1e3:>7.1f}ms {m['cached'] * 1e3:>7.1f}ms "
+            f"{name:<14} {strategy:<9} {m['hit_rate']:>8.0%} {_ms(m['uncached']):>9} {_ms(m['cached']):>9} "
             f"{m['speed']:>6.1f}x {spread:>11} {m['mean']:>13.4f} {m['min']:>6.3f}{'!' if m['low'] else ' '}  {note}"
         )
     return "\n".join(lines)

@@ -135,7 +135,7 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
     strategy = config.get("strategy")
     lines = [
         f"strategy   {strategy}, " + _fields(config, ("policy", "policy_kwargs", "namespace", "layers", "bank_device")),
-        "limits     " + _fields(config, ("max_entries", "max_memory", "storage_dtype")),
+        "limits     " + _fields(config, ("max_entries", "max_memory", "namespace_quota", "storage_dtype")),
     ]
     own = strategy_fields(strategy)
     if own is None:
