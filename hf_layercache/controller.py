@@ -62,6 +62,13 @@ def _alone(what: str) -> Callable[[Method], Method]:
     return decorate
 
 
+def _asks_for(flag: str, arguments: dict[str, Any], config: Any) -> bool:
+    """Whether the call asks for ``flag``: its own argument, or the config's when it passes none (or ``None``, which
+    transformers reads the same way)."""
+    value = arguments.get(flag)
+    return bool(value if value is not None else getattr(config, flag, False))
+
+
 class RequestHook(ForwardHook):
     """Opens a :class:`RequestScope` around the outermost forward of the model (or of a stack's owner)."""
 
@@ -271,11 +278,9 @@ class LayerCacheController:
         if torch.is_grad_enabled() and (self.watch.requires_grad() or _inputs_require_grad(arguments)):
             self._warn_autograd()
             return "autograd"
-        wants_maps = arguments.get("output_attentions", getattr(config, "output_attentions", False))
-        if wants_maps and not self.strategy.serves_attention_maps:
+        if not self.strategy.serves_attention_maps and _asks_for("output_attentions", arguments, config):
             return "output_attentions"
-        wants_states = arguments.get("output_hidden_states", getattr(config, "output_hidden_states", False))
-        if wants_states and not self.strategy.intermediate_states_exact:
+        if not self.strategy.intermediate_states_exact and _asks_for("output_hidden_states", arguments, config):
             return "output_hidden_states"
         return None
 

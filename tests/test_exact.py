@@ -263,6 +263,44 @@ def test_requests_needing_per_layer_outputs_run_uncached(flag):
     assert totals(model)["bypassed"] > 0
 
 
+@pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
+def test_a_flag_passed_as_none_with_the_config_asking_runs_uncached(flag):
+    """transformers versions differ on whether ``None`` reads the config: the cache takes either as asking, and
+    returns what uncached transformers returns."""
+    model = tiny_model("bert", tf.BertModel)
+    model.set_attn_implementation("eager")
+    batch = tiny_batch("bert")
+    setattr(model.config, flag, True)
+    reference = run(model, batch, **{flag: None})
+    hf_layercache.enable(model)
+    run(model, batch, **{flag: False})
+    out = run(model, batch, **{flag: None})
+    field = "attentions" if flag == "output_attentions" else "hidden_states"
+    assert (getattr(out, field) is None) == (getattr(reference, field) is None)
+    assert all(map(torch.equal, getattr(out, field) or (), getattr(reference, field) or ()))
+    assert totals(model)["bypassed"] > 0
+
+
+def test_the_key_memo_answers_as_keying_afresh_and_stays_bounded():
+    from hf_layercache.strategies.exact.digests import RowKeyMemo, row_keys
+
+    memo = RowKeyMemo(layout_free=True, size=3)
+    batches = [tiny_batch("bert", seed=seed, padding=padding) for seed in (1, 2) for padding in ("right", "left")]
+    for _ in range(2):  # the second round is answered from the memo (two of four still in it)
+        for batch in batches:
+            for namespace in ("default", "tenant-b"):
+                assert memo.row_keys(batch, namespace) == row_keys(batch, namespace, layout_free=True)
+    assert len(memo._keys) == 3
+    one = tiny_batch("bert", seed=3)
+    other = {**one, "input_ids": one["input_ids"].clone()}
+    other["input_ids"][0, 1] += 1  # one token of one row: that row's key changes, the others' do not
+    first, second = memo.row_keys(one, "default"), memo.row_keys(other, "default")
+    assert first[0].digest != second[0].digest and [k.digest for k in first[1:]] == [k.digest for k in second[1:]]
+    ids = one["input_ids"]
+    reshaped = {**one, "input_ids": ids.reshape(ids.shape[1], ids.shape[0]).contiguous().reshape(ids.shape)}
+    assert memo.row_keys(reshaped, "default") == row_keys(reshaped, "default", layout_free=True)
+
+
 def test_training_mode_and_bypass_run_uncached():
     model = tiny_model("bert")
     batch = tiny_batch("bert")

@@ -14,6 +14,8 @@ first, so no two different inputs share a byte stream.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +67,8 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
 def _host_array(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a numpy array on the host (half floats as int16: numpy has no bfloat16), read once per
     request; rows and columns are then cut in numpy, which costs a microsecond where a tensor op costs several."""
-    t = t.detach().cpu()
+    if t.requires_grad or not t.is_cpu:
+        t = t.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
     return t.numpy() if t.dtype != torch.bool else t.to(torch.uint8).numpy()
@@ -126,6 +129,23 @@ def row_keys(arguments: dict[str, Any], namespace: str, layout_free: bool) -> li
 
     Deterministic across processes (no Python ``hash``). ``None`` when the batch size cannot be told.
     """
+    return _keys_of(arguments, _host_tensors(arguments), namespace, layout_free)
+
+
+_Tensors = list[tuple[str, int, torch.dtype, np.ndarray]]
+
+
+def _host_tensors(arguments: dict[str, Any]) -> _Tensors:
+    """Every tensor among the arguments (inside tuples, lists and dicts too), by name and position, on the host."""
+    return [
+        (name, i, t.dtype, _host_array(t))
+        for name in sorted(arguments)
+        if arguments[name] is not None
+        for i, t in enumerate(_flat_tensors(arguments[name]))
+    ]
+
+
+def _keys_of(arguments: dict[str, Any], tensors: _Tensors, namespace: str, layout_free: bool) -> list[RowKey] | None:
     batch = _batch_size(arguments)
     if batch is None:
         return None
@@ -133,12 +153,42 @@ def row_keys(arguments: dict[str, Any], namespace: str, layout_free: bool) -> li
     columns: list[slice | None] = [None] * batch
     if layout_free and length is not None:
         columns = _real_columns(arguments.get("attention_mask"), batch, length)
-    tensors = [
-        (name, i, t.dtype, _host_array(t))
-        for name in sorted(arguments)
-        for i, t in enumerate(_flat_tensors(arguments[name]))
-    ]
     return [_row_key(tensors, namespace, batch, length, row, columns[row]) for row in range(batch)]
+
+
+class RowKeyMemo:
+    """The row keys of recent requests, by one digest of the whole request: a repeated request is keyed with one hash
+    over its tensors' bytes instead of one digest per row and field.
+
+    :func:`row_keys` is a function of the arguments' tensors (names, positions, dtypes, shapes, bytes), the namespace
+    and ``layout_free`` only, and the request digest covers all of them, so a remembered answer is the answer. Kept
+    for the ``size`` most recent requests (a few hundred bytes per row, outside the banks' budget).
+    """
+
+    def __init__(self, layout_free: bool, size: int = 256):
+        self.layout_free = layout_free
+        self.size = size
+        self._keys: OrderedDict[bytes, list[RowKey] | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def row_keys(self, arguments: dict[str, Any], namespace: str) -> list[RowKey] | None:
+        tensors = _host_tensors(arguments)
+        # the description fixes every array's byte length, so the bytes can follow one another unprefixed
+        described = repr((namespace, [(name, i, str(dtype), array.shape) for name, i, dtype, array in tensors]))
+        digest = hashlib.blake2b(described.encode(), digest_size=32)
+        for *_, array in tensors:
+            digest.update(np.ascontiguousarray(array))
+        request = digest.digest()
+        with self._lock:
+            if request in self._keys:
+                self._keys.move_to_end(request)
+                return self._keys[request]
+        keys = _keys_of(arguments, tensors, namespace, self.layout_free)
+        with self._lock:
+            self._keys[request] = keys
+            if len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+        return keys
 
 
 def _row_key(

@@ -23,7 +23,7 @@ from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..stack import StackStrategy
 from .config import ExactConfig
-from .digests import RowKey, row_keys
+from .digests import RowKey, RowKeyMemo
 from .entry import ExactEntry
 from .hook import ExactLayerHook
 from .outputs import BANK, RequestEntry, RequestPath
@@ -70,6 +70,8 @@ class ExactStrategy(StackStrategy):
         request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks, RequestEntry)
         self.request_path = RequestPath(request_bank, self.context.model)
         self._draws = random.Random(0)  # which hits verify_fraction checks; seeded, so runs repeat
+        # one stack runs over the input: rows are keyed on their real tokens; an encoder-decoder keys its layouts
+        self._row_keys = RowKeyMemo(layout_free=len(self.stacks) == 1)
         for stack, layers in self.stacks.items():
             for position, layer in enumerate(layers):
                 last = position == len(layers) - 1
@@ -77,8 +79,7 @@ class ExactStrategy(StackStrategy):
                 self.hooks.replace_forward(layer.module, hook)
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
-        # one stack runs over the input: rows are keyed on their real tokens; an encoder-decoder keys its layouts
-        scope.state[_ROWS] = row_keys(arguments, scope.namespace, layout_free=len(self.stacks) == 1)
+        scope.state[_ROWS] = self._row_keys.row_keys(arguments, scope.namespace)
 
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
         """A call whose every row was answered before in the same layout is answered from the request bank
