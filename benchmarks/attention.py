@@ -22,7 +22,7 @@ The Amdahl bounds: against eager, the end-to-end speed-up if ``softmax(QK^T)`` (
 the default config at sdpa's speed where nothing is reusable.
 
     python benchmarks/attention.py [--models minilm smollm2] [--lengths 128 256 512] [--requests 24] [--threads 1]
-        [--workloads templated varied] [--whole-map]
+        [--workloads templated varied natural natural-max] [--batch 4] [--whole-map]
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.attention.config import AttentionConfig
 from hf_layercache.strategies.attention.eager import repeat_kv
 from hf_layercache.strategies.attention.function import ATTN_IMPLEMENTATION, attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import _news
 from real_models import smollm2_path
 
 LABELS = ("billing", "delivery", "technical", "account")
@@ -190,6 +193,27 @@ def encode(tokenizer, requests: list[Request], length: int, varied: bool = False
     return out
 
 
+NATURAL = {"natural": True, "natural-max": "max_length"}
+"""The natural workloads and the tokenizer padding each uses: ``padding=True`` (to the longest document of the
+batch) and ``padding="max_length"``."""
+
+
+def natural_batches(tokenizer, length: int, count: int, batch: int, padding, skip: int) -> list[dict]:
+    """``count`` batches of ``batch`` distinct real news stories (the Lee corpus) cut to ``length`` tokens and padded
+    as the tokenizer pads them, after the first ``skip`` batches: traffic with nothing to reuse, whatever the cache
+    stored before."""
+    stories = _news()
+    random.Random(length).shuffle(stories)
+    stories = stories[skip * batch : (skip + count) * batch]
+    if len(stories) < count * batch:
+        raise SystemExit(f"the Lee corpus has {len(_news())} stories: fewer batches or a smaller --batch, please")
+    encoded = (
+        tokenizer(stories[i : i + batch], truncation=True, max_length=length, padding=padding, return_tensors="pt")
+        for i in range(0, len(stories), batch)
+    )
+    return [dict(encoding) for encoding in encoded]
+
+
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP] for BERT, none for SmolLM2)."""
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -258,18 +282,24 @@ def timed_model(path: str, implementation: str, tag: str = "") -> tuple[torch.nn
     return model, timed
 
 
-def forward(model: torch.nn.Module, timer: Timed | None, batch: dict) -> tuple[float, float, torch.Tensor]:
-    """(seconds, seconds in attention, embedding) of one request. The embedding is the mean of the last hidden states
-    over the ticket window (the last ``TICKET_TOKENS`` positions, padding excluded): the template text before it is
-    the same in every request and carries no label."""
+def forward(
+    model: torch.nn.Module, timer: Timed | None, batch: dict, window: int = TICKET_TOKENS
+) -> tuple[float, float, torch.Tensor]:
+    """(seconds, seconds in attention, embeddings) of one request. An embedding is the mean of a row's last hidden
+    states over its last ``window`` positions (0: all), padding excluded: on the templated workload the ticket window
+    (the template text before it is the same in every request and carries no label)."""
     attention_before = timer.seconds if timer else 0.0
     start = time.perf_counter()
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
     seconds = time.perf_counter() - start
-    mask = batch["attention_mask"][0, -TICKET_TOKENS:, None].to(hidden.dtype)
-    embedding = (hidden[0, -TICKET_TOKENS:] * mask).sum(0) / mask.sum()
-    return seconds, (timer.seconds if timer else 0.0) - attention_before, embedding
+    return seconds, (timer.seconds if timer else 0.0) - attention_before, pooled(hidden, batch, window)
+
+
+def pooled(hidden: torch.Tensor, batch: dict, window: int) -> torch.Tensor:
+    """(rows, hidden) mean of the last hidden states over the last ``window`` positions (0: all), padding excluded."""
+    mask = batch["attention_mask"][:, -window:, None].to(hidden.dtype)
+    return (hidden[:, -window:] * mask).sum(1) / mask.sum(1)
 
 
 # --- one measurement ------------------------------------------------------------------------------------------------
@@ -279,9 +309,7 @@ def embed_batched(model: torch.nn.Module, batches: list[dict], size: int = 8) ->
     for start in range(0, len(batches), size):
         group = {k: torch.cat([b[k] for b in batches[start : start + size]]) for k in batches[0]}
         with torch.inference_mode():
-            hidden = model(**group).last_hidden_state[:, -TICKET_TOKENS:]
-        mask = group["attention_mask"][:, -TICKET_TOKENS:, None].to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
+            out.append(pooled(model(**group).last_hidden_state, group, TICKET_TOKENS))
     return torch.cat(out)
 
 
@@ -301,13 +329,19 @@ def measure(
     AttentionInterface.register(ATTN_IMPLEMENTATION, cached_timer)  # enable() registered the plain function
     train_requests = ticket_requests(args.train, held_out=False, seed=0)
     test_requests = ticket_requests(args.requests, held_out=True, seed=1)
-    varied = workload == "varied"
-    train, test = encode(tokenizer, train_requests, length, varied), encode(tokenizer, test_requests, length, varied)
-
-    train_x = embed_batched(sdpa, train)  # uncached embeddings (sdpa computes what eager does, faster)
+    natural, window = workload in NATURAL, 0 if workload in NATURAL else TICKET_TOKENS
+    if natural:  # no labels: fidelity is the cosine alone
+        padding = NATURAL[workload]
+        train = natural_batches(tokenizer, length, args.warm, args.batch, padding, skip=0)
+        test = natural_batches(tokenizer, length, args.requests, args.batch, padding, skip=args.warm)
+    else:
+        varied = workload == "varied"
+        train = encode(tokenizer, train_requests, length, varied)
+        test = encode(tokenizer, test_requests, length, varied)
+        train_x = embed_batched(sdpa, train)  # uncached embeddings (sdpa computes what eager does, faster)
     for model in cached.values():
         for batch in train[: args.warm]:
-            forward(model, cached_timer, batch)
+            forward(model, cached_timer, batch, window)
     before = {
         label: (model.layer_cache.stats()["total"], dict(model.layer_cache.strategy.reuse))
         for label, model in cached.items()
@@ -321,15 +355,16 @@ def measure(
         shift = i % len(runners)
         for label, model, timer in runners[shift:] + runners[:shift]:
             hits = model.layer_cache.stats()["total"]["hits"] if label in cached else 0
-            rows[label].append(forward(model, timer, batch))
+            rows[label].append(forward(model, timer, batch, window))
             if label in cached and model.layer_cache.stats()["total"]["hits"] - hits == len(model.layer_cache.layers):
                 all_hit[label].append(rows[label][-1][1])
 
     eager_scores_ms = (eager_timer.scores_seconds - scores_before) / len(test) * 1e3  # mean per request
-    labels = [r.label for r in train_requests], [r.label for r in test_requests]
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x.numpy(), labels[0])
-    eager_x = torch.stack([r[2] for r in rows["eager"]])
-    eager_pred = probe.predict(eager_x.numpy())
+    eager_x = torch.cat([r[2] for r in rows["eager"]])
+    if not natural:
+        labels = [r.label for r in train_requests], [r.label for r in test_requests]
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train_x.numpy(), labels[0])
+        eager_pred = probe.predict(eager_x.numpy())
 
     def median(label: str, column: int) -> float:
         return statistics.median(r[column] for r in rows[label]) * 1e3
@@ -341,14 +376,17 @@ def measure(
 
     results = []
     for label, model in cached.items():
-        cached_x = torch.stack([r[2] for r in rows[label]])
+        cached_x = torch.cat([r[2] for r in rows[label]])
         cosine = torch.nn.functional.cosine_similarity(eager_x, cached_x)
-        cached_pred = probe.predict(cached_x.numpy())
+        accuracy = (float("nan"),) * 2  # a workload without labels
+        if not natural:
+            cached_pred = probe.predict(cached_x.numpy())
+            accuracy = tuple(float((p == labels[1]).mean()) for p in (eager_pred, cached_pred))
         (stats_before, reuse_before), stats = before[label], model.layer_cache.stats()["total"]
         reuse = model.layer_cache.strategy.reuse
         lookups = stats["lookups"] - stats_before["lookups"]
         reused_length = reuse["length"] - reuse_before["length"]
-        calls = len(test) * len(model.layer_cache.layers)
+        calls = sum(len(batch["input_ids"]) for batch in test) * len(model.layer_cache.layers)  # layer rows
         results.append(
             {
                 "model": name,
@@ -376,9 +414,8 @@ def measure(
                 else float("nan"),
                 "cosine_mean": float(cosine.mean()),
                 "cosine_p1": float(torch.quantile(cosine, 0.01)),
-                "eager_accuracy": float((eager_pred == labels[1]).mean()),
-                "cached_accuracy": float((cached_pred == labels[1]).mean()),
-                "agreement": float((eager_pred == cached_pred).mean()),
+                "eager_accuracy": accuracy[0],
+                "cached_accuracy": accuracy[1],
                 "requests": len(test),
             }
         )
@@ -389,7 +426,7 @@ def measure(
 
 def report(results: list[dict]) -> str:
     lines = [
-        "| model | L | workload | config | layer calls bypassed by the gate | layer hit rate | recomputed rows+cols "
+        "| model | L | workload | config | layer rows bypassed by the gate | layer hit rate | recomputed rows+cols "
         "| attention ms: eager / sdpa / cached (all-hit requests) | end to end ms: eager / sdpa / cached | "
         "speed-up vs eager | vs sdpa (paired median) | Amdahl bound vs eager (QK^T+softmax share) | "
         "bound vs sdpa (attention share) | cosine mean (p1) | probe accuracy eager -> cached | "
@@ -409,10 +446,16 @@ def report(results: list[dict]) -> str:
             f"({r['paired_vs_sdpa']:.2f}x) | "
             f"{1 / (1 - share):.2f}x ({share:.0%}) | {1 / (1 - sdpa_share):.2f}x ({sdpa_share:.0%}) | "
             f"{r['cosine_mean']:.4f} ({r['cosine_p1']:.4f}) | "
-            f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%} | "
+            f"{_accuracy(r)} | "
             f"{r['control_vs_sdpa']:.2f}x ({r['control_paired']:.2f}x) |"
         )
     return "\n".join(lines)
+
+
+def _accuracy(r: dict) -> str:
+    if r["eager_accuracy"] != r["eager_accuracy"]:  # NaN: a workload without labels
+        return "-"
+    return f"{r['eager_accuracy']:.1%} -> {r['cached_accuracy']:.1%}"
 
 
 def main() -> None:
@@ -423,17 +466,19 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=8, help="of those, requests that warm the cache")
     parser.add_argument("--requests", type=int, default=24, help="measured requests (held-out phrasings)")
     parser.add_argument("--threshold", type=float, default=0.85)
-    parser.add_argument("--position-tolerance", type=float, default=LayerCacheConfig.attention_position_tolerance)
+    parser.add_argument("--position-tolerance", type=float, default=AttentionConfig.attention_position_tolerance)
     parser.add_argument(
         "--workloads",
         nargs="+",
         default=["templated", "varied"],
-        choices=["templated", "varied"],
+        choices=["templated", "varied", *NATURAL],
         help="templated: a fixed frame around the ticket; varied: every document its own order of the text (the "
-        "floor: nothing to reuse), measured with the default config only",
+        "floor: nothing to reuse); natural / natural-max: --batch real news stories a request, cut to the length and "
+        "padded as padding=True / padding='max_length' pads them. All but templated: the default config only",
     )
+    parser.add_argument("--batch", type=int, default=4, help="documents per request on the natural workloads")
     parser.add_argument("--whole-map", action="store_true", help="add the row of whole-map reuse (the paper's)")
-    parser.add_argument("--max-error", type=float, default=LayerCacheConfig.attention_max_error)
+    parser.add_argument("--max-error", type=float, default=AttentionConfig.attention_max_error)
     parser.add_argument("--max-memory", default="4GB")
     parser.add_argument(
         "--threads",

@@ -8,8 +8,9 @@ import torch
 
 
 class ReuseCounters:
-    """Counters of the rows and columns hits recomputed (:attr:`recomputed_fraction`) and of the heads they computed
-    exactly because their maps moved (failed verification).
+    """Counters of the rows and columns hits recomputed (:attr:`recomputed_fraction`), of the heads they computed
+    exactly because their maps moved (failed verification), and of the rows served by an identical row of their batch
+    (``duplicates``).
 
     Kept beside ``stats()`` rather than in it: they describe how well hits reuse a map, which tells how to set
     ``attention_position_tolerance`` and ``attention_max_error``. One instance is shared by every layer's engine
@@ -22,7 +23,7 @@ class ReuseCounters:
     def reset(self) -> None:
         """Start from zero (``clear()``: the counts described the entries that went). A new dict: one read before
         keeps the counts it had."""
-        self.counts = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0}
+        self.counts = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0, "duplicates": 0}
 
     def count(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int) -> None:
         """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns, and ``heads`` of
@@ -33,6 +34,12 @@ class ReuseCounters:
             self.counts["length"] += length
             self.counts["heads_recomputed"] += 0 if heads is None else len(heads)
             self.counts["heads"] += n_heads
+
+    def count_duplicates(self, rows: int) -> None:
+        """Record ``rows`` rows served by an identical row of the same batch (looked up and computed once)."""
+        if rows:
+            with self._lock:
+                self.counts["duplicates"] += rows
 
     @property
     def recomputed_fraction(self) -> float:

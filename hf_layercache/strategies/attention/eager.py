@@ -48,10 +48,12 @@ def attention_with_lse(
     scaling: float,
     softcap: float | None = None,
     weights: bool = False,
+    masks: FusedMasks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Softmax attention with what a stored entry needs: the outputs (batch, heads, L, d), the float32
     log-normalisers (batch, heads, L) and, when ``weights`` asks (``output_attentions``), the maps (batch, heads,
-    L, L). ``keep`` is the (batch, 1, L, L) boolean mask.
+    L, L). ``keep`` is the (batch, 1, L, L) boolean mask; ``masks`` its :func:`fused_masks`, when the caller kept
+    them (every layer of a request has the same mask).
 
     On a CPU, without soft-capping or maps, this is the fused kernel sdpa itself dispatches to there, which returns
     the normaliser beside the output without materialising the map (several times cheaper than eager math at long
@@ -59,17 +61,37 @@ def attention_with_lse(
     the mean of the values; its normaliser is meaningless (the cached path recomputes such rows)."""
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if _FUSED_CPU is not None and query.device.type == "cpu" and not weights and softcap is None:
-        empty = ~keep.any(-1, keepdim=True)  # (batch, 1, L, 1)
-        if bool(empty.any()):  # eager's uniform row: a zero query over every key (the fused kernel gives NaN)
-            query, keep = query.masked_fill(empty, 0.0), keep | empty
-        mask = _additive(keep, query.dtype)
-        output, lse = _FUSED_CPU(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
+    if fused(query, weights, softcap):
+        additive, empty = masks if masks is not None else fused_masks(keep, query.dtype)
+        if empty is not None:  # eager's uniform row: a zero query over every key (the fused kernel gives NaN)
+            query = query.masked_fill(empty, 0.0)
+        output, lse = _FUSED_CPU(query, key, value, 0.0, False, attn_mask=additive, scale=scaling)
         return output, lse.float(), None
     scores = masked_scores(query, key, keep, scaling, softcap)
     lse = torch.logsumexp(scores.float(), dim=-1)
     maps = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(maps, value), lse, maps if weights else None
+
+
+FusedMasks = tuple[torch.Tensor | None, torch.Tensor | None]
+"""The fused kernel's additive mask (``None``: every query attends every key) and the queries with nothing to attend
+to, (batch, 1, L, 1) (``None``: there are none)."""
+
+
+def fused(query: torch.Tensor, weights: bool, softcap: float | None) -> bool:
+    """Whether :func:`attention_with_lse` runs the fused kernel for such a call."""
+    return _FUSED_CPU is not None and query.device.type == "cpu" and not weights and softcap is None
+
+
+def fused_masks(keep: torch.Tensor, dtype: torch.dtype) -> FusedMasks:
+    """What the fused kernel needs of the boolean mask ``keep`` (batch, 1, L, L): see :data:`FusedMasks`. Queries
+    with nothing to attend to are let attend every key (with a zero query: eager's uniform row)."""
+    empty = ~keep.any(-1, keepdim=True)
+    if bool(empty.any()):
+        keep = keep | empty
+    else:
+        empty = None
+    return (None if bool(keep.all()) else _additive(keep, dtype)), empty
 
 
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -20,13 +20,13 @@ from ...layers import CachedLayer
 from ...request import RequestScope
 from ...stats import CacheStats
 from .counters import ReuseCounters
-from .eager import attention_with_lse, repeat_kv
+from .eager import FusedMasks, attention_with_lse, fused, fused_masks, repeat_kv
 from .entry import AttentionEntry
 from .function import default_attention
-from .gate import CACHED, MEASURED, Gate
+from .gate import CACHED, MEASURED, STORE, Gate, combine
 from .keys import LookupKeys
 from .positions import Positions, request_patterns
-from .request_state import NAMESPACE_KEY, PREFILL, WEIGHTS
+from .request_state import EARLIER, FUSED_MASKS, NAMESPACE_KEY, PREFILL, WEIGHTS
 from .rows import Reuse, Row, distance
 
 RecordLookup = Callable[[Lookup, CacheBank, list[str]], None]
@@ -36,8 +36,8 @@ RecordVerdict = Callable[[Verdict, CacheBank, str], None]
 
 _CANDIDATES = 2
 _MAX_RECOMPUTED = 0.5
-"""A candidate that would recompute more rows and columns than this fraction of the length, or more heads than this
-fraction of them, is a miss instead."""
+"""A candidate that would recompute more rows and columns than this fraction of the row's live positions (padding
+aside), or more heads than this fraction of them, is a miss instead."""
 _MAX_MOVED_WEIGHT = 0.5
 """A reused row whose stored weight on changed columns exceeds this is computed exactly instead."""
 
@@ -114,8 +114,9 @@ class CachedAttention:
             self.counters.record_bypass(self.layer.name, rows)
             return default_attention(self.default_implementation, *arguments)
         want_maps = scope.state.get(WEIGHTS, False)
-        route = CACHED if want_maps else self.gate.route(length, rows)
-        keep = _keep_mask(module, mask, query.shape[-2], length) if route == CACHED else None
+        earlier = scope.state.setdefault(EARLIER, {})
+        route = CACHED if want_maps else self.gate.route(length, rows, earlier.get(length))
+        keep = _keep_mask(module, mask, query.shape[-2], length) if route in (CACHED, STORE) else None
         if keep is None:  # the cache cannot gain here (or cannot take this mask): no bookkeeping
             start = self.gate.clock()
             out = default_attention(self.default_implementation, *arguments)
@@ -123,7 +124,7 @@ class CachedAttention:
                 self.gate.record_default(length, rows, self.gate.clock() - start)
             self.counters.record_bypass(self.layer.name, rows)
             return out
-        return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps)
+        return self._cached(scope, query, key, value, keep, scaling, softcap, want_maps, look=route != STORE)
 
     def _cached(
         self,
@@ -135,8 +136,11 @@ class CachedAttention:
         scaling: float,
         softcap: float | None,
         want_maps: bool,
+        look: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cached path: look up, serve the hits, compute and store the misses; its costs go to the gate."""
+        """The cached path: look up, serve the hits, compute and store the misses; its costs go to the gate.
+        ``look=False`` (the gate's :data:`~.gate.STORE`): every row computed and stored, nothing looked up or
+        measured."""
         start = self.gate.clock()
         keep = keep.expand(query.shape[0], 1, -1, -1)
         patterns = request_patterns(scope.state, keep)
@@ -145,37 +149,48 @@ class CachedAttention:
             for b in range(query.shape[0])
         ]
         keys = self.keys(query, key)
+        same = _identical_rows(rows, keys)
+        unique = [b for b, first in enumerate(same) if first == b]
+        self.reuse.count_duplicates(len(rows) - len(unique))
         searched = self.bank.count(scope.state[NAMESPACE_KEY]) > 0
-        reuses = self._reuses(scope, rows, keys)
-        lookup = Lookup([(reuse.entry_id, reuse.similarity) for reuse in reuses.values()], len(rows) - len(reuses))
-        self.record_lookup(lookup, self.bank, [self.layer.name])
+        reuses = self._reuses(scope, rows, keys, unique) if look else {}
+        if look:
+            lookup = Lookup([(r.entry_id, r.similarity) for r in reuses.values()], len(unique) - len(reuses))
+            self.record_lookup(lookup, self.bank, [self.layer.name])
         looked_up = self.gate.clock()
         outputs = {b: self._serve(reuse, rows[b], want_maps) for b, reuse in reuses.items()}
         served = self.gate.clock()
-        misses = [b for b in range(len(rows)) if b not in outputs]
-        seconds = self._compute(scope, query, key, value, keep, rows, keys, misses, outputs, want_maps)
+        misses = [b for b in unique if b not in outputs]
+        seconds, whole = self._compute(scope, query, key, value, keep, rows, keys, misses, outputs, want_maps)
         self.counters.record_compute(self.layer.name, len(misses), seconds)
         computed = self.gate.clock()
-        output = torch.stack([outputs[b][0] for b in range(len(rows))]).transpose(1, 2).contiguous()
-        maps = torch.stack([outputs[b][1] for b in range(len(rows))]) if want_maps else None
-        if not want_maps:  # the maps cost extra: such calls say nothing about the usual cost
+        # every row computed as one batch: its output as it is; else the rows' outputs, restacked
+        output = whole if whole is not None else _batched([outputs[first][0] for first in same])
+        output = output.transpose(1, 2).contiguous()
+        maps = _batched([outputs[first][1] for first in same]) if want_maps else None
+        if look and not want_maps:  # the maps cost extra: such calls say nothing about the usual cost
             overhead = looked_up - start + self.gate.clock() - computed
-            self.gate.record_cached(
-                key.shape[-2], len(rows), len(reuses), searched, overhead, served - looked_up, computed - served
+            length = key.shape[-2]
+            found = self.gate.record_cached(
+                length, len(unique), len(reuses), searched, overhead, served - looked_up, computed - served
             )
+            scope.state[EARLIER][length] = combine(scope.state[EARLIER].get(length), found)
         return output, maps
 
     # --- hits -------------------------------------------------------------------------------------------------------
-    def _reuses(self, scope: RequestScope, rows: list[Row], keys: torch.Tensor) -> dict[int, Reuse]:
-        """Per request row, the verified reuse of the best of the nearest entries, if any."""
+    def _reuses(self, scope: RequestScope, rows: list[Row], keys: torch.Tensor, unique: list[int]) -> dict[int, Reuse]:
+        """Per request row of ``unique`` (the batch's rows less those identical to an earlier one), the verified reuse
+        of the best of the nearest entries, if any."""
         namespace = scope.state[NAMESPACE_KEY]
         own = self.bank.count(namespace)  # the tenant's entries size its search, never another tenant's
         if own == 0:
             return {}
-        scores, ids = self.bank.search(keys, k=min(_CANDIDATES, own), namespace=namespace)
+        asked = keys if len(unique) == len(rows) else keys[unique]
+        scores, ids = self.bank.search(asked, k=min(_CANDIDATES, own), namespace=namespace)
         found = {}
-        for b, row in enumerate(rows):
-            reuse = self._first_plan(scope, row, scores[b].tolist(), ids[b].tolist())
+        for i, b in enumerate(unique):
+            row = rows[b]
+            reuse = self._first_plan(scope, row, scores[i].tolist(), ids[i].tolist())
             if reuse is None:
                 continue
             self._rescore(reuse, row)
@@ -218,6 +233,9 @@ class CachedAttention:
         stored_keep = entry.mask.to(row.keep.device)
         changed_rows = (distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
         changed_rows = (changed_rows | ~stored_keep.any(-1)) & row.pattern.live
+        limit = row.pattern.live_count * _MAX_RECOMPUTED
+        if int(changed_rows.sum()) > limit:  # unrelated content: known before comparing keys and values
+            return None
         # a column is served from the stored map and the stored output while its key and value stayed put
         moved = distance(row.key, entry.key) > row.key_limits
         moved |= distance(row.value, entry.value) > row.value_limits
@@ -231,7 +249,7 @@ class CachedAttention:
             Positions(changed_rows.nonzero()[:, 0]),
             Positions(changed_columns.nonzero()[:, 0]),
         )
-        return None if reuse.recomputed > row.length * _MAX_RECOMPUTED else reuse
+        return None if reuse.recomputed > limit else reuse
 
     @staticmethod
     def _rescore(reuse: Reuse, row: Row) -> None:
@@ -307,16 +325,23 @@ class CachedAttention:
         misses: list[int],
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
         want_maps: bool,
-    ) -> float:
+    ) -> tuple[float, torch.Tensor | None]:
         """Exact attention of the missed rows only (a sub-batch), their entries stored. Returns the seconds it
-        took."""
+        took and, when the missed rows are the whole batch, its (batch, heads, L, d) output."""
         if not misses:
-            return 0.0
+            return 0.0, None
         start = time.perf_counter()
-        index = torch.tensor(misses, device=query.device)
+        whole = len(misses) == len(rows)
+        index = None if whole else torch.tensor(misses, device=query.device)
         first = rows[misses[0]]
+        masks = None
+        if fused(query, want_maps, first.softcap):  # the same mask in every layer: worked out once per request
+            masks = _request_fused_masks(scope.state, keep, query.dtype)
+            masks = masks if whole else tuple(None if m is None else m[index] for m in masks)
+        if not whole:
+            query, key, value, keep = query[index], key[index], value[index], keep[index]
         output, lse, weights = attention_with_lse(
-            query[index], key[index], value[index], keep[index], first.scaling, first.softcap, want_maps
+            query, key, value, keep, first.scaling, first.softcap, want_maps, masks
         )
         for i, b in enumerate(misses):
             outputs[b] = (output[i], None if weights is None else weights[i])
@@ -325,7 +350,40 @@ class CachedAttention:
             row = rows[b]
             entry = AttentionEntry(lse[i], row.keep, row.query, row.key, row.value, output[i])
             self.bank.put(entry, key=keys[b], cost=seconds / len(misses), namespace=scope.state[NAMESPACE_KEY])
-        return seconds
+        return seconds, output if whole else None
+
+
+def _batched(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows' tensors as one batch: a view for a single row (``stack`` would copy it)."""
+    return rows[0][None] if len(rows) == 1 else torch.stack(rows)
+
+
+def _request_fused_masks(state: dict[str, Any], keep: torch.Tensor, dtype: torch.dtype) -> FusedMasks:
+    """:func:`~.eager.fused_masks` of ``keep``, kept in the request's ``state``: the model passes every layer the
+    same mask tensor, so only the first layer's miss builds the additive mask (an ``L^2`` pass per row)."""
+    cache = state.setdefault(FUSED_MASKS, {})
+    signature = (keep.data_ptr(), tuple(keep.shape), keep.stride(), dtype)
+    if signature not in cache:
+        cache[signature] = fused_masks(keep, dtype)
+    return cache[signature]
+
+
+def _identical_rows(rows: list[Row], keys: torch.Tensor) -> list[int]:
+    """Per batch row, the first row of the batch identical to it (its own index when there is none): identical rows
+    are looked up, served or computed, and stored once. Rows with equal lookup keys are compared state by state, so
+    equal keys alone never make two rows one."""
+    same = list(range(len(rows)))
+    if len(rows) < 2:
+        return same
+    firsts: dict[tuple[float, ...], list[int]] = {}
+    for b, signature in enumerate(map(tuple, keys.tolist())):
+        candidates = firsts.setdefault(signature, [])
+        match = next((a for a in candidates if rows[a].same_states(rows[b])), None)
+        if match is None:
+            candidates.append(b)
+        else:
+            same[b] = match
+    return same
 
 
 def _keep_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:

@@ -16,8 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-CACHED, DEFAULT, MEASURED = "cached", "default", "measured default"
-"""Routes: the cached path; the default attention; the default attention, timed for the gate."""
+CACHED, DEFAULT, MEASURED, STORE = "cached", "default", "measured default", "store"
+"""Routes: the cached path; the default attention; the default attention, timed for the gate; the attention
+computed and stored without a lookup (a learning call or probe answered by an earlier layer, see :data:`NO_REUSE`)."""
+NO_REUSE, REUSED, PROBE_HIT = "no reuse", "reused", "probe hit"
+"""What the cached calls of the earlier layers of the same request found (:meth:`Gate.record_cached` returns it,
+:func:`combine` adds it up): no row reused anything although the banks had entries; some layer reused; a probe (a
+layer that was off) found reuse. A later layer's input mixes in more of the request than an earlier one's, so its
+rows are no more alike: after :data:`NO_REUSE`, a layer that would learn or probe takes that as its answer and only
+stores the rows (no lookup, no checks: about what the default costs), so that its bank holds them when the traffic
+repeats; after :data:`PROBE_HIT`, a layer that is off probes at once, so that every layer meets reusable traffic in
+the same request."""
 _ALPHA = 0.3
 """Weight of a new measurement in the moving averages (about the last five calls count)."""
 _WARMUP = 3
@@ -46,6 +55,9 @@ class GateBucket:
     """Cached calls taken while off, to re-measure reuse."""
     idle_probes: int = 0
     """Probes in a row that found no reuse (each doubles the wait for the next, see ``_BACKOFF``)."""
+    inferred: int = 0
+    """Learning calls and probes answered by an earlier layer of the same request finding no reuse: the rows were
+    computed and stored, not looked up."""
     bypassed: int = 0
     """Rows that ran the default attention because of this gate."""
     default_seconds: float | None = None
@@ -96,10 +108,15 @@ class Gate:
     def bucket_of(length: int) -> int:
         return 1 << max(length - 1, 0).bit_length()
 
-    def route(self, length: int, rows: int) -> str:
+    def route(self, length: int, rows: int, earlier: str | None = None) -> str:
         """The path of the next call of this length, for ``rows`` request rows: :data:`CACHED`, :data:`DEFAULT`, or
         :data:`MEASURED` (the default, to be timed with :meth:`record_default`: while learning, when caching
-        re-measures it, and once per interval while off; other default calls cost no bookkeeping)."""
+        re-measures it, and once per interval while off; other default calls cost no bookkeeping).
+
+        ``earlier``: what an earlier layer's cached call of the same request found (:data:`NO_REUSE`,
+        :data:`PROBE_HIT` or ``None``). After :data:`NO_REUSE`, a learning call or a probe is answered by it (a
+        call that found no reuse, counted but not paid for: the default runs); after :data:`PROBE_HIT`, a layer
+        that is off probes now, so that every layer stores and meets the reusable traffic in the same request."""
         if self.interval == 0:
             return CACHED
         with self._lock:
@@ -109,20 +126,41 @@ class Gate:
                 bucket.bypassed += rows
                 return MEASURED  # measure what the cache competes with first
             if bucket.state == "learning":
+                if earlier == NO_REUSE and bucket.miss_seconds is not None:
+                    return self._inferred(bucket)
                 return CACHED
             bucket.since_switch += 1
             wait = self.interval if bucket.state == "on" else self.interval << min(bucket.idle_probes, _BACKOFF)
+            probe = bucket.state == "off" and (bucket.since_switch >= wait or earlier == PROBE_HIT)
+            if probe and earlier == NO_REUSE:
+                bucket.since_switch = 0
+                return self._inferred(bucket)
+            if probe:
+                bucket.since_switch = 0
+                bucket.probes += 1
+                return CACHED
             if bucket.since_switch < wait:
                 if bucket.state == "on":
                     return CACHED
                 bucket.bypassed += rows
                 return MEASURED if bucket.since_switch == 1 else DEFAULT
             bucket.since_switch = 0
-            if bucket.state == "off":
-                bucket.probes += 1
-                return CACHED
             bucket.bypassed += rows
             return MEASURED
+
+    @staticmethod
+    def _inferred(bucket: GateBucket) -> str:
+        """A learning call or probe answered by an earlier layer's :data:`NO_REUSE`: it counts as a cached call that
+        found no reuse (at the miss cost measured before), and the rows are only computed and stored. Caller holds
+        the lock."""
+        bucket.inferred += 1
+        if bucket.state == "learning":
+            bucket.warmup -= 1
+        else:
+            bucket.idle_probes += 1
+        bucket.reuse = _average(bucket.reuse, 0.0)
+        bucket.decide()
+        return STORE
 
     def record_default(self, length: int, rows: int, seconds: float) -> None:
         with self._lock:
@@ -133,13 +171,15 @@ class Gate:
 
     def record_cached(
         self, length: int, rows: int, hits: int, searched: bool, overhead: float, serve: float, compute: float
-    ) -> None:
+    ) -> str | None:
         """A cached call: ``overhead`` seconds shared by every row (key, search, plans, checks), ``serve`` spent on
-        its ``hits`` rows, ``compute`` on the others (attention and storing); ``searched``: the bank had entries."""
+        its ``hits`` rows, ``compute`` on the others (attention and storing); ``searched``: the bank had entries.
+        Returns what the later layers of the request may go by (``earlier`` of :meth:`route`)."""
         if self.interval == 0:
-            return
+            return None
         with self._lock:
             bucket = self.buckets[self.bucket_of(length)]
+            found = (PROBE_HIT if bucket.state == "off" else REUSED) if hits else (NO_REUSE if searched else None)
             bucket.cached_calls += 1
             share = overhead / rows
             if hits:
@@ -157,6 +197,7 @@ class Gate:
             if searched:
                 bucket.reuse = _average(bucket.reuse, hits / rows)
             bucket.decide()
+            return found
 
     def report(self) -> dict[int, dict]:
         """Per bucket, its state and measurements (seconds per row), for ``stats()``."""
@@ -169,6 +210,14 @@ class Gate:
         """Forget every decision: the entries they were based on are gone (``clear()``)."""
         with self._lock:
             self.buckets.clear()
+
+
+_RANK = {None: 0, NO_REUSE: 1, REUSED: 2, PROBE_HIT: 3}
+
+
+def combine(earlier: str | None, found: str | None) -> str | None:
+    """What the later layers go by after a layer found ``found``: any reuse in the request outweighs no reuse."""
+    return max(earlier, found, key=_RANK.__getitem__)
 
 
 def _average(previous: float | None, value: float) -> float:

@@ -69,10 +69,14 @@ class Pattern:
     """Queries with nothing to attend to (eager gives them a uniform row); computed when live."""
     full: bool
     """Every query attends every key (no padding, bidirectional): masking is skipped."""
+    live_count: int
+    """How many positions are live: what a reuse's share of recomputed positions is measured against (padding to
+    ``max_length`` must not make half of an unrelated row look reusable)."""
 
     @classmethod
     def of(cls, keep: torch.Tensor) -> Pattern:
-        return cls(keep.any(0), ~keep.any(-1), bool(keep.all()))
+        live = keep.any(0)
+        return cls(live, ~keep.any(-1), bool(keep.all()), int(live.sum()))
 
 
 def request_patterns(state: dict[str, Any], keep: torch.Tensor) -> list[Pattern]:

@@ -14,3 +14,8 @@ WEIGHTS = "attention.weights"
 """Whether the request asked for the attention maps (``output_attentions``)."""
 PATTERNS = "attention.patterns"
 """Per mask tensor, the :class:`~.positions.Pattern` of each batch row (:func:`~.positions.request_patterns`)."""
+EARLIER = "attention.earlier"
+"""Per sequence length, what the last cached layer call of the request found for the gates of the later layers
+(``earlier`` of :meth:`~.gate.Gate.route`)."""
+FUSED_MASKS = "attention.fused_masks"
+"""Per mask tensor, what the fused kernel of a miss needs of it (:func:`~.eager.fused_masks`)."""

@@ -53,6 +53,17 @@ class Row:
         """Per position, the distance from a stored value beyond which the position's column counts as changed."""
         return self.tolerance * _norms(self.value)
 
+    def same_states(self, other: Row) -> bool:
+        """Whether ``other`` has exactly this row's states and mask (an identical row of the same batch)."""
+        return all(
+            torch.equal(mine, theirs)
+            for mine, theirs in zip(
+                (self.query, self.key, self.value, self.keep),
+                (other.query, other.key, other.value, other.keep),
+                strict=True,
+            )
+        )
+
     @property
     def groups(self) -> int:
         return self.query.shape[0] // self.key.shape[0]

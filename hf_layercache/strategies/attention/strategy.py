@@ -118,8 +118,9 @@ class AttentionStrategy(Strategy):
 
     @property
     def reuse(self) -> dict[str, int]:
-        """Counters of the rows and columns hits recomputed, and of the heads they computed exactly because their
-        maps moved (failed verification): ``hits``, ``recomputed``, ``length``, ``heads_recomputed``, ``heads``."""
+        """Counters of the rows and columns hits recomputed, of the heads they computed exactly because their maps
+        moved (failed verification), and of the rows an identical row of their batch served: ``hits``,
+        ``recomputed``, ``length``, ``heads_recomputed``, ``heads``, ``duplicates``."""
         return self.reuse_counters.counts
 
     @property
