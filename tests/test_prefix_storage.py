@@ -111,3 +111,28 @@ def test_a_budget_too_small_for_one_block_is_refused_at_enable():
     with pytest.raises(ValueError, match=r"block_size=64 tokens, 32,768 bytes .* max_memory=4000"):
         cached(block_size=64, max_memory=4000)  # 3 layers x 2 heads x 64 tokens x 8 x 4 bytes x 2 + 64 x 32 x 4
     assert cached(block_size=BLOCK, max_memory=4000).layer_cache.strategy.bank.max_bytes == 4000
+
+
+@pytest.mark.parametrize("tokens", [64, 60], ids=["whole-block", "partial-block"])
+def test_blocks_larger_than_one_threads_copy_are_copied_exactly_in_pieces(tokens):
+    """A slot is filled in pieces of at most 32,768 elements (so torch copies each on one thread): every piece
+    lands where it belongs, in whole and partial blocks alike."""
+    from hf_layercache.strategies.prefix.block import BlockShape
+    from hf_layercache.strategies.prefix.slots import SlotStorage
+
+    shape = BlockShape(n_layers=5, kv_heads=4, head_dim=32, hidden_size=1024, block_size=64)  # 40,960 per key
+    storage = SlotStorage(shape, None, None, None, None)
+    g = torch.Generator().manual_seed(0)
+    kv = shape.kv(tokens)
+    block = {
+        "key": torch.randn(kv, generator=g),
+        "value": torch.randn(kv, generator=g),
+        "hidden": torch.randn(tokens, 1024, generator=g),
+        "tokens": torch.arange(tokens),
+        "parent": torch.zeros(16, dtype=torch.uint8),
+    }
+    values, _, _ = storage.place(storage.prepare(dict(block)))
+    assert values["key"].numel() > 32768
+    for name in ("key", "value", "hidden"):
+        assert values[name].untyped_storage().data_ptr() in storage._slab_storages
+        assert torch.equal(values[name], block[name])

@@ -34,7 +34,10 @@ Exactness: a block's states are reused only at the positions they were computed 
 when its real tokens sit at positions ``0..n-1`` (``position_ids`` from the attention mask, as ``generate``
 passes, or no padding before the tokens). Anything else is computed whole: inputs the strategy does not know
 (``inputs_embeds``, ``token_type_ids``, ``labels``...), caches other than an empty ``DynamicCache``, masks that are
-not one contiguous run of real tokens. Decode steps (a non-empty cache) pass through unchanged.
+not one contiguous run of real tokens. Decode steps (a non-empty cache) pass through unchanged, but inside
+``generate()`` the tokens they feed and their final hidden states are noted, and stored as blocks when the call
+returns (:mod:`.answers`): a chat's next turn reuses the model's answer as well as its prompt. Rows repeated inside
+one call are computed once and copied (:func:`.layout.copies`).
 
 Statistics count token positions: a hit is a reused real token, a miss a computed real token, in every layer.
 
@@ -49,6 +52,8 @@ Where each part lives, dependencies pointing down the list (no module imports on
 
 * :mod:`.strategy` -- ``PrefixStrategy``: the model gate, the bank, the collaborators built in ``attach``, the
   request path, the lookup's record, the sibling index rebuilt after a load;
+* :mod:`.answers` -- ``AnswerRecorder``: a ``generate()`` call's decoded tokens stored as blocks when it returns
+  (conversation turns reuse the model's answers);
 * :mod:`.audit` -- ``CallAudit``: ``verify_fraction``'s whole calls, blocks compared and bad chains dropped;
 * :mod:`.call` -- ``GroupCall``: each group's prefix gathered into its cache, the suffix call, the splice, the
   caller's layout restored, the groups' outputs and caches merged;

@@ -61,7 +61,7 @@ class GroupCall:
         batch = len(rows)
         calls = (
             [arguments]
-            if len(groups) == 1
+            if covers_batch(groups, batch)
             else [_group_arguments(arguments, torch.tensor(group.rows), batch) for group in groups]
         )
         dtype = self.model.dtype
@@ -88,9 +88,10 @@ class GroupCall:
         self.store.store(run, namespace, seconds / max(computed, 1))
         return output
 
-    def merge(self, arguments: dict[str, Any], outputs: list[Any], runs: list[PrefixRun]) -> Any:
-        """The groups' outputs and caches as the batch's, rows in the caller's order."""
-        order = torch.argsort(torch.tensor([r for run in runs for r in run.group.rows]))
+    def merge(self, arguments: dict[str, Any], outputs: list[Any], runs: list[PrefixRun], sources: list[int]) -> Any:
+        """The groups' outputs and caches as the batch's, rows in the caller's order (a row that repeats another,
+        ``sources``, gets a copy of that row's)."""
+        order = gather_index(runs, sources)
         cache = None
         if runs[0].keep_cache:
             cache = _merge_caches(runs, order, find_cache(arguments), self.base_model.config, self.shape.n_layers)
@@ -147,6 +148,25 @@ class GroupCall:
             rows, source, target = (index.to(layer.keys.device) for index in run.moves)
             layer.keys[rows, :, target] = run.prefix[0][i][rows, :, source].to(layer.keys.device)
             layer.values[rows, :, target] = run.prefix[1][i][rows, :, source].to(layer.values.device)
+
+
+def covers_batch(groups: list[Group], batch: int) -> bool:
+    """Whether one group computes every row of the batch (no other group, no repeated row left out)."""
+    return len(groups) == 1 and len(groups[0].rows) == batch
+
+
+def gather_index(runs: list[PrefixRun], sources: list[int]) -> torch.Tensor:
+    """Per caller row, its place among the groups' rows concatenated (the place of the row it repeats)."""
+    place = {r: i for i, r in enumerate(r for run in runs for r in run.group.rows)}
+    return torch.tensor([place[source] for source in sources])
+
+
+def batch_hidden(runs: list[PrefixRun], sources: list[int]) -> torch.Tensor:
+    """The base model's final hidden states of every caller row, in the caller's row order and layout."""
+    if covers_batch([run.group for run in runs], len(sources)):
+        return runs[0].hidden
+    hidden = torch.cat([run.hidden for run in runs])
+    return hidden.index_select(0, gather_index(runs, sources).to(hidden.device))
 
 
 def _suffix_arguments(run: PrefixRun, cache_name: str) -> dict[str, Any]:

@@ -24,13 +24,32 @@ CALL_COST_TOKENS = 64
 computes. Rows join a group while the rectangle they widen costs the group fewer extra token-columns than this."""
 
 
-def plan(rows: list[Row], width: int, block_size: int) -> list[Group]:
+def copies(rows: list[Row], input_ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+    """Per row, the first row of the batch it repeats (itself when it repeats none): the same input ids and mask in
+    every column, so uncached transformers computes the same states for both. Only rows that may reuse are matched
+    (their positions are ``0..n-1`` from the mask)."""
+    seen: dict[bytes, int] = {}
+    sources = []
+    for r, row in enumerate(rows):
+        if row.tokens is None or not row.length:
+            sources.append(r)
+            continue
+        key = input_ids[r].numpy().tobytes() + (mask[r].numpy().tobytes() if mask is not None else b"")
+        sources.append(seen.setdefault(key, r))
+    return sources
+
+
+def plan(rows: list[Row], width: int, block_size: int, sources: list[int] | None = None) -> list[Group]:
     """Every row reuses all it has cached (less its last token, which is always computed); rows are grouped by
     where their cached prefix ends, widest first, and a row starts a new group when it cannot join the last one
-    (a longer cached prefix in the group than the row's own end) or would cost it more than a call. Sets each row's
-    :attr:`~.run.Row.reused`."""
+    (a longer cached prefix in the group than the row's own end) or would cost it more than a call. A row that
+    repeats another of the batch (``sources``, :func:`copies`) is in no group: the other's result is copied, so its
+    tokens count as reused and it stores nothing. Sets each row's :attr:`~.run.Row.reused`."""
     ends = []
     for r, row in enumerate(rows):
+        if sources is not None and sources[r] != r:
+            row.repeat()
+            continue
         row.reused = min(row.cached(block_size), row.length - 1) if row.tokens is not None and row.length else 0
         if row.length:  # a row that may not reuse is computed whole, pad columns included, as uncached computes it
             ends.append((row.first + row.reused if row.tokens is not None else 0, r))

@@ -58,6 +58,12 @@ class Row:
         ids = [*self.found, *([self.tail[0]] if self.tail else [])]
         return ids[: math.ceil(self.reused / block_size)]
 
+    def repeat(self) -> None:
+        """This row repeats another row of the batch and gets its result (:func:`~.layout.copies`): every token
+        counts as reused, and it neither reads nor stores blocks of its own."""
+        self.found, self.tail, self.entries, self.pending = [], None, [], []
+        self.reused = self.length
+
     def compute_whole(self) -> None:
         """This call computes the row whole and stores none of its blocks (an audited call, or one whose looked-up
         blocks left the bank): nothing is counted as reused, nothing as missed."""

@@ -1,6 +1,9 @@
-"""Storing a group's new blocks after its call: read from the filled cache and the spliced hidden states."""
+"""Storing new blocks: a call's, read from its filled cache and spliced hidden states, and (:mod:`.answers`) the
+tokens a ``generate()`` call decoded."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -33,19 +36,31 @@ class BlockStore:
             if block.digest in stored or self.bank.find(block.digest) is not None:
                 continue
             stored.add(block.digest)
-            column, tokens = row.first + block.start, row.tokens[block.start : block.start + block.size].clone()
-            end = column + block.size
+            column = row.first + block.start
             entry = PrefixBlock(
-                key=torch.stack([layer.keys[i, :, column:end].to(self.bank.device) for layer in layers]),
-                value=torch.stack([layer.values[i, :, column:end].to(self.bank.device) for layer in layers]),
-                hidden=run.hidden[i, column:end],
-                tokens=tokens,
+                key=self.states(layers, "keys", i, column, column + block.size),
+                value=self.states(layers, "values", i, column, column + block.size),
+                hidden=run.hidden[i, column : column + block.size],
+                tokens=row.tokens[block.start : block.start + block.size].clone(),
                 parent=block.parent,
             )
-            cost = seconds_per_token * block.size
-            entry_id = self.bank.put(entry, digest=block.digest, cost=cost, namespace=namespace)
-            if self.shared is not None:  # written to the replicas' Redis in the background
-                self.shared.write(self.bank, entry_id, block.digest, namespace, cost)
-            if entry_id is not None:
-                self.siblings.add(block.parent, entry_id, tokens)
+            self.put(entry, block.digest, namespace, seconds_per_token * block.size)
+        self.sweep()
+
+    def states(self, layers: list[Any], name: str, row: int, start: int, end: int) -> torch.Tensor:
+        """Keys or values ``(layer, head, token, dim)`` of one row's columns ``[start, end)``: per layer a block's
+        slice is small enough that copying it stays on one thread (a copy torch splits between threads waits for
+        both, and on a busy machine that wait cost more than the copy)."""
+        return torch.stack([getattr(layer, name)[row, :, start:end].to(self.bank.device) for layer in layers])
+
+    def put(self, entry: PrefixBlock, digest: bytes, namespace: int, cost: float) -> None:
+        """One block into the bank, the shared tier (written in the background) and the sibling index."""
+        entry_id = self.bank.put(entry, digest=digest, cost=cost, namespace=namespace)
+        if self.shared is not None:
+            self.shared.write(self.bank, entry_id, digest, namespace, cost)
+        if entry_id is not None:
+            self.siblings.add(entry.parent, entry_id, entry.tokens)
+
+    def sweep(self) -> None:
+        """Drop evicted entries from the sibling index once it has grown (amortised)."""
         self.siblings.sweep_if_large(self.bank.__contains__, len(self.bank))

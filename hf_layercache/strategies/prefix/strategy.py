@@ -24,14 +24,15 @@ from ...models import model_spec, prefix_support
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
 from ..base import Strategy
+from . import answers
 from .audit import CallAudit
 from .base_call import BaseModelCall
 from .block import BlockShape, PrefixBlock
-from .call import GroupCall
+from .call import GroupCall, batch_hidden, covers_batch
 from .config import PrefixConfig
-from .layout import plan
+from .layout import copies, plan
 from .lookup import RowLookup
-from .run import Row
+from .run import PrefixRun, Row
 from .siblings import SiblingIndex
 from .slots import SlotStorage
 from .store import BlockStore
@@ -75,6 +76,9 @@ class PrefixStrategy(Strategy):
         self._draws = random.Random(0)  # which calls verify_fraction audits; seeded, so runs repeat
         if base_call.hooked:
             self.hooks.forward_hook(self.base_model, base_call.on_output)
+        self.base_call, self.store = base_call, store
+        if callable(getattr(model, "generate", None)):  # conversation turns: decoded tokens stored as blocks
+            self.hooks.set_attribute(model, "generate", answers.recording_generate(model.generate, self._store_answers))
 
     def _check_model(self, model: torch.nn.Module) -> PreTrainedModel:
         """The base model owning the layer stack; ``ValueError`` for anything prefix reuse cannot serve exactly (the
@@ -120,12 +124,19 @@ class PrefixStrategy(Strategy):
         """Rows, plan, then an audit, the plain call or the groups' calls merged, and the lookup recorded once."""
         rows = self.lookup.rows(scope.namespace, arguments)
         width = arguments["input_ids"].shape[1] if rows is not None else 0
+        recorder = answers.current()
         if rows is None or (self.support.max_length is not None and width > self.support.max_length):
             for layer in self.layers:
                 self.context.counters.record_bypass(layer.name, _token_count(arguments))
+            if recorder is not None and recorder.follows(arguments):  # a decode step of generate(): noted
+                return recorder.step(
+                    arguments, lambda on_output: self.base_call.call(scope, original, arguments, on_output)
+                )
             return original(**arguments)
-        groups = plan(rows, width, self.block_size)
+        sources = copies(rows, arguments["input_ids"].detach().cpu(), _mask(arguments))
+        groups = plan(rows, width, self.block_size, sources)
         start = time.perf_counter()
+        runs = None
         if any(row.entries for row in rows) and self._draws.random() < self.verify_fraction:
             output = self.audit.check(scope, original, arguments, rows)
         elif len(groups) == 1 and groups[0].split == 0 and not any(row.pending for row in rows):
@@ -139,9 +150,39 @@ class PrefixStrategy(Strategy):
             else:
                 namespace = namespace_tag(scope.namespace)
                 outputs = [self.group_call.run(scope, original, run, namespace) for run in runs]
-                output = outputs[0] if len(runs) == 1 else self.group_call.merge(arguments, outputs, runs)
-        self._record(rows, time.perf_counter() - start)
+                whole = covers_batch(groups, len(rows))
+                output = outputs[0] if whole else self.group_call.merge(arguments, outputs, runs, sources)
+        seconds = time.perf_counter() - start
+        if recorder is not None:
+            self._record_prefill(recorder, scope, arguments, rows, runs, sources, seconds)
+        self._record(rows, seconds)
         return output
+
+    def _record_prefill(
+        self,
+        recorder: answers.AnswerRecorder,
+        scope: RequestScope,
+        arguments: dict[str, Any],
+        rows: list[Row],
+        runs: list[PrefixRun] | None,
+        sources: list[int],
+        seconds: float,
+    ) -> None:
+        """A ``generate()`` call's prompt, for its answer's blocks; a prompt audited or run whole records nothing
+        (its final hidden states were not kept)."""
+        if runs is None:
+            recorder.valid = False
+            return
+        computed = max(sum(row.length - row.reused for row in rows), 1)
+        hidden = batch_hidden(runs, sources)
+        recorder.record_prefill(rows, arguments, hidden, scope.namespace, self.block_size, seconds / computed)
+
+    def _store_answers(self, recorder: answers.AnswerRecorder, kwargs: dict[str, Any]) -> None:
+        """After a ``generate()`` call: its decoded tokens' blocks (not after beam search, whose cache rows are
+        reordered beams)."""
+        beams, eos = answers.generation_settings(self.context.model, kwargs)
+        if beams == 1:
+            recorder.store(self.store, self.block_size, eos)
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     def _record(self, rows: list[Row], seconds: float) -> None:
@@ -161,6 +202,11 @@ class PrefixStrategy(Strategy):
         """After a load (or a clear), index the siblings of the bank's entries: a warm cache's children become
         findable, and a cleared bank's hints go."""
         self.siblings.replace([(block.parent, i, block.tokens) for i, block in self.bank.items()])
+
+
+def _mask(arguments: dict[str, Any]) -> torch.Tensor | None:
+    mask = arguments.get("attention_mask")
+    return mask.detach().cpu() if isinstance(mask, torch.Tensor) else None
 
 
 def _token_count(arguments: dict[str, Any]) -> int:
