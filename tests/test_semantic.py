@@ -24,7 +24,9 @@ def totals(model):
 
 
 def semantic(**kwargs) -> LayerCacheConfig:
-    return LayerCacheConfig(strategy="semantic", **{"verify_fraction": 0.0, **kwargs})
+    """Unverified, and ``edits="any"``: these tests exercise serving on one changed token, which the default
+    (``"additive"``, tests/test_semantic_edits.py) computes."""
+    return LayerCacheConfig(strategy="semantic", **{"verify_fraction": 0.0, "edits": "any", **kwargs})
 
 
 def one_token_changed(batch: dict) -> dict:
@@ -310,8 +312,8 @@ NOTICE = (
 
 @pytest.mark.slow
 def test_real_model_resent_document_hits_and_unrelated_or_edited_sentences_miss(minilm_path):
-    """The default config on real text: a resend with its date changed is served, close to the truth; a
-    sentence with one word changed and an unrelated text of the same kind compute."""
+    """The default config on real text: a resend with a greeting put in front is served, close to the truth; the
+    resend with its date changed, a sentence with one word changed and an unrelated text of the same kind compute."""
     tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
     model = tf.AutoModel.from_pretrained(minilm_path, layer_cache=LayerCacheConfig(strategy="semantic")).eval()
     plain = tf.AutoModel.from_pretrained(minilm_path).eval()
@@ -322,13 +324,14 @@ def test_real_model_resent_document_hits_and_unrelated_or_edited_sentences_miss(
             return m(**batch).last_hidden_state[0].mean(0)
 
     embed(model, NOTICE)
-    resent = NOTICE.replace("14 March", "21 March")  # one token of 61: 58 of 62 token pairs shared, Jaccard 0.94
-    served = embed(model, resent)
+    greeted = f"Dear residents, {NOTICE}"  # three tokens put in front of 61: 59 of 64 token pairs shared
+    served = embed(model, greeted)
     assert totals(model)["hits"] >= 1
-    assert float(torch.cosine_similarity(served, embed(plain, resent), dim=0)) > 0.95
+    assert float(torch.cosine_similarity(served, embed(plain, greeted), dim=0)) > 0.95
     hits = totals(model)["hits"]
     embed(model, "The committee approved the new budget for the city's public schools.")
     for text in (
+        NOTICE.replace("14 March", "21 March"),  # one token of 61 changed: Jaccard 0.94, but a changed token
         "The committee approved the new budget for the city's private schools.",
         "The gas supply to the eastern suburbs will be restored on Friday after crews finished repairs under "
         "Market Street. Residents who smell gas should leave their homes and call the emergency line at once.",
@@ -356,7 +359,8 @@ ONE_WORD_EDITS = [
 @pytest.mark.slow
 def test_sentence_transformers_one_word_edits_are_never_served_far_from_the_truth(minilm_path):
     """Through sentence-transformers, as a user loads it: every served embedding of a sentence with one word changed
-    stays within cosine 0.95 of the uncached one. The mean-embedding key (the default before) serves them below."""
+    stays within cosine 0.95 of the uncached one. The mean-embedding key serving any edit (the default before
+    2026-12-01) serves them below."""
     from sentence_transformers import SentenceTransformer
 
     from hf_layercache.cli.demo import DEMO_SIMILAR, DEMO_TEXTS
@@ -368,7 +372,7 @@ def test_sentence_transformers_one_word_edits_are_never_served_far_from_the_trut
     lowest = {}
     for name, config in (
         ("default", LayerCacheConfig(strategy="semantic")),
-        ("mean_embedding", LayerCacheConfig(strategy="semantic", fingerprint="mean_embedding")),
+        ("mean_embedding", LayerCacheConfig(strategy="semantic", fingerprint="mean_embedding", edits="any")),
     ):
         cached = SentenceTransformer(minilm_path, device="cpu", model_kwargs={"layer_cache": config})
         cached.encode(originals)

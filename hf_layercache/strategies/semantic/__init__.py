@@ -15,9 +15,12 @@ entry is served when the similarity reaches the layer's threshold (``config.thre
 
 Rules that keep it honest (docs/semantic.md has the measurements):
 
-* Tokens: an entry of another length is used only when the token sequences align (a diff over token ids) with at
-  most ``max_unaligned`` of the new tokens lacking a counterpart; requests with a KV cache need equal lengths. A
-  threshold of 1.0 or more serves identical token sequences only.
+* Tokens: an entry is served only when the row's tokens align with its own (``edits``). By default
+  (``"additive"``) every token of the entry must be in the row, in order, with the row's own tokens at its ends
+  only (a greeting, a reference id) and at most ``max_unaligned`` of them; a word changed, dropped or inserted inside
+  the text computes, as one word can reverse its meaning. ``edits="any"`` also serves changed tokens their
+  counterparts' states. Requests with a KV cache need equal lengths. A threshold of 1.0 or more serves identical
+  token sequences only.
 * Only exactly computed rows are stored: a row that was served an approximation never becomes an entry, so errors
   do not feed on themselves. Entries are stored under their namespace (the bank's tenant field) and are never
   served to another one.

@@ -8,6 +8,8 @@ from typing import Any
 from ...config import LayerCacheConfig, StrategyConfig, check_number
 from ...registry import FINGERPRINTS
 
+EDITS = ("additive", "any")
+"""What a hit may span (``SemanticConfig.edits``): tokens added at the ends only, or any tokens changed."""
 DEFAULT_FINGERPRINT = "minhash"
 """Token overlap: on real documents it never matched unrelated ones (docs/semantic.md)."""
 
@@ -52,12 +54,22 @@ class SemanticConfig(StrategyConfig):
     have served and the computed one (the row's real tokens flattened together, at the layer where it is served) is
     at least this (-1 to 1)."""
 
+    edits: str = "additive"
+    """Which token edits a ``semantic`` hit may span. ``"additive"``: every token of the cached input is still there,
+    in order, and the new ones sit at the ends only (a greeting put in front, a reference id appended); a changed,
+    dropped or inserted word inside the text computes, as do equal-length edits (a number, a typo): one word can
+    reverse a text's meaning, and a served row would carry the old one (one-word edits of 200 real short texts were
+    served down to a cosine of 0.73 of their own embedding; docs/semantic.md). ``"any"``: changed tokens are served
+    their counterparts' states too (equal lengths position to position, others by the diff), the behaviour before
+    2026-12-07, for traffic where such edits are known not to matter."""
+
     max_unaligned: float = 0.08
     """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
-    with a KV cache always need equal lengths. A token without a counterpart is served a neighbour's state, so this
-    bounds the invented share of a hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference
-    id appended to a 70-token one (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
+    with a KV cache always need equal lengths. A token without a counterpart is served an estimate (the mean of the
+    entry's inner tokens, or with ``edits="any"`` a neighbour's state), so this bounds the invented share of a
+    hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference id appended to a 70-token one
+    (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None and (
@@ -68,6 +80,8 @@ class SemanticConfig(StrategyConfig):
             )
         if self.reuse not in ("residual", "state"):
             raise ValueError(f"reuse={self.reuse!r} is not allowed; use 'residual' or 'state'.")
+        if self.edits not in EDITS:
+            raise ValueError(f"edits={self.edits!r} is not allowed; use one of {', '.join(map(repr, EDITS))}.")
         check_number("max_unaligned", self.max_unaligned, 0.0, 1.0, what="a fraction in [0, 1]")
         if self.max_error_rate is not None:
             check_number(

@@ -8,7 +8,7 @@ import torch
 
 from ...events import Lookup
 from ...kv import find_cache, replay_kv_writes
-from .alignment import on_device
+from .alignment import on_device, take
 from .parts import ReuseParts
 from .run import Candidate, Compute, LayerSlot, SemanticRun
 from .store import batch_writes
@@ -42,7 +42,7 @@ class ResidualStep:
         for row, candidate in served.items():
             pos = on_device(run.positions[row], hidden.device)
             delta = candidate.entry.value.to(device=hidden.device, dtype=hidden.dtype)
-            out[row, pos] = hidden[row, pos] + delta[on_device(candidate.index, delta.device)]
+            out[row, pos] = hidden[row, pos] + take(delta, candidate.index)
             # the row's own entry on its exact state reproduces the layer (see EntrySearch.choose)
             run.exact[row] = run.exact[row] and candidate.entry.source == run.digests[row]
         if run.with_kv and served:  # all rows are served together (see EntrySearch.choose)

@@ -95,11 +95,15 @@ class EntrySearch:
         tokens, old = run.tokens[row], entry.tokens
         if threshold >= 1.0 and (tokens is None or tokens != old.tolist()):
             return None  # threshold 1.0: identical inputs only
-        if tokens is None or old.numel() == 0 or run.with_kv:  # nothing to align by, or K/V need equal lengths
+        if tokens is None or old.numel() == 0:  # nothing to align by
             return slice(None) if entry.value.shape[0] == run.lengths[row] else None
+        if run.with_kv:  # K/V need equal lengths; an additive edit of equal length is no edit
+            same = len(tokens) == old.numel() and (self.config.edits == "any" or tokens == old.tolist())
+            return slice(None) if same else None
         cache_key = (row, old.numpy().tobytes())
         if cache_key not in run.alignments:
-            run.alignments[cache_key] = align_tokens(tokens, old.tolist(), self.config.max_unaligned)
+            config = self.config
+            run.alignments[cache_key] = align_tokens(tokens, old.tolist(), config.max_unaligned, config.edits)
         return run.alignments[cache_key]
 
     def choose(

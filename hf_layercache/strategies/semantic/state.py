@@ -11,7 +11,7 @@ from ...config import LayerCacheConfig
 from ...events import Lookup
 from ...kv import find_cache, replay_kv_writes
 from ...layers import rows_splittable
-from .alignment import on_device
+from .alignment import on_device, take
 from .entries import SemanticEntry
 from .parts import ReuseParts
 from .run import Compute, LayerSlot, SemanticRun, Target
@@ -81,7 +81,7 @@ class StateStep:
         for row, candidate in serving.items():
             pos = on_device(run.positions[row], hidden.device)
             state = candidate.entry.value.to(device=hidden.device, dtype=hidden.dtype)
-            out[row, pos] = state[on_device(candidate.index, state.device)]
+            out[row, pos] = take(state, candidate.index)
         for row in [*passing, *serving]:
             run.exact[row] = False
         if run.with_kv and not compute_rows:  # every row skips or is served here (see _targets)

@@ -12,7 +12,7 @@ from ...bank import CacheBank
 from ...config import LayerCacheConfig
 from ...events import Verdict
 from ...verified import ErrorBound
-from .alignment import on_device
+from .alignment import on_device, take
 from .entries import SemanticEntry
 from .run import Candidate, SemanticRun
 from .search import SIMILARITY_TOLERANCE
@@ -52,7 +52,7 @@ class Verifier:
         for row, candidate in verified.items():
             pos = on_device(run.positions[row], hidden.device)
             value = candidate.entry.value.to(device=hidden.device, dtype=torch.float32)
-            value = value[on_device(candidate.index, value.device)]
+            value = take(value, candidate.index)
             approx = (hidden[row, pos].float() + value if candidate.entry.kind == "delta" else value).flatten()
             exact = computed[row, pos].float().flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
