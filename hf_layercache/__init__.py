@@ -44,6 +44,7 @@ if not _partial:
     from .strategies.attention import strategy as _attention  # noqa: F401  (each registers its strategy)
     from .strategies.exact import strategy as _exact  # noqa: F401
     from .strategies.prefix import strategy as _prefix  # noqa: F401
+    from .strategies.segment import strategy as _segment  # noqa: F401
     from .strategies.semantic import strategy as _semantic  # noqa: F401
 
     install()

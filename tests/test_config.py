@@ -160,7 +160,9 @@ def test_each_field_is_declared_once_and_the_inspect_table_reads_the_declaration
         assert strategy_section(name) is section  # the torch-free table reads the strategy's own declaration
         assert set(strategy_fields(name)) == set(section.reads) | set(section.field_names())
         # the similarity fields belong to exactly the strategies whose banks search by similarity
-        model = hf_layercache.enable(tiny_model("llama" if name == "prefix" else "bert"), {"strategy": name})
+        decoder = name in ("prefix", "segment")
+        options = {"strategy": name, **({"segment_separator": [7]} if name == "segment" else {})}
+        model = hf_layercache.enable(tiny_model("llama" if decoder else "bert"), options)
         searches = any(bank.backend is not None for bank in model.layer_cache.banks.values())
         assert searches == (set(SIMILARITY_FIELDS) <= set(section.reads)), name
     assert set(common_fields()) == common - {name for s in sections.values() for name in s.reads}

@@ -90,7 +90,8 @@ def _default(field: dataclasses.Field):
 def test_configuration_reference_documents_every_field_with_its_type_and_default():
     """The common fields and every built-in strategy's own (read from their declarations)."""
     documented = _documented_fields()
-    sections = [hf_layercache.get_strategy(name).config_class for name in ("exact", "prefix", "semantic", "attention")]
+    names = ("exact", "prefix", "semantic", "attention", "segment")
+    sections = [hf_layercache.get_strategy(name).config_class for name in names]
     fields = [f for f in dataclasses.fields(LayerCacheConfig) if f.name != "options"]
     fields += [f for section in dict.fromkeys(sections) if section is not None for f in dataclasses.fields(section)]
     assert sorted(documented) == sorted(f.name for f in fields), "docs/configuration.md and config.py disagree"

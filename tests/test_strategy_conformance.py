@@ -14,6 +14,7 @@ from hf_layercache.testing.strategies import CHECKS, check_outputs_match_uncache
 FIELDS = {
     "attention": {"attention_gate_interval": 0},
     "prefix": {"block_size": 4},
+    "segment": {"segment_separator": [7]},  # token ids: the tiny models have no tokenizer
 }
 VARIANTS = {"semantic": [{"reuse": "residual"}]}  # the other way semantic serves a hit
 CONFIGS = [(name, name, FIELDS.get(name, {})) for name in hf_layercache.available_strategies()] + [

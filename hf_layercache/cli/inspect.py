@@ -20,7 +20,7 @@ from ..config import LayerCacheConfig, StrategyConfig
 from ..persistence import FORMAT_VERSION, LayerCacheFileError, read_header, shard_files, verify_files
 from .common import CLIError, human_bytes
 
-BUILTIN_STRATEGIES = ("exact", "prefix", "semantic", "attention")
+BUILTIN_STRATEGIES = ("exact", "prefix", "semantic", "attention", "segment")
 
 
 def strategy_section(strategy: str) -> type[StrategyConfig] | None:
