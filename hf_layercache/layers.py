@@ -193,6 +193,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def token_count(arguments: dict[str, Any]) -> int:
+    """Tokens a call runs over (rows times padded length), what a bypassed call is counted in."""
+    for name in ("input_ids", "inputs_embeds"):
+        value = arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0] * value.shape[1])
+    return 0
+
+
 def same_rows(arguments: dict[str, Any], hidden: torch.Tensor, spec: LayerSpec, a: int, b: int) -> bool:
     """Whether rows ``a`` and ``b`` of a layer call have the same input: hidden state and every per-row argument."""
     batch = hidden.shape[0]

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ...events import Lookup
+from ...layers import token_count
 from ...models import model_spec, prefix_support
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
@@ -127,7 +128,7 @@ class PrefixStrategy(Strategy):
         recorder = answers.current()
         if rows is None or (self.support.max_length is not None and width > self.support.max_length):
             for layer in self.layers:
-                self.context.counters.record_bypass(layer.name, _token_count(arguments))
+                self.context.counters.record_bypass(layer.name, token_count(arguments))
             if recorder is not None and recorder.follows(arguments):  # a decode step of generate(): noted
                 return recorder.step(
                     arguments, lambda on_output: self.base_call.call(scope, original, arguments, on_output)
@@ -207,11 +208,3 @@ class PrefixStrategy(Strategy):
 def _mask(arguments: dict[str, Any]) -> torch.Tensor | None:
     mask = arguments.get("attention_mask")
     return mask.detach().cpu() if isinstance(mask, torch.Tensor) else None
-
-
-def _token_count(arguments: dict[str, Any]) -> int:
-    for name in ("input_ids", "inputs_embeds"):
-        value = arguments.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0] * value.shape[1])
-    return 0

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from ...events import Lookup
 from ...kv import cache_parameter, find_cache, without_cache
+from ...layers import token_count
 from ...models import model_spec, prefix_support
 from ...registry import register_strategy
 from ...request import RequestScope, namespace_tag
@@ -122,7 +123,7 @@ class SegmentStrategy(Strategy):
         limit = self.support.max_length
         if not width or (limit is not None and width > limit):
             for layer in self.layers:
-                self.context.counters.record_bypass(layer.name, _token_count(arguments))
+                self.context.counters.record_bypass(layer.name, token_count(arguments))
             return original(**arguments)
         batch = arguments["input_ids"].shape[0]
         if batch == 1 and (tokens := real_tokens(arguments, 0)) is not None and len(tokens) == width:
@@ -262,11 +263,3 @@ def _hand_over(output: Any, cache: DynamicCache, caller_cache: Any, keep: bool) 
         values = {k: (target if v is cache else v) for k, v in output.items()}
         return type(output)(**{k: v for k, v in values.items() if v is not None})
     return tuple(target if x is cache else x for x in output if not (x is cache and target is None))
-
-
-def _token_count(arguments: dict[str, Any]) -> int:
-    for name in ("input_ids", "inputs_embeds"):
-        value = arguments.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0] * value.shape[1])
-    return 0
