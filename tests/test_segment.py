@@ -11,6 +11,7 @@ from tiny import VOCAB, tiny_decoder, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
+from hf_layercache.kv import cache_parameter
 from hf_layercache.strategies.segment.plan import RowPlan
 from hf_layercache.strategies.segment.rope import Rerotation
 from hf_layercache.strategies.segment.segments import split
@@ -104,7 +105,8 @@ def test_rerotated_keys_equal_the_keys_computed_at_the_new_position(family):
     layer0 = []
     for offset in (0, 11):
         cache = tf.DynamicCache(config=model.config)
-        base(input_ids=ids, position_ids=torch.arange(6)[None] + offset, cache=cache, use_cache=True)
+        positions = torch.arange(6)[None] + offset  # the cache goes by the name this release's forward gives it
+        base(input_ids=ids, position_ids=positions, **{cache_parameter(base.forward): cache}, use_cache=True)
         layer0.append(torch.stack([layer.keys[0] for layer in cache.layers]))
     moved = Rerotation(base).rotate(layer0[0], 11)
     torch.testing.assert_close(moved[0], layer0[1][0], atol=1e-5, rtol=1e-5)  # layer 0's keys: token and position
