@@ -41,7 +41,9 @@ import torch
 from hf_layercache import LayerCacheConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import corpus  # the sibling module
+from test_semantic_edits import one_word_edit  # the edits the safety test makes, so both measure the same
 
 LOW_FIDELITY = 0.95
 CONFIGS = {
@@ -195,9 +197,6 @@ def load_streams(tokenizer, plain, requests: int, seed: int, names: list[str]) -
     return out
 
 
-SMALL_WORDS = ("not", "never", "only", "also", "again", "nearly")
-
-
 def short_sentences(count: int, seed: int) -> list[str]:
     """``count`` distinct sentences of 30-220 characters and at least 5 words from the Lee news corpus."""
     sentences = [
@@ -207,21 +206,6 @@ def short_sentences(count: int, seed: int) -> list[str]:
         if 30 <= len(sentence) <= 220 and len(sentence.split()) >= 5
     ]
     return random.Random(seed).sample(list(dict.fromkeys(sentences)), count)
-
-
-def one_word_edit(text: str, vocabulary: list[str], rng: random.Random) -> str:
-    """``text`` with one word (not the first) changed to another word of the corpus, dropped, or preceded by a
-    small word (tests/test_semantic_edits.py makes the same edits)."""
-    words = text.split()
-    i = rng.choice([i for i, w in enumerate(words) if i > 0 and w.isalpha() and len(w) > 2])
-    kind = rng.choice(("change", "change", "drop", "insert"))
-    if kind == "change":
-        words[i] = rng.choice([v for v in vocabulary if v.lower() != words[i].lower()])
-    elif kind == "drop":
-        del words[i]
-    else:
-        words.insert(i, rng.choice(SMALL_WORDS))
-    return " ".join(words)
 
 
 def one_word_edits(path: str, count: int, seed: int) -> None:
