@@ -27,6 +27,10 @@ def _model(spec: str):
     if kind == "tiny":
         arch, _, seed = name.partition("@")
         return tiny_model(arch, seed=int(seed or 0))
+    if kind == "decoder":  # a tiny random causal LM of a family in tiny.DECODER_FAMILIES
+        from tiny import tiny_decoder
+
+        return tiny_decoder(name)
     if kind == "causal":
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
     if kind == "lora":  # "lora:<base model dir>|<PEFT adapter dir>": the causal LM with the adapter injected, active

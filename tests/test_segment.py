@@ -271,8 +271,3 @@ def test_smollm2_pipeline_and_string_separator(smollm2):
         out = generator(text, max_new_tokens=6, do_sample=False)[0]["generated_text"]
         assert out.startswith(text) and len(out) > len(text)
     assert counts(model)["tokens_reused"] > 0
-
-
-def test_the_shared_tier_is_refused_for_segments():
-    with pytest.raises(ValueError, match="shared_store is supported by strategies"):
-        LayerCacheConfig(strategy="segment", segment_separator=SEP, shared_store="redis://localhost:6379/0")

@@ -20,7 +20,7 @@ import torch
 from redis_server import RedisServer
 from safetensors import safe_open
 from safetensors.torch import load, save_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_decoder, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
@@ -227,6 +227,54 @@ def test_smollm2_preamble_from_one_process_is_reused_by_the_first_prefill_of_ano
     outputs, report = _replica([job], tmp_path)
     assert report["b"]["shared_hits"] >= 4 and report["b"]["hits"] > 0 and report["b"]["shared_errors"] == 0
     assert (outputs["b.out"] - _uncached(a, question)).abs().max() <= 1e-4
+
+
+def _segment_prompt(order: list[int]) -> dict[str, torch.Tensor]:
+    """A prompt of three fixed random passages in ``order``, joined by the separator ``SEGMENT_SEP``."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(9, 99, (9,), generator=g).tolist() for _ in range(3)]
+    ids = list(parts[order[0]])
+    for i in order[1:]:
+        ids += SEGMENT_SEP + parts[i]
+    return {"input_ids": torch.tensor([ids])}
+
+
+SEGMENT_SEP = [7, 8]
+
+
+def test_segments_another_process_computed_are_served_at_new_positions(server, tmp_path):
+    """Segment entries travel like prefix blocks: a cold process finds every passage of a reordered prompt in Redis
+    and blends them as the process that computed them would (the same result as its own warm bank gives)."""
+    config = _config(server, "segment", segment_separator=SEGMENT_SEP)
+    a = hf_layercache.enable(tiny_decoder("llama"), config)
+    _run(a, _segment_prompt([0, 1, 2]))
+    assert a.layer_cache.shared.flush(10)
+    reordered = _segment_prompt([2, 0, 1])
+    save_file(reordered, tmp_path / "reordered.safetensors")
+    job = {"name": "b", "model": "decoder:llama", "config": config, "inputs": str(tmp_path / "reordered.safetensors")}
+    outputs, report = _replica([job], tmp_path)
+    assert report["b"]["shared_hits"] == 3 and report["b"]["shared_errors"] == 0
+    torch.testing.assert_close(outputs["b.out"], _run(a, reordered), atol=1e-5, rtol=0)  # a blends from its bank
+    assert a.layer_cache.stats()["segment"]["tokens_reused"] > 0
+
+
+def test_a_segment_stored_under_another_segments_key_is_refused_and_computed(server):
+    config = _config(server, "segment", segment_separator=SEGMENT_SEP, segment_recompute=0.0)
+    a = hf_layercache.enable(tiny_decoder("llama"), config)
+    _run(a, _segment_prompt([0, 1, 2]))
+    assert a.layer_cache.shared.flush(10)
+    client = server.client()
+    keys = sorted(client.keys("*"))
+    assert len(keys) == 3
+    client.set(keys[0], client.get(keys[1]))  # the value of one passage under another passage's key
+    b = hf_layercache.enable(tiny_decoder("llama"), config)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        _run(b, _segment_prompt([2, 0, 1]))
+    b.layer_cache.shared.flush(10)
+    shared = b.layer_cache.stats()["shared"]
+    assert shared["shared_hits"] == 2 and shared["shared_refused"] == 1
+    assert b.layer_cache.stats()["segment"]["tokens_computed"] > 9  # the refused passage, computed
 
 
 # --- tenants and models -----------------------------------------------------------------------------------------

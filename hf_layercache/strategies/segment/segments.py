@@ -49,6 +49,11 @@ def split(tokens: torch.Tensor, separator: torch.Tensor, namespace: str) -> list
     return segments
 
 
+def digest_of(tokens: torch.Tensor, namespace: str) -> bytes:
+    """The key a segment of exactly ``tokens`` is stored under for ``namespace`` (what :func:`split` gives it)."""
+    return _digest(_root(namespace), tokens)
+
+
 def _root(namespace: str) -> bytes:
     label = json.dumps(["hf_layercache.segment", 1, namespace]).encode()
     return hashlib.blake2b(label, digest_size=DIGEST_BYTES).digest()

@@ -30,7 +30,7 @@ from .config import SegmentConfig
 from .entry import SegmentEntry, SegmentShape
 from .plan import RowPlan
 from .rows import merge, real_tokens, row_arguments, servable
-from .segments import split
+from .segments import digest_of, split
 from .select import by_deviation, first_tokens
 
 ROTARY_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma3_text"})
@@ -47,6 +47,7 @@ class SegmentStrategy(Strategy):
     """Approximate: passages' states reused at any position, a share of their tokens recomputed (docs/segment.md)."""
 
     config_class = SegmentConfig
+    shares_entries = True
     lossless = False
     intermediate_states_exact = False  # inner layers' states of kept tokens are not recomputed
 
@@ -63,6 +64,7 @@ class SegmentStrategy(Strategy):
         modules = [layer.module for layer in self.layers]
         self.blend = RowBlend(self.base_model, self.shape, modules, base_call, self.options.segment_probe_layer)
         self.base_call = base_call
+        self.shared = self.context.shared
         if base_call.hooked:
             self.hooks.forward_hook(self.base_model, base_call.on_output)
         if self.options.segment_selection == "deviation":
@@ -170,6 +172,8 @@ class SegmentStrategy(Strategy):
 
     def _look_up(self, tokens: torch.Tensor, namespace: str, tag: int) -> RowPlan:
         plan = RowPlan(tokens, split(tokens, self.separator, namespace))
+        if self.shared is not None:
+            self._fetch_shared(plan, namespace, tag)
         for i, segment in enumerate(plan.segments):
             entry_id = self.bank.find(segment.digest)
             entry = self.bank.get(entry_id, tag) if entry_id is not None else None
@@ -177,6 +181,16 @@ class SegmentStrategy(Strategy):
                 segment.entry_id = entry_id
                 plan.entries[i] = entry
         return plan
+
+    def _fetch_shared(self, plan: RowPlan, namespace: str, tag: int) -> None:
+        """The row's segments the bank lacks, from the shared tier in one round trip; a value whose tokens do not
+        hash to the key it was found under is a miss (and deleted there)."""
+
+        def check(digest: bytes, values: dict[str, torch.Tensor]) -> None:
+            if digest_of(values["tokens"], namespace) != digest:
+                raise ValueError("its tokens do not hash to the key it was stored under")
+
+        self.shared.fill(self.bank, [segment.digest for segment in plan.segments], tag, check)
 
     def _plain(
         self, scope: RequestScope, forward: Callable[..., Any], arguments: dict[str, Any]
@@ -223,7 +237,10 @@ class SegmentStrategy(Strategy):
                 tokens=plan.tokens[where].clone(),
                 start=torch.tensor(segment.start, dtype=torch.long),
             )
-            self.bank.put(entry, digest=segment.digest, cost=per_token * segment.length, namespace=tag)
+            cost = per_token * segment.length
+            entry_id = self.bank.put(entry, digest=segment.digest, cost=cost, namespace=tag)
+            if self.shared is not None:
+                self.shared.write(self.bank, entry_id, segment.digest, tag, cost)
 
     # --- bookkeeping ----------------------------------------------------------------------------------------------
     def _record(self, plan: RowPlan, seconds: float) -> None:
