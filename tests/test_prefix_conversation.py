@@ -173,6 +173,25 @@ def test_answers_obey_tenants_warm_caches_and_the_budget(tmp_path):
     assert len(budget.layer_cache.strategy.bank) <= 2
 
 
+@pytest.mark.parametrize("extra", [0, 3])
+def test_another_replica_reuses_the_answer_through_the_shared_tier(server, extra):
+    """Answer blocks are written to Redis like prompt blocks: a replica with a cold bank serves the next turn's
+    prompt and answer from what the first replica's ``generate()`` stored, its last partial block included (the
+    next turn's row ends in that block, ``extra=0``, or runs past it)."""
+    shared = {"shared_store": server.url}
+    first_replica, second_replica = cached(**shared), cached(**shared)
+    prompt = tokens(2 * BLOCK + 1, seed=16)[None]
+    first = greedy(first_replica, prompt)
+    assert first_replica.layer_cache.shared.flush(10)
+    turn = torch.cat([first, tokens(extra, seed=17)[None]], dim=1)
+    assert first.shape[1] % BLOCK > 1  # the answer ends mid-block
+    reused, out = reused_by(second_replica, turn)
+    assert reused == first.shape[1] - 1
+    assert second_replica.layer_cache.stats()["shared"]["shared_hits"] > 0
+    plain = tiny_model("llama", tf.AutoModelForCausalLM)
+    torch.testing.assert_close(out, plain(input_ids=turn).logits, rtol=0, atol=1e-4)
+
+
 def test_a_forward_without_generate_stores_no_answer_and_disable_restores_generate():
     model = cached()
     original = type(model).generate
