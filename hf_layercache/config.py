@@ -201,7 +201,7 @@ class LayerCacheConfig:
 
     # --- the shared tier of the exact and prefix strategies (declared in their config_fields; docs/shared.md) ---
     shared_store: str | None = None
-    """A Redis that replicas share their ``exact`` and ``prefix`` entries through, as a URL:
+    """A Redis that replicas share their ``exact``, ``prefix`` and ``segment`` entries through, as a URL:
     ``redis://host:port/db``, ``rediss://`` for TLS, ``unix:///path/to/redis.sock``. The local bank stays the first
     tier; a local miss asks Redis (one round trip per batch), computed entries are written to it in the background,
     and any Redis trouble means computing as uncached. No password in the URL (it is saved with the config): see

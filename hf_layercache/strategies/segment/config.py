@@ -23,13 +23,15 @@ class SegmentConfig(StrategyConfig):
 
     segment_recompute: float = 0.15
     """Share of the reused tokens recomputed so the prompt sees its passages' interaction, 0.0 to 1.0. At 1.0 the
-    prompt is a full prefill (segments are only stored). 0.15: on SmolLM2-135M RAG prompts it kept every first
-    token and 16-token continuation, KL 0.046 against 0.063 at 0 (a small run, docs/benchmarks.md); larger models
-    are unmeasured."""
+    prompt is a full prefill (segments are only stored). 0.15: on SmolLM2-135M RAG prompts of 4-8 news passages it
+    kept the first token of a full prefill on every prompt measured and lowered the last position's KL from about
+    0.055 (nothing recomputed) to about 0.04 (docs/benchmarks.md); models larger than 135M are not measured."""
 
-    segment_selection: str = "deviation"
-    """Which reused tokens are recomputed: ``"deviation"`` (CacheBlend: those whose key/value states at the probe
-    layer deviate most from the prompt's own) or ``"first"`` (EPIC: each segment's first tokens)."""
+    segment_selection: str = "first"
+    """Which reused tokens are recomputed: ``"first"`` (EPIC: each segment's first tokens; no probe) or
+    ``"deviation"`` (CacheBlend: those whose key/value states at the probe layer deviate most from the prompt's
+    own; one pass of the first layers over the whole prompt chooses them). On SmolLM2-135M ``"first"`` was both
+    faster and closer to a full prefill in every run (docs/benchmarks.md), hence the default."""
 
     segment_probe_layer: int = 1
     """The early layer at which ``"deviation"`` compares reused with fresh states (layers up to it are computed for
