@@ -162,7 +162,7 @@ def _pairs(
     sims, errors = [], []
     for i, trace in enumerate(traces):
         for j in similarity[i].argsort(descending=True).tolist()[:3]:
-            index = align_tokens(trace.tokens, traces[j].tokens, config.max_unaligned)
+            index = align_tokens(trace.tokens, traces[j].tokens, config.max_unaligned, config.edits)
             if index is None:
                 continue
             other = traces[j]

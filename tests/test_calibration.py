@@ -71,3 +71,25 @@ def test_errors_are_measured_end_to_end(minilm):
     model, tokenizer = minilm
     config = hf_layercache.calibrate(model, TEXTS + TEXTS[:1], target=1.0, tokenizer=tokenizer, progress=False)
     assert all(t >= 0.999 for t in config.threshold)
+
+
+SUBSTITUTIONS = [
+    "The committee approved the new budget for the public schools.",
+    "The committee rejected the new budget for the public schools.",
+    "A small dog slept under the kitchen table all afternoon.",
+    "A small cat slept under the kitchen table all afternoon.",
+    "Prices of fresh vegetables rose sharply after the storm.",
+    "Prices of fresh vegetables fell sharply after the storm.",
+]
+
+
+def test_calibration_pairs_only_what_the_configs_edits_would_serve(minilm):
+    """One-word substitutions are served by ``edits="any"`` but computed by the default ``"additive"``: calibrating
+    on them finds usable layers only for the config that would serve them."""
+    model, tokenizer = minilm
+    for edits, usable in (("any", True), ("additive", False)):
+        base = LayerCacheConfig(strategy="semantic", edits=edits)
+        config = hf_layercache.calibrate(
+            model, SUBSTITUTIONS, target=0.8, tokenizer=tokenizer, config=base, progress=False
+        )
+        assert any(t < 1.0 for t in config.threshold) == usable, (edits, config.threshold)
