@@ -36,7 +36,7 @@ from .hooks import HookRegistry
 from .kv import without_cache
 from .layers import ArgumentBinder, CachedLayer, select_layers
 from .registry import get_fingerprint
-from .strategies.semantic.alignment import align_tokens
+from .strategies.semantic.alignment import align_tokens, take
 from .strategies.semantic.config import DEFAULT_FINGERPRINT
 
 _MIN_PAIRS = 5
@@ -167,7 +167,7 @@ def _pairs(
                 continue
             other = traces[j]
             value = other.outputs[rank] - other.inputs[rank] if residual else other.outputs[rank]
-            replaced = trace.inputs[rank] + value[index] if residual else value[index]
+            replaced = trace.inputs[rank] + take(value, index) if residual else take(value, index)
             exact = fingerprint.confirm(trace.tokens, other.tokens)  # what the strategy serves by, when it has one
             sims.append(float(similarity[i, j]) if exact is None else exact)
             errors.append(_end_to_end_error(trace, layers, rank, replaced))

@@ -8,16 +8,17 @@ from hf_layercache import LayerCacheConfig
 
 pytestmark = pytest.mark.slow
 
-TEXTS = [
-    "The committee approved the new budget for the public schools.",
-    "the committee approved the new budget for the public schools",
-    "A small dog slept under the kitchen table all afternoon.",
-    "A small dog slept under the kitchen table all afternoon!",
-    "Prices of fresh vegetables rose sharply after the storm.",
+BASES = [
+    "The committee approved the new budget for the public schools",
+    "A small dog slept under the kitchen table all afternoon",
     "Prices of fresh vegetables rose sharply after the storm",
-    "She plays the violin in the city orchestra every weekend.",
-    "She plays the violin in the orchestra every weekend.",
+    "She plays the violin in the city orchestra every weekend",
+    "The old bridge was closed for repairs during the long winter",
+    "Engineers tested the new engine in the cold mountain air for three weeks",
+    "The library will open two hours later than usual on public holidays",
 ]
+TEXTS = [text for base in BASES for text in (base, base + ".")]
+"""Near-duplicates the default semantic config serves: one token added at the end (``edits="additive"``)."""
 
 
 @pytest.fixture(scope="module")
