@@ -62,11 +62,8 @@ def _alone(what: str) -> Callable[[Method], Method]:
     return decorate
 
 
-def _asks_for(flag: str, arguments: dict[str, Any], config: Any) -> bool:
-    """Whether the call asks for ``flag``: its own argument, or the config's when it passes none (or ``None``, which
-    transformers reads the same way)."""
-    value = arguments.get(flag)
-    return bool(value if value is not None else getattr(config, flag, False))
+def _config_value(config: Any, name: str) -> Any:
+    return getattr(config, name, False)
 
 
 class RequestHook(ForwardHook):
@@ -254,10 +251,12 @@ class LayerCacheController:
         and the active adapter set's). Entries made for a function the model no longer computes are dropped first."""
         tenant = self.current_namespace
         self.counters.remember_tenant(tenant)
-        reason = self.bypass_reason(module, arguments)
+        reason = self._bypassed(module, arguments)
+        if reason is None:
+            self.drop_stale_entries()  # before the config is read: the watch remembers what it says until it moves
+            reason = self._asks_for_states(module, arguments, self.watch.config_value)
         if reason is not None:
             return RequestScope(tenant, bypass_reason=reason, tenant=tenant)
-        self.drop_stale_entries()
         adapters = self.watch.adapter_keys()
         if adapters is None:
             return RequestScope(tenant, bypass_reason="a mixed-adapter batch (adapter_names)", tenant=tenant)
@@ -270,7 +269,10 @@ class LayerCacheController:
 
     def bypass_reason(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
         """Why a request must run uncached, or ``None``."""
-        config = getattr(module, "config", None)
+        return self._bypassed(module, arguments) or self._asks_for_states(module, arguments, _config_value)
+
+    def _bypassed(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
+        """Why a request runs uncached whatever the config says, or ``None``."""
         if getattr(self._local, "bypass", 0):
             return "bypass()"
         if module.training:
@@ -278,10 +280,22 @@ class LayerCacheController:
         if torch.is_grad_enabled() and (self.watch.requires_grad() or _inputs_require_grad(arguments)):
             self._warn_autograd()
             return "autograd"
-        if not self.strategy.serves_attention_maps and _asks_for("output_attentions", arguments, config):
-            return "output_attentions"
-        if not self.strategy.intermediate_states_exact and _asks_for("output_hidden_states", arguments, config):
-            return "output_hidden_states"
+        return None
+
+    def _asks_for_states(
+        self, module: torch.nn.Module, arguments: dict[str, Any], config_value: Callable[[Any, str], Any]
+    ) -> str | None:
+        """Which output the strategy cannot serve the request asks for (its own argument, or the config's when it
+        passes none or ``None``, which transformers reads the same way), or ``None``; ``config_value(config, name)``
+        reads the config."""
+        config = getattr(module, "config", None)
+        for flag, served in (
+            ("output_attentions", self.strategy.serves_attention_maps),
+            ("output_hidden_states", self.strategy.intermediate_states_exact),
+        ):
+            value = arguments.get(flag)
+            if not served and (value if value is not None else config_value(config, flag)):
+                return flag
         return None
 
     def _warn_autograd(self) -> None:

@@ -57,6 +57,11 @@ def run_eagerly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     back for the model's own forward, which compiles. (``torch.compiler.disable`` keeps that callback to itself.)
     """
     callback = set_eval_frame(None)
+    if callback is None and _compiler.callback is None:  # eager, and not inside a compiled call: nothing to keep
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_eval_frame(None)
     outer, _compiler.callback = _compiler.callback, callback
     try:
         return fn(*args, **kwargs)

@@ -180,6 +180,8 @@ class ModelWatch:
                     self._paths[body].append(path)
         self._structure = tuple(structure)
         self._every_slot = self._slots[True] + self._slots[False]
+        self._every_value = [slot.values() for slot in self._every_slot]  # live views: the glance walks these
+        self._has_adapter_layers = bool(adapter_layers[True] or adapter_layers[False])
         self._prefixes = prefixes
         self.inside, self.outside = AdapterLayers(adapter_layers[True]), AdapterLayers(adapter_layers[False])
         if self._attached:
@@ -266,12 +268,13 @@ class ModelWatch:
         Versions are read through plain detached aliases, which share each tensor's version counter: reading one
         from a watched subclass first looks its ``__torch_function__`` up (a third of a hit's time on small models).
         """
-        tensors = list(chain.from_iterable(map(dict.values, self._every_slot)))
+        tensors = list(chain.from_iterable(self._every_value))
+        self._config_values = {}
         with torch.inference_mode(False), torch.no_grad():  # an alias made in inference mode would have no counter
             aliases = [t.detach() for t in tensors if t is not None]
         self._config_objects = _configs(self._config)  # a sub-config replaced shows in its parent's attributes
         versions = list(map(_VERSION, aliases))
-        return _data_assignments, tensors, aliases, versions, [dict(vars(c)) for c in self._config_objects]
+        return _data_assignments, tensors, aliases, versions, [dict(_attributes(c)) for c in self._config_objects]
 
     def _unchanged_at_a_glance(self) -> bool:
         """Nothing moved since :meth:`mark` (no scan, no per-tensor tuples): the common case, read in a few
@@ -279,12 +282,24 @@ class ModelWatch:
         assignments, tensors, aliases, versions, configs = self._glance
         if assignments != _data_assignments:
             return False
-        now = list(chain.from_iterable(map(dict.values, self._every_slot)))
+        now = list(chain.from_iterable(self._every_value))
         if len(now) != len(tensors) or any(map(operator.is_not, now, tensors)):
             return False
         if list(map(_VERSION, aliases)) != versions:
             return False
-        return [vars(c) for c in self._config_objects] == configs
+        return list(map(_attributes, self._config_objects)) == configs
+
+    def config_value(self, config: Any, name: str) -> Any:
+        """``getattr(config, name, False)``, remembered for a config of the model while the glance finds its
+        attributes as they were; call it after :meth:`changed` (a request's flags: transformers' config attributes
+        run through Python ``__getattribute__`` overrides, tens of microseconds on a cold CPU cache)."""
+        key = (id(config), name)
+        if key in self._config_values:
+            return self._config_values[key]
+        value = getattr(config, name, False)
+        if any(c is config for c in self._config_objects):  # kept alive there, so the id stays its own
+            self._config_values[key] = value
+        return value
 
     @property
     def _config(self) -> Any:
@@ -299,6 +314,8 @@ class ModelWatch:
     def adapter_keys(self) -> tuple[str, str] | None:
         """The key spaces of the active adapter sets inside the stacks' owners and outside them (``""``: no adapter
         active), or ``None`` while a mixed-adapter batch runs (rows with different adapters)."""
+        if not self._has_adapter_layers:
+            return "", ""
         inside = self.inside.state() if self.inside else ()
         outside = self.outside.state() if self.outside else ()
         if inside is None or outside is None:
@@ -352,6 +369,12 @@ def _adapter_of(path: str, prefixes: dict[str, str]) -> str | None:
         if adapter is not None:
             return adapter
     return None
+
+
+def _attributes(config: Any) -> dict[str, Any]:
+    """``vars(config)`` without the config class's ``__getattribute__`` override (transformers maps attribute names
+    there, two Python calls per read; ``__dict__`` is never mapped): the glance reads it per config per request."""
+    return object.__getattribute__(config, "__dict__")
 
 
 def _configs(config: Any) -> list[Any]:

@@ -474,3 +474,91 @@ def test_request_entries_are_not_saved_and_refill_from_a_warm_stack(tmp_path):
     embeddings = Calls(warm.get_input_embeddings())
     assert torch.equal(run(warm, batch).last_hidden_state, reference) and embeddings.n == 1  # the stack served it
     assert torch.equal(run(warm, batch).last_hidden_state, reference) and embeddings.n == 1  # then the request bank
+
+
+@pytest.mark.parametrize("head", [tf.AutoModel, tf.AutoModelForSequenceClassification])
+def test_a_served_output_is_a_new_object_made_as_the_models_own(head):
+    """The request path assembles outputs without their constructor: the same class, keys in the same order, the same
+    attributes (``None`` fields included), tensors of its own that a caller may write without touching the cache."""
+    model = tiny_model("bert", head)
+    batch = tiny_batch("bert")
+    reference = run(model, batch)
+    hf_layercache.enable(model)
+    embeddings = Calls(model.get_input_embeddings())
+    run(model, batch)
+    first, second = run(model, batch), run(model, batch)
+    assert embeddings.n == 1  # both served from the request bank
+    assert model.layer_cache.strategy.request_path._outputs and all(
+        shape.direct for shape in model.layer_cache.strategy.request_path._outputs.values()
+    )
+    for served in (first, second):
+        assert type(served) is type(reference) and list(served.keys()) == list(reference.keys())
+        assert vars(served).keys() == vars(reference).keys()
+        assert all((vars(served)[k] is None) == (vars(reference)[k] is None) for k in vars(reference))
+        assert all(torch.equal(served[k], reference[k]) and getattr(served, k) is served[k] for k in reference)
+        assert len(served.to_tuple()) == len(reference.to_tuple())
+    assert first is not second and all(first[k].data_ptr() != second[k].data_ptr() for k in reference)
+    name = next(iter(reference.keys()))
+    first[name].add_(1.0)  # the caller's tensor: the next hit is unchanged
+    assert torch.equal(run(model, batch)[name], reference[name]) and embeddings.n == 1
+
+
+def test_an_output_class_with_a_constructor_of_its_own_is_built_by_it():
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    from hf_layercache.strategies.exact.outputs import _OutputShape
+
+    @dataclass
+    class Counted(ModelOutput):
+        states: torch.Tensor | None = None
+        extra: torch.Tensor | None = None
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.built = getattr(self, "built", 0) + 1  # state the direct assembly would not make
+
+    states = torch.randn(2, 3)
+    shape = _OutputShape(Counted(states=states))
+    assert not shape.direct
+    rebuilt = shape.rebuild([{"states": states[0]}, {"states": states[1]}])
+    assert type(rebuilt) is Counted and rebuilt.built == 1 and torch.equal(rebuilt.states, states)
+    assert rebuilt.states.data_ptr() != states.data_ptr() and list(rebuilt.keys()) == ["states"]
+
+
+def test_the_signature_memo_tells_plain_values_of_other_types_apart():
+    model = hf_layercache.enable(tiny_model("bert"))
+    path = model.layer_cache.strategy.request_path
+    ids = torch.ones(1, 3, dtype=torch.long)
+    signatures = {path.signature({"input_ids": ids, "flag": value}, "") for value in (True, 1, 1.0, "1", None)}
+    assert len(signatures) == 5
+    call = {"input_ids": ids, "flag": True}
+    assert path.signature(call, "") == path.signature({"flag": True, "input_ids": ids}, "")  # any argument order
+    assert path.signature(call, "lora") != path.signature(call, "")  # the heads' adapters
+    assert path.signature({"input_ids": ids, "past_key_values": ids}, "") is None  # a KV cache to fill
+    assert path.signature({"input_ids": ids, "fn": print}, "") is None
+
+
+@pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
+def test_a_config_flag_set_between_hits_is_read_again(flag):
+    """The flags a request reads from the config are remembered while the config's attributes stay as they were."""
+    model = tiny_model("bert", tf.BertModel)
+    model.set_attn_implementation("eager")
+    batch = tiny_batch("bert")
+    setattr(model.config, flag, True)
+    reference = run(model, batch)
+    setattr(model.config, flag, False)
+    plain = run(model, batch)
+    hf_layercache.enable(model)
+    run(model, batch)
+    run(model, batch)
+    bypassed = totals(model)["bypassed"]
+    setattr(model.config, flag, True)
+    out = run(model, batch)
+    field = "attentions" if flag == "output_attentions" else "hidden_states"
+    assert getattr(out, field) is not None and totals(model)["bypassed"] > bypassed
+    assert all(map(torch.equal, getattr(out, field), getattr(reference, field)))
+    setattr(model.config, flag, False)
+    again = run(model, batch)
+    assert getattr(again, field) is None and torch.equal(again.last_hidden_state, plain.last_hidden_state)

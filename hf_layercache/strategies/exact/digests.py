@@ -69,9 +69,12 @@ def _host_array(t: torch.Tensor) -> np.ndarray:
     request; rows and columns are then cut in numpy, which costs a microsecond where a tensor op costs several."""
     if t.requires_grad or not t.is_cpu:
         t = t.detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
+    dtype = t.dtype  # dtypes are singletons
+    if dtype is torch.bfloat16 or dtype is torch.float16:
         t = t.view(torch.int16)
-    return t.numpy() if t.dtype != torch.bool else t.to(torch.uint8).numpy()
+    elif dtype is torch.bool:
+        t = t.to(torch.uint8)
+    return t.numpy()
 
 
 def _batch_size(arguments: dict[str, Any]) -> int | None:
@@ -137,12 +140,14 @@ _Tensors = list[tuple[str, int, torch.dtype, np.ndarray]]
 
 def _host_tensors(arguments: dict[str, Any]) -> _Tensors:
     """Every tensor among the arguments (inside tuples, lists and dicts too), by name and position, on the host."""
-    return [
-        (name, i, t.dtype, _host_array(t))
-        for name in sorted(arguments)
-        if arguments[name] is not None
-        for i, t in enumerate(_flat_tensors(arguments[name]))
-    ]
+    found: _Tensors = []
+    for name in sorted(arguments):
+        value = arguments[name]
+        if isinstance(value, torch.Tensor):  # the common case, without the walk through containers
+            found.append((name, 0, value.dtype, _host_array(value)))
+        elif value is not None:
+            found.extend((name, i, t.dtype, _host_array(t)) for i, t in enumerate(_flat_tensors(value)))
+    return found
 
 
 def _keys_of(arguments: dict[str, Any], tensors: _Tensors, namespace: str, layout_free: bool) -> list[RowKey] | None:
@@ -168,17 +173,18 @@ class RowKeyMemo:
     def __init__(self, layout_free: bool, size: int = 256):
         self.layout_free = layout_free
         self.size = size
-        self._keys: OrderedDict[bytes, list[RowKey] | None] = OrderedDict()
+        self._keys: OrderedDict[tuple, list[RowKey] | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def row_keys(self, arguments: dict[str, Any], namespace: str) -> list[RowKey] | None:
         tensors = _host_tensors(arguments)
-        # the description fixes every array's byte length, so the bytes can follow one another unprefixed
-        described = repr((namespace, [(name, i, str(dtype), array.shape) for name, i, dtype, array in tensors]))
-        digest = hashlib.blake2b(described.encode(), digest_size=32)
+        digest = hashlib.blake2b(digest_size=32)
         for *_, array in tensors:
             digest.update(np.ascontiguousarray(array))
-        request = digest.digest()
+        # the description fixes every array's byte length, so the bytes can follow one another unprefixed; kept as
+        # a tuple beside the digest (the memo's key), which is cheaper than hashing its text
+        described = tuple((name, i, dtype, array.shape) for name, i, dtype, array in tensors)
+        request = (namespace, described, digest.digest())
         with self._lock:
             if request in self._keys:
                 self._keys.move_to_end(request)

@@ -69,6 +69,7 @@ class ExactStrategy(StackStrategy):
             self.stores[stack] = RowStore(bank, self.context.shared, self.context.record_verdict)
         request_bank = self.new_bank(BANK, self.layers[-1].device, n_banks, RequestEntry)
         self.request_path = RequestPath(request_bank, self.context.model)
+        self._layer_names = [layer.name for layer in self.layers]  # what a served call is counted under
         self._draws = random.Random(0)  # which hits verify_fraction checks; seeded, so runs repeat
         # one stack runs over the input: rows are keyed on their real tokens; an encoder-decoder keys its layouts
         self._row_keys = RowKeyMemo(layout_free=len(self.stacks) == 1)
@@ -92,7 +93,7 @@ class ExactStrategy(StackStrategy):
         served = None if verifying else self.request_path.serve(keys, scope.namespace, signature)
         if served is not None:
             output, lookup = served
-            self.context.record_lookup(lookup, self.request_path.bank, [layer.name for layer in self.layers])
+            self.context.record_lookup(lookup, self.request_path.bank, self._layer_names)
             return output
         output = original(**arguments)
         self.request_path.store(keys, scope.namespace, signature, output)
