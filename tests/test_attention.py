@@ -12,6 +12,8 @@ import hf_layercache
 from hf_layercache import LayerCacheConfig
 from hf_layercache.strategies.attention.eager import attention_scores, attention_with_lse, masked_scores, repeat_kv
 from hf_layercache.strategies.attention.function import ATTN_IMPLEMENTATION, boolean_mask
+from hf_layercache.strategies.attention.masks import all_true, any_along, any_true
+from hf_layercache.strategies.attention.rows import position_norms
 
 ARCHITECTURES = ["bert", "distilbert", "gpt2", "llama", "qwen2", "gemma3"]  # llama, qwen2, gemma3: GQA (4 / 2 heads)
 ATOL = 1e-5
@@ -128,6 +130,46 @@ def test_a_changed_token_recomputes_only_its_row_and_column(enable):
     assert totals(model)["hits"] == 1
     reuse = model.layer_cache.strategy.reuse
     assert (reuse["hits"], reuse["recomputed"], reuse["length"]) == (1, 2, 12)  # one row, one column
+    assert reuse["corrected"] == 11  # bidirectional: every other row attends the changed column
+
+
+def test_a_causal_hit_corrects_only_the_rows_after_a_changed_token(enable):
+    batch = tiny_batch("llama", batch=1, length=12)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][0, 6] = 3 if int(batch["input_ids"][0, 6]) != 3 else 4
+    expected = reference("llama", changed)
+    model = enable("llama", attention_position_tolerance=0.0, layers=[0])
+    run(model, batch)
+    out = run(model, changed, output_attentions=True)
+    reuse = model.layer_cache.strategy.reuse
+    # the changed position's row is computed and its column rescored; of the other rows only 7 to 11 attend that
+    # column, so only they are corrected: the six before it are served as stored, and exact
+    assert (reuse["hits"], reuse["recomputed"], reuse["corrected"]) == (1, 2, 5)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=ATOL)
+    assert_maps_close(out.attentions, expected.attentions)
+
+
+def test_mask_reductions_through_bytes_equal_torchs():
+    generator = torch.Generator().manual_seed(0)
+    masks = [
+        torch.rand(2, 1, 12, 12, generator=generator) > 0.5,
+        torch.ones(12, 12, dtype=torch.bool).tril()[None, None].expand(3, 1, 12, 12),  # expanded: stride 0
+        (torch.rand(12, 16, generator=generator) > 0.9).T,  # not contiguous
+        torch.zeros(4, 0, dtype=torch.bool),
+        torch.ones(5, 5, dtype=torch.bool),
+    ]
+    for mask in masks:
+        for dim in range(-mask.dim(), mask.dim()):
+            assert torch.equal(any_along(mask, dim), mask.any(dim))
+        assert torch.equal(any_along(mask, -1, keepdim=True), mask.any(-1, keepdim=True))
+        assert any_true(mask) == bool(mask.any()) and all_true(mask) == bool(mask.all())
+
+
+def test_position_norms_are_the_same_in_either_memory_layout():
+    states = torch.randn(12, 4, 8)  # (L, heads, d), as a projection leaves them
+    for view in (states.transpose(0, 1), states.transpose(0, 1).contiguous()):
+        expected = torch.linalg.vector_norm(view, dim=(0, 2))
+        torch.testing.assert_close(position_norms(view), expected)
 
 
 def test_a_causal_hit_with_a_changed_suffix_is_exact(enable):

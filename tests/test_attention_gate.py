@@ -176,3 +176,64 @@ def test_probes_that_find_no_reuse_come_ever_more_rarely():
         waits.append(calls_to_next_probe())
         gate.record_cached(100, 1, hits, searched=True, overhead=0.0, serve=2.0, compute=2.0)
     assert waits == [16, 2] and bucket.state == "off" and bucket.idle_probes == 1
+
+
+def learn(gate, length, hits, serve=0.0):
+    """Two measured defaults of 1 s, then three learning calls into a bank with entries, each finding ``hits``."""
+    for _ in range(2):
+        assert gate.route(length, 1) == MEASURED
+        gate.record_default(length, rows=1, seconds=1.0)
+    for _ in range(3):
+        assert gate.route(length, 1) == CACHED
+        gate.record_cached(length, 1, hits, searched=True, overhead=0.0, serve=serve, compute=2.0)
+
+
+def test_a_new_length_starts_off_where_the_layer_found_no_reuse():
+    # natural documents padded to their batch's longest: a batch shorter than half the usual length falls into a
+    # bucket of its own, first met in the middle of traffic where nothing repeats. It does not learn (three cached
+    # calls): the layer's other buckets already found no reuse, so it starts off and probes as they do
+    gate = Gate(interval=4)
+    learn(gate, 500, hits=0)
+    assert gate.buckets[512].state == "off" and gate.buckets[512].reuse == 0.0
+    routes = []
+    for _ in range(6):
+        routes.append(gate.route(200, 1))
+        if routes[-1] == MEASURED:
+            gate.record_default(200, rows=1, seconds=1.0)
+    assert routes == [MEASURED, MEASURED, MEASURED, DEFAULT, DEFAULT, CACHED]  # the last: a probe, not learning
+    bucket = gate.buckets[256]
+    assert bucket.state == "off" and bucket.probes == 1 and bucket.cached_calls == 0 and bucket.bypassed == 5
+
+
+def test_a_new_length_learns_where_the_layer_found_reuse():
+    gate = Gate(interval=4)
+    learn(gate, 500, hits=1, serve=3.0)  # hits, dearer than the default: off, but the traffic repeats
+    assert gate.buckets[512].state == "off" and gate.buckets[512].reuse > 0
+    for _ in range(2):
+        assert gate.route(200, 1) == MEASURED
+        gate.record_default(200, rows=1, seconds=1.0)
+    assert gate.route(200, 1) == CACHED and gate.buckets[256].state == "learning"
+
+
+def test_re_measurements_that_confirm_caching_come_ever_more_rarely():
+    # while on, the default is timed once per interval; where hits cost a fraction of it, each such call costs
+    # several hits, so re-measurements that keep caching on back off as idle probes do
+    gate = Gate(interval=2)
+    learn(gate, 100, hits=1, serve=0.1)
+    bucket = gate.buckets[128]
+    assert bucket.state == "on"
+
+    def calls_to_next_measurement():
+        calls = 1
+        while gate.route(100, 1) != MEASURED:
+            calls += 1
+        return calls
+
+    waits = []
+    for _ in range(5):
+        waits.append(calls_to_next_measurement())
+        gate.record_default(100, rows=1, seconds=1.0)  # the default still costs ten hits: caching stays on
+    assert waits == [2, 4, 8, 16, 16] and bucket.confirmed == 5
+    for _ in range(3):  # the traffic stops repeating: off, and back to one interval should it turn on again
+        gate.record_cached(100, 1, 0, searched=True, overhead=0.0, serve=0.0, compute=2.0)
+    assert bucket.state == "off" and bucket.confirmed == 0

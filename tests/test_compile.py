@@ -109,10 +109,13 @@ def test_semantic_compiled_serves_as_uncompiled():
 
 def test_attention_compiled_is_refused_with_a_clear_error():
     model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig(strategy="attention"))
-    with pytest.raises(RuntimeError, match=r"strategy='attention'.*torch\.compile"):
-        torch.compile(model, backend="eager")(**tiny_batch("bert"))
-    uncompiled = model(**tiny_batch("bert")).last_hidden_state  # the refusal left the model serving
-    torch.testing.assert_close(uncompiled, tiny_model("bert")(**tiny_batch("bert"))[0], rtol=0, atol=1e-5)
+    try:
+        with pytest.raises(RuntimeError, match=r"strategy='attention'.*torch\.compile"):
+            torch.compile(model, backend="eager")(**tiny_batch("bert"))
+        uncompiled = model(**tiny_batch("bert")).last_hidden_state  # the refusal left the model serving
+        torch.testing.assert_close(uncompiled, tiny_model("bert")(**tiny_batch("bert"))[0], rtol=0, atol=1e-5)
+    finally:  # dynamo keeps the model alive: disable it, or its global attention registration outlives the test
+        hf_layercache.disable(model)
 
 
 def test_exact_under_inductor_matches_uncached_and_hits():

@@ -8,9 +8,9 @@ import torch
 
 
 class ReuseCounters:
-    """Counters of the rows and columns hits recomputed (:attr:`recomputed_fraction`), of the heads they computed
-    exactly because their maps moved (failed verification), and of the rows served by an identical row of their batch
-    (``duplicates``).
+    """Counters of the rows and columns hits recomputed (:attr:`recomputed_fraction`), of the reused rows whose
+    stored output they corrected (``corrected``), of the heads they computed exactly because their maps moved (failed
+    verification), and of the rows served by an identical row of their batch (``duplicates``).
 
     Kept beside ``stats()`` rather than in it: they describe how well hits reuse a map, which tells how to set
     ``attention_position_tolerance`` and ``attention_max_error``. One instance is shared by every layer's engine
@@ -23,12 +23,22 @@ class ReuseCounters:
     def reset(self) -> None:
         """Start from zero (``clear()``: the counts described the entries that went). A new dict: one read before
         keeps the counts it had."""
-        self.counts = {"hits": 0, "recomputed": 0, "length": 0, "heads_recomputed": 0, "heads": 0, "duplicates": 0}
+        self.counts = {
+            "hits": 0,
+            "recomputed": 0,
+            "length": 0,
+            "heads_recomputed": 0,
+            "heads": 0,
+            "duplicates": 0,
+            "corrected": 0,
+        }
 
-    def count(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int) -> None:
+    def count(self, recomputed: int, length: int, heads: torch.Tensor | None, n_heads: int, corrected: int) -> None:
         """Record one hit that recomputed ``recomputed`` of ``length`` rows and columns, and ``heads`` of
-        ``n_heads`` heads (``None``: none)."""
+        ``n_heads`` heads (``None``: none), and corrected the stored output of ``corrected`` rows (the reused rows
+        that attend a changed column: a causal hit whose changes sit in the tail corrects none before them)."""
         with self._lock:
+            self.counts["corrected"] += corrected
             self.counts["hits"] += 1
             self.counts["recomputed"] += recomputed
             self.counts["length"] += length

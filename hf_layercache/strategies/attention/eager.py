@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .masks import all_true, any_along, any_true
+
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     """(batch, kv_heads, L, d) -> (batch, kv_heads * groups, L, d), each KV head repeated for its query heads."""
@@ -29,10 +31,10 @@ def masked_scores(
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         return scores
-    return scores.add_(_additive(mask, scores.dtype)[..., : key.shape[-2]])
+    return scores.add_(additive_mask(mask, scores.dtype)[..., : key.shape[-2]])
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as eager attention's additive one (0 or the dtype's minimum). Adding it, rather than a
     ``masked_fill`` with the boolean mask broadcast over heads, is several times faster on a CPU."""
     if mask.dtype != torch.bool:
@@ -86,12 +88,12 @@ def fused(query: torch.Tensor, weights: bool, softcap: float | None) -> bool:
 def fused_masks(keep: torch.Tensor, dtype: torch.dtype) -> FusedMasks:
     """What the fused kernel needs of the boolean mask ``keep`` (batch, 1, L, L): see :data:`FusedMasks`. Queries
     with nothing to attend to are let attend every key (with a zero query: eager's uniform row)."""
-    empty = ~keep.any(-1, keepdim=True)
-    if bool(empty.any()):
+    empty = ~any_along(keep, -1, keepdim=True)
+    if any_true(empty):
         keep = keep | empty
     else:
         empty = None
-    return (None if bool(keep.all()) else _additive(keep, dtype)), empty
+    return (None if all_true(keep) else additive_mask(keep, dtype)), empty
 
 
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

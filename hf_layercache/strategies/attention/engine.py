@@ -20,11 +20,12 @@ from ...layers import CachedLayer
 from ...request import RequestScope
 from ...stats import CacheStats
 from .counters import ReuseCounters
-from .eager import FusedMasks, attention_with_lse, fused, fused_masks, repeat_kv
+from .eager import FusedMasks, attention_with_lse, fused, fused_masks, grouped_matmul
 from .entry import AttentionEntry
 from .function import default_attention
 from .gate import CACHED, MEASURED, STORE, Gate, combine
 from .keys import LookupKeys
+from .masks import any_along, any_true
 from .positions import Positions, request_patterns
 from .request_state import EARLIER, FUSED_MASKS, NAMESPACE_KEY, PREFILL, WEIGHTS
 from .rows import Reuse, Row, distance
@@ -204,7 +205,8 @@ class CachedAttention:
                 if len(failed) > len(errors) * _MAX_RECOMPUTED:  # most heads moved: the map is not this input's
                     continue
                 reuse.heads = failed if len(failed) else None  # heads whose maps moved are computed exactly
-            self.reuse.count(reuse.recomputed, row.length, reuse.heads, len(row.query))
+            corrected = 0 if reuse.column_weights is None else len(reuse.affected)
+            self.reuse.count(reuse.recomputed, row.length, reuse.heads, len(row.query), corrected)
             found[b] = reuse
         return found
 
@@ -232,7 +234,7 @@ class CachedAttention:
         # normaliser to rescore against: computed where it is live now.
         stored_keep = entry.mask.to(row.keep.device)
         changed_rows = (distance(row.query, entry.query) > row.query_limits) | row.pattern.empty
-        changed_rows = (changed_rows | ~stored_keep.any(-1)) & row.pattern.live
+        changed_rows = (changed_rows | ~any_along(stored_keep, -1)) & row.pattern.live
         limit = row.pattern.live_count * _MAX_RECOMPUTED
         if int(changed_rows.sum()) > limit:  # unrelated content: known before comparing keys and values
             return None
@@ -240,36 +242,33 @@ class CachedAttention:
         moved = distance(row.key, entry.key) > row.key_limits
         moved |= distance(row.value, entry.value) > row.value_limits
         changed_columns = moved & row.pattern.live
-        if not torch.equal(stored_keep, row.keep):
-            changed_columns |= (row.keep != stored_keep).any(0)
-        reuse = Reuse(
-            entry_id,
-            similarity,
-            entry,
-            Positions(changed_rows.nonzero()[:, 0]),
-            Positions(changed_columns.nonzero()[:, 0]),
-        )
-        return None if reuse.recomputed > limit else reuse
+        masks_differ = row.keep != stored_keep
+        if any_true(masks_differ):
+            changed_columns |= any_along(masks_differ, 0)
+        rows, columns = Positions(changed_rows.nonzero()[:, 0]), Positions(changed_columns.nonzero()[:, 0])
+        if len(rows) + len(columns) > limit:
+            return None
+        return Reuse(entry_id, similarity, entry, rows, columns, _affected(row, stored_keep, changed_rows, columns))
 
     @staticmethod
     def _rescore(reuse: Reuse, row: Row) -> None:
         """New scores of the changed columns against the stored normaliser, and each row's normaliser ratio. Rows
         that had most of their weight on changed columns join the computed rows."""
-        if not len(reuse.columns):
+        rows = reuse.affected
+        if not len(rows):
             return
         lse = reuse.entry.lse.to(row.query.device)
-        weights = row.column_weights(reuse.columns, lse)
-        stored = row.stored_column_weights(reuse.entry, reuse.columns)
-        reuse.stored_columns = stored
+        weights = row.column_weights(reuse.columns, rows, lse)
+        stored = row.stored_column_weights(reuse.entry, reuse.columns, rows)
         moved = stored.sum(-1)
         ratio = 1.0 - moved + weights.sum(-1)
         # rows that kept less than half their weight have little to reuse (and 1 - moved would lose precision)
         valid = (moved <= _MAX_MOVED_WEIGHT) & (ratio > 0)
-        broken = (~valid).any(0).nonzero().flatten()
+        broken = rows.index[any_along(~valid, 0)]
         if broken.numel():
             reuse.rows = reuse.rows.union(broken)
             ratio = torch.where(valid, ratio, torch.ones_like(ratio))
-        reuse.column_weights, reuse.ratio = weights, ratio
+        reuse.column_weights, reuse.stored_columns, reuse.ratio = weights, stored, ratio
 
     def _verify(self, reuse: Reuse, row: Row) -> torch.Tensor | None:
         """Per head, the largest total variation distance between the served and the exactly computed map over a
@@ -291,13 +290,14 @@ class CachedAttention:
         when ``output_attentions`` asks for it."""
         device, dtype = row.query.device, row.query.dtype
         output = reuse.entry.output.to(device=device, dtype=dtype, copy=True)
-        if len(reuse.columns):  # in place: fresh (heads, L, d) temporaries cost page faults on a CPU
-            new_values = repeat_kv(reuse.columns.take(row.value, 1)[None], row.groups)[0]
+        if reuse.column_weights is not None:  # the affected rows only: the others' stored output is already theirs
+            new_values = reuse.columns.take(row.value, 1)
             old_values = reuse.columns.take(reuse.entry.value, 1).to(device=device, dtype=dtype)
-            old_values = repeat_kv(old_values[None], row.groups)[0]
-            output.baddbmm_(reuse.column_weights.to(dtype), new_values)
-            output.baddbmm_(reuse.stored_columns.to(dtype), old_values, alpha=-1.0)
-            output.div_(reuse.ratio[..., None].to(dtype))
+            corrected = reuse.affected.take(output, 1).to(dtype=torch.float32, copy=True)
+            corrected += grouped_matmul(reuse.column_weights, new_values.float())
+            corrected -= grouped_matmul(reuse.stored_columns, old_values.float())
+            corrected /= reuse.ratio[..., None]
+            reuse.affected.put(output, 1, corrected.to(dtype))
         if len(reuse.rows):
             reuse.rows.put(output, 1, row.exact_outputs(reuse.rows))
         heads = reuse.heads
@@ -351,6 +351,15 @@ class CachedAttention:
             entry = AttentionEntry(lse[i], row.keep, row.query, row.key, row.value, output[i])
             self.bank.put(entry, key=keys[b], cost=seconds / len(misses), namespace=scope.state[NAMESPACE_KEY])
         return seconds, output if whole else None
+
+
+def _affected(row: Row, stored_keep: torch.Tensor, changed_rows: torch.Tensor, columns: Positions) -> Positions:
+    """The reused rows whose weights on the changed ``columns`` may differ from the stored map's: those that attend
+    one of them under the new mask or the stored one (see :class:`~.rows.Reuse`)."""
+    if not len(columns):
+        return Positions(columns.index)
+    attends = any_along(columns.take(row.keep, 1), -1) | any_along(columns.take(stored_keep, 1), -1)
+    return Positions((attends & ~changed_rows).nonzero()[:, 0])
 
 
 def _batched(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ class LookupKeys:
         """The keys of ``query`` (batch, heads, L, d) and ``key`` (batch, kv_heads, L, d)."""
         length = query.shape[-2]
         pool = self._pool(length, query.device, query.dtype)
-        pooled = torch.cat([torch.matmul(pool, query), torch.matmul(pool, key)], dim=1).flatten(1)
+        pooled = torch.cat([_pooled(pool, query), _pooled(pool, key)], dim=1).flatten(1)
         return torch.matmul(pooled, self._projection(pooled.shape[1], query.device, query.dtype)).float()
 
     def _pool(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -51,3 +51,19 @@ class LookupKeys:
             matrix = torch.randn(in_dim, self.dim, generator=generator)
             self._projections[cache_key] = (matrix / in_dim**0.5).to(device=device, dtype=dtype)
         return self._projections[cache_key]
+
+
+def _pooled(pool: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """(segments, L) pooling matrix, (batch, heads, L, d) states -> (batch, heads, segments, d). Over the positions of
+    every head at once: the states arrive as a view of the projection's (batch, L, heads, d) output, contiguous that
+    way round, so no head is copied out. Where the segments are equal runs (L a multiple of their number, as at
+    128 to 1,024 tokens), a mean over a view: one pass over the states instead of a product with the matrix, which
+    cost about a millisecond per call at 1,024 tokens on SmolLM2, an eighth of a hit."""
+    batch, heads, length, dim = states.shape
+    segments = pool.shape[0]
+    flat = states.transpose(1, 2).reshape(batch, length, heads * dim)
+    if length % segments == 0:
+        pooled = flat.view(batch, segments, length // segments, heads * dim).mean(2)
+    else:
+        pooled = torch.matmul(pool, flat)
+    return pooled.view(batch, segments, heads, dim).transpose(1, 2)

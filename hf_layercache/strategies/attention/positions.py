@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .masks import all_true, any_along
 from .request_state import PATTERNS
 
 _MERGE_GAP = 8
@@ -75,8 +76,8 @@ class Pattern:
 
     @classmethod
     def of(cls, keep: torch.Tensor) -> Pattern:
-        live = keep.any(0)
-        return cls(live, ~keep.any(-1), bool(keep.all()), int(live.sum()))
+        live = any_along(keep, 0)
+        return cls(live, ~any_along(keep, -1), all_true(keep), int(live.sum()))
 
 
 def request_patterns(state: dict[str, Any], keep: torch.Tensor) -> list[Pattern]:

@@ -120,7 +120,8 @@ class AttentionStrategy(Strategy):
     def reuse(self) -> dict[str, int]:
         """Counters of the rows and columns hits recomputed, of the heads they computed exactly because their maps
         moved (failed verification), and of the rows an identical row of their batch served: ``hits``,
-        ``recomputed``, ``length``, ``heads_recomputed``, ``heads``, ``duplicates``."""
+        ``recomputed``, ``length``, ``heads_recomputed``, ``heads``, ``duplicates``, ``corrected`` (reused rows whose
+        stored output was corrected for changed columns)."""
         return self.reuse_counters.counts
 
     @property
