@@ -50,6 +50,7 @@ CONFIGS = {
     "default": {},
     "mean_embedding 0.85 (old default)": {"fingerprint": "mean_embedding", "threshold": 0.85},
     "edits any (before)": {"edits": "any"},
+    "max_added 0 (before)": {"max_added": 0.0},
     "max_unaligned 0.05": {"max_unaligned": 0.05},
     "max_unaligned 0.2 (before)": {"max_unaligned": 0.2},
     "minhash 0.7": {"threshold": 0.7},

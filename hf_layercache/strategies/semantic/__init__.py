@@ -21,6 +21,10 @@ Rules that keep it honest (docs/semantic.md has the measurements):
   the text computes, as one word can reverse its meaning. ``edits="any"`` also serves changed tokens their
   counterparts' states. Requests with a KV cache need equal lengths. A threshold of 1.0 or more serves identical
   token sequences only.
+* Partial hits (``max_added``): where the layers can compute some tokens against stored keys and values
+  (bidirectional encoders, :mod:`.partial`), a row that adds tokens to an entry's takes the entry's states for the
+  entry's tokens and computes the added ones in every layer up to its target; entries keep their K/V for that
+  while rows find entries (:class:`~.partial.RecordingGate`).
 * Only exactly computed rows are stored: a row that was served an approximation never becomes an entry, so errors
   do not feed on themselves. Entries are stored under their namespace (the bank's tenant field) and are never
   served to another one.
@@ -56,6 +60,8 @@ Where each part lives (imports point down this list, never up):
 * :mod:`.search`: the nearest usable entry per row, the draws of rows to verify, the similarity tolerance.
 * :mod:`.store`: storing computed rows as entries, and placing stored K/V back into a batch.
 * :mod:`.run`: what a forward pass knows about its rows, the builder that opens it, the per-row choices.
+* :mod:`.partial`: partial hits, computing a row's added tokens alone against an entry's K/V through the layer's
+  own KV-cache argument.
 * :mod:`.entries`: the typed :class:`~.entries.SemanticEntry`.
 * :mod:`.alignment`: token alignment. :mod:`.config`: the strategy's config fields (torch-free).
 """

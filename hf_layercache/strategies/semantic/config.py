@@ -71,6 +71,17 @@ class SemanticConfig(StrategyConfig):
     hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference id appended to a 70-token one
     (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
+    max_added: float = 0.25
+    """Largest fraction (0 to 1) of a new input's tokens that a *partial* hit computes: with ``edits="additive"``, a
+    row that adds tokens at its ends to a cached entry's (a greeting, a reference id) takes the entry's states for
+    the entry's tokens and computes only the added ones, in every layer, attending to the entry's stored keys and
+    values (CacheBlend's selective recompute). Its added tokens are computed, not invented, so ``max_unaligned`` does
+    not bound them; this does. Needs layers that take a KV-cache argument with bidirectional eager or sdpa
+    attention (BERT-like encoders) and no KV cache in the request; elsewhere such rows are served whole within
+    ``max_unaligned`` or computed. Entries then also hold their keys and values in every looked-up layer (float16
+    for a float32 model: 6x the bytes of the state for a 6-layer model), recorded while rows find entries
+    (docs/semantic.md). 0: no partial hits, and entries without K/V."""
+
     def __post_init__(self) -> None:
         if self.fingerprint is not None and (
             not isinstance(self.fingerprint, str) or self.fingerprint not in FINGERPRINTS
@@ -83,6 +94,7 @@ class SemanticConfig(StrategyConfig):
         if self.edits not in EDITS:
             raise ValueError(f"edits={self.edits!r} is not allowed; use one of {', '.join(map(repr, EDITS))}.")
         check_number("max_unaligned", self.max_unaligned, 0.0, 1.0, what="a fraction in [0, 1]")
+        check_number("max_added", self.max_added, 0.0, 1.0, what="a fraction in [0, 1]")
         if self.max_error_rate is not None:
             check_number(
                 "max_error_rate",

@@ -11,6 +11,9 @@ from ...entries import StoredEntry, refuse_unknown, require
 from ...kv import KVWrite, check_writes, decode_writes, encode_writes
 from ...verified import OBSERVATIONS, check_observations
 
+ATTENTION_KV = "attention_kv"
+"""The entry field holding its row's keys and values in each layer a partial hit computes against (see
+:attr:`SemanticEntry.attention_kv`)."""
 PREDICTION = "prediction"
 """With ``acceptance="argmax"``, the entry field holding its request's prediction (one int64; -1 until known)."""
 KINDS = ("state", "delta")
@@ -38,6 +41,10 @@ class SemanticEntry(StoredEntry):
     """With ``max_error_rate``: verdicts of its verified reuses (:mod:`hf_layercache.verified`)."""
     prediction: torch.Tensor | None = None
     """With ``acceptance="argmax"``: the prediction its request got (see :data:`PREDICTION`)."""
+    attention_kv: torch.Tensor | None = None
+    """``(layers, 2, heads, real tokens, head_dim)``: the row's keys and values in each looked-up layer of its stack
+    up to this one, so a row that adds tokens to this entry's can compute those alone (:mod:`.partial`); ``None``
+    where the layers cannot do that."""
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         source = torch.frombuffer(bytearray(self.source), dtype=torch.int64)
@@ -51,6 +58,8 @@ class SemanticEntry(StoredEntry):
             values[OBSERVATIONS] = self.observations
         if self.prediction is not None:
             values[PREDICTION] = self.prediction
+        if self.attention_kv is not None:
+            values[ATTENTION_KV] = self.attention_kv
         return values
 
     @classmethod
@@ -66,6 +75,7 @@ class SemanticEntry(StoredEntry):
             writes=decode_writes(values),
             observations=values.get(OBSERVATIONS),
             prediction=values.get(PREDICTION),
+            attention_kv=values.get(ATTENTION_KV),
         )
 
     @classmethod
@@ -83,7 +93,9 @@ class SemanticEntry(StoredEntry):
             check_observations(values[OBSERVATIONS])
         if PREDICTION in values:
             check_prediction(values[PREDICTION])
-        known = {*kinds, "tokens", "meta", OBSERVATIONS, PREDICTION}
+        if ATTENTION_KV in values:
+            require(values, ATTENTION_KV, None, (None, 2, None, value.shape[0], None))
+        known = {*kinds, "tokens", "meta", OBSERVATIONS, PREDICTION, ATTENTION_KV}
         refuse_unknown({k: v for k, v in values.items() if not k.startswith("kv.")}, known, "a semantic entry")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from ...kv import KVWrite, find_cache, record_kv_writes
 from ...layers import same_rows, select_rows
 from ...stats import CacheStats
 from ..stack import LayerHook, StartRun
+from .partial import KVCacheArgument, PartialRow, cache_argument_name, partial_call
 from .run import Compute, LayerSlot, SemanticRun
 
 ReuseStep = Callable[[LayerSlot, SemanticRun, dict[str, Any], torch.Tensor, Compute], torch.Tensor]
@@ -39,10 +39,11 @@ class SemanticLayerHook(LayerHook):
         super().__init__(slot.layer, slot.position, start_run, counters)
         self.slot = slot
         self.step = step
+        self.cache_name = cache_argument_name(slot.layer.module) if slot.partial else None
+        """Where a partial call puts its :class:`~.partial.KVCacheArgument` (``None``: the layer cannot)."""
 
     def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
-        compute = functools.partial(self.compute, run, arguments, hidden)
-        return self.pack(self.step(self.slot, run, arguments, hidden, compute))
+        return self.pack(self.step(self.slot, run, arguments, hidden, _LayerCompute(self, run, arguments, hidden)))
 
     def compute(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
@@ -59,6 +60,9 @@ class SemanticLayerHook(LayerHook):
                 full[row] = full[twin]
             return full, writes
         start = time.perf_counter()
+        capture = KVCacheArgument() if run.record_kv and self.cache_name is not None else None
+        if capture is not None:  # the rows' K/V, for the entries they may become (see EntryStore)
+            arguments = {**arguments, self.cache_name: capture}
         if len(rows) == run.batch:
             with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
                 out = self.original(**arguments)
@@ -66,6 +70,8 @@ class SemanticLayerHook(LayerHook):
             selected = torch.tensor(rows, device=hidden.device)
             out, writes = self.original(**select_rows(arguments, self.layer.spec, selected, run.batch)), []
         seconds = time.perf_counter() - start
+        if capture is not None and capture.key is not None:
+            run.captured[self.slot.position] = (rows, capture.key, capture.value)
         self.observe(out)
         computed = out[0] if isinstance(out, tuple) else out
         self.counters.record_compute(self.layer.name, len(rows), seconds)
@@ -74,6 +80,22 @@ class SemanticLayerHook(LayerHook):
         full = hidden.clone()
         full[torch.tensor(rows, device=hidden.device)] = computed.to(full.dtype)
         return full, writes
+
+    def compute_tokens(
+        self, arguments: dict[str, Any], hidden: torch.Tensor, plan: list[PartialRow]
+    ) -> list[torch.Tensor]:
+        """Run the layer on the added tokens of ``plan``'s rows alone, against their entries' K/V
+        (:mod:`.partial`): each row's output at its added tokens."""
+        call = partial_call(hidden, plan)
+        partial_arguments = {
+            **arguments,
+            self.binder.first: call.hidden,
+            "attention_mask": call.mask,
+            self.cache_name: call.cache,
+        }
+        out = self.original(**partial_arguments)
+        computed = out[0] if isinstance(out, tuple) else out
+        return [computed[i, : p.added.numel()] for i, p in enumerate(plan)]
 
     def _copies(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
@@ -88,3 +110,16 @@ class SemanticLayerHook(LayerHook):
             for row, twin in run.twins.items()
             if row in computing and twin in computing and same_rows(arguments, hidden, self.layer.spec, row, twin)
         }
+
+
+class _LayerCompute:
+    """:class:`~.run.Compute` for one call of a hooked layer."""
+
+    def __init__(self, hook: SemanticLayerHook, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor):
+        self.hook, self.run, self.arguments, self.hidden = hook, run, arguments, hidden
+
+    def __call__(self, rows: list[int]) -> tuple[torch.Tensor, list[KVWrite]]:
+        return self.hook.compute(self.run, self.arguments, self.hidden, rows)
+
+    def tokens(self, plan: list[PartialRow]) -> list[torch.Tensor]:
+        return self.hook.compute_tokens(self.arguments, self.hidden, plan)

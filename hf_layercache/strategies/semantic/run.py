@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +25,7 @@ from ...layers import CachedLayer
 from ...request import RequestScope, namespace_tag
 from .alignment import Index
 from .entries import SemanticEntry
+from .partial import PartialRow
 
 _REQUEST = "semantic.request"
 """Where :meth:`RunBuilder.begin_request` keeps the request's token ids and mask for the stacks' runs."""
@@ -57,11 +58,21 @@ class LayerSlot:
     layer: CachedLayer
     position: int
     rank: int
+    partial: bool = False
+    """Whether the layer can compute some tokens of a row against stored K/V (:func:`.partial.supports_partial`)."""
 
 
-Compute = Callable[[list[int]], tuple[torch.Tensor, list[KVWrite]]]
-"""Runs the layer on some rows of the call: the full-batch output (the input kept in the other rows) and the K/V
-writes it made. The hook builds it per call, so the steps compute without knowing the hook."""
+class Compute(Protocol):
+    """Runs the layer for one call of it; the hook builds one per call, so the steps compute without knowing it."""
+
+    def __call__(self, rows: list[int]) -> tuple[torch.Tensor, list[KVWrite]]:
+        """Run the layer on ``rows``: the full-batch output (the input kept in the other rows) and the K/V writes it
+        made."""
+
+    def tokens(self, plan: list[PartialRow]) -> list[torch.Tensor]:
+        """Run the layer on the added tokens of ``plan``'s rows against their entries' K/V: each row's output at its
+        added tokens."""
+
 
 RecordLookup = Callable[[Lookup, CacheBank | None, list[str]], None]
 """``StrategyContext.record_lookup``: what a lookup decided, once, for the bank's policy and the layers' stats."""
@@ -80,6 +91,9 @@ class Candidate:
     """``max_error_rate`` could not vouch for it: computed, judged, and the verdict recorded."""
     audit: bool = False
     """Drawn by ``verify_fraction``: computed and judged, although it would have been served."""
+    added: torch.Tensor | None = None
+    """A partial hit (:mod:`.partial`): the positions, among the row's real tokens, of the tokens it adds to the
+    entry's, which every layer up to the target computes; ``None``: the row is served whole."""
 
     @property
     def verify(self) -> bool:
@@ -122,10 +136,20 @@ class SemanticRun:
     pending: list[tuple[int, Candidate, float]] = field(default_factory=list)
     """``acceptance="argmax"``: verified rows, their candidates and relative errors, judged once the model's output
     is known."""
-    alignments: dict[tuple[int, bytes], torch.Tensor | None] = field(default_factory=dict)
+    alignments: dict[tuple[int, bytes, float], Index | None] = field(default_factory=dict)
+    """Per row, entry tokens and bound on unaligned tokens: the alignment found, computed once per run."""
     twins: dict[int, int] = field(default_factory=dict)
     """Rows repeating an earlier row of the batch (same tokens in the same places), by the row they repeat: a layer
     that computes both computes the first and copies it (see ``SemanticLayerHook.compute``)."""
+    partial: bool = False
+    """Whether rows may be served in part (:mod:`.partial`): every layer of the stack can, the call carries nothing
+    per token but its hidden state and mask, there is no KV cache, and ``max_added`` allows it."""
+    record_kv: bool = False
+    """With ``partial``, whether computed rows record their K/V (``captured``) for the entries they become
+    (:class:`~.partial.RecordingGate`)."""
+    captured: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """With ``record_kv``: per stack position, the rows a layer computed and their keys and values,
+    ``(rows, heads, length, head_dim)`` each."""
 
     @property
     def batch(self) -> int:

@@ -11,7 +11,7 @@ from ...config import LayerCacheConfig
 from ...fingerprints import Fingerprint
 from ...layers import rows_splittable
 from ...verified import ErrorBound
-from .alignment import align_tokens
+from .alignment import ADDED, Index, align_tokens
 from .entries import SemanticEntry
 from .run import Candidate, LayerSlot, SemanticRun
 
@@ -68,14 +68,38 @@ class EntrySearch:
                 if entry_id < 0 or score < threshold - SIMILARITY_TOLERANCE:
                     break
                 entry = bank.get(entry_id, run.namespace)
-                index = self._usable(run, row, entry, kind, threshold) if entry is not None else None
+                partial = entry is not None and self._partial_entry(slot, run, entry)
+                index = self._usable(run, row, entry, kind, threshold, partial) if entry is not None else None
                 if index is None:
+                    continue
+                added = self._added(run, row, index, partial)
+                if added is False:
                     continue
                 score = self._confirmed(run, row, entry, score)
                 if score >= threshold - SIMILARITY_TOLERANCE:
-                    found[row] = Candidate(entry_id, slot.layer.name, entry, index, score)
+                    found[row] = Candidate(entry_id, slot.layer.name, entry, index, score, added=added)
                     break
         return found, best
+
+    def _partial_entry(self, slot: LayerSlot, run: SemanticRun, entry: SemanticEntry) -> bool:
+        """Whether the entry can serve a row in part in this run: it holds its K/V in every looked-up layer up to
+        ``slot`` (an entry from disk may come from another fingerprint, with another first looked-up layer)."""
+        kv = entry.attention_kv
+        layers = slot.position - self.fingerprint.after_layers + 1
+        return run.partial and self.config.edits == "additive" and kv is not None and kv.shape[0] == layers
+
+    def _added(self, run: SemanticRun, row: int, index: Index, partial: bool) -> torch.Tensor | bool | None:
+        """The positions of the row's added tokens when it is served in part, ``None`` when it is served whole, or
+        ``False`` when it adds more than either way allows (``max_added``, ``max_unaligned``)."""
+        if isinstance(index, slice):
+            return None
+        added = (index == ADDED).nonzero().squeeze(1)
+        share = added.numel() / max(run.lengths[row], 1)
+        if not added.numel():
+            return None
+        if partial and share <= self.config.max_added:
+            return added
+        return None if share <= self.config.max_unaligned else False
 
     def _confirmed(self, run: SemanticRun, row: int, entry: SemanticEntry, estimate: float) -> float:
         """The fingerprint's exact similarity for the pair when it has one (MinHash: the Jaccard similarity of
@@ -87,9 +111,10 @@ class EntrySearch:
         return estimate if exact is None else exact
 
     def _usable(
-        self, run: SemanticRun, row: int, entry: SemanticEntry, kind: str, threshold: float
-    ) -> torch.Tensor | None:
-        """How the entry's tokens map onto the row's, or ``None`` when it must not be served to this row."""
+        self, run: SemanticRun, row: int, entry: SemanticEntry, kind: str, threshold: float, partial: bool
+    ) -> Index | None:
+        """How the entry's tokens map onto the row's, or ``None`` when it must not be served to this row. With
+        ``partial``, added tokens up to ``max_added`` are allowed: the row computes them (see :meth:`_added`)."""
         if entry.kind != kind or (run.with_kv and not entry.kv_recorded):
             return None
         tokens, old = run.tokens[row], entry.tokens
@@ -100,10 +125,11 @@ class EntrySearch:
         if run.with_kv:  # K/V need equal lengths; an additive edit of equal length is no edit
             same = len(tokens) == old.numel() and (self.config.edits == "any" or tokens == old.tolist())
             return slice(None) if same else None
-        cache_key = (row, old.numpy().tobytes())
+        config = self.config
+        bound = max(config.max_unaligned, config.max_added) if partial else config.max_unaligned
+        cache_key = (row, old.numpy().tobytes(), bound)
         if cache_key not in run.alignments:
-            config = self.config
-            run.alignments[cache_key] = align_tokens(tokens, old.tolist(), config.max_unaligned, config.edits)
+            run.alignments[cache_key] = align_tokens(tokens, old.tolist(), bound, config.edits)
         return run.alignments[cache_key]
 
     def choose(

@@ -13,6 +13,7 @@ from ...kv import find_cache, replay_kv_writes
 from ...layers import rows_splittable
 from .alignment import on_device, take
 from .entries import SemanticEntry
+from .partial import PartialRow, RecordingGate, padded_positions, plain_call
 from .parts import ReuseParts
 from .run import Compute, LayerSlot, SemanticRun, Target
 from .search import SIMILARITY_TOLERANCE
@@ -41,6 +42,8 @@ class StateStep:
         self.run_builder, self.search, self.verifier = parts.run_builder, parts.search, parts.verifier
         self.entry_store, self.banks, self.record_lookup = parts.entry_store, parts.banks, parts.record_lookup
         self.jump_targets = self._find_jump_targets()
+        self.recording = RecordingGate()
+        """Whether computed rows record their K/V for partial hits (see :class:`~.partial.RecordingGate`)."""
 
     def _find_jump_targets(self) -> set[str]:
         """The layers a row can jump to. A row takes the deepest layer with a usable entry and every such layer holds
@@ -62,12 +65,17 @@ class StateStep:
     ) -> torch.Tensor:
         """Rows jump to the deepest layer with a similar entry: pass through until there, take its state there."""
         if slot.position == self.after_layers:
+            run.partial = self._partial_possible(slot, run, arguments, hidden)
+            run.record_kv = run.partial and self.recording.open
             run.keys = self.run_builder.key(run, hidden)
             run.targets = self._targets(slot, run, arguments)
+            self.recording.observe(len(run.targets), run.batch)
             self._record_jumps(slot, run)
         live = {r: t for r, t in run.targets.items() if not t.candidate.verify}
         passing = [r for r, t in live.items() if t.position > slot.position]
         serving = {r: t.candidate for r, t in live.items() if t.position == slot.position}
+        partial = [r for r in [*passing, *serving] if live[r].candidate.added is not None]
+        added = self._compute_added(slot, run, hidden, compute, partial) if partial else {}
         compute_rows = [r for r in range(run.batch) if r not in passing and r not in serving]
         if compute_rows:
             out, writes = compute(compute_rows)
@@ -75,18 +83,43 @@ class StateStep:
             here = {r: c for r, c in verified.items() if run.targets[r].position == slot.position}
             self.verifier.check(run, here, hidden, out)  # before storing: see ResidualStep
             if run.with_kv or slot.layer.name in self.jump_targets:
-                self.entry_store.store(slot, run, run.keys, out, hidden, compute_rows, writes, "state")
+                kv_layers = range(self.after_layers, slot.position + 1) if run.record_kv else None
+                self.entry_store.store(slot, run, run.keys, out, hidden, compute_rows, writes, "state", kv_layers)
         else:
             out = hidden.clone()
         for row, candidate in serving.items():
             pos = on_device(run.positions[row], hidden.device)
             state = candidate.entry.value.to(device=hidden.device, dtype=hidden.dtype)
             out[row, pos] = take(state, candidate.index)
+        for row, (where, states) in added.items():
+            out[row, where] = states.to(out.dtype)
         for row in [*passing, *serving]:
             run.exact[row] = False
         if run.with_kv and not compute_rows:  # every row skips or is served here (see _targets)
             replay_kv_writes(find_cache(arguments), batch_writes(run, self._kv_sources(slot, run)))
         return out
+
+    def _partial_possible(
+        self, slot: LayerSlot, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor
+    ) -> bool:
+        """Whether this run may serve rows in part (see ``SemanticRun.partial``)."""
+        if run.with_kv or self.config.max_added <= 0:
+            return False
+        slots = self.stacks[slot.layer.stack][slot.position :]
+        return all(s.partial for s in slots) and plain_call(arguments, slot.layer.spec, hidden)
+
+    def _compute_added(
+        self, slot: LayerSlot, run: SemanticRun, hidden: torch.Tensor, compute: Compute, rows: list[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """This layer's output at the added tokens of the rows served in part, by row: their positions in the
+        batch and their states, computed against each entry's K/V here."""
+        plan = []
+        for row in rows:
+            candidate = run.targets[row].candidate
+            kv = candidate.entry.attention_kv[slot.position - self.after_layers]
+            where = padded_positions(run.positions[row], candidate.added).to(hidden.device)
+            plan.append(PartialRow(row, where, kv[0], kv[1]))
+        return {p.row: (p.added, states) for p, states in zip(plan, compute.tokens(plan), strict=True)}
 
     def _record_jumps(self, slot: LayerSlot, run: SemanticRun) -> None:
         """The lookup's outcome, once: a row served at layer ``t`` hits in every layer from here to ``t`` (they pass

@@ -11,6 +11,7 @@ from ...stats import CacheStats
 from ...verified import ErrorBound, new_observations
 from .alignment import Index, on_device
 from .entries import SemanticEntry
+from .partial import row_kv
 from .run import LayerSlot, SemanticRun
 
 
@@ -46,8 +47,10 @@ class EntryStore:
         rows: list[int],
         writes: list[KVWrite],
         kind: str,
+        kv_layers: range | None = None,
     ) -> None:
-        """Keep what the exact rows among ``rows`` computed: their update (``"delta"``) or output (``"state"``)."""
+        """Keep what the exact rows among ``rows`` computed: their update (``"delta"``) or output (``"state"``), and
+        with ``kv_layers`` (stack positions) their K/V there, recorded in ``run.captured``, for partial hits."""
         if run.with_kv and not writes:
             return  # an entry without the layer's K/V could not serve a request that needs them
         bank = self.banks[slot.layer.name]
@@ -65,8 +68,17 @@ class EntryStore:
                 writes=[self._row_write(w, row, pos) for w in writes],
                 observations=self._observations_of(bank, run.digests[row]) if self.error_bound is not None else None,
                 prediction=torch.full((1,), -1, dtype=torch.long) if self.config.acceptance == "argmax" else None,
+                attention_kv=self._attention_kv(run, kv_layers, row, pos) if kv_layers is not None else None,
             )
             bank.put(entry, digest=run.digests[row], key=keys[row], cost=seconds, namespace=run.namespace)
+
+    @staticmethod
+    def _attention_kv(run: SemanticRun, kv_layers: range, row: int, pos: Index) -> torch.Tensor | None:
+        """The row's recorded K/V, or its twin's (a layer computes one of two identical rows and copies it)."""
+        kv = row_kv(run.captured, kv_layers, row, pos)
+        if kv is None and row in run.twins:
+            kv = row_kv(run.captured, kv_layers, run.twins[row], pos)
+        return kv
 
     @staticmethod
     def _row_write(write: KVWrite, row: int, pos: Index) -> KVWrite:

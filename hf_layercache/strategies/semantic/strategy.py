@@ -24,6 +24,7 @@ from ..stack import StackStrategy
 from .config import DEFAULT_FINGERPRINT, SemanticConfig
 from .entries import SemanticEntry
 from .hook import ReuseStep, SemanticLayerHook, compute_every_row
+from .partial import supports_partial
 from .parts import ReuseParts
 from .residual import ResidualStep
 from .run import LayerSlot, RunBuilder, SemanticRun
@@ -60,6 +61,9 @@ class SemanticStrategy(StackStrategy):
             self.banks, self.config, self.error_bound, context.record_verdict, type(context.model).__name__
         )
         self.entry_store = EntryStore(self.banks, context.counters, self.config, self.error_bound)
+        self.reuse_step: ReuseStep | None = None
+        """The step serving every looked-up layer (:class:`~.state.StateStep` or :class:`~.residual.ResidualStep`),
+        built on attaching."""
 
     # --- the request path -----------------------------------------------------------------------------------------
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
@@ -89,12 +93,13 @@ class SemanticStrategy(StackStrategy):
         stacks: dict[str, list[LayerSlot]] = {}
         for rank, layer in enumerate(self.layers):
             in_stack = stacks.setdefault(layer.stack, [])
-            slot = LayerSlot(layer, len(in_stack), rank)
+            partial = self.reuse == "state" and supports_partial(layer.module)
+            slot = LayerSlot(layer, len(in_stack), rank, partial)
             in_stack.append(slot)
             slots.append(slot)
             expected = {"hidden_size": self.context.spec.hidden_size}
             self.new_bank(layer.name, layer.device, len(self.layers), SemanticEntry, expected=expected, key_dim=key_dim)
-        step = self._reuse_step(stacks)
+        step = self.reuse_step = self._reuse_step(stacks)
         for slot in slots:
             probe = slot.position < self.fingerprint.after_layers  # the probe's layers always compute
             hook = SemanticLayerHook(slot, self.start_run, self.context.counters, compute_every_row if probe else step)

@@ -1,0 +1,192 @@
+"""Partial hits: a row that extends a cached entry's tokens at its ends (a greeting put in front, a reference id
+appended) takes the entry's states for the entry's tokens and computes its added tokens only, in every layer, their
+queries attending to the entry's keys and values there and to one another. This is CacheBlend's selective
+recompute with the added tokens as the selection; serving such a row whole instead invents the added tokens' states
+(docs/semantic.md measures both).
+
+A layer computes some tokens of a row without the library knowing its architecture: it is called on the added
+tokens alone, with a KV-cache argument holding the entry's K/V at that layer (:class:`KVCacheArgument`). The layer's
+self-attention appends the added tokens' K/V to them as it does in incremental decoding, and the mask built here
+lets every added token attend to all of them. The same argument, with nothing to prepend, records the K/V a layer
+computes for the rows that become entries.
+
+A layer qualifies (:func:`supports_partial`) when its forward takes a KV-cache argument and its self-attention is
+bidirectional, running eager or sdpa attention (which take a float mask): BERT-like encoders. Elsewhere rows are
+served whole or computed, as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...kv import CACHE_ARGUMENTS
+from ...layers import LayerSpec
+
+_MASK_ATTENTION = ("eager", "sdpa")
+"""Attention implementations that take the float mask a partial call builds."""
+_PARTIAL_ARGUMENTS = frozenset({"attention_mask", *CACHE_ARGUMENTS})
+"""Per-row arguments a partial call rebuilds; any other one holding a tensor (positions, cross-attention inputs)
+would have to be cut to the added tokens, which no layer contract says how to do, so such calls serve rows whole."""
+
+
+class KVCacheArgument:
+    """What a layer's self-attention gets as its KV cache in a partial call: ``update`` records the K/V the layer
+    computed and returns them after ``prefix`` (the entry's K/V at this layer), as a cache would return the past and
+    the new together. Duck-typed: the attention modules that qualify call ``update`` and nothing else."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.prefix = prefix
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.key, self.value = key_states, value_states
+        if self.prefix is None:
+            return key_states, value_states
+        return torch.cat([self.prefix[0], key_states], dim=-2), torch.cat([self.prefix[1], value_states], dim=-2)
+
+
+class RecordingGate:
+    """Whether computed rows record their K/V for partial hits: while at least ``share`` of the recent looked-up rows
+    found an entry (a moving average over about ``rows`` rows, starting open).
+
+    Recording costs every computed row the bytes of its K/V in every layer. On traffic where nothing repeats (the
+    natural stream of docs/benchmarks.md, 0.3% of rows found an entry) that cost 3% of the throughput and bought
+    nothing; where rows find entries (the campaign stream, 70%), the next edit of a stored text is what pays. Rows
+    stored while the gate is shut are served whole or computed, as without partial hits."""
+
+    def __init__(self, share: float = 0.05, rows: int = 32):
+        self.share = share
+        self.decay = 1.0 - 1.0 / rows
+        self.level = 1.0
+
+    @property
+    def open(self) -> bool:
+        return self.level >= self.share
+
+    def observe(self, found: int, rows: int) -> None:
+        """``found`` of ``rows`` looked-up rows found an entry."""
+        kept = self.decay**rows
+        self.level = self.level * kept + (found / max(rows, 1)) * (1.0 - kept)
+
+
+def supports_partial(module: nn.Module) -> bool:
+    """Whether the layer ``module`` can compute some tokens against stored K/V: a KV-cache parameter, and
+    self-attention modules that are all bidirectional (``is_causal`` False) on eager or sdpa attention."""
+    parameters = inspect.signature(module.forward).parameters
+    if "attention_mask" not in parameters or not any(name in parameters for name in CACHE_ARGUMENTS):
+        return False
+    attention = [m for m in module.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+    if not attention:
+        return False
+    for m in attention:
+        config = getattr(m, "config", None)
+        if m.is_causal is not False or getattr(config, "_attn_implementation", None) not in _MASK_ATTENTION:
+            return False
+    return True
+
+
+def cache_argument_name(module: nn.Module) -> str:
+    """The name the layer's forward gives its KV-cache argument (transformers renamed it in 5.24)."""
+    parameters = inspect.signature(module.forward).parameters
+    return next(name for name in CACHE_ARGUMENTS if name in parameters)
+
+
+def plain_call(arguments: dict[str, Any], spec: LayerSpec, hidden: torch.Tensor) -> bool:
+    """Whether a call carries no tensor besides its ``hidden`` state and the mask, so its rows' added tokens can be
+    computed alone."""
+    for name, value in arguments.items():
+        if value is hidden or name in _PARTIAL_ARGUMENTS:
+            continue
+        if name in spec.batch_args and value is not None:
+            return False
+        if isinstance(value, torch.Tensor):
+            return False
+    return True
+
+
+@dataclass
+class PartialRow:
+    """One row served in part at one layer: where its added tokens sit in the padded batch, and the entry's K/V at
+    this layer, ``(heads, entry tokens, head_dim)`` each."""
+
+    row: int
+    added: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class PartialCall:
+    """The added tokens of several rows as one layer call: ``hidden`` ``(rows, most added, hidden)``, the entries'
+    K/V padded to the longest, and the float mask over ``[entry tokens; added tokens]`` that hides the padding."""
+
+    hidden: torch.Tensor
+    cache: KVCacheArgument
+    mask: torch.Tensor
+
+
+def partial_call(hidden: torch.Tensor, plan: list[PartialRow]) -> PartialCall:
+    """Gather the added tokens of ``plan``'s rows from the batch's ``hidden`` state into one padded call."""
+    most_added = max(p.added.numel() for p in plan)
+    most_stored = max(p.key.shape[1] for p in plan)
+    heads, head_dim = plan[0].key.shape[0], plan[0].key.shape[2]
+    rows = len(plan)
+    device, dtype = hidden.device, hidden.dtype
+    compact = hidden.new_zeros(rows, most_added, hidden.shape[-1])
+    key = hidden.new_zeros(rows, heads, most_stored, head_dim)
+    value = hidden.new_zeros(rows, heads, most_stored, head_dim)
+    allowed = torch.zeros(rows, 1, 1, most_stored + most_added, dtype=torch.bool, device=device)
+    for i, p in enumerate(plan):
+        added, stored = p.added.numel(), p.key.shape[1]
+        compact[i, :added] = hidden[p.row, p.added.to(device)]
+        key[i, :, :stored] = p.key.to(device=device, dtype=dtype)
+        value[i, :, :stored] = p.value.to(device=device, dtype=dtype)
+        allowed[i, ..., :stored] = True
+        allowed[i, ..., most_stored : most_stored + added] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return PartialCall(compact, KVCacheArgument((key, value)), mask.expand(rows, 1, most_added, -1))
+
+
+def padded_positions(real: slice | torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """Where the ``added`` tokens (positions among a row's real tokens) sit in the padded batch, the row's real
+    tokens being at ``real``."""
+    if isinstance(real, slice):
+        return added + (real.start or 0)
+    return real[added]
+
+
+def row_kv(
+    captured: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]], layers: range, row: int, real: Any
+) -> torch.Tensor | None:
+    """A row's recorded K/V at its real tokens over ``layers`` (stack positions), ``(layers, 2, heads, tokens,
+    head_dim)`` for its entry, in :func:`storage_dtype`; ``None`` when a layer did not record the row."""
+    recorded = []
+    for position in layers:
+        rows, key, value = captured.get(position, ([], None, None))
+        if row not in rows:
+            return None
+        recorded.append((rows.index(row), key, value))
+    _, key, _ = recorded[0]
+    tokens = key[0][:, real].shape[1]
+    out = torch.empty(len(recorded), 2, key.shape[1], tokens, key.shape[3], dtype=storage_dtype(key.dtype))
+    out = out.to(key.device)
+    for layer, (i, key, value) in enumerate(recorded):  # one pass: slice, convert and copy together
+        out[layer, 0].copy_(key[i][:, real])
+        out[layer, 1].copy_(value[i][:, real])
+    return out
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """How entries keep K/V: float32 ones as float16. Every computed row records every layer's K/V (13x the bytes
+    of its state for a 6-layer model), and the writing cost a natural stream, where nothing is reused, 7-10% of its
+    throughput in float32; half the bytes halve that. A partial hit reads them back into the model's dtype: the
+    rounding (relative 5e-4) is far inside what serving the entry's states approximates."""
+    return torch.float16 if dtype == torch.float32 else dtype

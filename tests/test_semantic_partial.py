@@ -1,0 +1,196 @@
+"""Partial semantic hits (issue #33): a row that adds tokens at its ends to a cached entry's takes the entry's
+states for those tokens and computes only the added ones, against the entry's keys and values in every layer.
+
+The reference is built here from the model's own layers on full sequences, not from the library's code: in a
+bidirectional layer an added token's output depends on its own input and on every token's key and value, so
+running the layer over ``[entry's inputs at that layer; the added tokens' inputs]`` and keeping the added tokens'
+outputs is what a partial call must give.
+"""
+
+import pytest
+import torch
+from tiny import VOCAB, tiny_decoder, tiny_model
+
+import hf_layercache
+from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.semantic.entries import SemanticEntry
+from hf_layercache.strategies.semantic.partial import RecordingGate, supports_partial
+
+CLS, SEP = 1, 2
+ENTRY = [CLS, *torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(7)).tolist(), SEP]
+GREETING = [CLS, 11, 12, *ENTRY[1:]]
+"""Two tokens put in front (after ``[CLS]``)."""
+REFERENCE = [*ENTRY[:-1], 21, 22, 23, SEP]
+"""Three tokens appended (before ``[SEP]``)."""
+
+
+def semantic(**kwargs) -> LayerCacheConfig:
+    return LayerCacheConfig(strategy="semantic", **{"verify_fraction": 0.0, "threshold": 0.5, **kwargs})
+
+
+def forward(model, rows: list[list[int]]):
+    """The model on ``rows``, right-padded into one batch; last hidden states."""
+    length = max(map(len, rows))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def layer_out(layer, x: torch.Tensor) -> torch.Tensor:
+    out = layer(x.unsqueeze(0))
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def partial_reference(plain, entry: list[int], row: list[int], added: list[int], offset: int = 0) -> torch.Tensor:
+    """What a partial hit serves ``row``: the entry's last states at its tokens, and the ``added`` positions
+    computed layer by layer against the entry's inputs there. ``offset``: the row's first position in its batch
+    (BERT numbers positions from the batch's first column, padding included)."""
+    with torch.no_grad():
+        states = plain(input_ids=torch.tensor([entry]), output_hidden_states=True).hidden_states
+        positions = torch.arange(offset, offset + len(row)).unsqueeze(0) if offset else None  # else the model's own
+        x = plain.embeddings(input_ids=torch.tensor([row]), position_ids=positions)[0][added]
+        for i, layer in enumerate(plain.encoder.layer):
+            x = layer_out(layer, torch.cat([states[i][0], x]))[-len(added) :]
+    aligned = [p for p in range(len(row)) if p not in added]
+    out = torch.empty(len(row), x.shape[-1])
+    out[aligned] = states[-1][0]
+    out[added] = x
+    return out
+
+
+def entries(model) -> list[SemanticEntry]:
+    return [entry for bank in model.layer_cache.strategy.banks.values() for _, entry in bank.items()]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_added_tokens_are_computed_against_the_entry_and_the_rest_served(arch):
+    plain = tiny_model(arch)
+    model = hf_layercache.enable(tiny_model(arch), semantic())
+    forward(model, [ENTRY])
+    for row, added in ((GREETING, [1, 2]), (REFERENCE, [41, 42, 43])):
+        served = forward(model, [row])[0]
+        torch.testing.assert_close(served, partial_reference(plain, ENTRY, row, added), rtol=0, atol=1e-5)
+        assert not torch.allclose(served, forward(plain, [row])[0], atol=1e-3)  # served, not computed
+    assert model.layer_cache.stats()["total"]["hits"] == 2 * len(model.layer_cache.layers)
+
+
+def test_a_padded_batch_mixing_partial_whole_and_computed_rows_gives_each_row_its_own_result():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    unrelated = [CLS, *range(50, 70), SEP]
+    out = forward(model, [REFERENCE, unrelated, ENTRY, GREETING])
+    torch.testing.assert_close(out[0], partial_reference(plain, ENTRY, REFERENCE, [41, 42, 43]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1, : len(unrelated)], forward(plain, [unrelated])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2, : len(ENTRY)], forward(plain, [ENTRY])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out[3, : len(GREETING)], partial_reference(plain, ENTRY, GREETING, [1, 2]), rtol=0, atol=1e-5
+    )
+
+
+def test_left_padding_places_the_added_tokens_where_the_row_has_them():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    pad = len(REFERENCE) - len(GREETING)
+    ids = torch.tensor([REFERENCE, [0] * pad + GREETING])
+    mask = (torch.arange(ids.shape[1]) >= torch.tensor([[0], [pad]])).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    reference = partial_reference(plain, ENTRY, GREETING, [1, 2], offset=pad)
+    torch.testing.assert_close(out[1, pad:], reference, rtol=0, atol=1e-5)
+
+
+def test_entries_hold_every_layers_keys_and_values_and_survive_a_save(tmp_path):
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    (entry,) = entries(model)  # one threshold: the last layer alone stores
+    config = plain.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    assert tuple(entry.attention_kv.shape) == (config.num_hidden_layers, 2, heads, len(ENTRY), head_dim)
+    model.layer_cache.save(tmp_path)
+    warm = hf_layercache.enable(tiny_model("bert"), semantic())
+    warm.layer_cache.load(tmp_path)
+    served = forward(warm, [REFERENCE])[0]
+    torch.testing.assert_close(served, partial_reference(plain, ENTRY, REFERENCE, [41, 42, 43]), rtol=0, atol=1e-5)
+
+
+def test_stored_keys_and_values_of_the_wrong_shape_are_refused():
+    entry = SemanticEntry(
+        kind="state",
+        value=torch.zeros(5, 8),
+        tokens=torch.arange(5),
+        source=bytes(32),
+        kv_recorded=False,
+        writes=[],
+        attention_kv=torch.zeros(3, 2, 2, 4, 4),  # 4 tokens for 5 states
+    )
+    with pytest.raises(ValueError, match="attention_kv"):
+        SemanticEntry.validate(entry.to_tensors(), hidden_size=8)
+
+
+def test_max_added_zero_serves_whole_rows_and_stores_no_keys():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic(max_added=0.0))
+    forward(model, [ENTRY])
+    assert all(entry.attention_kv is None for entry in entries(model))
+    served = forward(model, [GREETING])[0]  # 2 of 44 tokens added: within max_unaligned, served whole
+    assert model.layer_cache.stats()["total"]["hits"] == len(model.layer_cache.layers)
+    assert not torch.allclose(served, partial_reference(plain, ENTRY, GREETING, [1, 2]), atol=1e-3)
+
+
+def test_more_added_than_max_added_and_max_unaligned_computes():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic(max_added=0.05, max_unaligned=0.05))  # 3 of 45 added
+    forward(model, [ENTRY])
+    torch.testing.assert_close(forward(model, [REFERENCE])[0], forward(plain, [REFERENCE])[0], rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["hits"] == 0
+
+
+def test_only_bidirectional_layers_with_a_kv_argument_qualify():
+    assert supports_partial(tiny_model("bert").encoder.layer[0])
+    assert not supports_partial(tiny_decoder("llama").model.layers[0])  # causal: a served token would see the future
+    assert not supports_partial(tiny_model("distilbert").transformer.layer[0])  # no KV-cache argument
+
+
+def test_a_row_twice_in_a_cold_batch_still_stores_its_keys_and_values():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY, ENTRY])  # computed once and copied
+    assert all(entry.attention_kv is not None for entry in entries(model))
+    served = forward(model, [REFERENCE])[0]
+    torch.testing.assert_close(served, partial_reference(plain, ENTRY, REFERENCE, [41, 42, 43]), rtol=0, atol=1e-5)
+
+
+def test_an_audited_partial_hit_serves_the_computed_row_and_is_judged_on_the_tokens_it_would_serve():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic(verify_fraction=1.0))
+    forward(model, [ENTRY])
+    torch.testing.assert_close(forward(model, [REFERENCE])[0], forward(plain, [REFERENCE])[0], rtol=0, atol=1e-5)
+    total = model.layer_cache.stats()["total"]
+    assert total["audited"] == 1
+
+
+def test_the_recording_gate_shuts_when_rows_stop_finding_entries_and_opens_when_they_find_them_again():
+    gate = RecordingGate(share=0.05, rows=64)
+    assert gate.open  # no evidence yet: record
+    for _ in range(12):
+        gate.observe(0, 16)
+    assert not gate.open  # 192 rows found nothing
+    gate.observe(4, 16)
+    assert gate.open  # a quarter of a batch found entries
+
+
+def test_unrelated_traffic_stops_recording_keys_and_values():
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(14):
+        forward(model, [[CLS, *torch.randint(3, VOCAB, (30,), generator=generator).tolist(), SEP] for _ in range(16)])
+    assert not model.layer_cache.strategy.reuse_step.recording.open
+    forward(model, [ENTRY])
+    (stored,) = [entry for entry in entries(model) if entry.tokens.tolist() == ENTRY]
+    assert stored.attention_kv is None  # stored while the gate was shut: served whole, as before
