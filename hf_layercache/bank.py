@@ -47,6 +47,8 @@ class _Stored:
     """The :func:`~hf_layercache.request.namespace_tag` of the tenant that stored it."""
     handle: Any = None
     """The storage's handle of the entry's place (a slot), released with it."""
+    entry: Any = None
+    """The entry as last read, kept for entry types whose ``decoded_once`` says reading it again gives the same."""
 
 
 @dataclass
@@ -130,6 +132,18 @@ class CacheBank(Generic[E]):
         with self.lock:
             return self._by_digest.get(digest)
 
+    def find_entry(self, digest: bytes, namespace: int | None = None) -> tuple[int, E] | None:
+        """``find`` and ``get`` under one hold of the lock: the entry of ``digest`` and its id, or ``None`` when
+        there is none (or, with ``namespace``, it belongs to another tenant)."""
+        with self.lock:
+            entry_id = self._by_digest.get(digest)
+            if entry_id is None:
+                return None
+            stored = self._entries.get(entry_id)
+            if stored is None or (namespace is not None and stored.namespace != namespace):
+                return None
+            return entry_id, self._read(stored)
+
     def search(self, keys: torch.Tensor, k: int = 1, namespace: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most similar entries per key, best first (id -1, score -inf where there are fewer); with
         ``namespace``, among that tenant's entries only.
@@ -168,7 +182,18 @@ class CacheBank(Generic[E]):
             stored = self._entries.get(entry_id)
             if stored is None or (namespace is not None and stored.namespace != namespace):
                 return None
-            return self.entry_type.from_tensors(stored.values)
+            return self._read(stored)
+
+    def _read(self, stored: _Stored) -> E:
+        """The entry of ``stored``. An entry type whose ``decoded_once`` is true holds nothing beyond its stored
+        tensors that reading them again could change (no field decoded from a tensor that :meth:`update` writes):
+        it is read once and the same object returned from then on (``tolist()`` on a cold hit costs microseconds)."""
+        entry = stored.entry
+        if entry is None:
+            entry = self.entry_type.from_tensors(stored.values)
+            if getattr(self.entry_type, "decoded_once", False):
+                stored.entry = entry
+        return entry
 
     def holds(self, entry_id: int, name: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` (field ``name`` of the entry as it was read) is still that entry's: it was neither
@@ -184,6 +209,7 @@ class CacheBank(Generic[E]):
             if stored is None:
                 return False
             change(self.entry_type.from_tensors(stored.values))
+            stored.entry = None  # read again from the changed tensors
             return True
 
     def items(self) -> list[tuple[int, E]]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Iterable
-from itertools import chain
+from itertools import chain, compress
 from typing import Any, Literal
 
 import torch
@@ -89,6 +89,8 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
 
 
 _VERSION = operator.attrgetter("_version")
+_subclass_functions_off = torch._C.DisableTorchFunctionSubclass
+"""While on, reading ``_version`` from a tensor subclass skips the lookup of its ``__torch_function__``."""
 
 _data_assignments = 0
 """``.data = t`` on any watched tensor (the one replacement that keeps the tensor object): the fast check's cue."""
@@ -261,32 +263,36 @@ class ModelWatch:
         self._config_at_mark = _config_state(self._config)
         self._glance = self._glance_now()
 
-    def _glance_now(self) -> tuple[int, list, list[torch.Tensor], list[int], list[dict]]:
-        """What the fast check compares: ``.data`` assignments, the tensor objects, their versions and the configs'
-        attribute dicts (shallow copies; their values compare by identity first, so this costs microseconds).
-
-        Versions are read through plain detached aliases, which share each tensor's version counter: reading one
-        from a watched subclass first looks its ``__torch_function__`` up (a third of a hit's time on small models).
-        """
+    def _glance_now(self) -> tuple[int, list, list[bool], list[int], list[dict]]:
+        """What the fast check compares: ``.data`` assignments, the tensor objects (``None`` in empty slots, and
+        where they are), their versions and the configs' attribute dicts (shallow copies; their values compare by
+        identity first, so this costs microseconds)."""
         tensors = list(chain.from_iterable(self._every_value))
+        present = [t is not None for t in tensors]
         self._config_values = {}
-        with torch.inference_mode(False), torch.no_grad():  # an alias made in inference mode would have no counter
-            aliases = [t.detach() for t in tensors if t is not None]
         self._config_objects = _configs(self._config)  # a sub-config replaced shows in its parent's attributes
-        versions = list(map(_VERSION, aliases))
-        return _data_assignments, tensors, aliases, versions, [dict(_attributes(c)) for c in self._config_objects]
+        with _subclass_functions_off():
+            versions = list(map(_VERSION, compress(tensors, present)))
+        return _data_assignments, tensors, present, versions, [dict(_attributes(c)) for c in self._config_objects]
 
     def _unchanged_at_a_glance(self) -> bool:
         """Nothing moved since :meth:`mark` (no scan, no per-tensor tuples): the common case, read in a few
-        microseconds per hundred tensors. Anything else takes the full comparison, which decides."""
-        assignments, tensors, aliases, versions, configs = self._glance
+        microseconds per hundred tensors. Anything else takes the full comparison, which decides.
+
+        Versions are read from the tensors the slots hold, with tensor subclasses' ``__torch_function__`` off:
+        a watched subclass would otherwise make each read look its ``__torch_function__`` up by name (a third of a
+        hit's time on small models), and the counter read is the tensor's own either way. (Reading through plain
+        detached aliases, as before, avoids that lookup too but touches two more objects per tensor, which a
+        request after a computed one finds cold.)"""
+        assignments, tensors, present, versions, configs = self._glance
         if assignments != _data_assignments:
             return False
         now = list(chain.from_iterable(self._every_value))
         if len(now) != len(tensors) or any(map(operator.is_not, now, tensors)):
             return False
-        if list(map(_VERSION, aliases)) != versions:
-            return False
+        with _subclass_functions_off():
+            if list(map(_VERSION, compress(now, present))) != versions:
+                return False
         return list(map(_attributes, self._config_objects)) == configs
 
     def config_value(self, config: Any, name: str) -> Any:

@@ -13,6 +13,7 @@ first, so no two different inputs share a byte stream.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
 from collections import OrderedDict
@@ -93,14 +94,21 @@ def _sequence_length(arguments: dict[str, Any], batch: int) -> int | None:
     return None
 
 
-def _real_columns(mask: torch.Tensor | None, batch: int, length: int) -> list[slice | None]:
-    """Per row, its real tokens as one run of columns, or ``None`` when the mask does not say so plainly."""
+def _real_columns(
+    mask: torch.Tensor | None, batch: int, length: int, host: np.ndarray | None = None
+) -> list[slice | None]:
+    """Per row, its real tokens as one run of columns, or ``None`` when the mask does not say so plainly (``host``:
+    the mask's :func:`_host_array`, when the caller has it already)."""
     if mask is None:
         return [slice(0, length)] * batch
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (batch, length):
         return [None] * batch
+    if host is None:
+        host = _host_array(mask)
+    if length and (host == 1).all():  # no padding (every row's real tokens are all of it): one test, not one per row
+        return [slice(0, length)] * batch
     rows = []
-    for row in _host_array(mask):
+    for row in host:
         real = np.flatnonzero(row)
         n = real.size
         plain = n > 0 and int(real[-1] - real[0]) + 1 == n and bool((row[real] == 1).all())
@@ -136,6 +144,28 @@ def row_keys(arguments: dict[str, Any], namespace: str, layout_free: bool) -> li
 
 
 _Tensors = list[tuple[str, int, torch.dtype, np.ndarray]]
+_UNKNOWN = object()
+
+
+def _argument_tensors(arguments: dict[str, Any]) -> list[tuple[str, int, torch.Tensor]]:
+    """Every tensor among the arguments (inside tuples, lists and dicts too), by name and position: the tensors
+    :func:`_host_tensors` converts, in its order."""
+    found = []
+    for name in sorted(arguments):
+        value = arguments[name]
+        if isinstance(value, torch.Tensor):
+            found.append((name, 0, value))
+        elif value is not None:
+            found.extend((name, i, t) for i, t in enumerate(_flat_tensors(value)))
+    return found
+
+
+def _raw_bytes(t: torch.Tensor) -> Any:
+    """The bytes :func:`_host_array` gives (in memory order), as a buffer: for a contiguous CPU tensor a ctypes view
+    of its memory, read without building a numpy array (a few microseconds of a cold cache hit); else through it."""
+    if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+        return (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return np.ascontiguousarray(_host_array(t))
 
 
 def _host_tensors(arguments: dict[str, Any]) -> _Tensors:
@@ -157,7 +187,8 @@ def _keys_of(arguments: dict[str, Any], tensors: _Tensors, namespace: str, layou
     length = _sequence_length(arguments, batch)
     columns: list[slice | None] = [None] * batch
     if layout_free and length is not None:
-        columns = _real_columns(arguments.get("attention_mask"), batch, length)
+        host = next((array for name, i, _, array in tensors if name == "attention_mask" and i == 0), None)
+        columns = _real_columns(arguments.get("attention_mask"), batch, length, host)
     return [_row_key(tensors, namespace, batch, length, row, columns[row]) for row in range(batch)]
 
 
@@ -177,19 +208,20 @@ class RowKeyMemo:
         self._lock = threading.Lock()
 
     def row_keys(self, arguments: dict[str, Any], namespace: str) -> list[RowKey] | None:
-        tensors = _host_tensors(arguments)
         digest = hashlib.blake2b(digest_size=32)
-        for *_, array in tensors:
-            digest.update(np.ascontiguousarray(array))
-        # the description fixes every array's byte length, so the bytes can follow one another unprefixed; kept as
+        described = []
+        for name, i, t in _argument_tensors(arguments):
+            digest.update(_raw_bytes(t))
+            described.append((name, i, t.dtype, tuple(t.shape)))
+        # the description fixes every tensor's byte length, so the bytes can follow one another unprefixed; kept as
         # a tuple beside the digest (the memo's key), which is cheaper than hashing its text
-        described = tuple((name, i, dtype, array.shape) for name, i, dtype, array in tensors)
-        request = (namespace, described, digest.digest())
+        request = (namespace, tuple(described), digest.digest())
         with self._lock:
-            if request in self._keys:
+            keys = self._keys.get(request, _UNKNOWN)
+            if keys is not _UNKNOWN:
                 self._keys.move_to_end(request)
-                return self._keys[request]
-        keys = _keys_of(arguments, tensors, namespace, self.layout_free)
+                return keys
+        keys = _keys_of(arguments, _host_tensors(arguments), namespace, self.layout_free)
         with self._lock:
             self._keys[request] = keys
             if len(self._keys) > self.size:

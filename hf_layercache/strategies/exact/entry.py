@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,8 @@ class ExactEntry(StoredEntry):
     """Whether the row ran with a KV cache, so :attr:`writes` holds what a KV cache needs."""
     writes: dict[int, list[KVWrite]]
     """Per cached layer (its position in the stack), its writes cut to this row's real tokens."""
+    decoded_once: ClassVar[bool] = True
+    """Never changed once stored: the bank reads it from its tensors once (:meth:`CacheBank.find_entry`)."""
 
     @property
     def real(self) -> slice:

@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.utils import ModelOutput
@@ -50,6 +50,8 @@ class RequestEntry(StoredEntry):
     fields: dict[str, torch.Tensor]
     """The output's fields that were not ``None``, by name."""
     layout: tuple[int, int, int]
+    decoded_once: ClassVar[bool] = True
+    """Never changed once stored: the bank reads it from its tensors once (:meth:`CacheBank.find_entry`)."""
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         values = {f"out.{name}": t for name, t in self.fields.items()}
@@ -112,9 +114,11 @@ class RequestPath:
         served: list[tuple[int, float]] = []
         rows: list[dict[str, torch.Tensor]] = []
         for key in keys:
-            entry_id = bank.find(self._digest(key, signature))
-            entry = bank.get(entry_id, tag) if entry_id is not None else None
-            if entry is None or entry.layout != key.layout or entry.fields.keys() != shape.fields.keys():
+            found = bank.find_entry(self._digest(key, signature), tag)
+            if found is None:
+                return None
+            entry_id, entry = found
+            if entry.layout != key.layout or entry.fields.keys() != shape.fields.keys():
                 return None
             served.append((entry_id, 1.0))
             rows.append(entry.fields)

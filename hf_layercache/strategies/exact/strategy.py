@@ -127,10 +127,9 @@ class ExactStrategy(StackStrategy):
             self.context.shared.fill(bank, digests, namespace)
         found: dict[int, tuple[int, ExactEntry]] = {}
         for row, digest in enumerate(digests):
-            entry_id = bank.find(digest)
-            entry = bank.get(entry_id, namespace) if entry_id is not None else None
-            if entry is not None and self._fits(entry, keys[row], hidden) and (entry.kv_recorded or not with_kv):
-                found[row] = (entry_id, entry)
+            hit = bank.find_entry(digest, namespace)
+            if hit is not None and self._fits(hit[1], keys[row], hidden) and (hit[1].kv_recorded or not with_kv):
+                found[row] = hit
         audits = {row: found.pop(row) for row in list(found) if self._draws.random() < self.verify_fraction}
         split = not with_kv and rows_splittable(arguments, layer.spec, len(digests))
         if found and len(found) < len(digests) and not split:
