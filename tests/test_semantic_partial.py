@@ -194,3 +194,33 @@ def test_unrelated_traffic_stops_recording_keys_and_values():
     forward(model, [ENTRY])
     (stored,) = [entry for entry in entries(model) if entry.tokens.tolist() == ENTRY]
     assert stored.attention_kv is None  # stored while the gate was shut: served whole, as before
+
+
+NOTICE = (
+    "The water supply to the northern suburbs will be interrupted on Tuesday between nine and three while crews "
+    "replace a main under Station Road. Residents are advised to store enough water for the day; tankers will be "
+    "parked outside the library and the primary school."
+)
+
+
+@pytest.mark.slow
+def test_sentence_transformers_serves_a_resent_notice_with_a_reference_in_part(minilm_path):
+    """Through sentence-transformers on the real all-MiniLM-L6-v2: the notice resent with a reference id (6 of 57
+    tokens added, above ``max_unaligned``) is served in part, closer to its own embedding than the original's
+    embedding is (what serving the row whole gives: 0.973-0.990 here, partial 0.985-0.993). Threshold 0.8: the pair
+    shares 0.857 of its token pairs, which the MinHash estimate may read below the default 0.85."""
+    from sentence_transformers import SentenceTransformer
+
+    resent = [f"{NOTICE} Ref: AK-{n:05d}" for n in (10442, 73019, 55120)]
+    plain = SentenceTransformer(minilm_path, device="cpu")
+    truth, original = plain.encode(resent, convert_to_tensor=True), plain.encode([NOTICE], convert_to_tensor=True)
+    cached = SentenceTransformer(
+        minilm_path, device="cpu", model_kwargs={"layer_cache": LayerCacheConfig(strategy="semantic", threshold=0.8)}
+    )
+    cached.encode([NOTICE])
+    layer_cache = cached[0].auto_model.layer_cache
+    served = cached.encode(resent, convert_to_tensor=True)
+    assert layer_cache.stats()["total"]["hits"] == len(resent) * len(layer_cache.layers)  # jumps pass every layer
+    cosine = torch.cosine_similarity(served, truth)
+    assert float(cosine.min()) >= 0.97
+    assert bool((cosine > torch.cosine_similarity(original, truth)).all())  # the added tokens' information is in
