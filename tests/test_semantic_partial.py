@@ -9,6 +9,7 @@ outputs is what a partial call must give.
 
 import pytest
 import torch
+import transformers as tf
 from tiny import VOCAB, tiny_decoder, tiny_model
 
 import hf_layercache
@@ -224,3 +225,25 @@ def test_sentence_transformers_serves_a_resent_notice_with_a_reference_in_part(m
     cosine = torch.cosine_similarity(served, truth)
     assert float(cosine.min()) >= 0.97
     assert bool((cosine > torch.cosine_similarity(original, truth)).all())  # the added tokens' information is in
+
+
+class LayerIgnoringItsCache(tf.models.bert.modeling_bert.BertLayer):
+    """A layer that takes a KV-cache argument and never reads it, as another version of a model's code might."""
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+def test_entries_with_keys_and_values_refuse_a_layer_that_ignores_them(tmp_path):
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    model.layer_cache.save(tmp_path)
+    other = tiny_model("bert")
+    for layer in other.encoder.layer:
+        layer.__class__ = LayerIgnoringItsCache
+    other = hf_layercache.enable(other, semantic())
+    forward(other, [[CLS, *range(60, 90), SEP]])  # its own rows record nothing: the layer never reads the argument
+    assert all(entry.attention_kv is None for entry in entries(other))
+    other.layer_cache.load(tmp_path)
+    with pytest.raises(RuntimeError, match="ignored the KV-cache argument"):
+        forward(other, [REFERENCE])

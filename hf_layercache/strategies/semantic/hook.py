@@ -93,9 +93,24 @@ class SemanticLayerHook(LayerHook):
             "attention_mask": call.mask,
             self.cache_name: call.cache,
         }
-        out = self.original(**partial_arguments)
+        try:
+            out = self.original(**partial_arguments)
+        except RuntimeError:  # the mask spans the entry's tokens too: a layer without them fails on it
+            self._check_read(call.cache)
+            raise
+        self._check_read(call.cache)
         computed = out[0] if isinstance(out, tuple) else out
         return [computed[i, : p.added.numel()] for i, p in enumerate(plan)]
+
+    def _check_read(self, cache: KVCacheArgument) -> None:
+        """Entries record K/V only where the layer reads its KV-cache argument, so one that ignores it here holds
+        entries from elsewhere (saved under another version of the model code)."""
+        if cache.key is None:
+            raise RuntimeError(
+                f"semantic: {self.layer.name} ({type(self.layer.module).__name__}) ignored the KV-cache argument of a "
+                "partial hit, so its added tokens cannot attend to the entry's; the entries' K/V were recorded by "
+                "other model code. Load them with max_added=0, or clear the cache."
+            )
 
     def _copies(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
