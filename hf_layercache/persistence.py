@@ -148,6 +148,18 @@ def _snapshot_previous(directory: Path) -> None:
     os.replace(staging, directory / PREVIOUS_DIR)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with every one whose storage an earlier one uses copied: entries may share a tensor in memory
+    (the attention strategy's layers keep one mask per request), and safetensors refuses to write shared storage."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen and t.numel() else t
+        seen.add(storage)
+    return out
+
+
 def write_cache(
     directory: str | os.PathLike,
     header: dict[str, Any],
@@ -161,7 +173,7 @@ def write_cache(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    tensors = _unshared({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
     shards = _shards(tensors, parse_bytes(max_shard_size, "max_shard_size"))
     if len(shards) == 1:
         names = [WEIGHTS_NAME]

@@ -100,8 +100,12 @@ def _request_during(switch, model, batch: dict, options: dict, pause: PauseInsid
             result["error"] = err
 
     def switch_then_done():
-        switch()
-        done.set()
+        try:
+            switch()
+        except Exception as err:  # a switch that fails is a failure too, not a thread's warning
+            result["switch error"] = err
+        finally:
+            done.set()
 
     requester = threading.Thread(target=request)
     requester.start()
@@ -114,6 +118,8 @@ def _request_during(switch, model, batch: dict, options: dict, pause: PauseInsid
     pause.resume.set()
     requester.join()
     switcher.join()
+    if "switch error" in result:
+        raise result["switch error"]
     if "error" in result:
         raise result["error"]
     return result["out"]

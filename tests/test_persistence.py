@@ -205,3 +205,18 @@ def test_an_explicit_config_of_another_strategy_starts_cold(warm_dir, monkeypatc
     with pytest.warns(UserWarning, match="starting cold"):
         model = tf.AutoModel.from_pretrained(directory, layer_cache=LayerCacheConfig(strategy="exact-copy"))
     assert model.layer_cache.stats()["total"]["entries"] == 0
+
+
+def test_tensors_sharing_memory_are_written_apart(tmp_path):
+    """Entries may share one tensor in memory (the attention strategy's layers keep one mask per request);
+    safetensors refuses shared storage, so the writer copies the repeats."""
+    from safetensors.torch import load_file
+
+    from hf_layercache.persistence import write_cache
+
+    mask = torch.tensor([[True, False, True]])
+    values = torch.arange(6.0)
+    tensors = {"a/mask": mask, "b/mask": mask, "c/half": values[:3], "d/half": values[3:]}
+    (path,) = [p for p in write_cache(tmp_path, {"format_version": 5}, tensors) if p.suffix == ".safetensors"]
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
