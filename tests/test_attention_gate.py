@@ -35,6 +35,14 @@ def padded(arch, seed):
     return batch
 
 
+def calls_until(gate, route: str) -> int:
+    """How many calls of 100 tokens the gate takes to route one to ``route`` (that call included)."""
+    calls = 1
+    while gate.route(100, 1) != route:
+        calls += 1
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_without_reuse_the_gate_runs_the_models_own_sdpa_with_no_bookkeeping(arch):
     requests = [tiny_batch(arch, batch=2, length=12, seed=s) for s in range(8)] + [padded(arch, 9)]
@@ -160,20 +168,14 @@ def test_probes_that_find_no_reuse_come_ever_more_rarely():
     bucket = gate.buckets[128]
     assert bucket.state == "off"
 
-    def calls_to_next_probe():
-        calls = 1
-        while gate.route(100, 1) != CACHED:
-            calls += 1
-        return calls
-
     waits = []
     for _ in range(5):
-        waits.append(calls_to_next_probe())
+        waits.append(calls_until(gate, CACHED))
         gate.record_cached(100, 1, 0, searched=True, overhead=0.0, serve=0.0, compute=2.0)  # no reuse again
     assert waits == [2, 4, 8, 16, 16]  # doubling, up to 8 intervals
     waits = []
     for hits in (1, 0):  # a probe that hits (but costs more than the default): back to one interval
-        waits.append(calls_to_next_probe())
+        waits.append(calls_until(gate, CACHED))
         gate.record_cached(100, 1, hits, searched=True, overhead=0.0, serve=2.0, compute=2.0)
     assert waits == [16, 2] and bucket.state == "off" and bucket.idle_probes == 1
 
@@ -223,15 +225,9 @@ def test_re_measurements_that_confirm_caching_come_ever_more_rarely():
     bucket = gate.buckets[128]
     assert bucket.state == "on"
 
-    def calls_to_next_measurement():
-        calls = 1
-        while gate.route(100, 1) != MEASURED:
-            calls += 1
-        return calls
-
     waits = []
     for _ in range(5):
-        waits.append(calls_to_next_measurement())
+        waits.append(calls_until(gate, MEASURED))
         gate.record_default(100, rows=1, seconds=1.0)  # the default still costs ten hits: caching stays on
     assert waits == [2, 4, 8, 16, 16] and bucket.confirmed == 5
     for _ in range(3):  # the traffic stops repeating: off, and back to one interval should it turn on again
