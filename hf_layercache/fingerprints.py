@@ -66,6 +66,17 @@ class Fingerprint:
         noise never decides a hit."""
         return None
 
+    def contained(self, new: list[int], old: list[int]) -> float | None:
+        """The share of ``old``'s content that ``new`` holds, from the token ids, or ``None`` when the key cannot
+        say. A partial hit is judged by it: the row computes what it adds, so what it takes from the entry is what
+        must be similar, not the whole row."""
+        return None
+
+    def containment_floor(self, threshold: float, growth: float) -> float:
+        """The lowest key similarity at which a row up to ``growth`` times an entry's length may still hold
+        ``threshold`` of the entry (:meth:`contained`): entries below it are not worth confirming."""
+        return threshold
+
     def __call__(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, embeddings: torch.Tensor
     ) -> torch.Tensor:
@@ -184,6 +195,17 @@ class MinHash(Fingerprint):
         """The exact Jaccard similarity of the two rows' shingle sets."""
         a, b = self._shingles(new), self._shingles(old)
         return len(a & b) / len(a | b) if a or b else 1.0
+
+    def contained(self, new: list[int], old: list[int]) -> float:
+        """The share of ``old``'s shingles found in ``new``."""
+        a, b = self._shingles(new), self._shingles(old)
+        return len(a & b) / len(b) if b else 1.0
+
+    def containment_floor(self, threshold: float, growth: float) -> float:
+        """Jaccard is ``C |B| / (|A| + |B| - C |B|)`` for containment ``C`` of ``B`` in ``A``, lowest where ``A``
+        is longest (``growth |B|``); three standard deviations of the estimate below that."""
+        jaccard = threshold / (1.0 + growth - threshold)
+        return jaccard - 3.0 * math.sqrt(jaccard * (1.0 - jaccard) / self.num_perm)
 
     def _shingles(self, tokens: list[int]) -> set[tuple[int, ...]]:
         n = min(self.shingle, max(1, len(tokens)))

@@ -147,3 +147,30 @@ def test_minhash_estimate_is_close_to_the_exact_jaccard_on_long_rows():
     exact = fingerprint.confirm(new.tolist(), old.tolist())
     assert 0.85 < exact < 0.95
     assert float(keys[0] @ keys[1]) == pytest.approx(exact, abs=0.1)  # 256 slots: standard deviation about 0.02
+
+
+def test_minhash_containment_is_the_share_of_the_old_rows_shingles_in_the_new_one():
+    fingerprint = MinHash(shingle=2)
+    old = [1, 2, 3, 4, 5, 6]
+    appended = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # three tokens added: every pair of old kept, three gained
+    assert fingerprint.contained(appended, old) == 1.0
+    assert fingerprint.confirm(appended, old) == pytest.approx(5 / 8)
+    assert fingerprint.contained([1, 2, 3, 9, 5, 6], old) == pytest.approx(3 / 5)  # (3, 4) and (4, 5) lost
+    assert MeanEmbedding().contained(appended, old) is None
+
+
+def test_minhash_floor_keeps_every_row_that_adds_up_to_the_allowed_share_to_an_entry():
+    fingerprint = MinHash()
+    g = torch.Generator().manual_seed(2)
+    threshold, max_added = 0.85, 0.25
+    floor = fingerprint.containment_floor(threshold, 1 / (1 - max_added))
+    assert floor < threshold - 0.2  # far below: appending a quarter costs Jaccard about that much
+    for length in (20, 60, 120):
+        old = torch.randint(3, 5000, (length,), generator=g)
+        added = int(max_added * length / (1 - max_added))  # the largest addition max_added allows
+        new = torch.cat([old, torch.randint(3, 5000, (added,), generator=g)])
+        assert fingerprint.contained(new.tolist(), old.tolist()) == 1.0
+        keys = fingerprint(torch.stack([old, new[:length]]), None, torch.zeros(2, length, 8))
+        longer = fingerprint(new.unsqueeze(0), None, torch.zeros(1, len(new), 8))
+        cosine = torch.nn.functional.cosine_similarity(keys[0], longer[0], dim=0)
+        assert floor < float(cosine) < threshold

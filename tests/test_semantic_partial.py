@@ -144,6 +144,30 @@ def test_max_added_zero_serves_whole_rows_and_stores_no_keys():
     assert not torch.allclose(served, partial_reference(plain, ENTRY, GREETING, [1, 2]), atol=1e-3)
 
 
+def test_a_row_holding_the_whole_entry_is_served_in_part_below_the_threshold_its_additions_cost():
+    """Eight tokens appended to the entry's 42: the rows share 40 of 50 token pairs (0.80, under the default
+    threshold 0.85) but the row holds 40 of the entry's 41 (0.98), and only those are served."""
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic(threshold=0.85))
+    forward(model, [ENTRY])
+    row = [*ENTRY[:-1], *range(30, 38), SEP]
+    served = forward(model, [row])[0]
+    torch.testing.assert_close(served, partial_reference(plain, ENTRY, row, list(range(41, 49))), rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["hits"] == len(model.layer_cache.layers)
+    short = [*ENTRY[:30], *range(30, 38), SEP]  # an entry's tokens dropped: computed, whatever it shares
+    torch.testing.assert_close(forward(model, [short])[0], forward(plain, [short])[0], rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["hits"] == len(model.layer_cache.layers)
+
+
+def test_whole_hits_still_need_the_threshold():
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic(threshold=0.85, max_added=0.0, max_unaligned=0.5))
+    forward(model, [ENTRY])
+    row = [*ENTRY[:-1], *range(30, 38), SEP]  # 0.80 of the pairs shared: under the threshold
+    torch.testing.assert_close(forward(model, [row])[0], forward(plain, [row])[0], rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["hits"] == 0
+
+
 def test_more_added_than_max_added_and_max_unaligned_computes():
     plain = tiny_model("bert")
     model = hf_layercache.enable(tiny_model("bert"), semantic(max_added=0.05, max_unaligned=0.05))  # 3 of 45 added

@@ -54,32 +54,66 @@ class EntrySearch:
         self, slot: LayerSlot, run: SemanticRun, keys: torch.Tensor, rows: list[int], kind: str
     ) -> tuple[dict[int, Candidate], dict[int, float]]:
         """The best usable entry of ``slot``'s bank for each of ``rows`` at or above its threshold, and each row's
-        best similarity in the bank."""
+        best similarity in the bank. A whole hit's similarity is the fingerprint's between the two inputs; a partial
+        hit's is the share of the entry the row holds (:meth:`~hf_layercache.fingerprints.Fingerprint.contained`),
+        since the row computes what it adds."""
         bank = self.banks[slot.layer.name]
         own = bank.count(run.namespace)  # sized by the tenant's entries: the search is the same whoever else stored
         if not rows or own == 0:
             return {}, {}
         threshold = self.config.threshold_for(slot.rank)
+        floor = self.floor(run, threshold)
         scores, ids = bank.search(keys[rows].to(bank.device), min(_CANDIDATES, own), namespace=run.namespace)
         found, best = {}, {}
         for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist(), strict=True):
             best[row] = row_scores[0]
             for score, entry_id in zip(row_scores, row_ids, strict=True):
-                if entry_id < 0 or score < threshold - SIMILARITY_TOLERANCE:
+                if entry_id < 0 or score < floor - SIMILARITY_TOLERANCE:
                     break
                 entry = bank.get(entry_id, run.namespace)
-                partial = entry is not None and self._partial_entry(slot, run, entry)
-                index = self._usable(run, row, entry, kind, threshold, partial) if entry is not None else None
-                if index is None:
+                if entry is None:
                     continue
-                added = self._added(run, row, index, partial)
-                if added is False:
-                    continue
-                score = self._confirmed(run, row, entry, score)
-                if score >= threshold - SIMILARITY_TOLERANCE:
-                    found[row] = Candidate(entry_id, slot.layer.name, entry, index, score, added=added)
+                candidate = self._candidate(slot, run, row, (entry_id, entry), kind, threshold, score)
+                if candidate is not None:
+                    found[row] = candidate
                     break
         return found, best
+
+    def floor(self, run: SemanticRun, threshold: float) -> float:
+        """The lowest key similarity at which an entry can still be a hit at ``threshold``: below it when partial
+        hits may serve a row that adds up to ``max_added`` of its tokens to the entry."""
+        if not run.partial or self.config.edits != "additive" or self.config.max_added <= 0:
+            return threshold
+        growth = 1.0 / max(1.0 - self.config.max_added, 1e-6)
+        return min(threshold, self.fingerprint.containment_floor(threshold, growth))
+
+    def _candidate(
+        self,
+        slot: LayerSlot,
+        run: SemanticRun,
+        row: int,
+        found: tuple[int, SemanticEntry],
+        kind: str,
+        threshold: float,
+        estimate: float,
+    ) -> Candidate | None:
+        """How the ``found`` entry (id and entry) serves ``row``, or ``None`` when it must not."""
+        entry_id, entry = found
+        partial = self._partial_entry(slot, run, entry)
+        if estimate < threshold - SIMILARITY_TOLERANCE and not (
+            partial and self._similarity(run, row, entry, estimate, True) >= threshold - SIMILARITY_TOLERANCE
+        ):
+            return None  # below the threshold as a whole, and not holding enough of the entry to serve it in part
+        index = self._usable(run, row, entry, kind, threshold, partial)
+        if index is None:
+            return None
+        added = self._added(run, row, index, partial)
+        if added is False:
+            return None
+        score = self._similarity(run, row, entry, estimate, added is not None)
+        if score < threshold - SIMILARITY_TOLERANCE:
+            return None
+        return Candidate(entry_id, slot.layer.name, entry, index, score, added=added)
 
     def _partial_entry(self, slot: LayerSlot, run: SemanticRun, entry: SemanticEntry) -> bool:
         """Whether the entry can serve a row in part in this run: it holds its K/V in every looked-up layer up to
@@ -101,13 +135,14 @@ class EntrySearch:
             return added
         return None if share <= self.config.max_unaligned else False
 
-    def _confirmed(self, run: SemanticRun, row: int, entry: SemanticEntry, estimate: float) -> float:
-        """The fingerprint's exact similarity for the pair when it has one (MinHash: the Jaccard similarity of
-        the token shingles, for the estimate the key gave), else the key's similarity."""
+    def _similarity(self, run: SemanticRun, row: int, entry: SemanticEntry, estimate: float, partial: bool) -> float:
+        """The fingerprint's exact similarity for the pair when it has one (MinHash: the Jaccard similarity of the
+        token shingles, or for a partial hit the share of the entry's shingles in the row), else the key's."""
         tokens = run.tokens[row]
         if tokens is None or entry.tokens.numel() == 0:
             return estimate
-        exact = self.fingerprint.confirm(tokens, entry.tokens.tolist())
+        old = entry.tokens.tolist()
+        exact = self.fingerprint.contained(tokens, old) if partial else self.fingerprint.confirm(tokens, old)
         return estimate if exact is None else exact
 
     def _usable(

@@ -152,7 +152,10 @@ class StateStep:
                 targets[row] = Target(deeper.position, candidate)
             # Banks hold the same inputs under the same keys, so a row whose best similarity is below every
             # remaining threshold would miss there too: stop searching for it (at worst a miss, never a wrong hit).
-            lowest = min((self.config.threshold_for(s.rank) for s in deepest_first[i + 1 :]), default=2.0)
+            lowest = min(
+                (self.search.floor(run, self.config.threshold_for(s.rank)) for s in deepest_first[i + 1 :]),
+                default=2.0,
+            )
             searching = [r for r in searching if r not in found and best.get(r, 1.0) >= lowest - SIMILARITY_TOLERANCE]
             if not searching:
                 break
