@@ -45,12 +45,18 @@ def layer_out(layer, x: torch.Tensor) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out)[0]
 
 
-def partial_reference(plain, entry: list[int], row: list[int], added: list[int], offset: int = 0) -> torch.Tensor:
+def partial_reference(
+    plain, entry: list[int], row: list[int], added: list[int], offset: int = 0, entry_offset: int = 0
+) -> torch.Tensor:
     """What a partial hit serves ``row``: the entry's last states at its tokens, and the ``added`` positions
-    computed layer by layer against the entry's inputs there. ``offset``: the row's first position in its batch
-    (BERT numbers positions from the batch's first column, padding included)."""
+    computed layer by layer against the entry's inputs there. ``offset`` and ``entry_offset``: the row's and the
+    entry's first positions in their batches (BERT numbers positions from the batch's first column, padding
+    included)."""
     with torch.no_grad():
-        states = plain(input_ids=torch.tensor([entry]), output_hidden_states=True).hidden_states
+        entry_positions = torch.arange(entry_offset, entry_offset + len(entry)).unsqueeze(0) if entry_offset else None
+        states = plain(
+            input_ids=torch.tensor([entry]), position_ids=entry_positions, output_hidden_states=True
+        ).hidden_states
         positions = torch.arange(offset, offset + len(row)).unsqueeze(0) if offset else None  # else the model's own
         x = plain.embeddings(input_ids=torch.tensor([row]), position_ids=positions)[0][added]
         for i, layer in enumerate(plain.encoder.layer):

@@ -12,8 +12,9 @@ from ...kv import KVWrite, find_cache, record_kv_writes
 from ...layers import same_rows, select_rows
 from ...stats import CacheStats
 from ..stack import LayerHook, StartRun
-from .partial import KVCacheArgument, PartialRow, cache_argument_name, partial_call
+from .partial import KVCacheArgument, PartialRow, cache_argument_name, partial_call, plain_call
 from .run import Compute, LayerSlot, SemanticRun
+from .subbatch import Group, cut_columns, groups, shifted, span
 
 ReuseStep = Callable[[LayerSlot, SemanticRun, dict[str, Any], torch.Tensor, Compute], torch.Tensor]
 """``step(slot, run, arguments, hidden, compute)``: the layer's output for the whole batch, serving the rows it can
@@ -48,8 +49,8 @@ class SemanticLayerHook(LayerHook):
     def compute(
         self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
     ) -> tuple[torch.Tensor, list[KVWrite]]:
-        """Run the layer on ``rows`` (a sub-batch unless that is all of them); return the full-batch hidden state,
-        with the input kept in the other rows, and the K/V writes it made.
+        """Run the layer on ``rows``; return the full-batch hidden state, with the input kept in the other rows,
+        and the K/V writes it made. Some of the rows are computed in groups of similar length (:mod:`.subbatch`).
 
         A row repeating another row of ``rows`` with the same input here is not computed: it gets that row's output.
         """
@@ -65,21 +66,44 @@ class SemanticLayerHook(LayerHook):
             arguments = {**arguments, self.cache_name: capture}
         if len(rows) == run.batch:
             with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
-                out = self.original(**arguments)
+                full = self._call(run, arguments, Group(rows, 0, hidden.shape[1]), capture)
         else:
-            selected = torch.tensor(rows, device=hidden.device)
-            out, writes = self.original(**select_rows(arguments, self.layer.spec, selected, run.batch)), []
-        seconds = time.perf_counter() - start
-        if capture is not None and capture.key is not None:
-            run.captured[self.slot.position] = (rows, capture.key, capture.value)
-        self.observe(out)
-        computed = out[0] if isinstance(out, tuple) else out
-        self.counters.record_compute(self.layer.name, len(rows), seconds)
-        if len(rows) == run.batch:
-            return computed, writes
-        full = hidden.clone()
-        full[torch.tensor(rows, device=hidden.device)] = computed.to(full.dtype)
+            full, writes = hidden.clone(), []
+            for group, group_arguments in self._groups(run, arguments, hidden, rows):
+                computed = self._call(run, group_arguments, group, capture)
+                full[torch.tensor(group.rows, device=hidden.device), group.start : group.stop] = computed.to(full.dtype)
+        self.counters.record_compute(self.layer.name, len(rows), time.perf_counter() - start)
         return full, writes
+
+    def _call(
+        self, run: SemanticRun, arguments: dict[str, Any], group: Group, capture: KVCacheArgument | None
+    ) -> torch.Tensor:
+        """The layer's output for ``group``'s call, keeping what ``capture`` recorded of each of its rows."""
+        out = self.original(**arguments)
+        self.observe(out)
+        if capture is not None and capture.key is not None:
+            recorded = run.captured.setdefault(self.slot.position, {})
+            for i, row in enumerate(group.rows):
+                real = shifted(run.positions[row], group.start)
+                recorded[row] = (capture.key[i][:, real], capture.value[i][:, real])
+        return out[0] if isinstance(out, tuple) else out
+
+    def _groups(
+        self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor, rows: list[int]
+    ) -> list[tuple[Group, dict[str, Any]]]:
+        """The calls that compute ``rows``: each group's rows on the columns they use, where the call allows it."""
+        length, spec = hidden.shape[1], self.layer.spec
+        whole = Group(rows, 0, length)
+        if run.with_kv or not plain_call(arguments, spec, hidden):
+            return [(whole, select_rows(arguments, spec, torch.tensor(rows, device=hidden.device), run.batch))]
+        calls = []
+        for group in groups(rows, {row: span(run.positions[row], length) for row in rows}):
+            selected = select_rows(arguments, spec, torch.tensor(group.rows, device=hidden.device), run.batch)
+            cut = cut_columns(selected, self.binder.first, group.start, group.stop)
+            if cut is None:  # a mask of a shape whose sequence axes are unknown: every row at full length
+                return [(whole, select_rows(arguments, spec, torch.tensor(rows, device=hidden.device), run.batch))]
+            calls.append((group, cut))
+        return calls
 
     def compute_tokens(
         self, arguments: dict[str, Any], hidden: torch.Tensor, plan: list[PartialRow]

@@ -164,23 +164,18 @@ def padded_positions(real: slice | torch.Tensor, added: torch.Tensor) -> torch.T
 
 
 def row_kv(
-    captured: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]], layers: range, row: int, real: Any
+    captured: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: range, row: int
 ) -> torch.Tensor | None:
-    """A row's recorded K/V at its real tokens over ``layers`` (stack positions), ``(layers, 2, heads, tokens,
-    head_dim)`` for its entry, in :func:`storage_dtype`; ``None`` when a layer did not record the row."""
-    recorded = []
-    for position in layers:
-        rows, key, value = captured.get(position, ([], None, None))
-        if row not in rows:
-            return None
-        recorded.append((rows.index(row), key, value))
-    _, key, _ = recorded[0]
-    tokens = key[0][:, real].shape[1]
-    out = torch.empty(len(recorded), 2, key.shape[1], tokens, key.shape[3], dtype=storage_dtype(key.dtype))
-    out = out.to(key.device)
-    for layer, (i, key, value) in enumerate(recorded):  # one pass: slice, convert and copy together
-        out[layer, 0].copy_(key[i][:, real])
-        out[layer, 1].copy_(value[i][:, real])
+    """A row's recorded K/V over ``layers`` (stack positions), ``(layers, 2, heads, tokens, head_dim)`` for its
+    entry, in :func:`storage_dtype`; ``None`` when a layer did not record the row."""
+    recorded = [captured.get(position, {}).get(row) for position in layers]
+    if not recorded or any(kv is None for kv in recorded):
+        return None
+    key = recorded[0][0]
+    out = torch.empty(len(recorded), 2, *key.shape, dtype=storage_dtype(key.dtype), device=key.device)
+    for layer, (key, value) in enumerate(recorded):  # one pass: convert and copy together
+        out[layer, 0].copy_(key)
+        out[layer, 1].copy_(value)
     return out
 
 

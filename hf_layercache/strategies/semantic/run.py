@@ -147,9 +147,9 @@ class SemanticRun:
     record_kv: bool = False
     """With ``partial``, whether computed rows record their K/V (``captured``) for the entries they become
     (:class:`~.partial.RecordingGate`)."""
-    captured: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """With ``record_kv``: per stack position, the rows a layer computed and their keys and values,
-    ``(rows, heads, length, head_dim)`` each."""
+    captured: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    """With ``record_kv``: per stack position, the keys and values a layer computed for each row it computed, at
+    the row's real tokens, ``(heads, tokens, head_dim)`` each."""
 
     @property
     def batch(self) -> int:

@@ -75,9 +75,9 @@ class EntryStore:
     @staticmethod
     def _attention_kv(run: SemanticRun, kv_layers: range, row: int, pos: Index) -> torch.Tensor | None:
         """The row's recorded K/V, or its twin's (a layer computes one of two identical rows and copies it)."""
-        kv = row_kv(run.captured, kv_layers, row, pos)
+        kv = row_kv(run.captured, kv_layers, row)
         if kv is None and row in run.twins:
-            kv = row_kv(run.captured, kv_layers, run.twins[row], pos)
+            kv = row_kv(run.captured, kv_layers, run.twins[row])
         return kv
 
     @staticmethod
