@@ -367,7 +367,8 @@ class LayerCacheController:
             bank.record(lookup)
         hits, misses = units if units is not None else (len(lookup.served), lookup.missed)
         scope = current_scope()
-        self.counters.record_lookup(list(layers), hits, misses, scope.tenant if scope is not None else None)
+        tenant = scope.tenant if scope is not None else None
+        self.counters.record_lookup(list(layers), hits, misses, tenant, lookup.partial)
 
     def record_verdict(self, verdict: Verdict, bank: CacheBank | None, layer: str) -> None:
         """Record what verifying an entry found, once, for ``bank``'s policy and ``layer``'s stats."""

@@ -20,6 +20,9 @@ class Lookup:
     """``(entry id, similarity)`` of each entry that served a row."""
     missed: int = 0
     """Rows (lookups) that found nothing they could use."""
+    partial: list[float] = field(default_factory=list)
+    """For each row of ``served`` that was served in part (a semantic partial hit), the share of its tokens it
+    computed: such a hit saves that much less than a whole one."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ metric                                       labels                  from ``stat
 ===========================================  ======================  ==============================================
 ``hf_layercache_lookups_total``              ``layer``               ``layers[layer]["lookups"]``
 ``hf_layercache_hits_total``                 ``layer``               ``hits``: rows served from the cache
+``hf_layercache_partial_hits_total``         ``layer``               ``partial_hits``: of those, served in part
 ``hf_layercache_misses_total``               ``layer``               ``misses``
 ``hf_layercache_bypassed_total``             ``layer``               ``bypassed``: rows run uncached by request
 ``hf_layercache_verified_error``             ``layer``               summary: ``verified`` (count), ``error_sum``
@@ -68,6 +69,7 @@ per-layer ones, and enough for the tenants that carry most traffic; the rest are
 _LAYER_COUNTERS = (  # (stats key, metric name without the prefix and _total, help)
     ("lookups", "lookups", "Rows that asked this layer's cache for an entry."),
     ("hits", "hits", "Rows served from this layer's cache (the layer did not compute them)."),
+    ("partial_hits", "partial_hits", "Of those, rows served in part: the layer computed the tokens they added."),
     ("misses", "misses", "Rows this layer's cache had no entry to serve for."),
     ("bypassed", "bypassed", "Rows that ran uncached because of the request (bypass(), output_attentions, ...)."),
     ("audited", "audited", "Verified approximate hits that would have been served (a sample of served hits)."),

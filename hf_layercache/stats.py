@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from .events import Verdict
@@ -15,6 +15,8 @@ class LayerCounters:
     """Rows that asked this layer's cache for an entry (prefix: tokens)."""
     hits: int = 0
     """Rows served from the cache (the layer did not compute them)."""
+    partial_hits: int = 0
+    """Of ``hits``, rows served in part: the layer computed the tokens they add to the entry's (semantic)."""
     misses: int = 0
     """Rows a lookup found nothing to serve for (verified hits included: they are computed)."""
     computed: int = 0
@@ -87,16 +89,26 @@ class CacheStats:
         self.invalidations = 0
         """Times every entry was dropped because the model's function changed under the cache (``watch.py``)."""
 
-    def record_lookup(self, layers: list[str], hits: int, misses: int, tenant: str | None = None) -> None:
+    def record_lookup(
+        self,
+        layers: list[str],
+        hits: int,
+        misses: int,
+        tenant: str | None = None,
+        partial: Sequence[float] = (),
+    ) -> None:
         """What a lookup decided for each of ``layers`` (see :class:`~hf_layercache.events.Lookup`), counted for
-        ``tenant`` too (once per layer, like the totals) when it is a remembered tenant."""
+        ``tenant`` too (once per layer, like the totals) when it is a remembered tenant. ``partial``: the computed
+        share of each hit served in part, which its saved seconds leave out."""
+        saved_rows = hits - sum(partial)
         with self._lock:
             for layer in layers:
                 counters = self.layers[layer]
                 counters.lookups += hits + misses
                 counters.hits += hits
+                counters.partial_hits += len(partial)
                 counters.misses += misses
-                counters.seconds_saved += hits * self._seconds_per_row(layer)
+                counters.seconds_saved += saved_rows * self._seconds_per_row(layer)
             traffic = self.tenants.get(tenant, self._unnamed) if tenant is not None else None
             if traffic is not None:
                 traffic[0] += hits * len(layers)
@@ -218,6 +230,7 @@ class CacheStats:
         total = {
             "lookups": lookups,
             "hits": hits,
+            "partial_hits": sum(c["partial_hits"] for c in layers.values()),
             "misses": sum(c["misses"] for c in layers.values()),
             "bypassed": sum(c["bypassed"] for c in layers.values()),
             "hit_rate": hits / lookups if lookups else 0.0,

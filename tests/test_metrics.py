@@ -56,6 +56,7 @@ def test_every_metric_is_the_stats_report_value_under_its_labels(config):
     counters = {
         "lookups": "lookups",
         "hits": "hits",
+        "partial_hits": "partial_hits",
         "misses": "misses",
         "bypassed": "bypassed",
         "audited": "audited",

@@ -140,6 +140,21 @@ def test_stored_keys_and_values_of_the_wrong_shape_are_refused():
         SemanticEntry.validate(entry.to_tensors(), hidden_size=8)
 
 
+def test_stats_count_partial_hits_and_leave_their_computed_share_out_of_the_seconds_saved():
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    forward(model, [ENTRY])  # a whole hit
+    whole = model.layer_cache.stats()["layers"]
+    forward(model, [REFERENCE])  # 3 of 45 tokens computed
+    after = model.layer_cache.stats()
+    assert after["total"]["partial_hits"] == len(model.layer_cache.layers)
+    for name, layer in after["layers"].items():
+        assert layer["hits"] == 2 and layer["partial_hits"] == 1
+        saved_whole = whole[name]["seconds_saved"]
+        saved_partial = layer["seconds_saved"] - saved_whole
+        assert saved_partial == pytest.approx(saved_whole * (1 - 3 / 45), rel=1e-6)
+
+
 def test_max_added_zero_serves_whole_rows_and_stores_no_keys():
     plain = tiny_model("bert")
     model = hf_layercache.enable(tiny_model("bert"), semantic(max_added=0.0))

@@ -127,10 +127,12 @@ class StateStep:
         layers = self.stacks[slot.layer.stack][slot.position :]
         live = {r: t for r, t in run.targets.items() if not t.candidate.verify}
         for target_slot in layers:
-            here = [t.candidate for t in live.values() if t.position == target_slot.position]
+            here = {r: t.candidate for r, t in live.items() if t.position == target_slot.position}
             if here:
                 jumped = [s.layer.name for s in layers if s.position <= target_slot.position]
-                lookup = Lookup([(c.entry_id, c.score) for c in here])
+                served = [(c.entry_id, c.score) for c in here.values()]
+                partial = [c.added.numel() / run.lengths[r] for r, c in here.items() if c.added is not None]
+                lookup = Lookup(served, partial=partial)
                 self.record_lookup(lookup, self.banks[target_slot.layer.name], jumped)
                 computed_after = [s.layer.name for s in layers if s.position > target_slot.position]
                 self.record_lookup(Lookup(missed=len(here)), None, computed_after)
