@@ -21,6 +21,8 @@ from .registry import register_fingerprint
 
 _PRIME = (1 << 31) - 1  # Mersenne prime for universal hashing; products of two values below it fit in int64
 _MIX = 0x9E3779B1  # Knuth's multiplicative constant, to spread hash values before taking one bit
+_CHUNK_ELEMENTS = 1 << 22
+"""MinHash hashes this many (row, window, permutation) values at a time: 32 MB of int64, whatever the batch."""
 
 
 def _check_positive(owner: str, name: str, value: object, high: int | None = None) -> int:
@@ -188,8 +190,17 @@ class MinHash(Fingerprint):
             raise ValueError("MinHash needs input_ids; this request passed inputs_embeds.")
         ids = input_ids.to("cpu", torch.long)
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu").bool()
-        keys = torch.stack([self._row(row[m]) for row, m in zip(ids, mask, strict=True)])
-        return keys.to(embeddings.device)
+        lengths = mask.sum(1)
+        if bool((lengths < self.shingle).any()):  # a row shorter than a shingle keys its tokens themselves
+            return torch.stack([self._row(row[m]) for row, m in zip(ids, mask, strict=True)]).to(embeddings.device)
+        real_first = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # each row's real tokens, in order
+        compact = ids.gather(1, real_first)
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (compact.shape[1] * self.num_perm))
+        keys = [
+            self._rows(compact[i : i + rows_per_chunk], lengths[i : i + rows_per_chunk])
+            for i in range(0, compact.shape[0], rows_per_chunk)
+        ]
+        return torch.cat(keys).to(embeddings.device)
 
     def confirm(self, new: list[int], old: list[int]) -> float:
         """The exact Jaccard similarity of the two rows' shingle sets."""
@@ -210,6 +221,20 @@ class MinHash(Fingerprint):
     def _shingles(self, tokens: list[int]) -> set[tuple[int, ...]]:
         n = min(self.shingle, max(1, len(tokens)))
         return set(zip(*(tokens[i:] for i in range(n)), strict=False))
+
+    def _rows(self, compact: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`_row` of several rows at once: ``compact`` holds each row's real tokens first (``lengths`` of them,
+        at least a shingle each), the windows past them are left out of the minimum."""
+        n = self.shingle
+        windows = compact.unfold(1, n, 1) % _PRIME  # (rows, windows, n)
+        shingles = torch.zeros(windows.shape[:2], dtype=torch.long)
+        for i in range(n):  # polynomial hash of each window, kept below the prime
+            shingles = (shingles * 1_000_003 + windows[..., i]) % _PRIME
+        hashed = (_mix(shingles).unsqueeze(-1) * self._a + self._b) % _PRIME  # (rows, windows, num_perm)
+        past_end = torch.arange(windows.shape[1]) >= (lengths - n + 1).unsqueeze(1)
+        minimum = hashed.masked_fill_(past_end.unsqueeze(-1), _PRIME).min(dim=1).values
+        bit = ((minimum * _MIX) >> 13) & 1
+        return bit.float() * 2.0 - 1.0
 
     def _row(self, tokens: torch.Tensor) -> torch.Tensor:
         n = min(self.shingle, max(1, tokens.numel()))

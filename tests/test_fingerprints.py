@@ -174,3 +174,21 @@ def test_minhash_floor_keeps_every_row_that_adds_up_to_the_allowed_share_to_an_e
         longer = fingerprint(new.unsqueeze(0), None, torch.zeros(1, len(new), 8))
         cosine = torch.nn.functional.cosine_similarity(keys[0], longer[0], dim=0)
         assert floor < float(cosine) < threshold
+
+
+@pytest.mark.parametrize("shingle", [1, 2, 3])
+def test_minhash_keys_a_batch_as_it_keys_each_row_alone(shingle):
+    fingerprint = MinHash(shingle=shingle)
+    g = torch.Generator().manual_seed(shingle)
+    ids = torch.randint(3, 30000, (6, 40), generator=g)
+    mask = torch.ones(6, 40, dtype=torch.long)
+    mask[1, 25:] = 0  # right padding
+    mask[2, :30] = 0  # left padding
+    mask[3, 10:14] = 0  # a hole
+    mask[4, shingle:] = 0  # as short as a shingle
+    batch = fingerprint(ids, mask, torch.zeros(6, 40, 8))
+    for row in range(6):
+        real = ids[row, mask[row].bool()]
+        alone = fingerprint(real.unsqueeze(0), None, torch.zeros(1, 1, 8))
+        assert torch.equal(batch[row], alone[0]), row
+        assert torch.equal(batch[row], fingerprint._row(real)), row  # the one-row path short rows take

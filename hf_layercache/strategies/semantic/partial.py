@@ -147,8 +147,8 @@ def partial_call(hidden: torch.Tensor, plan: list[PartialRow]) -> PartialCall:
     for i, p in enumerate(plan):
         added, stored = p.added.numel(), p.key.shape[1]
         compact[i, :added] = hidden[p.row, p.added.to(device)]
-        key[i, :, :stored] = p.key.to(device=device, dtype=dtype)
-        value[i, :, :stored] = p.value.to(device=device, dtype=dtype)
+        key[i, :, :stored].copy_(p.key)  # converts from the stored dtype on the way
+        value[i, :, :stored].copy_(p.value)
         allowed[i, ..., :stored] = True
         allowed[i, ..., most_stored : most_stored + added] = True
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
