@@ -5,12 +5,13 @@ at most 128 tokens. ``natural``: distinct documents in random order. ``campaign`
 of 300 documents, half of the repeats lightly edited (numbers changed, a reference id appended, a greeting added).
 
 Reported per stream and config, from one run: the throughput ratio over uncached transformers (both models loaded
-here from the same files, each batch timed on both back to back in alternating order, the ratio of the summed times), the rows served
-at the deepest layer, the cosine of cached to uncached document embeddings (mean pooling, L2-normalised, as
-sentence-transformers does; mean, 1st percentile and lowest), the rows served below cosine 0.95, and the accuracy
-change of a linear probe: logistic regression trained on *uncached* embeddings of documents outside the stream,
-predicting where a document comes from (news or one of the fortune files; 25 labels), scored on the stream with
-cached against uncached embeddings. ``default`` is ``LayerCacheConfig(strategy="semantic")`` as a new user gets it.
+here from the same files, each batch timed on both back to back in alternating order, the ratio of the summed
+times), the rows served at the deepest layer, the cosine of cached to uncached document embeddings (mean pooling,
+L2-normalised, as sentence-transformers does; mean, 1st percentile and lowest), the rows served below cosine 0.95,
+and the accuracy change of a linear probe: logistic regression trained on *uncached* embeddings of documents outside
+the stream, predicting where a document comes from (news or one of the fortune files; 25 labels), scored on the
+stream with cached against uncached embeddings. ``default`` is ``LayerCacheConfig(strategy="semantic")`` as a new
+user gets it.
 
 Requirements (besides the package and its dev extras: scikit-learn):
 
