@@ -191,6 +191,8 @@ class MinHash(Fingerprint):
         ids = input_ids.to("cpu", torch.long)
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu").bool()
         lengths = mask.sum(1)
+        if ids.shape[0] == 0:  # an empty batch: no keys (the model says what it makes of it)
+            return torch.zeros(0, self.num_perm, device=embeddings.device)
         if bool((lengths < self.shingle).any()):  # a row shorter than a shingle keys its tokens themselves
             return torch.stack([self._row(row[m]) for row, m in zip(ids, mask, strict=True)]).to(embeddings.device)
         real_first = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # each row's real tokens, in order

@@ -192,3 +192,8 @@ def test_minhash_keys_a_batch_as_it_keys_each_row_alone(shingle):
         alone = fingerprint(real.unsqueeze(0), None, torch.zeros(1, 1, 8))
         assert torch.equal(batch[row], alone[0]), row
         assert torch.equal(batch[row], fingerprint._row(real)), row  # the one-row path short rows take
+
+
+def test_minhash_keys_an_empty_batch_as_no_rows():
+    keys = MinHash(num_perm=64)(torch.zeros(0, 5, dtype=torch.long), None, torch.zeros(0, 5, 8))
+    assert tuple(keys.shape) == (0, 64)

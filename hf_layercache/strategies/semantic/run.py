@@ -177,8 +177,8 @@ class RunBuilder:
         do not fit, a token fingerprint without token ids)."""
         input_ids, mask = scope.state.get(_REQUEST, (None, None))
         cache = find_cache(arguments)
-        if hidden.dim() != 3 or past_length(cache) > 0:
-            return None
+        if hidden.dim() != 3 or hidden.shape[0] == 0 or past_length(cache) > 0:
+            return None  # an empty batch has nothing to look up: it runs as the model runs it
         batch, length = hidden.shape[:2]
         if input_ids is not None and tuple(input_ids.shape) != (batch, length):
             return None
