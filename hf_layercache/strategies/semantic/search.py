@@ -100,17 +100,21 @@ class EntrySearch:
         """How the ``found`` entry (id and entry) serves ``row``, or ``None`` when it must not."""
         entry_id, entry = found
         partial = self._partial_entry(slot, run, entry)
-        if estimate < threshold - SIMILARITY_TOLERANCE and not (
-            partial and self._similarity(run, row, entry, estimate, True) >= threshold - SIMILARITY_TOLERANCE
-        ):
-            return None  # below the threshold as a whole, and not holding enough of the entry to serve it in part
+        contained = None
+        if estimate < threshold - SIMILARITY_TOLERANCE:
+            contained = self._similarity(run, row, entry, estimate, True) if partial else None
+            if contained is None or contained < threshold - SIMILARITY_TOLERANCE:
+                return None  # below the threshold as a whole, and not holding enough of the entry to serve it in part
         index = self._usable(run, row, entry, kind, threshold, partial)
         if index is None:
             return None
         added = self._added(run, row, index, partial)
         if added is False:
             return None
-        score = self._similarity(run, row, entry, estimate, added is not None)
+        if added is not None and contained is not None:
+            score = contained
+        else:
+            score = self._similarity(run, row, entry, estimate, added is not None)
         if score < threshold - SIMILARITY_TOLERANCE:
             return None
         return Candidate(entry_id, slot.layer.name, entry, index, score, added=added)
