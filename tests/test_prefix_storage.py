@@ -136,3 +136,60 @@ def test_blocks_larger_than_one_threads_copy_are_copied_exactly_in_pieces(tokens
     for name in ("key", "value", "hidden"):
         assert values[name].untyped_storage().data_ptr() in storage._slab_storages
         assert torch.equal(values[name], block[name])
+
+
+@pytest.mark.parametrize("window", ["one block", "whole rows"])
+def test_blocks_gathered_through_the_reused_buffer_serve_exactly(monkeypatch, window):
+    """A call's new blocks are gathered into one buffer every store reuses, a window of columns at a time (a whole
+    row by default; one block when the window is that small): over left-padded rows of different lengths, and after
+    a later store has overwritten the buffer, every stored block serves its prompt exactly."""
+    from hf_layercache.strategies.prefix import store
+
+    if window == "one block":
+        monkeypatch.setattr(store, "_GATHER_BYTES", 1)
+    plain, model = tiny_model("llama", tf.AutoModelForCausalLM), cached()
+    rows = [prompt(3, 20)[0, :-1], prompt(1, 21)[0]]  # 11 and 4 tokens: 3 blocks (one partial) and 1
+    width = max(len(r) for r in rows)
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert len(model.layer_cache.strategy.bank) == 4
+    model(input_ids=prompt(4, 22))  # its blocks go through the same buffer
+    for row in rows:
+        extended = torch.cat([row, torch.tensor([5, 6])])[None]  # every block of the row is reused
+        hits = model.layer_cache.stats()["total"]["hits"]
+        out = model(input_ids=extended).logits
+        assert model.layer_cache.stats()["total"]["hits"] - hits == len(row) * len(model.layer_cache.layers)
+        torch.testing.assert_close(out, plain(input_ids=extended).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["waiting for a slot", "not fitting a slot"])
+def test_a_block_kept_outside_the_slots_is_a_copy_of_what_was_put(case):
+    """The store lends blocks that are views of a buffer it reuses: a block the slots do not take (every slot held,
+    or a shape they do not hold) is copied, so reusing the buffer cannot change it."""
+    from hf_layercache.strategies.prefix.block import BlockShape
+    from hf_layercache.strategies.prefix.slots import SlotStorage
+
+    shape = BlockShape(n_layers=2, kv_heads=2, head_dim=4, hidden_size=8, block_size=BLOCK)
+    storage = SlotStorage(shape, None, None, 1, None)
+
+    def block(seed, layers=2):
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "key": torch.randn((layers, 2, BLOCK, 4), generator=g),
+            "value": torch.randn((layers, 2, BLOCK, 4), generator=g),
+            "hidden": torch.randn((BLOCK, 8), generator=g),
+            "tokens": torch.arange(BLOCK),
+            "parent": torch.zeros(32, dtype=torch.uint8),
+        }
+
+    storage.place(storage.prepare(block(0)))  # takes the only slot
+    lent = block(1) if case == "waiting for a slot" else block(1, layers=3)
+    kept = {name: t.clone() for name, t in lent.items()}
+    values, _, _ = storage.place(storage.prepare(lent))
+    for t in lent.values():
+        t.fill_(0)  # the lender reuses its memory
+    for name in ("key", "value", "hidden"):
+        assert values[name].untyped_storage().data_ptr() not in storage._slab_storages
+        assert torch.equal(values[name], kept[name])

@@ -117,17 +117,15 @@ class AnswerRecorder:
         for r, row in enumerate(prefill.rows):
             if row.tokens is not None and row.length:
                 blocks += self._row_blocks(store, r, row, decoded[r], hidden[r], block_size, eos)
-        layers = cache.layers[: store.n_layers]
-        for r, start, end, tokens, parent, digest, states in reversed(blocks):
-            column = prefill.rows[r].first + start
-            entry = PrefixBlock(
-                key=store.states(layers, "keys", r, column, column + end - start),
-                value=store.states(layers, "values", r, column, column + end - start),
-                hidden=states,
-                tokens=tokens,
-                parent=parent,
-            )
-            store.put(entry, digest, prefill.namespace, prefill.seconds_per_token * (end - start))
+        starts: dict[int, int] = {}
+        for r, start, *_ in blocks:  # a row's blocks in order: its first comes first
+            starts.setdefault(r, prefill.rows[r].first + start)
+        with store.gathering(cache.layers, starts) as states:
+            for r, start, end, tokens, parent, digest, hidden_states in reversed(blocks):
+                column = prefill.rows[r].first + start
+                key, value = states.block(r, column, column + end - start)
+                entry = PrefixBlock(key=key, value=value, hidden=hidden_states, tokens=tokens, parent=parent)
+                store.put(entry, digest, prefill.namespace, prefill.seconds_per_token * (end - start))
         store.sweep()
 
     def _row_blocks(

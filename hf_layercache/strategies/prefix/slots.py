@@ -38,7 +38,7 @@ _GRAIN = 32768
 """Elements below which torch copies on one thread (``at::internal::GRAIN_SIZE``)."""
 
 
-def _copy_on_one_thread(target: torch.Tensor, source: torch.Tensor) -> None:
+def copy_on_one_thread(target: torch.Tensor, source: torch.Tensor) -> None:
     """``target.copy_(source)`` in pieces of at most :data:`_GRAIN` elements along the first dimension. A block is
     a few hundred KB; copied whole, torch splits it between its threads and waits for all of them, and where the
     cores are shared that wait cost 20 ms a copy against 40 us on one thread (measured on the 2-core development
@@ -144,7 +144,7 @@ class SlotStorage(Storage):
         with torch.inference_mode(False):
             for name in _POOLED:
                 view = self._view(name, slot, n)
-                _copy_on_one_thread(view, place.values[name])
+                copy_on_one_thread(view, place.values[name])
                 place.values[name] = view
         place.slot = slot
 
@@ -157,6 +157,12 @@ class SlotStorage(Storage):
             return False
         return values["tokens"].numel() == n and 1 <= n <= self.shape.block_size
 
+    def _apart(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the bank stores it, in memory of its own even where it already had its own storage: the store
+        lends blocks that are views of a buffer it reuses (:class:`~.store.GatherBuffer`)."""
+        own = self._own(t)
+        return own.clone() if own.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else own
+
     def _dtype_of(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
 
@@ -166,9 +172,9 @@ class SlotStorage(Storage):
 
     # --- the storage contract -------------------------------------------------------------------------------------
     def prepare(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Blocks that fit a slot are copied into it by :meth:`place` (no copy here); anything else as by default."""
+        """Blocks that fit a slot are copied into it by :meth:`place` (no copy here); anything else is copied here."""
         if not self._fits(values):
-            return super().prepare(values)
+            return {name: self._apart(t) for name, t in values.items()}
         return {name: t.detach() if name in _POOLED else self._own(t) for name, t in values.items()}
 
     def place(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, int]:
@@ -185,7 +191,7 @@ class SlotStorage(Storage):
         if self._free:
             self._move_in(place, heapq.heappop(self._free))
         else:  # the bank evicts next, and the slot that frees is this block's (release)
-            place.values.update({name: self._own(values[name]) for name in _POOLED})
+            place.values.update({name: self._apart(values[name]) for name in _POOLED})
             self._waiting.append(place)
         return place.values, place, self._slack_of(place.values)
 
