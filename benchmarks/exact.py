@@ -54,6 +54,15 @@ def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
     vocab = plain.config.vocab_size
     repeated = _batch(0, batch, seq, vocab)
     plain_times, miss_times, hit_times, limit_times, claimed = [], [], [], [], []
+    inside = {"plain": _time_layer_parts(plain), "miss": _time_layer_parts(cached)}
+    outside: dict[str, list[float]] = {"plain": [], "miss": []}
+
+    def timed(name: str, model, inputs) -> float:
+        inside[name].clear()
+        seconds = _time(lambda: model(**inputs))
+        outside[name].append(seconds - sum(inside[name]))
+        return seconds
+
     with torch.inference_mode():
         for warm in range(2):
             plain(**_batch(10_000 + warm, batch, seq, vocab))
@@ -65,11 +74,11 @@ def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
             fresh = _batch(1 + r, batch, seq, vocab)  # never seen: every row misses
             # alternate which model runs first so drift in machine load hits both alike
             if r % 2:
-                miss_times.append(_time(lambda f=fresh: cached(**f)))
-                plain_times.append(_time(lambda f=fresh: plain(**f)))
+                miss_times.append(timed("miss", cached, fresh))
+                plain_times.append(timed("plain", plain, fresh))
             else:
-                plain_times.append(_time(lambda f=fresh: plain(**f)))
-                miss_times.append(_time(lambda f=fresh: cached(**f)))
+                plain_times.append(timed("plain", plain, fresh))
+                miss_times.append(timed("miss", cached, fresh))
             before = cached.layer_cache.stats()["total"]["seconds_saved"]
             hit_times.append(_time(lambda: cached(**repeated)))
             claimed.append(cached.layer_cache.stats()["total"]["seconds_saved"] - before)
@@ -84,9 +93,27 @@ def measure(batch: int, seq: int, repeats: int) -> dict[str, float]:
         "limit_ms": limit_s * 1e3,
         "hit_speedup": plain_s / hit_s,
         "miss_overhead": miss_s / plain_s - 1.0,
+        # the library's own time on a miss: outside the layers' parts, less plain transformers', over a plain call
+        "miss_library": (statistics.median(outside["miss"]) - statistics.median(outside["plain"])) / plain_s,
         # stats()'s seconds_saved of a hit pass against the time the pass really saved (plain - hit)
         "saved_ratio": statistics.median(claimed) / (plain_s - hit_s),
     }
+
+
+def _time_layer_parts(model) -> list[float]:
+    """Times every call of the parts of ``model``'s encoder layers (attention, intermediate, output) into the
+    returned list (cleared by the caller per call). A miss runs the same parts cached or not; what the exact
+    strategy adds (keys, lookup, hooks, storing) is outside them, where the noise on the parts' 99% of the time does
+    not reach."""
+    seconds: list[float] = []
+    for layer in model.encoder.layer:
+        for part in layer.children():
+            started: list[float] = []
+            part.register_forward_pre_hook(lambda m, args, s=started: s.append(time.perf_counter()))
+            part.register_forward_hook(
+                lambda module, args, out, s=started: seconds.append(time.perf_counter() - s.pop())
+            )
+    return seconds
 
 
 def _key_and_find(cached, inputs: dict[str, torch.Tensor]) -> None:
@@ -181,18 +208,20 @@ def main() -> None:
     )
     print(
         f"{'batch':>5} {'plain ms':>9} {'miss ms':>9} {'hit ms':>8} {'limit ms':>9} {'hit/limit':>10} "
-        f"{'hit speedup':>12} {'bound':>8} {'miss overhead':>14} {'saved claimed/real':>19}"
+        f"{'hit speedup':>12} {'bound':>8} {'miss overhead':>14} {'library':>8} {'saved claimed/real':>19}"
     )
     for batch in args.batches:
         row = measure(batch, args.seq, args.repeats)
         print(
             f"{row['batch']:>5} {row['plain_ms']:>9.2f} {row['miss_ms']:>9.2f} {row['hit_ms']:>8.3f} "
             f"{row['limit_ms']:>9.3f} {row['hit_ms'] / row['limit_ms']:>9.2f}x {row['hit_speedup']:>11.1f}x "
-            f"{row['plain_ms'] / row['limit_ms']:>7.0f}x {row['miss_overhead']:>+13.1%} {row['saved_ratio']:>18.2f}x"
+            f"{row['plain_ms'] / row['limit_ms']:>7.0f}x {row['miss_overhead']:>+13.1%} {row['miss_library']:>+8.2%} "
+            f"{row['saved_ratio']:>18.2f}x"
         )
     print(
         "limit: keying the request's rows and finding them, timed after a computed request as the hit is; bound: "
-        "plain / limit.\ngoals: hit speedup >= 150x at batch 1, >= 200x at batch 32; hit <= 2x the limit; miss "
+        "plain / limit; library: a miss's time outside the layers' parts less plain transformers', over plain's call."
+        "\ngoals: hit speedup >= 150x at batch 1, >= 200x at batch 32; hit <= 2x the limit; miss "
         "overhead <= +3%; seconds_saved within 1.5x of real"
     )
     traffic = dynamic_padding(args.requests)

@@ -51,10 +51,13 @@ class ExactLayerHook(LayerHook):
 
     def _compute_all(self, run: StackRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:
         start = time.perf_counter()
-        with record_kv_writes(find_cache(arguments) if run.with_kv else None) as writes:
+        if run.with_kv:
+            with record_kv_writes(find_cache(arguments)) as writes:
+                out = self.original(**arguments)
+            run.writes[self.position] = writes
+        else:
             out = self.original(**arguments)
         self._computed(run, run.batch, time.perf_counter() - start, out)
-        run.writes[self.position] = writes
         if self.last:
             self.store.store(run, self.layer, out[0] if isinstance(out, tuple) else out, run.misses)
         return out
