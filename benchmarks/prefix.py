@@ -15,9 +15,12 @@ cache), is the bound no reuse can beat. Further rows: full logits (``logits_to_k
 position, reused ones too), prompts whose every block is new (a distinct first token: what a miss costs), a
 left-padded batch of 8 prompts of which one is cold, and the same prompts through transformers' continuous batching
 (``generate_batch`` with block sharing), side by side. ``--soak`` (alone, in a fresh process) stores 2,000 blocks
-of a random model under a 32 MiB budget and reports the growth of resident memory.
+of a random model under a 32 MiB budget and reports the growth of resident memory. ``--first-seen N`` (alone)
+times N first-seen prompts against a growing and a full bank (see :func:`first_seen`); ``--conversations N`` chats
+whose turns reuse the answers.
 
     python benchmarks/prefix.py [--queries 12] [--block-size 16] [--threads N] [--no-generate] [--soak]
+        [--first-seen N] [--conversations N --turns 4 --answer-tokens 48]
 """
 
 from __future__ import annotations
