@@ -193,3 +193,15 @@ def test_a_block_kept_outside_the_slots_is_a_copy_of_what_was_put(case):
     for name in ("key", "value", "hidden"):
         assert values[name].untyped_storage().data_ptr() not in storage._slab_storages
         assert torch.equal(values[name], kept[name])
+
+
+@pytest.mark.parametrize("shape", [(3, 70000), (2, 3, 300, 64), (5, 40, 64), (100,), (40000,)])
+def test_copies_on_one_thread_land_exactly_whatever_the_slices_size(shape):
+    """Pieces of at most 32,768 elements, also where one slice along the first dimension is larger than that (one
+    head of a long prompt's keys), and from a strided source (a window of a cache's columns)."""
+    from hf_layercache.strategies.prefix.slots import copy_on_one_thread
+
+    source = torch.randn(*shape[:-1], shape[-1] * 2)[..., ::2]  # not contiguous
+    target = torch.empty(shape)
+    copy_on_one_thread(target, source)
+    assert torch.equal(target, source)

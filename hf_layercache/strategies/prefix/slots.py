@@ -39,14 +39,19 @@ _GRAIN = 32768
 
 
 def copy_on_one_thread(target: torch.Tensor, source: torch.Tensor) -> None:
-    """``target.copy_(source)`` in pieces of at most :data:`_GRAIN` elements along the first dimension. A block is
-    a few hundred KB; copied whole, torch splits it between its threads and waits for all of them, and where the
-    cores are shared that wait cost 20 ms a copy against 40 us on one thread (measured on the 2-core development
-    machine under load): most of what storing a first-seen prompt's blocks cost."""
+    """``target.copy_(source)`` in pieces of at most :data:`_GRAIN` elements along the first dimension (each slice
+    along it split the same way when it alone is larger). A block is a few hundred KB; copied whole, torch splits it
+    between its threads and waits for all of them, and where the cores are shared that wait cost 20 ms a copy
+    against 40 us on one thread (measured on the 2-core development machine under load): most of what storing a
+    first-seen prompt's blocks cost."""
     if target.device.type != "cpu" or target.numel() <= _GRAIN or target.dim() == 0:
         target.copy_(source)
         return
-    rows = max(1, _GRAIN // max(1, target[0].numel()))
+    if target[0].numel() > _GRAIN:  # e.g. one head of a long prompt's keys
+        for part, piece in zip(target, source, strict=True):
+            copy_on_one_thread(part, piece)
+        return
+    rows = _GRAIN // target[0].numel()
     for part, piece in zip(target.split(rows), source.split(rows), strict=True):
         part.copy_(piece)
 
