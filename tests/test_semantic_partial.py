@@ -14,6 +14,7 @@ from tiny import VOCAB, tiny_decoder, tiny_model
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
+from hf_layercache.strategies.semantic import partial
 from hf_layercache.strategies.semantic.entries import SemanticEntry
 from hf_layercache.strategies.semantic.partial import RecordingGate, supports_partial
 
@@ -96,6 +97,28 @@ def test_a_padded_batch_mixing_partial_whole_and_computed_rows_gives_each_row_it
     torch.testing.assert_close(
         out[3, : len(GREETING)], partial_reference(plain, ENTRY, GREETING, [1, 2]), rtol=0, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("bound", [1, 80, 512])
+def test_rows_of_different_entries_packed_into_call_rows_each_attend_to_their_own_entry(bound, monkeypatch):
+    """Three rows served in part from two entries of different lengths, packed one per call row (bound 1), two then
+    one (80 entry tokens), or all in one (512): each row's added tokens see only their own entry and additions."""
+    monkeypatch.setattr(partial, "BIN_STORED_TOKENS", bound)
+    other = [CLS, *torch.randint(3, VOCAB, (28,), generator=torch.Generator().manual_seed(8)).tolist(), SEP]
+    other_greeting = [CLS, 13, 14, 15, *other[1:]]
+    plain = tiny_model("bert")
+    model = hf_layercache.enable(tiny_model("bert"), semantic())
+    forward(model, [ENTRY])
+    forward(model, [other])
+    out = forward(model, [REFERENCE, other_greeting, GREETING])
+    expected = [
+        partial_reference(plain, ENTRY, REFERENCE, [41, 42, 43]),
+        partial_reference(plain, other, other_greeting, [1, 2, 3]),
+        partial_reference(plain, ENTRY, GREETING, [1, 2]),
+    ]
+    for i, reference in enumerate(expected):
+        torch.testing.assert_close(out[i, : len(reference)], reference, rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["partial_hits"] == 3 * len(model.layer_cache.layers)
 
 
 def test_left_padding_places_the_added_tokens_where_the_row_has_them():

@@ -124,7 +124,7 @@ class SemanticLayerHook(LayerHook):
             raise
         self._check_read(call.cache)
         computed = out[0] if isinstance(out, tuple) else out
-        return [computed[i, : p.added.numel()] for i, p in enumerate(plan)]
+        return [computed[b, start : start + p.added.numel()] for (b, start), p in zip(call.places, plan, strict=True)]
 
     def _check_read(self, cache: KVCacheArgument) -> None:
         """Entries record K/V only where the layer reads its KV-cache argument, so one that ignores it here holds
