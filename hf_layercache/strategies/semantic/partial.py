@@ -135,10 +135,9 @@ BIN_STORED_TOKENS = 1024
 """Most entry tokens one call row packs (unless a single entry holds more). Rows served in part add a few tokens
 each (8 on average on the campaign stream of docs/benchmarks.md) to entries of about a hundred: with one call row
 per batch row, every row's additions were padded to the most any row added (11.1k added tokens computed as 16.8k).
-Packing rows'
-additions into one call row, each attending only to its own entry and additions, removes that padding; the bound
-keeps the attention each packed token pays over the call row's keys below the cost of its linear layers (they match
-near 2,300 keys on MiniLM). Replaying the stream's 354 partial calls: 1.75 s one row per call row, 1.68 / 1.71 /
+Packing rows' additions into one call row, each attending only to its own entry and additions, removes that padding;
+the bound keeps the attention each packed token pays over the call row's keys below the cost of its linear layers
+(they match near 2,300 keys on MiniLM). Replaying the stream's 354 partial calls: 1.75 s one row per call row, 1.68 / 1.71 /
 1.53 / 1.49 s at 256 / 512 / 1,024 / 2,048 tokens."""
 
 
