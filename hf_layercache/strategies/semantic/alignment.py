@@ -73,3 +73,12 @@ def align_tokens(new: list[int], old: list[int], max_unaligned: float, edits: st
     if unaligned > max_unaligned * len(new):
         return None
     return torch.tensor(index)
+
+
+def with_neighbours(added: torch.Tensor, length: int, reach: int) -> torch.Tensor:
+    """The positions of ``added`` tokens (sorted, among a row's ``length``) and of the tokens within ``reach`` of
+    them: the ones whose states an addition moves most."""
+    if reach <= 0 or added.numel() == 0:
+        return added
+    near = (added.unsqueeze(1) + torch.arange(-reach, reach + 1)).flatten()
+    return torch.unique(near[(near >= 0) & (near < length)])

@@ -1,14 +1,15 @@
 """Partial hits: a row that extends a cached entry's tokens at its ends (a greeting put in front, a reference id
-appended) takes the entry's states for the entry's tokens and computes its added tokens only, in every layer, their
-queries attending to the entry's keys and values there and to one another. This is CacheBlend's selective
-recompute with the added tokens as the selection; serving such a row whole instead invents the added tokens' states
+appended) takes the entry's states for the entry's tokens and computes its added tokens and the entry's tokens
+next to them (``search.RECOMPUTED_NEIGHBOURS``), in every layer, their queries attending to the entry's other keys
+and values there and to one another. This is CacheBlend's selective recompute with the added tokens and those their
+addition moves most as the selection; serving such a row whole instead invents the added tokens' states
 (docs/semantic.md measures both).
 
-A layer computes some tokens of a row without the library knowing its architecture: it is called on the added
-tokens alone, with a KV-cache argument holding the entry's K/V at that layer (:class:`KVCacheArgument`). The layer's
-self-attention appends the added tokens' K/V to them as it does in incremental decoding, and the mask built here
-lets every added token attend to all of them. The same argument, with nothing to prepend, records the K/V a layer
-computes for the rows that become entries.
+A layer computes some tokens of a row without the library knowing its architecture: it is called on those tokens
+alone, with a KV-cache argument holding the entry's K/V at that layer (:class:`KVCacheArgument`). The layer's
+self-attention appends the computed tokens' K/V to them as it does in incremental decoding, and the mask built here
+lets every computed token attend to them all, less the stored K/V of the entry tokens it computes anew. The same
+argument, with nothing to prepend, records the K/V a layer computes for the rows that become entries.
 
 A layer qualifies (:func:`supports_partial`) when its forward takes a KV-cache argument and its self-attention is
 bidirectional, running eager or sdpa attention (which take a float mask): BERT-like encoders. Elsewhere rows are
@@ -129,6 +130,8 @@ class PartialRow:
     added: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
+    replaced: torch.Tensor | None = None
+    """The entry's positions whose K/V the computed tokens replace: hidden from the added tokens' attention."""
 
 
 BIN_STORED_TOKENS = 1024
@@ -137,8 +140,8 @@ each (8 on average on the campaign stream of docs/benchmarks.md) to entries of a
 per batch row, every row's additions were padded to the most any row added (11.1k added tokens computed as 16.8k).
 Packing rows' additions into one call row, each attending only to its own entry and additions, removes that padding;
 the bound keeps the attention each packed token pays over the call row's keys below the cost of its linear layers
-(they match near 2,300 keys on MiniLM). Replaying the stream's 354 partial calls: 1.75 s one row per call row, 1.68 / 1.71 /
-1.53 / 1.49 s at 256 / 512 / 1,024 / 2,048 tokens."""
+(they match near 2,300 keys on MiniLM). Replaying the stream's 354 partial calls: 1.75 s one row per call row,
+1.68 / 1.71 / 1.53 / 1.49 s at 256 / 512 / 1,024 / 2,048 tokens."""
 
 
 @dataclass
@@ -193,6 +196,8 @@ def partial_call(hidden: torch.Tensor, plan: list[PartialRow]) -> PartialCall:
             key[b, :, s0 : s0 + s].copy_(p.key)  # converts from the stored dtype on the way
             value[b, :, s0 : s0 + s].copy_(p.value)
             mask[b, :, a0 : a0 + a, s0 : s0 + s] = 0
+            if p.replaced is not None and p.replaced.numel():
+                mask[b, :, a0 : a0 + a, s0 + p.replaced.to(device)] = torch.finfo(dtype).min
             mask[b, :, a0 : a0 + a, most_stored + a0 : most_stored + a0 + a] = 0
             places[i] = (b, a0)
             a0, s0 = a0 + a, s0 + s

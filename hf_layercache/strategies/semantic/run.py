@@ -93,7 +93,11 @@ class Candidate:
     """Drawn by ``verify_fraction``: computed and judged, although it would have been served."""
     added: torch.Tensor | None = None
     """A partial hit (:mod:`.partial`): the positions, among the row's real tokens, of the tokens it adds to the
-    entry's, which every layer up to the target computes; ``None``: the row is served whole."""
+    entry's and of the entry's tokens next to them, which every layer up to the target computes; ``None``: the row
+    is served whole."""
+    replaced: torch.Tensor | None = None
+    """A partial hit: the entry's positions of the entry tokens it computes (next to its additions), whose stored
+    K/V the computed ones replace."""
 
     @property
     def verify(self) -> bool:

@@ -118,7 +118,7 @@ class StateStep:
             candidate = run.targets[row].candidate
             kv = candidate.entry.attention_kv[slot.position - self.after_layers]
             where = padded_positions(run.positions[row], candidate.added).to(hidden.device)
-            plan.append(PartialRow(row, where, kv[0], kv[1]))
+            plan.append(PartialRow(row, where, kv[0], kv[1], candidate.replaced))
         return {p.row: (p.added, states) for p, states in zip(plan, compute.tokens(plan), strict=True)}
 
     def _record_jumps(self, slot: LayerSlot, run: SemanticRun) -> None:
