@@ -72,17 +72,18 @@ class SemanticConfig(StrategyConfig):
     (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
     max_added: float = 0.25
-    """Largest fraction (0 to 1) of a new input's tokens that a *partial* hit computes: with ``edits="additive"``, a
-    row that adds tokens at its ends to a cached entry's (a greeting, a reference id) takes the entry's states for
-    the entry's tokens and computes only the added ones, in every layer, attending to the entry's stored keys and
-    values (CacheBlend's selective recompute). Its added tokens are computed, not invented, so ``max_unaligned`` does
-    not bound them; this does. For the same reason ``threshold`` judges what such a row takes, not what it adds:
-    with ``"minhash"``, the share of the entry's token pairs found in the row (a 60-token notice with 15 tokens
-    appended shares 0.8 of the pairs of the two texts but holds all of the entry's). Needs layers that take a
-    KV-cache argument with bidirectional eager or sdpa attention (BERT-like encoders) and no KV cache in the
-    request; elsewhere such rows are served whole within ``max_unaligned`` or computed. Entries then also hold their
-    keys and values in every looked-up layer (float16 for a float32 model: 6x the bytes of the state for a 6-layer
-    model), recorded while rows find entries (docs/semantic.md). 0: no partial hits, and entries without K/V."""
+    """Largest fraction (0 to 1) of a new input's tokens that a *partial* hit may add to the entry's: with
+    ``edits="additive"``, a row that adds tokens at its ends to a cached entry's (a greeting, a reference id) takes
+    the entry's states for the entry's tokens and computes only the added ones and the entry's tokens right next to
+    them, in every layer, attending to the entry's other stored keys and values (CacheBlend's selective recompute).
+    Its added tokens are computed, not invented, so ``max_unaligned`` does not bound them; this does. For the same
+    reason ``threshold`` judges what such a row takes, not what it adds: with ``"minhash"``, the share of the entry's
+    token pairs found in the row (a 60-token notice with 15 tokens appended shares 0.8 of the pairs of the two texts
+    but holds all of the entry's). Needs layers that take a KV-cache argument with bidirectional eager or sdpa
+    attention (BERT-like encoders) and no KV cache in the request; elsewhere such rows are served whole within
+    ``max_unaligned`` or computed. Entries then also hold their keys and values in every looked-up layer (float16 for
+    a float32 model: 6x the bytes of the state for a 6-layer model), recorded while rows find entries
+    (docs/semantic.md). 0: no partial hits, and entries without K/V."""
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None and (
