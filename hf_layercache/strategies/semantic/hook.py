@@ -108,8 +108,8 @@ class SemanticLayerHook(LayerHook):
     def compute_tokens(
         self, arguments: dict[str, Any], hidden: torch.Tensor, plan: list[PartialRow]
     ) -> list[torch.Tensor]:
-        """Run the layer on the added tokens of ``plan``'s rows alone, against their entries' K/V
-        (:mod:`.partial`): each row's output at its added tokens."""
+        """Run the layer on the tokens ``plan``'s rows compute alone, against their entries' K/V
+        (:mod:`.partial`): each row's output at those tokens."""
         call = partial_call(hidden, plan)
         partial_arguments = {
             **arguments,
@@ -123,8 +123,8 @@ class SemanticLayerHook(LayerHook):
             self._check_read(call.cache)
             raise
         self._check_read(call.cache)
-        computed = out[0] if isinstance(out, tuple) else out
-        return [computed[b, start : start + p.added.numel()] for (b, start), p in zip(call.places, plan, strict=True)]
+        states = out[0] if isinstance(out, tuple) else out
+        return [states[b, start : start + p.computed.numel()] for (b, start), p in zip(call.places, plan, strict=True)]
 
     def _check_read(self, cache: KVCacheArgument) -> None:
         """Entries record K/V only where the layer reads its KV-cache argument, so one that ignores it here holds

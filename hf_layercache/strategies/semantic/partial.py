@@ -123,15 +123,15 @@ def plain_call(arguments: dict[str, Any], spec: LayerSpec, hidden: torch.Tensor)
 
 @dataclass
 class PartialRow:
-    """One row served in part at one layer: where its added tokens sit in the padded batch, and the entry's K/V at
-    this layer, ``(heads, entry tokens, head_dim)`` each."""
+    """One row served in part at one layer: where the tokens it computes (its additions and their neighbours) sit in
+    the padded batch, and the entry's K/V at this layer, ``(heads, entry tokens, head_dim)`` each."""
 
     row: int
-    added: torch.Tensor
+    computed: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
     replaced: torch.Tensor | None = None
-    """The entry's positions whose K/V the computed tokens replace: hidden from the added tokens' attention."""
+    """The entry's positions whose K/V the computed tokens replace: hidden from the computed tokens' attention."""
 
 
 BIN_STORED_TOKENS = 1024
@@ -146,10 +146,11 @@ the bound keeps the attention each packed token pays over the call row's keys be
 
 @dataclass
 class PartialCall:
-    """The added tokens of several rows as one layer call, packed into call rows (:data:`BIN_STORED_TOKENS`):
-    ``hidden`` ``(call rows, most added, hidden)``; the cache argument holding each call row's entries' K/V; the float
-    mask over ``[entries' tokens; added tokens]`` that lets each row's added tokens attend to their own entry's tokens
-    and to one another only; and where each planned row's added tokens sit, ``(call row, first column)``."""
+    """The computed tokens of several rows as one layer call, packed into call rows (:data:`BIN_STORED_TOKENS`):
+    ``hidden`` ``(call rows, most computed, hidden)``; the cache argument holding each call row's entries' K/V; the
+    float mask over ``[entries' tokens; computed tokens]`` that lets each row's computed tokens attend to their own
+    entry's other tokens and to one another only; and where each planned row's tokens sit, ``(call row, first
+    column)``."""
 
     hidden: torch.Tensor
     cache: KVCacheArgument
@@ -173,10 +174,10 @@ def bins(plan: list[PartialRow], most_stored: int) -> list[list[int]]:
 
 
 def partial_call(hidden: torch.Tensor, plan: list[PartialRow]) -> PartialCall:
-    """Gather the added tokens of ``plan``'s rows from the batch's ``hidden`` state into one call (see
+    """Gather the computed tokens of ``plan``'s rows from the batch's ``hidden`` state into one call (see
     :class:`PartialCall`)."""
     packed = bins(plan, BIN_STORED_TOKENS)
-    added = [p.added.numel() for p in plan]
+    added = [p.computed.numel() for p in plan]
     stored = [p.key.shape[1] for p in plan]
     most_added = max(sum(added[i] for i in rows) for rows in packed)
     most_stored = max(sum(stored[i] for i in rows) for rows in packed)
@@ -192,7 +193,7 @@ def partial_call(hidden: torch.Tensor, plan: list[PartialRow]) -> PartialCall:
         a0 = s0 = 0
         for i in rows:
             p, a, s = plan[i], added[i], stored[i]
-            compact[b, a0 : a0 + a] = hidden[p.row, p.added.to(device)]
+            compact[b, a0 : a0 + a] = hidden[p.row, p.computed.to(device)]
             key[b, :, s0 : s0 + s].copy_(p.key)  # converts from the stored dtype on the way
             value[b, :, s0 : s0 + s].copy_(p.value)
             mask[b, :, a0 : a0 + a, s0 : s0 + s] = 0

@@ -70,8 +70,8 @@ class Compute(Protocol):
         made."""
 
     def tokens(self, plan: list[PartialRow]) -> list[torch.Tensor]:
-        """Run the layer on the added tokens of ``plan``'s rows against their entries' K/V: each row's output at its
-        added tokens."""
+        """Run the layer on the tokens ``plan``'s rows compute against their entries' K/V: each row's output at
+        those tokens."""
 
 
 RecordLookup = Callable[[Lookup, CacheBank | None, list[str]], None]
@@ -91,7 +91,7 @@ class Candidate:
     """``max_error_rate`` could not vouch for it: computed, judged, and the verdict recorded."""
     audit: bool = False
     """Drawn by ``verify_fraction``: computed and judged, although it would have been served."""
-    added: torch.Tensor | None = None
+    computed: torch.Tensor | None = None
     """A partial hit (:mod:`.partial`): the positions, among the row's real tokens, of the tokens it adds to the
     entry's and of the entry's tokens next to them, which every layer up to the target computes; ``None``: the row
     is served whole."""

@@ -128,7 +128,7 @@ class EntrySearch:
             return Candidate(entry_id, slot.layer.name, entry, index, score)
         computed = with_neighbours(added, run.lengths[row], RECOMPUTED_NEIGHBOURS)
         replaced = index[computed[index[computed] != ADDED]]
-        return Candidate(entry_id, slot.layer.name, entry, index, score, added=computed, replaced=replaced)
+        return Candidate(entry_id, slot.layer.name, entry, index, score, computed=computed, replaced=replaced)
 
     def _partial_entry(self, slot: LayerSlot, run: SemanticRun, entry: SemanticEntry) -> bool:
         """Whether the entry can serve a row in part in this run: it holds its K/V in every looked-up layer up to

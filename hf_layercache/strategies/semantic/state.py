@@ -74,7 +74,7 @@ class StateStep:
         live = {r: t for r, t in run.targets.items() if not t.candidate.verify}
         passing = [r for r, t in live.items() if t.position > slot.position]
         serving = {r: t.candidate for r, t in live.items() if t.position == slot.position}
-        partial = [r for r in [*passing, *serving] if live[r].candidate.added is not None]
+        partial = [r for r in [*passing, *serving] if live[r].candidate.computed is not None]
         added = self._compute_added(slot, run, hidden, compute, partial) if partial else {}
         compute_rows = [r for r in range(run.batch) if r not in passing and r not in serving]
         if compute_rows:
@@ -111,15 +111,15 @@ class StateStep:
     def _compute_added(
         self, slot: LayerSlot, run: SemanticRun, hidden: torch.Tensor, compute: Compute, rows: list[int]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """This layer's output at the added tokens of the rows served in part, by row: their positions in the
+        """This layer's output at the tokens computed for the rows served in part, by row: their positions in the
         batch and their states, computed against each entry's K/V here."""
         plan = []
         for row in rows:
             candidate = run.targets[row].candidate
             kv = candidate.entry.attention_kv[slot.position - self.after_layers]
-            where = padded_positions(run.positions[row], candidate.added).to(hidden.device)
+            where = padded_positions(run.positions[row], candidate.computed).to(hidden.device)
             plan.append(PartialRow(row, where, kv[0], kv[1], candidate.replaced))
-        return {p.row: (p.added, states) for p, states in zip(plan, compute.tokens(plan), strict=True)}
+        return {p.row: (p.computed, states) for p, states in zip(plan, compute.tokens(plan), strict=True)}
 
     def _record_jumps(self, slot: LayerSlot, run: SemanticRun) -> None:
         """The lookup's outcome, once: a row served at layer ``t`` hits in every layer from here to ``t`` (they pass
@@ -131,7 +131,7 @@ class StateStep:
             if here:
                 jumped = [s.layer.name for s in layers if s.position <= target_slot.position]
                 served = [(c.entry_id, c.score) for c in here.values()]
-                partial = [c.added.numel() / run.lengths[r] for r, c in here.items() if c.added is not None]
+                partial = [c.computed.numel() / run.lengths[r] for r, c in here.items() if c.computed is not None]
                 lookup = Lookup(served, partial=partial)
                 self.record_lookup(lookup, self.banks[target_slot.layer.name], jumped)
                 computed_after = [s.layer.name for s in layers if s.position > target_slot.position]

@@ -55,9 +55,9 @@ class Verifier:
             value = take(value, candidate.index)
             approx = hidden[row, pos].float() + value if candidate.entry.kind == "delta" else value
             exact = computed[row, pos].float()
-            if candidate.added is not None:  # a partial hit computes its added tokens: judged on what it serves
+            if candidate.computed is not None:  # a partial hit computes some tokens: judged on what it serves
                 kept = torch.ones(exact.shape[0], dtype=torch.bool, device=exact.device)
-                kept[candidate.added.to(exact.device)] = False
+                kept[candidate.computed.to(exact.device)] = False
                 approx, exact = approx[kept], exact[kept]
             approx, exact = approx.flatten(), exact.flatten()
             error = float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
