@@ -127,7 +127,8 @@ class EntrySearch:
         if added is None:
             return Candidate(entry_id, slot.layer.name, entry, index, score)
         computed = with_neighbours(added, run.lengths[row], RECOMPUTED_NEIGHBOURS)
-        replaced = index[computed[index[computed] != ADDED]]
+        in_entry = index[computed]  # the entry's position of each computed token, ADDED for the added ones
+        replaced = in_entry[in_entry != ADDED]
         return Candidate(entry_id, slot.layer.name, entry, index, score, computed=computed, replaced=replaced)
 
     def _partial_entry(self, slot: LayerSlot, run: SemanticRun, entry: SemanticEntry) -> bool:
