@@ -11,6 +11,10 @@ by many routes, and none of them tells the cache, so :class:`ModelWatch` checks 
   whose ``.data`` returns ``detach()``, which shares the counter: such writes bump the version like any other;
 * **replaced tensors** (``p.data = t``, ``.to(dtype)``, ``.half()``, a move, ``load_state_dict(assign=True)``,
   accelerate swapping ``_parameters`` entries): another tensor object or data pointer;
+* **swapped tensors** (``torch.utils.swap_tensors``, which ``load_state_dict`` and ``.to()`` use under
+  ``torch.__future__.set_swap_module_params_on_conversion(True)``): the same object with another tensor behind it,
+  whose version may well equal the old one's, so the tensor behind each object is compared too (``_cdata``). The
+  watch holds no weak reference to a tensor: ``swap_tensors`` refuses tensors that have one;
 * **new or replaced modules, parameters and buffers** (PEFT injecting or merging-and-unloading LoRA layers,
   ``add_adapter``, ``load_adapter``, a user replacing a submodule): torch's global registration hooks report every
   registration, and one on a module of the model makes the watch scan the model again before the next request.
@@ -19,10 +23,10 @@ by many routes, and none of them tells the cache, so :class:`ModelWatch` checks 
 * **the config**: an attribute of the model's config (or a sub-config) reassigned, e.g. by
   ``set_attn_implementation``.
 
-Comparing ``(id, version, data pointer)`` of every tensor and a shallow snapshot of the config reads no tensor data:
-tens of microseconds per request. What stays invisible is tensor memory written without torch (through numpy or a C
-extension): call ``model.layer_cache.weights_changed()`` after such writes, and ``verify_fraction`` lets the lossless
-strategies catch an entry that disagrees.
+Comparing ``(id, tensor behind it, version, data pointer)`` of every tensor and a shallow snapshot of the config
+reads no tensor data: tens of microseconds per request. What stays invisible is tensor memory written without torch
+(through numpy or a C extension): call ``model.layer_cache.weights_changed()`` after such writes, and
+``verify_fraction`` lets the lossless strategies catch an entry that disagrees.
 
 The watch also reads the active adapter set per request (:mod:`hf_layercache.adapters`), separately for the adapter
 layers inside the stacks' owners (which every entry depends on) and outside them (heads: only whole-model outputs
@@ -89,8 +93,19 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
 
 
 _VERSION = operator.attrgetter("_version")
+_BEHIND = operator.attrgetter("_cdata")
+"""The tensor an object holds (its ``TensorImpl`` address): another after ``swap_tensors``."""
 _subclass_functions_off = torch._C.DisableTorchFunctionSubclass
-"""While on, reading ``_version`` from a tensor subclass skips the lookup of its ``__torch_function__``."""
+"""While on, reading ``_cdata`` and ``_version`` from a tensor subclass skips the lookup of its
+``__torch_function__``."""
+
+
+def _behind_and_versions(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """What each tensor object holds and its version (two plain lists: building tuples or an array per request cost
+    a hit four times as much)."""
+    with _subclass_functions_off():
+        return list(map(_BEHIND, tensors)), list(map(_VERSION, tensors))
+
 
 _data_assignments = 0
 """``.data = t`` on any watched tensor (the one replacement that keeps the tensor object): the fast check's cue."""
@@ -123,8 +138,8 @@ class ModelWatch:
     def __init__(self, model: nn.Module, owners: Iterable[nn.Module]):
         self.model = model
         self._owners = list(owners)
-        self._swapped: list[weakref.ref] = []
         self._attached = False
+        self._glance: tuple | None = None
         self._digests: dict[str, str] = {}
         self._adapter_keys: dict[tuple, str] = {}
         self.scans = 0
@@ -140,20 +155,22 @@ class ModelWatch:
         self._swap_classes()
 
     def detach(self) -> None:
+        """Give every tensor of the model (and those it held at the last :meth:`mark`) its own class back."""
         _stop_noticing(self)
         self._attached = False
-        for ref in self._swapped:
-            tensor = ref()
-            if tensor is not None and type(tensor) in _ORIGINAL:
-                tensor.__class__ = _ORIGINAL[type(tensor)]
-        self._swapped.clear()
+        _unwatch(self._slot_tensors())
+        if self._glance is not None:
+            _unwatch(self._glance[1])
 
     def _swap_classes(self) -> None:
-        for slot in self._every_slot:
-            for tensor in slot.values():
-                if tensor is not None and type(tensor) not in _ORIGINAL and _is_watchable(tensor):
-                    tensor.__class__ = _watched_class(type(tensor))
-                    self._swapped.append(weakref.ref(tensor))
+        """Watch every tensor the model holds now: tensors registered, assigned or swapped in since have their own
+        classes (the watch keeps no list of what it swapped: the last glance holds the tensors, :meth:`mark`)."""
+        for tensor in self._slot_tensors():
+            if tensor is not None and type(tensor) not in _ORIGINAL and _is_watchable(tensor):
+                tensor.__class__ = _watched_class(type(tensor))
+
+    def _slot_tensors(self) -> list[torch.Tensor | None]:
+        return list(chain.from_iterable(self._every_value))
 
     # --- scanning -------------------------------------------------------------------------------------------------
     def _scan(self) -> None:
@@ -195,9 +212,9 @@ class ModelWatch:
         if id(parent) in self._module_ids:
             self._rescan_due = True
 
-    def _tensors(self) -> dict[str, tuple[bool, tuple[int, int, int]]]:
-        """Each tensor's part (body or head) and ``(id, version, data pointer)`` by path; an adapter's tensors under
-        ``<adapter>|<path>``."""
+    def _tensors(self) -> dict[str, tuple[bool, tuple[int, int, int, int]]]:
+        """Each tensor's part (body or head) and ``(id, tensor behind it, version, data pointer)`` by path; an
+        adapter's tensors under ``<adapter>|<path>``."""
         found = {}
         for body in (True, False):
             for path, slot in zip(self._paths[body], self._slots[body], strict=True):
@@ -208,7 +225,7 @@ class ModelWatch:
                         found[f"{adapter}|{full}" if adapter else full] = (body, _state(tensor))
         return found
 
-    def _signature(self, body: bool) -> tuple[tuple[int, int, int], ...]:
+    def _signature(self, body: bool) -> tuple[tuple[int, int, int, int], ...]:
         return tuple(_state(t) for slot in self._slots[body] for t in slot.values() if t is not None)
 
     # --- the per-request check ------------------------------------------------------------------------------------
@@ -255,31 +272,38 @@ class ModelWatch:
         self._adapter_keys.clear()
 
     def mark(self) -> None:
-        """Take the model as it is now as the one the entries belong to."""
+        """Take the model as it is now as the one the entries belong to; tensors it no longer holds get their own
+        classes back."""
         if self._rescan_due:
             self._scan()
+        elif self._attached:
+            self._swap_classes()
         self._signature_at_mark = {body: self._signature(body) for body in (True, False)}
         self._tensors_at_mark = self._tensors()
         self._config_at_mark = _config_state(self._config)
-        self._glance = self._glance_now()
+        before, self._glance = self._glance, self._glance_now()
+        if before is not None:
+            held = {id(t) for t in self._glance[1]}
+            _unwatch(t for t in before[1] if id(t) not in held)
 
-    def _glance_now(self) -> tuple[int, list, list[bool], list[int], list[dict]]:
+    def _glance_now(self) -> tuple[int, list, list[bool], tuple[list[int], list[int]], list[dict]]:
         """What the fast check compares: ``.data`` assignments, the tensor objects (``None`` in empty slots, and
-        where they are), their versions and the configs' attribute dicts (shallow copies; their values compare by
-        identity first, so this costs microseconds)."""
-        tensors = list(chain.from_iterable(self._every_value))
+        where they are), the tensors behind them and their versions, and the configs' attribute dicts (shallow
+        copies; their values compare by identity first, so this costs microseconds)."""
+        tensors = self._slot_tensors()
         present = [t is not None for t in tensors]
         self._config_values = {}
         self._config_objects = _configs(self._config)  # a sub-config replaced shows in its parent's attributes
-        with _subclass_functions_off():
-            versions = list(map(_VERSION, compress(tensors, present)))
+        versions = _behind_and_versions(list(compress(tensors, present)))
         return _data_assignments, tensors, present, versions, [dict(_attributes(c)) for c in self._config_objects]
 
     def _unchanged_at_a_glance(self) -> bool:
         """Nothing moved since :meth:`mark` (no scan, no per-tensor tuples): the common case, read in a few
         microseconds per hundred tensors. Anything else takes the full comparison, which decides.
 
-        Versions are read from the tensors the slots hold, with tensor subclasses' ``__torch_function__`` off:
+        The same objects in the slots, the same tensors behind them (``swap_tensors`` keeps the object and may
+        keep the version number) and the same versions. Versions are read from the tensors the slots hold, with
+        tensor subclasses' ``__torch_function__`` off:
         a watched subclass would otherwise make each read look its ``__torch_function__`` up by name (a third of a
         hit's time on small models), and the counter read is the tensor's own either way. (Reading through plain
         detached aliases, as before, avoids that lookup too but touches two more objects per tensor, which a
@@ -287,12 +311,11 @@ class ModelWatch:
         assignments, tensors, present, versions, configs = self._glance
         if assignments != _data_assignments:
             return False
-        now = list(chain.from_iterable(self._every_value))
+        now = self._slot_tensors()
         if len(now) != len(tensors) or any(map(operator.is_not, now, tensors)):
             return False
-        with _subclass_functions_off():
-            if list(map(_VERSION, compress(now, present))) != versions:
-                return False
+        if _behind_and_versions(list(compress(now, present))) != versions:
+            return False
         return list(map(_attributes, self._config_objects)) == configs
 
     def config_value(self, config: Any, name: str) -> Any:
@@ -359,10 +382,17 @@ class ModelWatch:
         return named_tensors(self.model)
 
 
-def _state(tensor: torch.Tensor) -> tuple[int, int, int]:
+def _state(tensor: torch.Tensor) -> tuple[int, int, int, int]:
     if tensor.is_meta:  # offloaded: accelerate swaps in a new meta tensor after each forward; the data lives in
-        return 0, 0, 0  # its weights map, which is not written in place
-    return id(tensor), tensor._version, tensor.data_ptr()
+        return 0, 0, 0, 0  # its weights map, which is not written in place
+    return id(tensor), tensor._cdata, tensor._version, tensor.data_ptr()
+
+
+def _unwatch(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Give watched tensors their own classes back."""
+    for tensor in tensors:
+        if tensor is not None and type(tensor) in _ORIGINAL:
+            tensor.__class__ = _ORIGINAL[type(tensor)]
 
 
 def _adapter_of(path: str, prefixes: dict[str, str]) -> str | None:

@@ -6,6 +6,7 @@ run uncached. PEFT and transformers' adapter API are the real libraries, on tiny
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -196,6 +197,27 @@ def test_transformers_adapter_api_switches_disables_and_loads(tmp_path):
 
 
 # --- weights changed by any route -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def swapping_tensors():
+    """torch's conversions and ``load_state_dict`` swap each parameter's tensor in (``torch.utils.swap_tensors``)
+    instead of assigning ``.data``: the same Python object, another tensor behind it."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def _swap_in_new_values(weight: torch.nn.Parameter) -> None:
+    new = torch.nn.Parameter(torch.randn_like(weight))
+    with torch.no_grad():
+        while new._version < weight._version:
+            new.mul_(1.0)
+    assert new._version == weight._version  # the version alone cannot tell the swap
+    torch.utils.swap_tensors(weight, new)
+
+
 def _write(model, route: str) -> None:
     weight = model.model.layers[0].mlp.up_proj.weight
     if route == ".data.copy_":
@@ -216,6 +238,14 @@ def _write(model, route: str) -> None:
     elif route == "buffer .data":
         rotary = model.model.rotary_emb
         rotary.inv_freq.data.mul_(2.0)
+    elif route == "swap_tensors":
+        _swap_in_new_values(weight)
+    elif route == "load_state_dict (swapping)":
+        with swapping_tensors():
+            model.load_state_dict(tiny_model("llama", tf.AutoModelForCausalLM, seed=9).state_dict())
+    elif route == "to(float64) (swapping)":
+        with swapping_tensors():
+            model.to(torch.float64)
     else:
         raise AssertionError(route)
 
@@ -229,6 +259,9 @@ ROUTES = [
     "to(float64)",
     "replaced submodule",
     "buffer .data",
+    "swap_tensors",
+    "load_state_dict (swapping)",
+    "to(float64) (swapping)",
 ]
 
 
@@ -241,7 +274,7 @@ def test_no_route_of_changing_the_weights_serves_stale(route, strategy):
     assert (run(model) - stale).abs().max() <= TOLERANCE and hits(model) > 0
     _write(model, route)
     fresh = run(model)
-    if route == "to(float64)":
+    if route.startswith("to(float64)"):
         assert fresh.dtype == torch.float64  # the same function to 1e-7, in another dtype
     else:
         assert (fresh - stale).abs().max() > 1e-3, "the route does change the function"
@@ -260,6 +293,33 @@ def test_disable_restores_the_tensor_classes_and_data():
     version = model.lm_head.weight._version
     model.lm_head.weight.data.add_(1.0)
     assert model.lm_head.weight._version == version  # torch's own .data again
+
+
+def test_a_tensor_swapped_in_is_watched_and_given_back_like_the_others():
+    model = causal("exact")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    stale = run(model)
+    _swap_in_new_values(weight)
+    swapped = run(model)
+    assert (swapped - stale).abs().max() > 1e-3
+    assert type(weight) is not torch.nn.Parameter and isinstance(weight, torch.nn.Parameter)  # watched again
+    assert served_right(model, model) <= TOLERANCE and hits(model) > 0
+    weight.data.add_(0.5)  # through .data: seen only on a watched tensor
+    assert (run(model) - uncached(model, model)).abs().max() <= TOLERANCE
+    assert (run(model) - swapped).abs().max() > 1e-3
+    hf_layercache.disable(model)
+    assert type(weight) is torch.nn.Parameter
+
+
+def test_a_tensor_that_left_the_model_gets_its_own_class_back():
+    model = causal("exact")
+    old = model.model.layers[0].mlp.up_proj.weight
+    run(model)
+    assert type(old) is not torch.nn.Parameter
+    model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(old))
+    run(model)
+    assert type(old) is torch.nn.Parameter
+    assert type(model.model.layers[0].mlp.up_proj.weight) is not torch.nn.Parameter
 
 
 def test_requests_never_rescan_the_model():
