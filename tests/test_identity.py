@@ -311,6 +311,30 @@ def test_a_tensor_swapped_in_is_watched_and_given_back_like_the_others():
     assert type(weight) is torch.nn.Parameter
 
 
+@pytest.mark.parametrize("route", ["slot write", "to(float64) (overwriting)"])
+def test_a_tensor_put_in_without_registration_is_watched_too(route):
+    """accelerate writes ``module._parameters[name]`` directly, and torch's conversions do so under
+    ``set_overwrite_module_params_on_conversion(True)``: no registration hook fires, and the new tensor's ``.data``
+    writes must still be seen."""
+    model = causal("exact")
+    run(model)
+    module = model.model.layers[0].mlp.up_proj
+    if route == "slot write":
+        module._parameters["weight"] = torch.nn.Parameter(torch.randn_like(module.weight))
+    else:
+        before = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.to(torch.float64)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(before)
+    replaced = run(model)
+    assert served_right(model, model) <= TOLERANCE and hits(model) > 0
+    module.weight.data.mul_(2.0)
+    assert (run(model) - replaced).abs().max() > 1e-3
+    assert (run(model) - uncached(model, model)).abs().max() <= TOLERANCE
+
+
 def test_a_tensor_that_left_the_model_gets_its_own_class_back():
     model = causal("exact")
     old = model.model.layers[0].mlp.up_proj.weight
