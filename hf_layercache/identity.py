@@ -27,6 +27,7 @@ model changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -199,6 +200,32 @@ def attention_kind(implementation: str | None) -> str | None:
     custom function may compute anything."""
     base = implementation.removeprefix("paged|") if isinstance(implementation, str) else implementation
     return "softmax" if base in _SOFTMAX_KERNELS or base is None else implementation
+
+
+@functools.cache
+def _autocast_device_types() -> tuple[str, ...]:
+    """The device types a model can compute on in this process, whose autocast state :func:`autocast_state` reads:
+    the CPU and the accelerator torch finds (a model's layers may run on either, e.g. weights offloaded to the CPU and
+    computed on the GPU). Read once: an accelerator does not come or go while the process runs."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        current = accelerator.current_accelerator() if accelerator.is_available() else None
+        return ("cpu",) if current is None else ("cpu", current.type)
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def autocast_state() -> str:
+    """The autocast regions the calling thread computes in, e.g. ``"cpu:bfloat16"`` (``""``: none).
+
+    Not part of the model's identity but of each request's: ``torch.autocast`` is a context the caller opens around
+    some calls, and inside it the same weights compute in another precision (on a tiny Llama, bfloat16 autocast moved
+    the logits by 1.6e-3, 160 times the lossless tolerance of 1e-5). The controller keeps entries per autocast state,
+    as per adapter set, so a call never gets values computed in another precision."""
+    return ",".join(
+        f"{device_type}:{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"
+        for device_type in _autocast_device_types()
+        if torch.is_autocast_enabled(device_type)
+    )
 
 
 def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

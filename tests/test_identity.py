@@ -379,6 +379,28 @@ def test_memory_written_without_torch_is_caught_by_verification_and_dropped_by_w
     assert model.layer_cache.stats()["total"]["entries"] == 0
 
 
+# --- the precision a call computes in ---------------------------------------------------------------------------------
+def autocast_run(model, autocast: bool) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return run(model).float()
+
+
+@pytest.mark.parametrize("strategy", ["exact", "prefix", "semantic"])
+@pytest.mark.parametrize("first", ["autocast", "full precision"])
+def test_autocast_and_full_precision_never_serve_each_other(strategy, first):
+    """``torch.autocast`` computes the same weights in bfloat16: each precision is served its own entries."""
+    model = causal(strategy)
+    with model.layer_cache.bypass():
+        truth = {autocast: autocast_run(model, autocast) for autocast in (True, False)}
+    assert (truth[True] - truth[False]).abs().max() > 1e-3, "autocast does change the values"
+    for autocast in [True, False] if first == "autocast" else [False, True]:
+        computed = autocast_run(model, autocast)
+        assert (computed - truth[autocast]).abs().max() <= TOLERANCE, "served the other precision's entries"
+        before = hits(model)
+        assert (autocast_run(model, autocast) - truth[autocast]).abs().max() <= TOLERANCE
+        assert hits(model) > before  # and each precision does hit its own
+
+
 # --- the identity: every byte, the config, the storage dtype ----------------------------------------------------------
 def _fine_tuned_rows(model, rows=5) -> None:
     with torch.no_grad():
