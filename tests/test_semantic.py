@@ -405,3 +405,61 @@ def test_entries_stored_under_inference_mode_can_be_updated_and_cleared_outside_
         run(model, one_token_changed(batch))
     model.layer_cache.clear()
     assert model.layer_cache.stats()["total"]["entries"] == 0
+
+
+# --- where the tokens sit -----------------------------------------------------------------------------------------
+def two_texts(side: str) -> dict:
+    """A 10-token text and a 6-token one, padded on ``side``: the short one's tokens sit 4 columns later on the left."""
+    g = torch.Generator().manual_seed(1)
+    long, short = torch.randint(3, VOCAB, (10,), generator=g), torch.randint(3, VOCAB, (6,), generator=g)
+    ids, mask = torch.zeros(2, 10, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long)
+    ids[0], mask[0] = long, 1
+    where = slice(0, 6) if side == "right" else slice(4, 10)
+    ids[1, where], mask[1, where] = short, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+@pytest.mark.parametrize(("first", "then"), [("right", "left"), ("left", "right")])
+def test_a_text_at_other_positions_is_computed_not_served(reuse, first, then):
+    """BERT adds absolute position embeddings: the same tokens four columns later compute other states (on the tiny
+    model up to 2.3 apart), so neither padding side may serve the other's entries."""
+    model = tiny_model("bert")
+    hf_layercache.enable(model, semantic(reuse=reuse))
+    run(model, two_texts(first))
+    batch = two_texts(then)
+    out = run(model, batch).last_hidden_state
+    with model.layer_cache.bypass():
+        reference = run(model, batch).last_hidden_state
+    assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+    layers = len(model.layer_cache.layers)
+    assert totals(model)["hits"] == layers  # the unpadded text, at the same positions both times, is served
+
+
+@pytest.mark.parametrize("reuse", REUSES)
+def test_position_ids_decide_where_the_tokens_sit(reuse):
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    length = batch["input_ids"].shape[1]
+    hf_layercache.enable(model, semantic(reuse=reuse))
+    run(model, batch)
+    shifted = {**batch, "position_ids": torch.arange(length).unsqueeze(0) + 3}
+    out = run(model, shifted).last_hidden_state
+    with model.layer_cache.bypass():
+        reference = run(model, shifted).last_hidden_state
+    assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+    assert totals(model)["hits"] == 0
+    run(model, {**batch, "position_ids": torch.arange(length).unsqueeze(0)})  # the columns, said explicitly
+    assert totals(model)["hits"] == len(model.layer_cache.layers) * batch["input_ids"].shape[0]
+
+
+def test_left_padded_generate_still_hits():
+    """``generate()`` numbers each row's real tokens from 0 whatever its padding: a repeated left-padded batch hits."""
+    model = tiny_model("llama", tf.AutoModelForCausalLM)
+    hf_layercache.enable(model, LayerCacheConfig(strategy="semantic"))
+    batch = two_texts("left")
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    first = model.generate(**batch, **settings)
+    hits = totals(model)["hits"]
+    assert torch.equal(model.generate(**batch, **settings), first)
+    assert totals(model)["hits"] > hits

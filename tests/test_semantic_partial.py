@@ -52,24 +52,18 @@ def near(added: list[int], length: int) -> list[int]:
     return sorted({p + d for p in added for d in (-1, 0, 1) if 0 <= p + d < length})
 
 
-def partial_reference(
-    plain, entry: list[int], row: list[int], added: list[int], offset: int = 0, entry_offset: int = 0
-) -> torch.Tensor:
+def partial_reference(plain, entry: list[int], row: list[int], added: list[int]) -> torch.Tensor:
     """What a partial hit serves ``row``: the entry's last states at its tokens, and the ``added`` positions with
     their neighbours computed layer by layer against the entry's inputs there, less the neighbours' own (the row
-    without its added tokens is the entry, in order). ``offset`` and ``entry_offset``: the row's and the entry's
-    first positions in their batches (BERT numbers positions from the batch's first column, padding included)."""
+    without its added tokens is the entry, in order). Both at positions from 0, where entries and the rows they
+    serve compute (a row placed elsewhere computes whole)."""
     computed = near(added, len(row))
     aligned = [p for p in range(len(row)) if p not in added]  # the entry's tokens, in order
     in_entry = dict(zip(aligned, range(len(entry)), strict=True))
     kept = [in_entry[p] for p in aligned if p not in computed]
     with torch.no_grad():
-        entry_positions = torch.arange(entry_offset, entry_offset + len(entry)).unsqueeze(0) if entry_offset else None
-        states = plain(
-            input_ids=torch.tensor([entry]), position_ids=entry_positions, output_hidden_states=True
-        ).hidden_states
-        positions = torch.arange(offset, offset + len(row)).unsqueeze(0) if offset else None  # else the model's own
-        x = plain.embeddings(input_ids=torch.tensor([row]), position_ids=positions)[0][computed]
+        states = plain(input_ids=torch.tensor([entry]), output_hidden_states=True).hidden_states
+        x = plain.embeddings(input_ids=torch.tensor([row]))[0][computed]
         for i, layer in enumerate(plain.encoder.layer):
             x = layer_out(layer, torch.cat([states[i][0][kept], x]))[-len(computed) :]
     out = torch.empty(len(row), x.shape[-1])
@@ -131,17 +125,21 @@ def test_rows_of_different_entries_packed_into_call_rows_each_attend_to_their_ow
     assert model.layer_cache.stats()["total"]["partial_hits"] == 3 * len(model.layer_cache.layers)
 
 
-def test_left_padding_places_the_added_tokens_where_the_row_has_them():
-    plain = tiny_model("bert")
+def test_left_padding_serves_the_row_where_its_tokens_sit():
+    """Left-padded, with position ids numbering each row's real tokens from 0 (as ``generate()`` does): the row is
+    served at the columns its tokens sit in, the states it gets unpadded. (Without position ids BERT numbers the
+    padding too and the row computes: tests/test_semantic.py. With them transformers hands the layers the position
+    ids, which a partial call does not cut, so rows are served whole here.)"""
     model = hf_layercache.enable(tiny_model("bert"), semantic())
     forward(model, [ENTRY])
     pad = len(REFERENCE) - len(GREETING)
     ids = torch.tensor([REFERENCE, [0] * pad + GREETING])
     mask = (torch.arange(ids.shape[1]) >= torch.tensor([[0], [pad]])).long()
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    reference = partial_reference(plain, ENTRY, GREETING, [1, 2], offset=pad)
-    torch.testing.assert_close(out[1, pad:], reference, rtol=0, atol=1e-5)
+        left = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        alone = model(input_ids=torch.tensor([GREETING]), position_ids=torch.arange(len(GREETING)).unsqueeze(0))
+    torch.testing.assert_close(left.last_hidden_state[1, pad:], alone.last_hidden_state[0], rtol=0, atol=1e-5)
+    assert model.layer_cache.stats()["total"]["hits"] == 3 * len(model.layer_cache.layers)
 
 
 def test_entries_hold_every_layers_keys_and_values_and_survive_a_save(tmp_path):

@@ -66,6 +66,7 @@ class EntrySearch:
         since the row computes what it adds."""
         bank = self.banks[slot.layer.name]
         own = bank.count(run.namespace)  # sized by the tenant's entries: the search is the same whoever else stored
+        rows = [row for row in rows if run.at_start[row]]
         if not rows or own == 0:
             return {}, {}
         threshold = self.config.threshold_for(slot.rank)

@@ -19,7 +19,8 @@ class EntryStore:
     """Writes what a layer computed for a run's exact rows into the layer's bank.
 
     Only rows whose state so far was computed become entries (``run.exact``), so approximations never feed on
-    themselves. An entry carries the layer's measured seconds per row as its cost (for the policy), the observations
+    themselves, and only rows whose tokens computed at positions from 0 (``run.at_start``), where the rows they may
+    serve compute. An entry carries the layer's measured seconds per row as its cost (for the policy), the observations
     of the entry of the same input it replaces (``max_error_rate``: what was learnt survives a recompute), and an
     unknown prediction with ``acceptance="argmax"`` (filled in once its request's output is known).
     """
@@ -56,7 +57,7 @@ class EntryStore:
         bank = self.banks[slot.layer.name]
         seconds = self.counters.seconds_per_row(slot.layer.name)
         for row in rows:
-            if not run.exact[row]:
+            if not run.exact[row] or not run.at_start[row]:
                 continue
             pos = on_device(run.positions[row], out.device)
             entry = SemanticEntry(
