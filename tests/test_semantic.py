@@ -463,3 +463,19 @@ def test_left_padded_generate_still_hits():
     hits = totals(model)["hits"]
     assert torch.equal(model.generate(**batch, **settings), first)
     assert totals(model)["hits"] > hits
+
+
+@pytest.mark.parametrize("edits", ["additive", "any"])
+def test_a_decoder_never_borrows_a_state_for_a_token_the_entry_lacks(edits):
+    """``generate(use_cache=False)`` runs the whole sequence again at every step, one token longer than the step
+    before: the new token is where the next one is predicted from, and a causal layer's state for it exists in no
+    entry. (Served an estimate, greedy decoding repeated one token: [33, 68, 68, 68, 68, 68] for [33, 64, 52, ...].)"""
+    model = tiny_model("llama", tf.AutoModelForCausalLM)
+    hf_layercache.enable(model, LayerCacheConfig(strategy="semantic", edits=edits))
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "use_cache": False}
+    with model.layer_cache.bypass():
+        truth = model.generate(input_ids=ids, **settings)
+    assert torch.equal(model.generate(input_ids=ids, **settings), truth)
+    assert torch.equal(model.generate(input_ids=ids, **settings), truth)
+    assert totals(model)["hits"] > 0  # the repeated steps, token for token, are still served

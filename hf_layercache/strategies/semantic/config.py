@@ -66,10 +66,10 @@ class SemanticConfig(StrategyConfig):
     max_unaligned: float = 0.08
     """Largest fraction (0 to 1) of a new input's tokens that may lack a counterpart in a cached entry of another
     length (token sequences are aligned by a diff); above it the entry is a miss. 0: lengths must match. Requests
-    with a KV cache always need equal lengths. A token without a counterpart is served an estimate (the mean of the
-    entry's inner tokens, or with ``edits="any"`` a neighbour's state), so this bounds the invented share of a
-    hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference id appended to a 70-token one
-    (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
+    with a KV cache, and causal layers (decoders), always need every token's counterpart. A token without one is
+    served an estimate (the mean of the entry's inner tokens, or with ``edits="any"`` a neighbour's state), so this
+    bounds the invented share of a hit: 0.08 lets a greeting put in front of a 60-token text hit, while a reference
+    id appended to a 70-token one (0.2 let it hit) moved its embedding below a cosine of 0.95 (docs/semantic.md)."""
 
     max_added: float = 0.25
     """Largest fraction (0 to 1) of a new input's tokens that a *partial* hit may add to the entry's: with

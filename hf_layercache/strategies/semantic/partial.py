@@ -86,13 +86,23 @@ class RecordingGate:
         self.level = self.level * kept + (found / max(rows, 1)) * (1.0 - kept)
 
 
+def _self_attention(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+
+
+def is_causal(module: nn.Module) -> bool:
+    """Whether the layer ``module`` attends causally (a decoder's): each token's state comes from the tokens before
+    it, so a token the entry lacks has no state to borrow (see ``EntrySearch``)."""
+    return any(m.is_causal is not False for m in _self_attention(module))
+
+
 def supports_partial(module: nn.Module) -> bool:
     """Whether the layer ``module`` can compute some tokens against stored K/V: a KV-cache parameter, and
     self-attention modules that are all bidirectional (``is_causal`` False) on eager or sdpa attention."""
     parameters = inspect.signature(module.forward).parameters
     if "attention_mask" not in parameters or not any(name in parameters for name in CACHE_ARGUMENTS):
         return False
-    attention = [m for m in module.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+    attention = _self_attention(module)
     if not attention:
         return False
     for m in attention:

@@ -81,6 +81,9 @@ class LayerSlot:
     rank: int
     partial: bool = False
     """Whether the layer can compute some tokens of a row against stored K/V (:func:`.partial.supports_partial`)."""
+    causal: bool = False
+    """Whether the layer attends causally (:func:`.partial.is_causal`): only rows whose every token has its
+    counterpart in the entry, position for position, are served there."""
 
 
 class Compute(Protocol):

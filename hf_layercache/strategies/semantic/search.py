@@ -114,8 +114,8 @@ class EntrySearch:
             if contained is None or contained < threshold - SIMILARITY_TOLERANCE:
                 return None  # below the threshold as a whole, and not holding enough of the entry to serve it in part
         index = self._usable(run, row, entry, kind, threshold, partial)
-        if index is None:
-            return None
+        if index is None or (slot.causal and not isinstance(index, slice)):
+            return None  # a causal layer's added token (where a decoder predicts from) has no state to borrow
         added = self._added(run, row, index, partial)
         if added is False:
             return None

@@ -24,7 +24,7 @@ from ..stack import StackStrategy
 from .config import DEFAULT_FINGERPRINT, SemanticConfig
 from .entries import SemanticEntry
 from .hook import ReuseStep, SemanticLayerHook, compute_every_row
-from .partial import supports_partial
+from .partial import is_causal, supports_partial
 from .parts import ReuseParts
 from .residual import ResidualStep
 from .run import LayerSlot, RunBuilder, SemanticRun
@@ -94,7 +94,7 @@ class SemanticStrategy(StackStrategy):
         for rank, layer in enumerate(self.layers):
             in_stack = stacks.setdefault(layer.stack, [])
             partial = self.reuse == "state" and supports_partial(layer.module)
-            slot = LayerSlot(layer, len(in_stack), rank, partial)
+            slot = LayerSlot(layer, len(in_stack), rank, partial, is_causal(layer.module))
             in_stack.append(slot)
             slots.append(slot)
             expected = {"hidden_size": self.context.spec.hidden_size}
