@@ -479,3 +479,40 @@ def test_a_decoder_never_borrows_a_state_for_a_token_the_entry_lacks(edits):
     assert torch.equal(model.generate(input_ids=ids, **settings), truth)
     assert torch.equal(model.generate(input_ids=ids, **settings), truth)
     assert totals(model)["hits"] > 0  # the repeated steps, token for token, are still served
+
+
+# --- what else a call passes --------------------------------------------------------------------------------------
+def test_token_types_are_part_of_a_rows_tokens():
+    """A cross-encoder's pair: BERT adds a type embedding per token, so the same ids with other types compute other
+    states (2.3 apart on the tiny model when they were served each other's)."""
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    pair = torch.zeros_like(batch["input_ids"])
+    pair[:, 4:] = 1
+    hf_layercache.enable(model, semantic())
+    run(model, {**batch, "token_type_ids": torch.zeros_like(pair)})
+    out = run(model, {**batch, "token_type_ids": pair}).last_hidden_state
+    with model.layer_cache.bypass():
+        reference = run(model, {**batch, "token_type_ids": pair}).last_hidden_state
+    assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+    assert totals(model)["hits"] == 0
+    run(model, {**batch, "token_type_ids": pair})
+    assert totals(model)["hits"] == len(model.layer_cache.layers) * batch["input_ids"].shape[0]
+
+
+def test_a_call_with_a_tensor_the_tokens_do_not_show_computes():
+    """States to cross-attend to (or an image's pixels) change what the layers compute for the same token ids."""
+    config = tiny_model("bert").config
+    config.is_decoder, config.add_cross_attention = True, True
+    model = tf.BertModel(config).eval()
+    hf_layercache.enable(model, semantic())
+    batch = tiny_batch("bert")
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        encoded = torch.randn(batch["input_ids"].shape[0], 5, config.hidden_size, generator=g)
+        call = {**batch, "encoder_hidden_states": encoded, "use_cache": False}
+        out = run(model, call).last_hidden_state
+        with model.layer_cache.bypass():
+            reference = run(model, call).last_hidden_state
+        assert_close_on_real_tokens(out, reference, batch["attention_mask"])
+    assert totals(model)["hits"] == 0

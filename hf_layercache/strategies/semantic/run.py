@@ -28,8 +28,50 @@ from .entries import SemanticEntry
 from .partial import PartialRow
 
 _REQUEST = "semantic.request"
-"""Where :meth:`RunBuilder.begin_request` keeps the request's token ids, mask and position ids for the stacks'
-runs."""
+"""Where :meth:`RunBuilder.begin_request` keeps what the stacks' runs need of the request (:class:`_Request`)."""
+_ACCOUNTED = frozenset(
+    {
+        "input_ids",
+        "inputs_embeds",
+        "attention_mask",
+        "position_ids",
+        "token_type_ids",
+        "cache_position",
+        "labels",
+        "logits_to_keep",
+    }
+)
+"""Request arguments whose tensors a run accounts for: the tokens and their types, the mask, where the tokens sit,
+and what only a head reads. A call with any other tensor (an image's pixels, states to cross-attend to) computes:
+it changes what the layers compute in a way no token id shows."""
+TOKEN_TYPE_STRIDE = 1 << 32
+"""A row's tokens are ``id + type * TOKEN_TYPE_STRIDE`` (see :func:`_typed_tokens`)."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    input_ids: torch.Tensor | None
+    mask: torch.Tensor | None
+    position_ids: Any
+    tokens: torch.Tensor | None
+    """The token ids with their types folded in (:func:`_typed_tokens`): what rows are digested and aligned on."""
+    accounted: bool
+    """Whether the run accounts for every tensor the call passes (:data:`_ACCOUNTED`)."""
+
+
+def _typed_tokens(input_ids: Any, token_types: Any) -> torch.Tensor | None:
+    """Token ids with their token types folded in, ``id + type * TOKEN_TYPE_STRIDE``, or ``None`` when the types do
+    not fit the ids. BERT adds a type embedding to every token, so the same ids with other types compute other
+    states (a cross-encoder's pair); type 0 everywhere (single texts) leaves the ids as they are, and so the entries
+    and keys of such traffic."""
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(token_types, torch.Tensor):
+        return input_ids if isinstance(input_ids, torch.Tensor) else None
+    batch, length = input_ids.shape[0], input_ids.shape[-1]
+    if tuple(token_types.shape) not in ((1, length), (batch, length)):
+        return None
+    if not bool(token_types.any()):
+        return input_ids
+    return input_ids + token_types.to(input_ids.device, torch.long).expand_as(input_ids) * TOKEN_TYPE_STRIDE
 
 
 def _positions(real: torch.Tensor) -> Index:
@@ -198,11 +240,16 @@ class RunBuilder:
         self.fingerprint = fingerprint
 
     def begin_request(self, scope: RequestScope, arguments: dict[str, Any]) -> None:
-        """Keep the request's token ids, mask and position ids: a stack's first layer sees only its hidden state."""
-        scope.state[_REQUEST] = (
-            arguments.get("input_ids"),
+        """Keep what the stacks' runs need of the request: a stack's first layer sees only its hidden state."""
+        input_ids, token_types = arguments.get("input_ids"), arguments.get("token_type_ids")
+        tokens = _typed_tokens(input_ids, token_types)
+        unaccounted = any(isinstance(v, torch.Tensor) for k, v in arguments.items() if k not in _ACCOUNTED)
+        scope.state[_REQUEST] = _Request(
+            input_ids,
             arguments.get("attention_mask"),
             arguments.get("position_ids"),
+            tokens,
+            accounted=not unaccounted and (tokens is not None or input_ids is None),
         )
 
     def start_run(
@@ -210,7 +257,10 @@ class RunBuilder:
     ) -> SemanticRun | None:
         """What this call knows about its rows; ``None`` when it cannot use the cache (a decode step, shapes that
         do not fit, a token fingerprint without token ids)."""
-        input_ids, mask, position_ids = scope.state.get(_REQUEST, (None, None, None))
+        request: _Request | None = scope.state.get(_REQUEST)
+        if request is None or not request.accounted:
+            return None
+        input_ids, mask, position_ids = request.input_ids, request.mask, request.position_ids
         cache = find_cache(arguments)
         if hidden.dim() != 3 or hidden.shape[0] == 0 or past_length(cache) > 0:
             return None  # an empty batch has nothing to look up: it runs as the model runs it
@@ -227,8 +277,8 @@ class RunBuilder:
         positions = [_positions(row) for row in real]
         lengths = [int(row.sum()) for row in real]
         tokens: list[list[int] | None] = [None] * batch
-        if input_ids is not None:
-            tokens = [ids[r].tolist() for ids, r in zip(input_ids.cpu(), real, strict=True)]
+        if request.tokens is not None:
+            tokens = [ids[r].tolist() for ids, r in zip(request.tokens.cpu(), real, strict=True)]
         run = SemanticRun(
             tokens=tokens,
             positions=positions,
