@@ -20,7 +20,7 @@ import torch
 from ...bank import CacheBank
 from ...events import Lookup
 from ...fingerprints import Fingerprint
-from ...kv import KVWrite, find_cache, past_length
+from ...kv import CACHE_ARGUMENTS, KVWrite, find_cache, past_length
 from ...layers import CachedLayer
 from ...request import RequestScope, namespace_tag
 from .alignment import Index
@@ -39,6 +39,7 @@ _ACCOUNTED = frozenset(
         "cache_position",
         "labels",
         "logits_to_keep",
+        *CACHE_ARGUMENTS,  # a KV cache: decode steps do not look up (``start_run``)
     }
 )
 """Request arguments whose tensors a run accounts for: the tokens and their types, the mask, where the tokens sit,
@@ -82,7 +83,17 @@ def _positions(real: torch.Tensor) -> Index:
     return where
 
 
-def _at_start(positions: list[Index], lengths: list[int], position_ids: Any) -> list[bool]:
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, list | tuple):
+        return any(map(_holds_tensor, value))
+    if isinstance(value, dict):
+        return any(map(_holds_tensor, value.values()))
+    return False
+
+
+def _at_start(positions: list[Index], lengths: list[int], position_ids: Any, width: int) -> list[bool]:
     """Per row, whether its real tokens compute at positions ``0 .. n-1``, as every entry's did.
 
     A model with absolute position embeddings (BERT, GPT-2) computes other states for the same tokens elsewhere: on
@@ -92,7 +103,10 @@ def _at_start(positions: list[Index], lengths: list[int], position_ids: Any) -> 
     of another shape (several rotary sections) place no row."""
     if position_ids is None:
         return [isinstance(p, slice) and (p.start or 0) == 0 for p in positions]
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in (
+        (1, width),
+        (len(positions), width),
+    ):
         return [False] * len(positions)
     ids = position_ids.cpu()
     rows = ids if ids.shape[0] == len(positions) else ids.expand(len(positions), -1)
@@ -243,7 +257,7 @@ class RunBuilder:
         """Keep what the stacks' runs need of the request: a stack's first layer sees only its hidden state."""
         input_ids, token_types = arguments.get("input_ids"), arguments.get("token_type_ids")
         tokens = _typed_tokens(input_ids, token_types)
-        unaccounted = any(isinstance(v, torch.Tensor) for k, v in arguments.items() if k not in _ACCOUNTED)
+        unaccounted = any(_holds_tensor(v) for k, v in arguments.items() if k not in _ACCOUNTED)
         scope.state[_REQUEST] = _Request(
             input_ids,
             arguments.get("attention_mask"),
@@ -257,8 +271,8 @@ class RunBuilder:
     ) -> SemanticRun | None:
         """What this call knows about its rows; ``None`` when it cannot use the cache (a decode step, shapes that
         do not fit, a token fingerprint without token ids)."""
-        request: _Request | None = scope.state.get(_REQUEST)
-        if request is None or not request.accounted:
+        request: _Request = scope.state.get(_REQUEST) or _Request(None, None, None, None, accounted=True)
+        if not request.accounted:
             return None
         input_ids, mask, position_ids = request.input_ids, request.mask, request.position_ids
         cache = find_cache(arguments)
@@ -290,7 +304,7 @@ class RunBuilder:
             namespace=namespace_tag(scope.namespace),
             with_kv=cache is not None and arguments.get("use_cache", True) is not False,
             exact=[True] * batch,
-            at_start=_at_start(positions, lengths, position_ids),
+            at_start=_at_start(positions, lengths, position_ids, length),
         )
         if not self.fingerprint.uses_embeddings:
             run.keys = self.fingerprint(input_ids, run.key_mask, hidden).float()
