@@ -186,10 +186,22 @@ def _map_tensors(value: Any, fn) -> Any:
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a per-row argument, in lists and tuples (what :func:`_map_tensors` cuts to rows)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, tuple | list):
         return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor an argument holds, in lists, tuples and dicts too: what a request's identity must cover."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flat_tensors(v)]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in flat_tensors(v)]
     return []
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ...kv import CACHE_ARGUMENTS
+from ...layers import flat_tensors
 
 # Model-level arguments that never carry the batch in dimension 0, even when their length happens to equal it.
 _NOT_PER_ROW = frozenset({"cache_position", *CACHE_ARGUMENTS})
@@ -53,16 +54,6 @@ class RowKey:
     def layout(self) -> tuple[int, int, int]:
         """``(padded length, first real column, real tokens)``: rows of equal layout are served bit for bit."""
         return self.length, self.columns.start, self.columns.stop - self.columns.start
-
-
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flat_tensors(v)]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _flat_tensors(v)]
-    return []
 
 
 def _host_array(t: torch.Tensor) -> np.ndarray:
@@ -156,7 +147,7 @@ def _argument_tensors(arguments: dict[str, Any]) -> list[tuple[str, int, torch.T
         if isinstance(value, torch.Tensor):
             found.append((name, 0, value))
         elif value is not None:
-            found.extend((name, i, t) for i, t in enumerate(_flat_tensors(value)))
+            found.extend((name, i, t) for i, t in enumerate(flat_tensors(value)))
     return found
 
 
@@ -176,7 +167,7 @@ def _host_tensors(arguments: dict[str, Any]) -> _Tensors:
         if isinstance(value, torch.Tensor):  # the common case, without the walk through containers
             found.append((name, 0, value.dtype, _host_array(value)))
         elif value is not None:
-            found.extend((name, i, t.dtype, _host_array(t)) for i, t in enumerate(_flat_tensors(value)))
+            found.extend((name, i, t.dtype, _host_array(t)) for i, t in enumerate(flat_tensors(value)))
     return found
 
 

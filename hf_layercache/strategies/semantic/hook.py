@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from ...kv import KVWrite, find_cache, record_kv_writes
+from ...kv import KVWrite, cache_parameter, find_cache, record_kv_writes
 from ...layers import same_rows, select_rows
 from ...stats import CacheStats
 from ..stack import LayerHook, StartRun
-from .partial import KVCacheArgument, PartialRow, cache_argument_name, partial_call, plain_call
+from .partial import KVCacheArgument, PartialRow, partial_call, plain_call
 from .run import Compute, LayerSlot, SemanticRun
 from .subbatch import Group, cut_columns, groups, shifted, span
 
@@ -40,7 +40,7 @@ class SemanticLayerHook(LayerHook):
         super().__init__(slot.layer, slot.position, start_run, counters)
         self.slot = slot
         self.step = step
-        self.cache_name = cache_argument_name(slot.layer.module) if slot.partial else None
+        self.cache_name = cache_parameter(slot.layer.module.forward) if slot.partial else None
         """Where a partial call puts its :class:`~.partial.KVCacheArgument` (``None``: the layer cannot)."""
 
     def forward_run(self, run: SemanticRun, arguments: dict[str, Any], hidden: torch.Tensor) -> Any:

@@ -112,12 +112,6 @@ def supports_partial(module: nn.Module) -> bool:
     return True
 
 
-def cache_argument_name(module: nn.Module) -> str:
-    """The name the layer's forward gives its KV-cache argument (transformers renamed it in 5.24)."""
-    parameters = inspect.signature(module.forward).parameters
-    return next(name for name in CACHE_ARGUMENTS if name in parameters)
-
-
 def plain_call(arguments: dict[str, Any], spec: LayerSpec, hidden: torch.Tensor) -> bool:
     """Whether a call carries no tensor besides its ``hidden`` state and the mask, so its rows' added tokens can be
     computed alone."""

@@ -21,7 +21,7 @@ from ...bank import CacheBank
 from ...events import Lookup
 from ...fingerprints import Fingerprint
 from ...kv import CACHE_ARGUMENTS, KVWrite, find_cache, past_length
-from ...layers import CachedLayer
+from ...layers import CachedLayer, flat_tensors
 from ...request import RequestScope, namespace_tag
 from .alignment import Index
 from .entries import SemanticEntry
@@ -81,16 +81,6 @@ def _positions(real: torch.Tensor) -> Index:
     if where.numel() and int(where[-1] - where[0]) + 1 == where.numel():
         return slice(int(where[0]), int(where[-1]) + 1)
     return where
-
-
-def _holds_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, list | tuple):
-        return any(map(_holds_tensor, value))
-    if isinstance(value, dict):
-        return any(map(_holds_tensor, value.values()))
-    return False
 
 
 def _at_start(positions: list[Index], lengths: list[int], position_ids: Any, width: int) -> list[bool]:
@@ -257,7 +247,7 @@ class RunBuilder:
         """Keep what the stacks' runs need of the request: a stack's first layer sees only its hidden state."""
         input_ids, token_types = arguments.get("input_ids"), arguments.get("token_type_ids")
         tokens = _typed_tokens(input_ids, token_types)
-        unaccounted = any(_holds_tensor(v) for k, v in arguments.items() if k not in _ACCOUNTED)
+        unaccounted = any(flat_tensors(v) for k, v in arguments.items() if k not in _ACCOUNTED)
         scope.state[_REQUEST] = _Request(
             input_ids,
             arguments.get("attention_mask"),
