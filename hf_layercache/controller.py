@@ -21,7 +21,7 @@ from .bank import CacheBank
 from .config import LayerCacheConfig
 from .events import Lookup, Verdict
 from .hooks import ForwardHook, HookRegistry, compiled
-from .identity import ModelIdentity, autocast_state, forward_config
+from .identity import ModelIdentity, forward_config, numerics_state
 from .inflight import InFlightRequests
 from .integrity import ENV_VAR, resolve_key
 from .layers import ArgumentBinder, select_layers
@@ -248,8 +248,8 @@ class LayerCacheController:
 
     def new_scope(self, module: torch.nn.Module, arguments: dict[str, Any]) -> RequestScope:
         """The scope of a request to ``module``: why it bypasses the cache, or the key space it uses (its tenant's,
-        the active adapter set's and the autocast state's). Entries made for a function the model no longer computes
-        are dropped first."""
+        the active adapter set's and the numerics': autocast, float32 precision). Entries made for a function the
+        model no longer computes are dropped first."""
         tenant = self.current_namespace
         self.counters.remember_tenant(tenant)
         reason = self._bypassed(module, arguments)
@@ -262,10 +262,10 @@ class LayerCacheController:
         if adapters is None:
             return RequestScope(tenant, bypass_reason="a mixed-adapter batch (adapter_names)", tenant=tenant)
         inside, outside = adapters
-        autocast = autocast_state()
-        if not inside and not autocast:
+        numerics = numerics_state()
+        if not inside and not numerics:
             return RequestScope(tenant, tenant=tenant, head_key=outside)
-        namespace = tenant + (f"\x1f{inside}" if inside else "") + (f"\x1e{autocast}" if autocast else "")
+        namespace = tenant + (f"\x1f{inside}" if inside else "") + (f"\x1e{numerics}" if numerics else "")
         self.counters.remember_tenant(tenant, key_space=namespace_tag(namespace))
         return RequestScope(namespace, tenant=tenant, head_key=outside)
 

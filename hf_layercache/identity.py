@@ -219,13 +219,58 @@ def autocast_state() -> str:
 
     Not part of the model's identity but of each request's: ``torch.autocast`` is a context the caller opens around
     some calls, and inside it the same weights compute in another precision (on a tiny Llama, bfloat16 autocast moved
-    the logits by 1.6e-3, 160 times the lossless tolerance of 1e-5). The controller keeps entries per autocast state,
-    as per adapter set, so a call never gets values computed in another precision."""
+    the logits by 1.6e-3, 160 times the lossless tolerance of 1e-5)."""
     return ",".join(
         f"{device_type}:{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"
         for device_type in _autocast_device_types()
         if torch.is_autocast_enabled(device_type)
     )
+
+
+def float32_precision_state() -> str:
+    """How float32 matrix products and convolutions compute in this process, ``""`` at torch's defaults.
+
+    ``torch.set_float32_matmul_precision("high")``, ``torch.backends.cuda.matmul.allow_tf32 = True`` and their
+    per-backend successors (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) let the same weights compute
+    with TF32 or bfloat16 inner products, which moves outputs by far more than the lossless tolerance. Where torch
+    has the per-backend settings (>= 2.9) they are what kernels read, also after the legacy calls (which set them);
+    each reads its effective value, inherited ones resolved (3 us for the four). Older torch has only the legacy
+    settings (0.5 us)."""
+    settings = _per_backend_precisions()
+    if settings is None:
+        matmul, conv_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        if matmul == "highest" and conv_tf32:
+            return ""
+        return f"matmul:{matmul}" + ("" if conv_tf32 else ",cudnn-conv:ieee")
+    values = tuple("ieee" if (value := setting.fp32_precision) == "none" else value for setting in settings)
+    return "" if values == _DEFAULT_PER_BACKEND else "fp32:" + "/".join(values)
+
+
+# torch's defaults for the settings _per_backend_precisions lists, in its order ("none" reads as "ieee": kernels
+# reduce precision only where a setting says "tf32" or "bf16")
+_DEFAULT_PER_BACKEND = ("ieee", "ieee", "tf32", "ieee")
+
+
+@functools.cache
+def _per_backend_precisions() -> tuple[Any, ...] | None:
+    """The per-backend settings of float32 matrix products and convolutions on CUDA and on CPUs (oneDNN), or
+    ``None`` before torch 2.9, which has only the legacy ones."""
+    backends = torch.backends
+    if not hasattr(backends.mkldnn, "matmul"):
+        return None
+    return (backends.cuda.matmul, backends.mkldnn.matmul, backends.cudnn.conv, backends.mkldnn.conv)
+
+
+def numerics_state() -> str:
+    """The numerics a call computes under beyond the model's identity: the autocast regions of the calling thread
+    and the process's float32 precision settings, ``""`` when neither departs from torch's defaults.
+
+    The controller keeps entries per numerics state, as per adapter set, so a call is never served values computed
+    in another precision. An autocast-only state reads as :func:`autocast_state` alone, so the keys of caches warmed
+    under autocast do not change."""
+    autocast = autocast_state()
+    precision = float32_precision_state()
+    return f"{autocast}|{precision}" if precision else autocast
 
 
 def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

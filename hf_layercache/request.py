@@ -19,8 +19,9 @@ from typing import Any
 class RequestScope:
     namespace: str
     """The key space the request's entries live in: its tenant's, plus the active adapter set's when one is active
-    in the cached stacks (entries of one adapter set never serve another) and the autocast state's when the call
-    runs under ``torch.autocast`` (:func:`~hf_layercache.identity.autocast_state`)."""
+    in the cached stacks (entries of one adapter set never serve another) and the numerics' when the call runs
+    under ``torch.autocast`` or other float32 precision settings than torch's defaults
+    (:func:`~hf_layercache.identity.numerics_state`)."""
     bypass_reason: str | None = None
     """Why this request runs uncached (``None``: it may use the cache)."""
     tenant: str = ""

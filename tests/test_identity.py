@@ -401,6 +401,65 @@ def test_autocast_and_full_precision_never_serve_each_other(strategy, first):
         assert hits(model) > before  # and each precision does hit its own
 
 
+def _set_legacy_medium() -> None:
+    torch.set_float32_matmul_precision("medium")
+
+
+def _set_legacy_cudnn_ieee() -> None:
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _set_per_backend_bf16() -> None:
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+
+
+@pytest.fixture
+def restore_float32_precision():
+    """Precision settings are process-wide: put torch's defaults back (the per-backend settings the legacy calls
+    leave alone first, then the legacy calls, which leave both kinds consistent)."""
+    yield
+    if hasattr(torch.backends.mkldnn, "matmul"):  # torch >= 2.9
+        for setting in (torch.backends, torch.backends.mkldnn, torch.backends.mkldnn.conv, torch.backends.cudnn):
+            setting.fp32_precision = "none"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = True
+    assert hf_layercache.identity.float32_precision_state() == ""
+
+
+@pytest.mark.usefixtures("restore_float32_precision")
+@pytest.mark.parametrize("strategy", ["exact", "prefix", "semantic"])
+@pytest.mark.parametrize("switch", [_set_legacy_medium, _set_legacy_cudnn_ieee, _set_per_backend_bf16])
+def test_a_float32_precision_switch_selects_its_own_entries(strategy, switch):
+    """``torch.set_float32_matmul_precision`` and its per-backend successors let matmuls compute with TF32 or
+    bfloat16 inner products: entries computed before the switch are never served after it, nor the reverse."""
+    if switch is _set_per_backend_bf16 and not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
+        pytest.skip("the per-backend precision API needs torch >= 2.9")
+    model = causal(strategy)
+    run(model)
+    run(model)
+    assert hits(model) > 0, "the default precision hits its own entries"
+    switch()
+    assert hf_layercache.identity.float32_precision_state() != ""
+    before = hits(model)
+    switched = run(model)
+    assert hits(model) == before, "served entries computed under the default precision"
+    assert (switched - uncached(model, model)).abs().max() <= TOLERANCE
+    assert (run(model) - switched).abs().max() <= TOLERANCE
+    assert hits(model) > before, "the switched precision hits its own entries"
+
+
+@pytest.mark.usefixtures("restore_float32_precision")
+def test_the_legacy_precision_reads_of_older_torch_see_each_legacy_switch(monkeypatch):
+    """Before torch 2.9 only the legacy settings exist: read them, not the per-backend ones, as older torch must."""
+    monkeypatch.setattr(hf_layercache.identity, "_per_backend_precisions", lambda: None)
+    assert hf_layercache.identity.float32_precision_state() == ""
+    torch.set_float32_matmul_precision("high")
+    assert hf_layercache.identity.float32_precision_state() == "matmul:high"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    assert hf_layercache.identity.float32_precision_state() == "matmul:highest,cudnn-conv:ieee"
+
+
 # --- the identity: every byte, the config, the storage dtype ----------------------------------------------------------
 def _fine_tuned_rows(model, rows=5) -> None:
     with torch.no_grad():
