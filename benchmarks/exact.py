@@ -114,9 +114,14 @@ def _time_layer_parts(model) -> list[float]:
     for layer in model.encoder.layer:
         for part in layer.children():
             started: list[float] = []
-            part.register_forward_pre_hook(lambda m, args, s=started: s.append(time.perf_counter()))
+            # timers change no value: the cache keeps serving while they are on (a served layer skips them)
+            part.register_forward_pre_hook(
+                hf_layercache.value_neutral_hook(lambda m, args, s=started: s.append(time.perf_counter()))
+            )
             part.register_forward_hook(
-                lambda module, args, out, s=started: seconds.append(time.perf_counter() - s.pop())
+                hf_layercache.value_neutral_hook(
+                    lambda module, args, out, s=started: seconds.append(time.perf_counter() - s.pop())
+                )
             )
     return seconds
 

@@ -385,8 +385,15 @@ def _time_layers(model) -> list[float]:
     seconds: list[float] = []
     for layer in model.model.layers:
         started: list[float] = []
-        layer.register_forward_pre_hook(lambda module, args, s=started: s.append(time.perf_counter()))
-        layer.register_forward_hook(lambda module, args, out, s=started: seconds.append(time.perf_counter() - s.pop()))
+        # timers change no value: the cache keeps serving while they are on
+        layer.register_forward_pre_hook(
+            hf_layercache.value_neutral_hook(lambda module, args, s=started: s.append(time.perf_counter()))
+        )
+        layer.register_forward_hook(
+            hf_layercache.value_neutral_hook(
+                lambda module, args, out, s=started: seconds.append(time.perf_counter() - s.pop())
+            )
+        )
     return seconds
 
 

@@ -37,6 +37,7 @@ if not _partial:
     from .bank import CacheBank
     from .calibration import calibrate
     from .controller import LayerCacheController
+    from .foreign_hooks import value_neutral_hook
     from .integration import disable, enable, install, uninstall
     from .layers import LayerSpec, register_layer_spec
     from .models import ModelSpec, register_prefix_heads
@@ -77,4 +78,5 @@ __all__ = [
     "register_prefix_heads",
     "register_strategy",
     "uninstall",
+    "value_neutral_hook",
 ]

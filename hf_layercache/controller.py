@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from .bank import CacheBank
 from .config import LayerCacheConfig
 from .events import Lookup, Verdict
+from .foreign_hooks import ForeignHooks
 from .hooks import ForwardHook, HookRegistry, compiled
 from .identity import ModelIdentity, forward_config, numerics_state
 from .inflight import InFlightRequests
@@ -60,10 +61,6 @@ def _alone(what: str) -> Callable[[Method], Method]:
         return alone  # type: ignore[return-value]
 
     return decorate
-
-
-def _config_value(config: Any, name: str) -> Any:
-    return getattr(config, name, False)
 
 
 class RequestHook(ForwardHook):
@@ -121,6 +118,8 @@ class LayerCacheController:
         self.owners = self._stack_owners()
         self.watch = ModelWatch(model, self.owners)
         """Notices every change of the model's function between requests, and reads the active adapters."""
+        self.foreign_hooks = ForeignHooks(model)
+        """Other code's forward hooks on the model's modules, while which requests compute (``foreign_hooks.py``)."""
         self._warned_autograd = False
         self.requests = InFlightRequests()
         """Requests in flight; ``disable``, ``clear``, ``save``, ``load`` and copies wait for them (``inflight.py``)."""
@@ -255,12 +254,15 @@ class LayerCacheController:
         reason = self._bypassed(module, arguments)
         if reason is None:
             self.drop_stale_entries()  # before the config is read: the watch remembers what it says until it moves
-            reason = self._asks_for_states(module, arguments, self.watch.config_value)
+            reason = self._asks_for_states(module, arguments)
         if reason is not None:
             return RequestScope(tenant, bypass_reason=reason, tenant=tenant)
         adapters = self.watch.adapter_keys()
         if adapters is None:
             return RequestScope(tenant, bypass_reason="a mixed-adapter batch (adapter_names)", tenant=tenant)
+        hooked = self.foreign_hooks.reason(self.watch.scans)
+        if hooked is not None:
+            return RequestScope(tenant, bypass_reason=hooked, tenant=tenant)
         inside, outside = adapters
         numerics = numerics_state()
         if not inside and not numerics:
@@ -268,10 +270,6 @@ class LayerCacheController:
         namespace = tenant + (f"\x1f{inside}" if inside else "") + (f"\x1e{numerics}" if numerics else "")
         self.counters.remember_tenant(tenant, key_space=namespace_tag(namespace))
         return RequestScope(namespace, tenant=tenant, head_key=outside)
-
-    def bypass_reason(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
-        """Why a request must run uncached, or ``None``."""
-        return self._bypassed(module, arguments) or self._asks_for_states(module, arguments, _config_value)
 
     def _bypassed(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
         """Why a request runs uncached whatever the config says, or ``None``."""
@@ -284,19 +282,16 @@ class LayerCacheController:
             return "autograd"
         return None
 
-    def _asks_for_states(
-        self, module: torch.nn.Module, arguments: dict[str, Any], config_value: Callable[[Any, str], Any]
-    ) -> str | None:
+    def _asks_for_states(self, module: torch.nn.Module, arguments: dict[str, Any]) -> str | None:
         """Which output the strategy cannot serve the request asks for (its own argument, or the config's when it
-        passes none or ``None``, which transformers reads the same way), or ``None``; ``config_value(config, name)``
-        reads the config."""
+        passes none or ``None``, which transformers reads the same way), or ``None``."""
         config = getattr(module, "config", None)
         for flag, served in (
             ("output_attentions", self.strategy.serves_attention_maps),
             ("output_hidden_states", self.strategy.intermediate_states_exact),
         ):
             value = arguments.get(flag)
-            if not served and (value if value is not None else config_value(config, flag)):
+            if not served and (value if value is not None else self.watch.config_value(config, flag)):
                 return flag
         return None
 

@@ -416,7 +416,7 @@ class Calls:
 
     def __init__(self, module):
         self.n = 0
-        self.handle = module.register_forward_hook(self._count)
+        self.handle = module.register_forward_hook(hf_layercache.value_neutral_hook(self._count))
 
     def _count(self, *_):
         self.n += 1

@@ -137,7 +137,7 @@ def test_a_request_in_flight_is_never_served_wrong_by_a_switch(case, tmp_path):
     model = tiny_model(arch)
     layers = model.layers if arch == "llama" else model.encoder.layer
     pause = PauseInside()
-    layers[1].register_forward_pre_hook(pause)
+    layers[1].register_forward_pre_hook(hf_layercache.value_neutral_hook(pause))
     # a new batch for each switch: the checks after a switch store every batch so far, and a full hit calls no layer
     batches = [tiny_batch(arch, batch=2, seed=s) for s in range(ROUNDS * 4)]
     options = {"use_cache": False} if arch == "llama" else {}
@@ -172,7 +172,8 @@ def test_a_reconfiguration_from_inside_a_request_of_the_same_model_is_refused():
     """It would wait for its own request to end: refused with the reason, and the cache still works afterwards."""
     model = hf_layercache.enable(tiny_model("bert"), LayerCacheConfig())
     batch = tiny_batch("bert")
-    handle = model.encoder.layer[1].register_forward_pre_hook(lambda module, args: model.layer_cache.clear())
+    clear = hf_layercache.value_neutral_hook(lambda module, args: model.layer_cache.clear())
+    handle = model.encoder.layer[1].register_forward_pre_hook(clear)
     with pytest.raises(RuntimeError, match=r"clear\(\) was called from inside a request"), torch.no_grad():
         model(**batch)
     handle.remove()

@@ -208,7 +208,9 @@ def rows_computed(model):
     seen = []
     layer = model.model.layers[0]
     layer.register_forward_hook(
-        lambda module, args, kwargs, output: seen.append((args or [kwargs["hidden_states"]])[0].shape[0]),
+        hf_layercache.value_neutral_hook(
+            lambda module, args, kwargs, output: seen.append((args or [kwargs["hidden_states"]])[0].shape[0])
+        ),
         with_kwargs=True,
     )
     return seen

@@ -61,7 +61,8 @@ def test_computed_rows_of_a_mixed_batch_equal_the_model_whatever_their_group():
     rows = [ENTRY, *([CLS, *torch.randint(50, 90, (n,), generator=g).tolist(), SEP] for n in (6, 50, 8, 48))]
     lengths = []
     attention = model.encoder.layer[0].attention
-    handle = attention.register_forward_pre_hook(lambda m, args, kw: lengths.append(args[0].shape[1]), with_kwargs=True)
+    record = hf_layercache.value_neutral_hook(lambda m, args, kw: lengths.append(args[0].shape[1]))
+    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
     try:
         out = forward(model, rows)
     finally:

@@ -1,0 +1,104 @@
+"""Forward hooks that other code puts on a cached model's modules: while one is there, requests compute.
+
+Steering vectors, activation patching, probes and debuggers (``register_forward_hook``, ``register_forward_pre_hook``,
+``torch.nn.modules.module.register_module_forward_hook``) change or watch what a module computes, and a served layer
+or a served whole-model output skips them: a hook that adds a vector to layer 0's output had no effect on the
+layers served after it, and a hook that records a sub-module's output recorded nothing. The cache cannot know what
+an opaque function does, so a request computes uncached while any hook it does not know is on a module of the model
+(below its root, whose hooks run around the cache and see what it serves) or registered for every module. Entries
+made before stay valid: remove the hook and requests hit again.
+
+Known hooks are value-neutral ones the libraries themselves install: transformers' output capturing (it records
+hidden states and attention maps only when a call asks for them, which the controller handles), its
+``enable_input_require_grads`` (``requires_grad`` only) and this package's own; and any a user marks with
+:func:`value_neutral_hook` (timers, counters), knowing that a served layer skips the hooks of its sub-modules.
+
+A hook is registered through a :class:`torch.utils.hooks.RemovableHandle`, whose class counter moves on every
+registration in the process: while it stands still (and the model's modules are the same), a model found free of
+unknown hooks still is, and the per-request check is one comparison. Removals need no notice: they leave fewer hooks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.utils.hooks import RemovableHandle
+
+_Hook = TypeVar("_Hook", bound=Callable[..., Any])
+
+_VALUE_NEUTRAL = (
+    ("transformers.utils.output_capturing", "install_output_capuring_hook."),  # sic: transformers' spelling
+    ("transformers.modeling_utils", "PreTrainedModel.enable_input_require_grads."),
+    ("hf_layercache.", ""),
+)
+"""``(module prefix, qualified name prefix)`` of the hook functions known not to change what a module computes."""
+
+
+_MARK = "__hf_layercache_value_neutral__"
+
+
+def value_neutral_hook(hook: _Hook) -> _Hook:
+    """Mark ``hook`` (a function, a bound method's function, or a callable object) as a forward hook that changes
+    no value, e.g. a timer or a call counter, so that the cache keeps serving while it is registered. It runs when
+    its module runs: on a served request that may be never (a served layer skips its sub-modules, a served
+    whole-model output every module). Returns ``hook``, so it works as a decorator."""
+    setattr(getattr(hook, "__func__", hook), _MARK, True)
+    return hook
+
+
+def _value_neutral(hook: Callable[..., Any]) -> bool:
+    if getattr(hook, _MARK, False):
+        return True
+    module, name = getattr(hook, "__module__", None) or "", getattr(hook, "__qualname__", None) or ""
+    return any(module.startswith(m) and name.startswith(q) for m, q in _VALUE_NEUTRAL)
+
+
+def _describe(hook: Callable[..., Any]) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+class ForeignHooks:
+    """Whether a hook the cache does not know runs inside ``model``'s forward (module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._clean_at: tuple[int, int] | None = None
+        """``(RemovableHandle.next_id, module generation)`` when the model was last found free of unknown hooks."""
+        self._warned: set[str] = set()
+
+    def reason(self, module_generation: int) -> str | None:
+        """Why requests must compute now (the first unknown hook found), or ``None``. ``module_generation`` changes
+        whenever the model's modules may have (:attr:`ModelWatch.scans`): a module put in may carry hooks already."""
+        now = (RemovableHandle.next_id, module_generation)
+        if now == self._clean_at:
+            return None
+        found = next(self._unknown(), None)
+        self._clean_at = now if found is None else None
+        if found is not None and found not in self._warned:
+            self._warned.add(found)
+            warnings.warn(
+                f"layer cache: requests compute uncached while {found} is on the model (the cache cannot see what "
+                "it does); remove it and the cache serves again.",
+                stacklevel=2,
+            )
+        return found
+
+    def _unknown(self) -> Iterator[str]:
+        for kind, hooks in (
+            ("global forward pre-hook", torch_module._global_forward_pre_hooks),
+            ("global forward hook", torch_module._global_forward_hooks),
+        ):
+            for hook in hooks.values():
+                if not _value_neutral(hook):
+                    yield f"a {kind} ({_describe(hook)})"
+        for path, module in self.model.named_modules():
+            if not path:
+                continue  # the root's hooks run around the cache, on what it serves
+            for kind, hooks in (("pre-hook", module._forward_pre_hooks), ("hook", module._forward_hooks)):
+                for hook in hooks.values():
+                    if not _value_neutral(hook):
+                        yield f"a forward {kind} on {path} ({_describe(hook)})"
