@@ -8,10 +8,12 @@ an opaque function does, so a request computes uncached while any hook it does n
 (below its root, whose hooks run around the cache and see what it serves) or registered for every module. Entries
 made before stay valid: remove the hook and requests hit again.
 
-Known hooks are value-neutral ones the libraries themselves install: transformers' output capturing (it records
-hidden states and attention maps only when a call asks for them, which the controller handles), its
-``enable_input_require_grads`` (``requires_grad`` only) and this package's own; and any a user marks with
-:func:`value_neutral_hook` (timers, counters), knowing that a served layer skips the hooks of its sub-modules.
+Known hooks are the value-neutral ones libraries install (transformers' output capturing, which records hidden
+states and attention maps only when a call asks for them, which the controller handles; its
+``enable_input_require_grads``, ``requires_grad`` only; this package's own), torch's pruning, weight norm and
+spectral norm pre-hooks (they compute a weight from tensors registered on the module, which the model watch
+follows), and any a user marks with :func:`value_neutral_hook` (timers, counters), knowing that a served layer
+skips the hooks of its sub-modules.
 
 A hook is registered through a :class:`torch.utils.hooks.RemovableHandle`, whose class counter moves on every
 registration in the process: while it stands still (and the model's modules are the same), a model found free of
@@ -30,12 +32,18 @@ from torch.utils.hooks import RemovableHandle
 
 _Hook = TypeVar("_Hook", bound=Callable[..., Any])
 
-_VALUE_NEUTRAL = (
+_KNOWN_HOOKS = (
     ("transformers.utils.output_capturing", "install_output_capuring_hook."),  # sic: transformers' spelling
     ("transformers.modeling_utils", "PreTrainedModel.enable_input_require_grads."),
     ("hf_layercache.", ""),
+    # pre-hooks that compute a module's weight from tensors registered on it (weight_orig and weight_mask; g and v;
+    # weight_orig, u and v, which only training updates), all of which the model watch follows
+    ("torch.nn.utils.prune", ""),
+    ("torch.nn.utils.weight_norm", ""),
+    ("torch.nn.utils.spectral_norm", ""),
 )
-"""``(module prefix, qualified name prefix)`` of the hook functions known not to change what a module computes."""
+"""``(module prefix, qualified name prefix)`` of the hook functions (or callable objects' classes) whose effect the
+cache sees: value-neutral ones, and ones that compute from tensors the model watch follows."""
 
 
 _MARK = "__hf_layercache_value_neutral__"
@@ -50,11 +58,11 @@ def value_neutral_hook(hook: _Hook) -> _Hook:
     return hook
 
 
-def _value_neutral(hook: Callable[..., Any]) -> bool:
+def _known(hook: Callable[..., Any]) -> bool:
     if getattr(hook, _MARK, False):
         return True
     module, name = getattr(hook, "__module__", None) or "", getattr(hook, "__qualname__", None) or ""
-    return any(module.startswith(m) and name.startswith(q) for m, q in _VALUE_NEUTRAL)
+    return any(module.startswith(m) and name.startswith(q) for m, q in _KNOWN_HOOKS)
 
 
 def _describe(hook: Callable[..., Any]) -> str:
@@ -93,12 +101,12 @@ class ForeignHooks:
             ("global forward hook", torch_module._global_forward_hooks),
         ):
             for hook in hooks.values():
-                if not _value_neutral(hook):
+                if not _known(hook):
                     yield f"a {kind} ({_describe(hook)})"
         for path, module in self.model.named_modules():
             if not path:
                 continue  # the root's hooks run around the cache, on what it serves
             for kind, hooks in (("pre-hook", module._forward_pre_hooks), ("hook", module._forward_hooks)):
                 for hook in hooks.values():
-                    if not _value_neutral(hook):
+                    if not _known(hook):
                         yield f"a forward {kind} on {path} ({_describe(hook)})"

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers as tf
 from tiny import tiny_model
+from torch.nn.utils import prune
 
 import hf_layercache
 from hf_layercache import LayerCacheConfig
@@ -194,3 +195,21 @@ def test_a_hook_marked_value_neutral_leaves_the_cache_serving(strategy):
         assert (run(model) - plain).abs().max() <= TOLERANCE
     assert hits(model) > before
     handle.remove()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torch_pruning_keeps_the_cache_serving_the_pruned_model(strategy):
+    """``torch.nn.utils.prune`` computes the weight in a pre-hook from ``weight_orig`` and ``weight_mask``, which the
+    watch follows: the pruned model is served its own outputs, and a later write to the mask is seen."""
+    model = cached_llama(strategy)
+    warm(model)
+    linear = model.model.layers[0].mlp.up_proj
+    prune.l1_unstructured(linear, "weight", amount=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned = warm(model)  # hits, and what it serves is the pruned model's output
+        with torch.no_grad():
+            linear.weight_mask[:, : linear.in_features // 2] = 0
+        masked = uncached(model)
+        assert (masked - pruned).abs().max() > 1e-4, "the mask write does change the output"
+        assert (run(model) - masked).abs().max() <= TOLERANCE
