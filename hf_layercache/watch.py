@@ -158,9 +158,9 @@ class ModelWatch:
         """Give every tensor of the model (and those it held at the last :meth:`mark`) its own class back."""
         _stop_noticing(self)
         self._attached = False
-        _unwatch(self._slot_tensors())
+        _unwatch(self._slot_tensors(), self)
         if self._glance is not None:
-            _unwatch(self._glance[1])
+            _unwatch(self._glance[1], self)
 
     def _swap_classes(self) -> None:
         """Watch every tensor the model holds now: tensors registered, assigned or swapped in since have their own
@@ -284,7 +284,7 @@ class ModelWatch:
         before, self._glance = self._glance, self._glance_now()
         if before is not None:
             held = {id(t) for t in self._glance[1]}
-            _unwatch(t for t in before[1] if id(t) not in held)
+            _unwatch((t for t in before[1] if id(t) not in held), self)
 
     def _glance_now(self) -> tuple[int, list, list[bool], tuple[list[int], list[int]], list[dict]]:
         """What the fast check compares: ``.data`` assignments, the tensor objects (``None`` in empty slots, and
@@ -388,10 +388,13 @@ def _state(tensor: torch.Tensor) -> tuple[int, int, int, int]:
     return id(tensor), tensor._cdata, tensor._version, tensor.data_ptr()
 
 
-def _unwatch(tensors: Iterable[torch.Tensor | None]) -> None:
-    """Give watched tensors their own classes back."""
+def _unwatch(tensors: Iterable[torch.Tensor | None], watch: ModelWatch) -> None:
+    """Give ``watch``'s watched tensors their own classes back, except those another attached watch still holds
+    (two models may share a tensor: an embedding table, a frozen encoder)."""
+    others = [other for other in _attached if other is not watch]
+    kept = {id(t) for other in others for t in other._slot_tensors()} if others else set()
     for tensor in tensors:
-        if tensor is not None and type(tensor) in _ORIGINAL:
+        if tensor is not None and type(tensor) in _ORIGINAL and id(tensor) not in kept:
             tensor.__class__ = _ORIGINAL[type(tensor)]
 
 

@@ -346,6 +346,26 @@ def test_a_tensor_that_left_the_model_gets_its_own_class_back():
     assert type(model.model.layers[0].mlp.up_proj.weight) is not torch.nn.Parameter
 
 
+@pytest.mark.parametrize("leaves", ["disable", "replaced"])
+def test_a_tensor_two_cached_models_share_stays_watched_while_one_still_holds_it(leaves):
+    """One embedding table in two models: when the first lets go of it (disabled, or its slot given another
+    tensor), a ``.data`` write must still reach the second's watch."""
+    first, second = causal("exact", seed=0), causal("exact", seed=1)
+    table = first.model.embed_tokens.weight
+    second.model.embed_tokens.weight = table
+    run(second)
+    run(second)
+    if leaves == "disable":
+        hf_layercache.disable(first)
+    else:
+        first.model.embed_tokens.weight = torch.nn.Parameter(table.detach().clone())
+        run(first)  # the first's watch notices the change and gives back what it no longer holds
+    table.data.mul_(0.5)
+    assert served_right(second, second) <= TOLERANCE
+    hf_layercache.disable(second)
+    assert type(table) is torch.nn.Parameter
+
+
 def test_requests_never_rescan_the_model():
     model = causal("exact")  # Llama's forward slices its layer list: a new ModuleList every call, of no model
     run(model)
