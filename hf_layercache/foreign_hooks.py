@@ -89,9 +89,10 @@ class ForeignHooks:
         if found is not None and found not in self._warned:
             self._warned.add(found)
             warnings.warn(
-                f"layer cache: requests compute uncached while {found} is on the model (the cache cannot see what "
-                "it does); remove it and the cache serves again.",
-                stacklevel=2,
+                f"hf_layercache: requests compute uncached while {found} is on the model (a served layer would skip "
+                "it); remove it and the cache serves again, or mark it with hf_layercache.value_neutral_hook if it "
+                "changes no value. Warned once per hook.",
+                stacklevel=4,
             )
         return found
 
