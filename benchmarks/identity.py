@@ -6,9 +6,10 @@
   all-MiniLM-L6-v2 (fp32) and SmolLM2-135M-Instruct (fp32 and bf16), with blake2b over the same bytes beside it
   for scale; medians over repeats, in ms and ms per GB. Computed once per load (and after a change), never per
   request.
-* **check**: ``ModelWatch.changed()`` plus ``adapter_keys()``, what every request pays, in microseconds: on MiniLM,
-  on SmolLM2, and on SmolLM2 with two LoRA adapters on every attention projection (PEFT), beside the model's own
-  batch-1 forward of 128 tokens for scale.
+* **check**: ``ModelWatch.changed()``, ``adapter_keys()``, ``identity.numerics_state()`` (autocast, float32
+  precision) and ``ForeignHooks.reason()`` (other code's forward hooks), what every request pays, in microseconds:
+  on MiniLM, on SmolLM2, and on SmolLM2 with two LoRA adapters on every attention projection (PEFT), beside the
+  model's own batch-1 forward of 128 tokens for scale.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from hf_layercache.identity import named_tensors
+from hf_layercache.foreign_hooks import ForeignHooks
+from hf_layercache.identity import named_tensors, numerics_state
 from hf_layercache.watch import ModelWatch
 
 
@@ -88,11 +90,14 @@ def check_rows(models: dict[str, torch.nn.Module], repeats: int) -> list[str]:
     for name, model in models.items():
         watch = ModelWatch(model, [getattr(model, "model", model)])
         watch.attach()
+        hooks = ForeignHooks(model)
 
-        def check(watch=watch):
+        def check(watch=watch, hooks=hooks):
             for _ in range(100):
                 watch.changed()
                 watch.adapter_keys()
+                numerics_state()
+                hooks.reason(watch.scans)
 
         per_request = _median_seconds(check, repeats) / 100
         ids = torch.randint(1000, 20000, (1, 128))
