@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -220,9 +220,12 @@ def autocast_state() -> str:
     Not part of the model's identity but of each request's: ``torch.autocast`` is a context the caller opens around
     some calls, and inside it the same weights compute in another precision (on a tiny Llama, bfloat16 autocast moved
     the logits by 1.6e-3, 160 times the lossless tolerance of 1e-5)."""
+    device_types = _autocast_device_types()
+    if not any(map(torch.is_autocast_enabled, device_types)):  # the common case, without building a string
+        return ""
     return ",".join(
         f"{device_type}:{str(torch.get_autocast_dtype(device_type)).removeprefix('torch.')}"
-        for device_type in _autocast_device_types()
+        for device_type in device_types
         if torch.is_autocast_enabled(device_type)
     )
 
@@ -234,31 +237,51 @@ def float32_precision_state() -> str:
     per-backend successors (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) let the same weights compute
     with TF32 or bfloat16 inner products, which moves outputs by far more than the lossless tolerance. Where torch
     has the per-backend settings (>= 2.9) they are what kernels read, also after the legacy calls (which set them);
-    each reads its effective value, inherited ones resolved (3 us for the four). Older torch has only the legacy
-    settings (0.5 us)."""
-    settings = _per_backend_precisions()
-    if settings is None:
+    each reads its effective value, inherited ones resolved. Older torch has only the legacy settings."""
+    read = _precision_reader()
+    if read is None:
         matmul, conv_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
         if matmul == "highest" and conv_tf32:
             return ""
         return f"matmul:{matmul}" + ("" if conv_tf32 else ",cudnn-conv:ieee")
-    values = tuple("ieee" if (value := setting.fp32_precision) == "none" else value for setting in settings)
-    return "" if values == _DEFAULT_PER_BACKEND else "fp32:" + "/".join(values)
+    values = read()
+    if values == _DEFAULT_PER_BACKEND:
+        return ""
+    values = tuple("ieee" if value == "none" else value for value in values)
+    return "" if values == _DEFAULT_RESOLVED else "fp32:" + "/".join(values)
 
 
-# torch's defaults for the settings _per_backend_precisions lists, in its order ("none" reads as "ieee": kernels
-# reduce precision only where a setting says "tf32" or "bf16")
-_DEFAULT_PER_BACKEND = ("ieee", "ieee", "tf32", "ieee")
+_DEFAULT_PER_BACKEND = ("none", "none", "tf32", "none")
+"""torch's defaults for the settings :func:`_precision_reader` reads, in its order."""
+_DEFAULT_RESOLVED = ("ieee", "ieee", "tf32", "ieee")
+"""The same with "none" read as "ieee": kernels reduce precision only where a setting says "tf32" or "bf16"."""
+
+
+_FP32_PRECISION_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+"""What torch's ``fp32_precision`` properties call (torch >= 2.9), read directly when present (see below)."""
 
 
 @functools.cache
-def _per_backend_precisions() -> tuple[Any, ...] | None:
-    """The per-backend settings of float32 matrix products and convolutions on CUDA and on CPUs (oneDNN), or
-    ``None`` before torch 2.9, which has only the legacy ones."""
+def _precision_reader() -> Callable[[], tuple[str, ...]] | None:
+    """Reads the effective per-backend settings of float32 matrix products and convolutions on CUDA and on CPUs
+    (oneDNN), or ``None`` before torch 2.9, which has only the legacy ones.
+
+    Through the function torch's ``fp32_precision`` properties call, where it exists: the properties' Python
+    wrappers (a module ``__getattr__``, an attribute lookup that fails first) cost a cold cache hit 20 us of its
+    400, the function under them 2."""
     backends = torch.backends
     if not hasattr(backends.mkldnn, "matmul"):
         return None
-    return (backends.cuda.matmul, backends.mkldnn.matmul, backends.cudnn.conv, backends.mkldnn.conv)
+    getter = _FP32_PRECISION_GETTER
+    if getter is not None:
+        return lambda: (
+            getter("cuda", "matmul"),
+            getter("mkldnn", "matmul"),
+            getter("cuda", "conv"),
+            getter("mkldnn", "conv"),
+        )
+    settings = (backends.cuda.matmul, backends.mkldnn.matmul, backends.cudnn.conv, backends.mkldnn.conv)
+    return lambda: tuple(setting.fp32_precision for setting in settings)
 
 
 def numerics_state() -> str:
@@ -268,9 +291,19 @@ def numerics_state() -> str:
     The controller keeps entries per numerics state, as per adapter set, so a call is never served values computed
     in another precision. An autocast-only state reads as :func:`autocast_state` alone, so the keys of caches warmed
     under autocast do not change."""
+    read = _precision_reader()
+    if (
+        read is not None
+        and read() == _DEFAULT_PER_BACKEND
+        and not any(map(_AUTOCAST_ENABLED, _autocast_device_types()))
+    ):
+        return ""  # the common case in one pass: a cold cache hit pays for every function it enters
     autocast = autocast_state()
     precision = float32_precision_state()
     return f"{autocast}|{precision}" if precision else autocast
+
+
+_AUTOCAST_ENABLED = torch.is_autocast_enabled
 
 
 def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -469,9 +469,27 @@ def test_a_float32_precision_switch_selects_its_own_entries(strategy, switch):
 
 
 @pytest.mark.usefixtures("restore_float32_precision")
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "matmul"), reason="per-backend settings: torch >= 2.9")
+def test_the_public_precision_properties_read_what_torch_c_getter_reads(monkeypatch):
+    """The per-backend settings are read through the function under torch's properties where it exists; the
+    properties themselves (the fallback) must tell every switch apart the same way."""
+    identity = hf_layercache.identity
+    states = []
+    for switch in (lambda: None, _set_legacy_medium, _set_legacy_cudnn_ieee, _set_per_backend_bf16):
+        switch()
+        states.append(identity.float32_precision_state())
+        with monkeypatch.context() as patch:
+            patch.setattr(identity, "_FP32_PRECISION_GETTER", None)
+            identity._precision_reader.cache_clear()
+            assert identity.float32_precision_state() == states[-1]
+        identity._precision_reader.cache_clear()
+    assert states[0] == "" and "" not in states[1:]  # the switches accumulate: each state departs from the defaults
+
+
+@pytest.mark.usefixtures("restore_float32_precision")
 def test_the_legacy_precision_reads_of_older_torch_see_each_legacy_switch(monkeypatch):
     """Before torch 2.9 only the legacy settings exist: read them, not the per-backend ones, as older torch must."""
-    monkeypatch.setattr(hf_layercache.identity, "_per_backend_precisions", lambda: None)
+    monkeypatch.setattr(hf_layercache.identity, "_precision_reader", lambda: None)
     assert hf_layercache.identity.float32_precision_state() == ""
     torch.set_float32_matmul_precision("high")
     assert hf_layercache.identity.float32_precision_state() == "matmul:high"
