@@ -151,14 +151,17 @@ def test_a_hook_on_the_root_runs_around_the_cache_which_keeps_serving(strategy):
     handle.remove()
 
 
-def test_transformers_output_capturing_hooks_leave_the_cache_serving():
+def test_transformers_own_hooks_leave_the_cache_serving():
     """transformers installs recording hooks on the layers at the first call asking for hidden states or attention
-    maps and keeps them: value-neutral, they must not turn the cache off."""
+    maps and keeps them, and ``enable_input_require_grads`` (PEFT calls it) hooks the embeddings: value-neutral, they
+    must not turn the cache off."""
     model = cached_llama("exact")
     plain = warm(model)
+    model.enable_input_require_grads()
     with torch.inference_mode():
         model(**PROMPT, output_hidden_states=True)
     assert any(layer._forward_hooks for layer in model.model.layers), "transformers installed its hooks"
+    assert model.model.embed_tokens._forward_hooks
     before = hits(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
