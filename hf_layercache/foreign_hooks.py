@@ -54,7 +54,13 @@ def value_neutral_hook(hook: _Hook) -> _Hook:
     no value, e.g. a timer or a call counter, so that the cache keeps serving while it is registered. It runs when
     its module runs: on a served request that may be never (a served layer skips its sub-modules, a served
     whole-model output every module). Returns ``hook``, so it works as a decorator."""
-    setattr(getattr(hook, "__func__", hook), _MARK, True)
+    try:
+        setattr(getattr(hook, "__func__", hook), _MARK, True)
+    except (AttributeError, TypeError):
+        raise TypeError(
+            f"value_neutral_hook cannot mark {hook!r} (it takes no attributes, as builtins do): wrap it in a function "
+            "of your own and mark and register that."
+        ) from None
     return hook
 
 

@@ -216,3 +216,8 @@ def test_torch_pruning_keeps_the_cache_serving_the_pruned_model(strategy):
         masked = uncached(model)
         assert (masked - pruned).abs().max() > 1e-4, "the mask write does change the output"
         assert (run(model) - masked).abs().max() <= TOLERANCE
+
+
+def test_a_hook_that_cannot_be_marked_is_refused_with_the_way_out():
+    with pytest.raises(TypeError, match="wrap it in a function"):
+        hf_layercache.value_neutral_hook(print)
