@@ -260,7 +260,7 @@ class LayerCacheController:
         adapters = self.watch.adapter_keys()
         if adapters is None:
             return RequestScope(tenant, bypass_reason="a mixed-adapter batch (adapter_names)", tenant=tenant)
-        hooked = self.foreign_hooks.reason(self.watch.scans)
+        hooked = None if self.strategy.runs_every_module else self.foreign_hooks.reason(self.watch.scans)
         if hooked is not None:
             return RequestScope(tenant, bypass_reason=hooked, tenant=tenant)
         inside, outside = adapters

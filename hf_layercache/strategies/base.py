@@ -119,6 +119,11 @@ class Strategy(ABC):
     """True when every layer still returns the attention maps it actually used on a hit, so requests with
     ``output_attentions`` need not run uncached (the attention strategy)."""
 
+    runs_every_module: ClassVar[bool] = False
+    """True when a served request still calls every module's forward (the attention strategy reuses maps inside
+    the attention function only), so other code's forward hooks run on real inputs and need not make requests
+    compute (:mod:`hf_layercache.foreign_hooks`)."""
+
     default_verify_fraction: ClassVar[float] = 0.0
     """The share of hits verified when the config's ``verify_fraction`` is ``None``."""
 

@@ -36,6 +36,7 @@ class AttentionStrategy(Strategy):
     """Approximate: similar requests reuse earlier softmax attention maps and compute only ``A @ V`` (prefill)."""
 
     serves_attention_maps = True
+    runs_every_module = True  # maps are reused inside the attention function; every module's forward runs
     config_class = AttentionConfig
 
     def __init__(self, context: StrategyContext):
