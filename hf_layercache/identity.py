@@ -295,15 +295,12 @@ def numerics_state() -> str:
     if (
         read is not None
         and read() == _DEFAULT_PER_BACKEND
-        and not any(map(_AUTOCAST_ENABLED, _autocast_device_types()))
+        and not any(map(torch.is_autocast_enabled, _autocast_device_types()))
     ):
         return ""  # the common case in one pass: a cold cache hit pays for every function it enters
     autocast = autocast_state()
     precision = float32_precision_state()
     return f"{autocast}|{precision}" if precision else autocast
-
-
-_AUTOCAST_ENABLED = torch.is_autocast_enabled
 
 
 def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
