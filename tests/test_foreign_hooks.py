@@ -191,13 +191,10 @@ def test_a_hook_marked_value_neutral_leaves_the_cache_serving(strategy):
     """A call counter on a layer, marked: no warning, and the cache keeps hitting."""
     model = cached_llama(strategy)
     plain = warm(model)
-    @hf_layercache.value_neutral_hook
-    def count(module, args, output):
-        count.calls += 1
-
-    count.calls = 0
-
-    handle = model.model.layers[1].register_forward_hook(count)
+    calls = []
+    handle = model.model.layers[1].register_forward_hook(
+        hf_layercache.value_neutral_hook(lambda module, args, output: calls.append(1))
+    )
     before = hits(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
