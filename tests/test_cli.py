@@ -132,7 +132,9 @@ def test_demo_shows_a_cold_a_repeated_and_a_similar_pass(model_dir, capsys):
     assert "misses" in " ".join(rows[("similar", "exact")])
     for row in rows.values():  # every printed speed follows from the two printed times (timings: no thresholds)
         uncached, cached, speed = float(row[4].rstrip("ms")), float(row[5].rstrip("ms")), float(row[6].rstrip("x"))
-        assert speed == pytest.approx(uncached / cached, rel=0.06, abs=0.051), row
+        # the speed is printed to one decimal (+-0.05), each time to three significant digits (+-0.5%: +-1% on
+        # their ratio); a looser bound once failed on a busy machine (0.6x beside 1.87ms / 2.87ms)
+        assert abs(speed - uncached / cached) <= 0.05 + 0.0101 * uncached / cached, row
     assert float(rows[("repeated", "exact")][8]) > 0.9999 and float(rows[("repeated", "exact")][9]) > 0.999
     assert (("similar", "semantic") in rows) == ("semantic" in hf_layercache.available_strategies())
     if ("similar", "semantic") in rows:

@@ -127,4 +127,6 @@ def test_the_quickstarts_demo_output_is_what_the_demo_command_prints_by_default(
         fields = line.split()
         if len(fields) > 6 and fields[1] == "pass" and fields[4].endswith("ms"):
             uncached, cached = float(fields[4].removesuffix("ms")), float(fields[5].removesuffix("ms"))
-            assert float(fields[6].removesuffix("x")) == pytest.approx(uncached / cached, rel=0.06, abs=0.051), line
+            speed = float(fields[6].removesuffix("x"))
+            # one decimal on the speed, three significant digits on each time (test_cli's demo test)
+            assert abs(speed - uncached / cached) <= 0.05 + 0.0101 * uncached / cached, line

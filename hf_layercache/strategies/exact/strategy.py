@@ -84,8 +84,7 @@ class ExactStrategy(StackStrategy):
 
     def forward_request(self, scope: RequestScope, original: Callable[..., Any], arguments: dict[str, Any]) -> Any:
         """A call whose every row was answered before in the same layout is answered from the request bank
-        (:mod:`.outputs`), without running the model; any other runs, the output of its repeated rows kept for next
-        time."""
+        (:mod:`.outputs`), without running the model; any other runs, its output kept for next time."""
         keys: list[RowKey] | None = scope.state.get(_ROWS)
         signature = self.request_path.signature(arguments, scope.head_key) if keys else None
         if signature is None:
@@ -97,22 +96,8 @@ class ExactStrategy(StackStrategy):
             self.context.record_lookup(lookup, self.request_path.bank, self._layer_names)
             return output
         output = original(**arguments)
-        repeated = self._repeated_rows(scope, len(keys))
-        if repeated:
-            self.request_path.store(keys, scope.namespace, signature, output, repeated)
+        self.request_path.store(keys, scope.namespace, signature, output)
         return output
-
-    def _repeated_rows(self, scope: RequestScope, batch: int) -> list[int]:
-        """The rows every stack served from its bank: repeats, whose whole output the request bank keeps for the next
-        time. A row computed for the first time is kept in the stacks' banks only, so traffic that never repeats pays
-        for one store per row, not two, and the request bank holds rows that do repeat."""
-        rows = set(range(batch))
-        for stack in self.stacks:
-            run = scope.state.get(stack)
-            if not isinstance(run, StackRun):
-                return []
-            rows &= run.hits.keys()
-        return sorted(rows)
 
     def saved_banks(self) -> list[str]:
         return [name for name in self.banks if name != BANK]  # the request bank refills from the stacks' entries
