@@ -506,7 +506,7 @@ class CacheBank(Generic[E]):
         with self.lock:
             self.clear()
             for entry_id, values in parsed.entries.items():
-                placed, handle, extra = self.storage.place(self.storage.prepare(values))
+                placed, handle, extra = self.storage.place(self.storage.prepare(values, owned=True))
                 nbytes = entry_bytes(placed, self._key_dim()) + extra
                 digest, namespace = parsed.digests[entry_id], parsed.namespaces[entry_id]
                 self._insert(entry_id, _Stored(placed, nbytes, digest, namespace, handle))

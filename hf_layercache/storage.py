@@ -23,10 +23,14 @@ class Storage:
         self.dtype = dtype
         """Floating tensors are stored in this dtype (``storage_dtype``); ``None`` keeps theirs."""
 
-    def prepare(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors as the bank stores them: detached, cast, on the bank's device, each with a storage of its own
-        (a row view would keep a whole batch alive; an inference tensor could not be updated in place later)."""
-        return {name: self._own(t) for name, t in values.items()}
+    def prepare(self, values: dict[str, torch.Tensor], owned: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors as the bank stores them: detached, cast, on the bank's device, each in memory of its own.
+
+        A stored tensor never shares memory with the tensor it was made from: that one is the model's or the
+        caller's (a row of the output the caller holds and may normalise in place; a view of a whole batch, which
+        it would keep alive), and an inference tensor could not be updated in place later. ``owned``: the tensors
+        are the bank's to keep (read from a file), so one already as the bank stores it is kept, not copied."""
+        return {name: self._own(t, owned) for name, t in values.items()}
 
     def place(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, int]:
         """Claim a place for a prepared entry (under the bank's lock): the values as held, a handle for
@@ -40,12 +44,13 @@ class Storage:
         """An entry's tensors for saving, each with a storage of its own."""
         return values
 
-    def _own(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+    def _own(self, t: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        source = t = t.detach()
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
         if self.device is not None:
             t = t.to(self.device)
-        if t.is_inference() or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        shared = not owned and t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+        if shared or t.is_inference() or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
             t = t.clone(memory_format=torch.contiguous_format)
         return t

@@ -12,6 +12,7 @@ from hf_layercache.bank import CacheBank
 from hf_layercache.bank_format import ENTRY_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES
 from hf_layercache.entries import TensorEntry
 from hf_layercache.events import Lookup
+from hf_layercache.storage import Storage
 
 
 def held_bytes(bank: CacheBank) -> int:
@@ -53,6 +54,29 @@ def test_row_views_are_copied_so_a_batch_is_not_kept_alive():
     entry_id = bank.put(TensorEntry({"v": batch[3]}))
     assert bank.get(entry_id)["v"].untyped_storage().nbytes() == 400
     assert held_bytes(bank) == 400
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_a_tensor_with_a_storage_of_its_own_is_copied_too(dtype):
+    """What a bank stores never shares memory with what it was given (the caller's output row, when the batch has
+    one row, is a whole tensor): writing the original later leaves the entry as it was put."""
+    bank = make_bank(storage=Storage(dtype=dtype))
+    given = torch.arange(4.0)
+    entry_id = bank.put(TensorEntry({"v": given}))
+    given.mul_(2)
+    held = bank.get(entry_id)["v"]
+    assert torch.equal(held, torch.arange(4.0)) and held.untyped_storage().data_ptr() != given.data_ptr()
+
+
+def test_a_loaded_state_is_kept_not_copied_again():
+    bank = make_bank()
+    bank.put(TensorEntry({"v": torch.arange(4.0)}), digest=bytes(32))
+    state = bank.state_dict()
+    restored = make_bank()
+    restored.load_state_dict(state)
+    loaded = restored.get(restored.find(bytes(32)))["v"]
+    assert torch.equal(loaded, torch.arange(4.0))
+    assert any(loaded.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in state.values())
 
 
 @pytest.mark.parametrize("policy", hf_layercache.available_policies())

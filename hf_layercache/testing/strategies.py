@@ -97,6 +97,25 @@ def check_outputs_match_uncached(strategy_name: str, **config_fields: Any) -> di
     return figures
 
 
+def check_callers_writes_never_reach_the_cache(strategy_name: str, **config_fields: Any) -> None:
+    """The caller owns every output it is given: writing one in place (normalising an embedding, masking logits)
+    changes nothing served later. A batch of one row (whose row is the whole output tensor, so a stored row could
+    share its memory) and a padded batch of three are each sent three times under ``torch.no_grad()`` (not inference
+    mode, whose tensors are always copied), the caller doubling each output in place as it arrives; every output
+    must equal the model uncached (lossless: within tolerance; approximate: within 1e-3, the inputs being
+    identical)."""
+    lossless, tolerance = _contract(strategy_name)
+    with _Models(strategy_name, config_fields) as models:
+        for kind, model in models.cached():
+            for batch in (_batch(seed=14, rows=1), _batch(seed=15, rows=3)):
+                expected = _uncached(model, batch)
+                for attempt in ("first", "second", "third"):
+                    out = _run(model, batch)
+                    what = f"{kind}, {attempt} request of {len(out)} row(s), the caller doubling each output in place"
+                    _assert_close(out, expected, batch["attention_mask"], _loose(lossless, tolerance), what)
+                    out.mul_(2)
+
+
 def check_namespaces_never_share(strategy_name: str, **config_fields: Any) -> None:
     """Entries stored in namespace "a" (the config's ``namespace``) are never served to "b" (``with
     model.layer_cache.namespace("b"):``): b's first request of a's batch gets no hit (and, lossless, the uncached
@@ -340,6 +359,7 @@ def check_bad_inputs_behave_as_uncached(strategy_name: str, **config_fields: Any
 
 CHECKS: tuple[Callable[..., dict[str, float] | None], ...] = (
     check_outputs_match_uncached,
+    check_callers_writes_never_reach_the_cache,
     check_namespaces_never_share,
     check_weight_change_never_serves_stale,
     check_adapter_switch_never_serves_stale,

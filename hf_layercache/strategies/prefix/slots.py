@@ -162,12 +162,6 @@ class SlotStorage(Storage):
             return False
         return values["tokens"].numel() == n and 1 <= n <= self.shape.block_size
 
-    def _apart(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as the bank stores it, in memory of its own even where it already had its own storage: the store
-        lends blocks that are views of a buffer it reuses (:class:`~.store.GatherBuffer`)."""
-        own = self._own(t)
-        return own.clone() if own.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else own
-
     def _dtype_of(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
 
@@ -176,10 +170,12 @@ class SlotStorage(Storage):
         return self.slot_bytes(values["key"].dtype) - sum(values[n].numel() * values[n].element_size() for n in _POOLED)
 
     # --- the storage contract -------------------------------------------------------------------------------------
-    def prepare(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Blocks that fit a slot are copied into it by :meth:`place` (no copy here); anything else is copied here."""
+    def prepare(self, values: dict[str, torch.Tensor], owned: bool = False) -> dict[str, torch.Tensor]:
+        """Blocks that fit a slot are copied into it by :meth:`place` (no copy here); anything else is copied here
+        (also when ``owned``: the store lends blocks that are views of a buffer it reuses,
+        :class:`~.store.GatherBuffer`)."""
         if not self._fits(values):
-            return {name: self._apart(t) for name, t in values.items()}
+            return {name: self._own(t) for name, t in values.items()}
         return {name: t.detach() if name in _POOLED else self._own(t) for name, t in values.items()}
 
     def place(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, int]:
@@ -196,7 +192,7 @@ class SlotStorage(Storage):
         if self._free:
             self._move_in(place, heapq.heappop(self._free))
         else:  # the bank evicts next, and the slot that frees is this block's (release)
-            place.values.update({name: self._apart(values[name]) for name in _POOLED})
+            place.values.update({name: self._own(values[name]) for name in _POOLED})
             self._waiting.append(place)
         return place.values, place, self._slack_of(place.values)
 
