@@ -121,6 +121,7 @@ class LayerCacheController:
         self.foreign_hooks = ForeignHooks(model)
         """Other code's forward hooks on the model's modules, while which requests compute (``foreign_hooks.py``)."""
         self._warned_autograd = False
+        self._warned_training = False
         self.requests = InFlightRequests()
         """Requests in flight; ``disable``, ``clear``, ``save``, ``load`` and copies wait for them (``inflight.py``)."""
         self.attached = False
@@ -254,7 +255,7 @@ class LayerCacheController:
         reason = self._bypassed(module, arguments)
         if reason is None:
             self.drop_stale_entries()  # before the config is read: the watch remembers what it says until it moves
-            reason = self._asks_for_states(module, arguments)
+            reason = self._asks_for_states(module, arguments) or self._training_inside(module)
         if reason is not None:
             return RequestScope(tenant, bypass_reason=reason, tenant=tenant)
         adapters = self.watch.adapter_keys()
@@ -294,6 +295,25 @@ class LayerCacheController:
             if not served and (value if value is not None else self.watch.config_value(config, flag)):
                 return flag
         return None
+
+    def _training_inside(self, module: torch.nn.Module) -> str | None:
+        """``"training mode"`` when a module of the model is in training mode although ``module`` is not (Monte Carlo
+        dropout; layers an adapter added after ``eval()``): its forward may compute otherwise. Read after the watch
+        scanned the modules registered since the last request."""
+        path = self.watch.training_module()
+        if path is None:
+            return None
+        if not self._warned_training:
+            self._warned_training = True
+            named = f"{path!r} ({type(self.model.get_submodule(path)).__name__})"
+            warnings.warn(
+                f"hf_layercache: {type(module).__name__} is in eval mode but its module {named} is in training mode, "
+                "so requests run uncached: that module may compute otherwise in training mode (dropout is random). "
+                "Call model.eval() after adding modules or adapters (PEFT's get_peft_model and transformers' "
+                "add_adapter leave new layers in training mode). Warned once per model.",
+                stacklevel=4,
+            )
+        return "training mode"
 
     def _warn_autograd(self) -> None:
         if not self._warned_autograd:

@@ -92,6 +92,16 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
     return self.detach()
 
 
+_TRAINING = operator.itemgetter("training")
+_MODE_FREE = frozenset(
+    {nn.Identity, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict, nn.Sequential, nn.Flatten}
+    | {nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d}
+    | {nn.RMSNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LeakyReLU, nn.GLU}
+)
+"""torch's modules whose computation does not depend on their training flag, by exact class (a subclass may read it:
+bitsandbytes' ``Linear8bitLt`` does); containers' children are read on their own. Every other module counts, so a
+new activation put in a model (``mlp.act_fn = nn.ReLU()``, in training mode as built) does not stop the cache, and
+a new dropout does."""
 _VERSION = operator.attrgetter("_version")
 _BEHIND = operator.attrgetter("_cdata")
 """The tensor an object holds (its ``TensorImpl`` address): another after ``swap_tensors``."""
@@ -185,8 +195,17 @@ class ModelWatch:
         prefixes: dict[str, str] = {}
         in_owners = {id(module) for owner in self._owners for module in owner.modules()}
         self._module_ids = set()
+        self._modes: dict[str, dict[str, Any]] = {}
+        """Per module whose forward may read its training flag, by path: its ``__dict__``, where the flag lives."""
+        self._modes_read: dict[str, nn.Module] = {}
+        """Modules that keep the flag elsewhere (a property): read as attributes."""
         for path, module in self.model.named_modules():
             self._module_ids.add(id(module))
+            if type(module) not in _MODE_FREE:
+                if "training" in module.__dict__:
+                    self._modes[path] = module.__dict__
+                else:
+                    self._modes_read[path] = module
             body = id(module) in in_owners
             if is_adapter_layer(module):
                 adapter_layers[body].append(module)
@@ -333,6 +352,15 @@ class ModelWatch:
     @property
     def _config(self) -> Any:
         return getattr(self.model, "config", None)
+
+    def training_module(self) -> str | None:
+        """The path of a module of the model in training mode (``""``: the model), or ``None`` when every module is
+        in eval mode. Its forward may read ``self.training``: dropout is random then, batch norm updates its
+        statistics, PEFT's DoRA skips its cache (torch's layers that never read it are left out: ``_MODE_FREE``).
+        Each flag is read from the module's ``__dict__``, the cheapest read of a cold module."""
+        if any(map(_TRAINING, self._modes.values())):
+            return next(path for path, attributes in self._modes.items() if attributes["training"])
+        return next((path for path, module in self._modes_read.items() if module.training), None)
 
     def requires_grad(self) -> bool:
         """True when some parameter of the stacks' owners requires a gradient (a served entry would have none; a

@@ -162,6 +162,7 @@ def test_prefix_blocks_are_shared_only_across_adapters_that_leave_the_stacks_alo
     model = peft.get_peft_model(base, lora(**head_only), adapter_name="tone").eval()
     model.add_adapter("mood", lora(**head_only))
     model.add_adapter("new", lora())
+    model.eval()  # add_adapter leaves the new layers in training mode, which runs uncached
     for name in ("tone", "mood"):
         model.set_adapter(name)
         before = hits(base)
@@ -185,6 +186,7 @@ def test_transformers_adapter_api_switches_disables_and_loads(tmp_path):
     model = causal("exact")
     model.add_adapter(lora(), adapter_name="tone")
     model.add_adapter(lora(), adapter_name="mood")
+    model.eval()  # add_adapter leaves the new layers in training mode, which runs uncached
     for name in ("tone", "mood"):
         model.set_adapter(name)
         assert served_right(model, model) <= TOLERANCE
@@ -194,6 +196,61 @@ def test_transformers_adapter_api_switches_disables_and_loads(tmp_path):
     model.load_adapter(str(tmp_path / "adapter" / "saved"), adapter_name="loaded")
     model.set_adapter("loaded")
     assert served_right(model, model) <= TOLERANCE
+
+
+# --- modules in training mode ----------------------------------------------------------------------------------------
+def _sampling(strategy: str) -> tuple[tf.PreTrainedModel, dict[str, torch.Tensor]]:
+    """A model in eval mode whose dropout is switched on alone (Monte Carlo dropout): BERT's dropout modules, or a
+    Llama's attention dropout (no module of its own: the attention reads ``self.training``)."""
+    kind = "llama" if strategy == "prefix" else "bert"
+    fields = {"attention_gate_interval": 0} if strategy == "attention" else {}
+    model = hf_layercache.enable(tiny_model(kind), LayerCacheConfig(strategy=strategy, **fields))
+    batch = tiny_batch(kind)
+    run(model, batch)  # entries computed in eval mode
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+            module.train()
+        elif hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+            module.train()
+    return model, batch
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_module_in_training_mode_computes_what_the_model_samples(strategy):
+    """Each call computes what the model uncached computes from the same seed (a new sample per call), with a
+    warning naming the module; nothing is served or stored. model.eval() serves the eval-mode entries again."""
+    model, batch = _sampling(strategy)
+    entries = sum(len(bank) for bank in model.layer_cache.banks.values())
+    before = hits(model)
+    with pytest.warns(UserWarning, match=r"its module '[\w.]+' \(\w+\) is in training mode"):
+        torch.manual_seed(0)
+        first = run(model, batch)
+    torch.manual_seed(0)
+    assert torch.equal(first, uncached(model, model, batch))
+    torch.manual_seed(1)
+    second = run(model, batch)
+    assert not torch.equal(first, second)  # dropout at 0.5 samples anew
+    assert hits(model) == before and sum(len(bank) for bank in model.layer_cache.banks.values()) == entries
+    model.eval()
+    run(model, batch)
+    real = batch["attention_mask"].bool()  # semantic leaves pad positions as they come
+    assert (run(model, batch) - uncached(model, model, batch))[real].abs().max() <= TOLERANCE and hits(model) > before
+
+
+def test_adapters_added_in_training_mode_compute_until_eval():
+    """PEFT's get_peft_model leaves its new layers in training mode (LoRA dropout random): requests compute as the
+    model samples them until model.eval()."""
+    base = causal("exact")
+    model = peft.get_peft_model(base, lora(lora_dropout=0.5), adapter_name="tone")
+    with pytest.warns(UserWarning, match=r"'model\.layers\.0\.self_attn\.q_proj' \(Linear\) is in training mode"):
+        torch.manual_seed(0)
+        sampled = run(model)
+    torch.manual_seed(0)
+    assert torch.equal(sampled, uncached(base, model)) and hits(base) == 0
+    model.eval()
+    assert served_right(base, model) <= TOLERANCE and hits(base) > 0
 
 
 # --- weights changed by any route -------------------------------------------------------------------------------------
