@@ -113,6 +113,13 @@ def _sections() -> dict[str, type[StrategyConfig]]:
     }
 
 
+def _default(name: str, sections: dict[str, type[StrategyConfig]]) -> Any:
+    """The default of a common field or of a strategy's field."""
+    classes = [LayerCacheConfig, *(s for s in sections.values() if name in s.field_names())]
+    declared = next(f for cls in classes for f in dataclasses.fields(cls) if f.name == name)
+    return declared.default_factory() if declared.default_factory is not dataclasses.MISSING else declared.default
+
+
 def _owners(sections: dict[str, type[StrategyConfig]]) -> dict[str, type[StrategyConfig]]:
     """Each strategy field's config class; a name two strategies declare is an error."""
     owners: dict[str, type[StrategyConfig]] = {}
@@ -258,11 +265,6 @@ class LayerCacheConfig:
             return None
         return section(**{name: self.options[name] for name in section.field_names() if name in self.options})
 
-    def replace(self, **changes: Any) -> LayerCacheConfig:
-        """A copy with ``changes`` (common or strategy fields), checked like a new config."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        return LayerCacheConfig(**data, **self.options, **changes)
-
     def __post_init__(self) -> None:
         self._check_registered("strategy", self.strategy, STRATEGIES)
         self._check_registered("backend", self.backend, BACKENDS)
@@ -299,6 +301,32 @@ class LayerCacheConfig:
         if self.verify_fraction is not None:
             check_number("verify_fraction", self.verify_fraction, 0.0, 1.0, what="a fraction in [0, 1], or None")
         self._check_options()
+        self._warn_unread()
+
+    def _warn_unread(self) -> None:
+        """Warn about fields set away from their defaults that the selected strategy does not read (``threshold``
+        with ``strategy="exact"``, ``block_size`` with ``"semantic"``): they would change nothing, silently. A
+        strategy without a config class declares nothing, so nothing is said."""
+        sections = _sections()
+        selected = sections.get(self.strategy)
+        if selected is None:
+            return
+        readers: dict[str, list[str]] = {}
+        for strategy, section in sections.items():
+            for name in (*section.reads, *section.field_names()):
+                readers.setdefault(name, []).append(strategy)
+        read = {*selected.reads, *selected.field_names()}
+        unread = [
+            f"{name}={getattr(self, name)!r} (read by {', '.join(repr(s) for s in strategies)})"
+            for name, strategies in readers.items()
+            if name not in read and getattr(self, name) != _default(name, sections)
+        ]
+        if unread:
+            warnings.warn(
+                f"LayerCacheConfig(strategy={self.strategy!r}) does not read {'; '.join(unread)}: "
+                "they change nothing with this strategy.",
+                stacklevel=4,
+            )
 
     def _check_options(self) -> None:
         """Every strategy field given belongs to a registered strategy; each registered strategy's section is built

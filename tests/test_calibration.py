@@ -29,7 +29,8 @@ def minilm(minilm_path):
 @pytest.mark.parametrize("reuse", ["residual", "state"])
 def test_returns_a_semantic_config_with_one_threshold_per_layer(minilm, reuse, capfd):
     model, tokenizer = minilm
-    base = LayerCacheConfig(strategy="exact", reuse=reuse, backend="exact", max_entries=500)
+    with pytest.warns(UserWarning, match=r"strategy='exact'\) does not read backend='exact'"):
+        base = LayerCacheConfig(strategy="exact", reuse=reuse, backend="exact", max_entries=500)  # made semantic
     config = hf_layercache.calibrate(model, TEXTS, target=0.9, tokenizer=tokenizer, config=base)
     assert config.strategy == "semantic" and config.reuse == reuse and config.max_entries == 500
     assert len(config.threshold) == 6 and all(-1.0 <= t <= 1.0 for t in config.threshold)

@@ -87,8 +87,9 @@ def test_namespace_bounds_and_what_stays_allowed():
         LayerCacheConfig(namespace="n" * 257)
     with pytest.raises(ValueError, match=r"^tenant must be a non-empty string"):
         check_namespace(None, "tenant")  # the field named is the caller's
-    assert LayerCacheConfig(layers=[2, 0], threshold=[0.8, 0.9]).threshold_for(1) == 0.9
-    assert LayerCacheConfig(layers="encoder.layer", threshold=[0.8, 0.9]).threshold == [0.8, 0.9]  # count unknown
+    per_layer = {"strategy": "semantic", "threshold": [0.8, 0.9]}
+    assert LayerCacheConfig(layers=[2, 0], **per_layer).threshold_for(1) == 0.9
+    assert LayerCacheConfig(layers="encoder.layer", **per_layer).threshold == [0.8, 0.9]  # count unknown
 
 
 def test_no_number_field_takes_nan_or_infinity():
@@ -119,7 +120,9 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 
 def test_json_round_trip_and_unknown_keys_of_a_saved_file_warn(tmp_path):
-    config = LayerCacheConfig(threshold=[0.8, 0.9], layers=[0, 1], max_memory="2GB", namespace="team")
+    config = LayerCacheConfig(
+        strategy="semantic", threshold=[0.8, 0.9], layers=[0, 1], max_memory="2GB", namespace="team"
+    )
     path = tmp_path / "c.json"
     config.to_json_file(path)
     assert LayerCacheConfig.from_json_file(path) == config
@@ -132,6 +135,21 @@ def test_json_round_trip_and_unknown_keys_of_a_saved_file_warn(tmp_path):
     assert config.threshold_for(1) == 0.9
     with pytest.raises(ValueError, match="one threshold per cached layer"):
         config.threshold_for(2)
+
+
+def test_fields_the_selected_strategy_does_not_read_are_warned_about():
+    unread = r"LayerCacheConfig\(strategy='exact'\) does not read threshold=0.9 \(read by 'attention', 'semantic'\)"
+    with pytest.warns(UserWarning, match=unread) as caught:
+        LayerCacheConfig(strategy="exact", threshold=0.9, block_size=8)
+    assert "block_size=8 (read by 'prefix')" in str(caught[0].message) and caught[0].filename == __file__
+    semantic = LayerCacheConfig(strategy="semantic", threshold=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fields the strategy reads, defaults, a saved config read back: silent
+        LayerCacheConfig(strategy="prefix", block_size=8, verify_fraction=0.1)
+        LayerCacheConfig.from_dict(semantic.to_dict())
+        LayerCacheConfig()
+    with pytest.warns(UserWarning, match="does not read threshold=0.8"):
+        dataclasses.replace(semantic, strategy="exact")
 
 
 def test_an_unknown_key_given_by_the_user_is_an_error_naming_the_closest_field(tmp_path):

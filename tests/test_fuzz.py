@@ -9,6 +9,7 @@ docs/reliability.md.
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -121,8 +122,10 @@ field_values = {
 @settings(max_examples=CONFIG_CASES, deadline=None)
 @given(st.fixed_dictionaries({}, optional=field_values))
 def test_configs_build_and_round_trip_or_raise_value_error(kwargs):
-    try:
-        config = LayerCacheConfig(**kwargs)
-    except ValueError:
-        return
-    assert LayerCacheConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with warnings.catch_warnings():  # fields the drawn strategy does not read are warned about (test_config)
+        warnings.filterwarnings("ignore", r"LayerCacheConfig\(strategy=.* does not read", UserWarning)
+        try:
+            config = LayerCacheConfig(**kwargs)
+        except ValueError:
+            return
+        assert LayerCacheConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -14,7 +14,7 @@ SELECTIONS = ("deviation", "first")
 class SegmentConfig(StrategyConfig):
     """``strategy="segment"``: position-independent reuse of passages in causal decoders (docs/segment.md)."""
 
-    reads = ()
+    reads = ("shared_store", "shared_store_kwargs")
 
     segment_separator: str | list[int] | None = None
     """What marks passage boundaries in a prompt: a string (tokenized, without special tokens, by the tokenizer
