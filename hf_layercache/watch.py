@@ -98,10 +98,10 @@ _MODE_FREE = frozenset(
     | {nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d}
     | {nn.RMSNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LeakyReLU, nn.GLU}
 )
-"""torch's modules whose computation does not depend on their training flag, by exact class (a subclass may read it:
-bitsandbytes' ``Linear8bitLt`` does); containers' children are read on their own. Every other module counts, so a
-new activation put in a model (``mlp.act_fn = nn.ReLU()``, in training mode as built) does not stop the cache, and
-a new dropout does."""
+"""torch's modules whose computation does not depend on their training flag, by exact class (a subclass, such as a
+quantized or wrapped linear layer, may read it); containers' children are read on their own. Every other module
+counts, so a new activation put in a model (``mlp.act_fn = nn.ReLU()``, in training mode as built) does not stop the
+cache, and a new dropout does."""
 _VERSION = operator.attrgetter("_version")
 _BEHIND = operator.attrgetter("_cdata")
 """The tensor an object holds (its ``TensorImpl`` address): another after ``swap_tensors``."""
